@@ -1,0 +1,1 @@
+"""Tests for primecount, one module per module of the package plus end-to-end runs."""

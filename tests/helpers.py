@@ -1,0 +1,91 @@
+"""Shared test fixtures: a synchronous stand-in for the thread pool and a protocol wired to a clock."""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+from twisted.internet.defer import Deferred, succeed
+from twisted.internet.task import Clock
+from twisted.internet.testing import StringTransport
+
+from primecount.protocol import PrimeCountFactory, PrimeCountProtocol, RequestLimits
+from primecount.records import Record
+from primecount.responder import Responder
+
+
+class InlineThreads:
+    """Runs 'thread pool' work at once in the calling thread, counting the calls."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[Callable[..., Any], tuple[Any, ...]]] = []
+
+    def __call__(self, function: Callable[..., Any], *args: Any) -> Deferred[Any]:
+        """Run C{function(*args)} now and return its result as a fired Deferred."""
+        self.calls.append((function, args))
+        return succeed(function(*args))
+
+
+class MemoryRecords:
+    """A records sink that keeps records in a list; C{hold} makes appends wait until released."""
+
+    def __init__(self) -> None:
+        self.records: list[Record] = []
+        self.hold = False
+        self.waiting: list[Deferred[None]] = []
+
+    def append(self, record: Record) -> Deferred[None]:
+        """Store C{record} now, or queue its acknowledgement while held."""
+        self.records.append(record)
+        acknowledged: Deferred[None] = Deferred()
+        if self.hold:
+            self.waiting.append(acknowledged)
+        else:
+            acknowledged.callback(None)
+        return acknowledged
+
+    def release(self) -> None:
+        """Acknowledge every held record."""
+        waiting, self.waiting = self.waiting, []
+        for acknowledged in waiting:
+            acknowledged.callback(None)
+
+
+class ProtocolHarness:
+    """One protocol on a L{StringTransport}, with a L{Clock}, inline threads and in-memory records."""
+
+    def __init__(self, limits: RequestLimits = RequestLimits(), records: Any = None, peer: str = "192.0.2.7") -> None:
+        self.clock = Clock()
+        self.threads = InlineThreads()
+        self.records = records if records is not None else MemoryRecords()
+        self.factory = PrimeCountFactory(limits, self.clock, Responder(self.clock, self.threads, self.records))
+        self.transport = StringTransport(peerAddress=_tcpAddress(peer))
+        self.protocol: PrimeCountProtocol = self.factory.buildProtocol(self.transport.getPeer())
+        self.protocol.makeConnection(self.transport)
+
+    def send(self, *chunks: bytes) -> None:
+        """Deliver C{chunks} one C{dataReceived} call each, then let the current turn finish."""
+        for chunk in chunks:
+            self.protocol.dataReceived(chunk)
+        self.clock.advance(0)
+
+    def endOfInput(self) -> None:
+        """The client half-closes its side."""
+        self.protocol.readConnectionLost()
+        self.clock.advance(0)
+
+    def reply(self) -> bytes:
+        """What the server has written so far."""
+        return self.transport.value()
+
+    @property
+    def closed(self) -> bool:
+        """Whether the server has asked to close the connection."""
+        return bool(self.transport.disconnecting)
+
+
+def _tcpAddress(host: str) -> Any:
+    from twisted.internet.address import IPv4Address, IPv6Address
+
+    if ":" in host:
+        return IPv6Address("TCP", host, 40000)
+    return IPv4Address("TCP", host, 40000)

@@ -1,0 +1,236 @@
+"""Byte-level tests of L{primecount.protocol} over L{StringTransport} and a L{Clock}."""
+
+from twisted.trial.unittest import SynchronousTestCase
+
+from primecount.protocol import RequestLimits
+from tests.helpers import ProtocolHarness
+
+ABC2A = "2 sí\n".encode()
+
+
+class NewlineTests(SynchronousTestCase):
+    """A newline ends the request."""
+
+    def test_oneLine(self) -> None:
+        """The seed's example gets C{2 sí}, then the server closes."""
+        harness = ProtocolHarness()
+        harness.send(b"abc2a\n")
+        self.assertEqual(harness.reply(), ABC2A)
+        self.assertTrue(harness.closed)
+
+    def test_oneByteWrites(self) -> None:
+        """A multi-byte message split into single bytes is reassembled: C{añoñ} gives C{2 sí}."""
+        harness = ProtocolHarness()
+        harness.send(*[bytes([b]) for b in "añoñ\n".encode()])
+        self.assertEqual(harness.reply(), ABC2A)
+
+    def test_crlf(self) -> None:
+        """A CR before the newline is dropped."""
+        harness = ProtocolHarness()
+        harness.send(b"abc2a\r\n")
+        self.assertEqual(harness.reply(), ABC2A)
+        self.assertEqual(harness.records.records[0].message, "abc2a")
+
+    def test_onlyFirstLineAnswered(self) -> None:
+        """Bytes after the first line are read and ignored: one reply per connection."""
+        harness = ProtocolHarness()
+        harness.send(b"x\nyy\n", b"zzz\n")
+        self.assertEqual(harness.reply(), b"1 no\n")
+        self.assertEqual(len(harness.records.records), 1)
+
+    def test_recordHoldsClient(self) -> None:
+        """The record names the client's IP address, IPv6 included."""
+        harness = ProtocolHarness(peer="::1")
+        harness.send(b"abc2a\n")
+        record = harness.records.records[0]
+        self.assertEqual((record.client, record.message, record.count, record.isPrime), ("::1", "abc2a", 2, True))
+
+
+class EndOfInputTests(SynchronousTestCase):
+    """A half-close ends the request."""
+
+    def test_eofEndsMessage(self) -> None:
+        """C{abc2a} followed by EOF is answered like a line."""
+        harness = ProtocolHarness()
+        harness.send(b"abc2a")
+        harness.endOfInput()
+        self.assertEqual(harness.reply(), ABC2A)
+        self.assertTrue(harness.closed)
+
+    def test_eofWithNothing(self) -> None:
+        """EOF before any byte is an empty message."""
+        harness = ProtocolHarness()
+        harness.endOfInput()
+        self.assertEqual(harness.reply(), b"ERROR empty message\n")
+
+
+class QuietGapTests(SynchronousTestCase):
+    """Bytes followed by silence for C{quiet} seconds end the request."""
+
+    def test_justBefore(self) -> None:
+        """Just before the gap has passed, nothing is answered yet."""
+        harness = ProtocolHarness(RequestLimits(quiet=0.2))
+        harness.send(b"abc2a")
+        harness.clock.advance(0.199)
+        self.assertEqual(harness.reply(), b"")
+        self.assertFalse(harness.closed)
+
+    def test_justAfter(self) -> None:
+        """Once the gap has passed, the bytes so far are the request."""
+        harness = ProtocolHarness(RequestLimits(quiet=0.2))
+        harness.send(b"abc2a")
+        harness.clock.advance(0.201)
+        self.assertEqual(harness.reply(), ABC2A)
+
+    def test_gapRestartsOnEachByte(self) -> None:
+        """Each new byte restarts the gap, so a message sent in pieces 0.15 s apart is whole."""
+        harness = ProtocolHarness(RequestLimits(quiet=0.2))
+        for piece in (b"ab", b"c2", b"a"):
+            harness.send(piece)
+            harness.clock.advance(0.15)
+        self.assertEqual(harness.reply(), b"")
+        harness.clock.advance(0.051)
+        self.assertEqual(harness.reply(), ABC2A)
+
+    def test_noBytesNoGap(self) -> None:
+        """A silent client is not answered by the quiet gap; only the deadline ends it."""
+        harness = ProtocolHarness(RequestLimits(timeout=5, quiet=0.2))
+        harness.clock.advance(4.9)
+        self.assertEqual(harness.reply(), b"")
+
+    def test_disabled(self) -> None:
+        """With C{quiet=0} only a newline, EOF or the deadline ends a request."""
+        harness = ProtocolHarness(RequestLimits(timeout=5, quiet=0))
+        harness.send(b"abc2a")
+        harness.clock.advance(4.9)
+        self.assertEqual(harness.reply(), b"")
+        harness.clock.advance(0.2)
+        self.assertEqual(harness.reply(), b"ERROR timeout\n")
+
+
+class DeadlineTests(SynchronousTestCase):
+    """The deadline runs from connect and is not extended by trickled bytes."""
+
+    def test_justBefore(self) -> None:
+        """A silent client is still connected just before the deadline."""
+        harness = ProtocolHarness(RequestLimits(timeout=5))
+        harness.clock.advance(4.999)
+        self.assertEqual(harness.reply(), b"")
+        self.assertFalse(harness.closed)
+
+    def test_justAfter(self) -> None:
+        """At the deadline a silent client gets C{ERROR timeout} and is closed."""
+        harness = ProtocolHarness(RequestLimits(timeout=5))
+        harness.clock.advance(5.001)
+        self.assertEqual(harness.reply(), b"ERROR timeout\n")
+        self.assertTrue(harness.closed)
+
+    def test_tricklingDoesNotExtend(self) -> None:
+        """A byte every 0.1 s (inside the quiet gap) does not move the deadline: timeout at 5 s."""
+        harness = ProtocolHarness(RequestLimits(timeout=5, quiet=0.2))
+        for _ in range(49):
+            harness.send(b"x")
+            harness.clock.advance(0.1)
+        self.assertEqual(harness.reply(), b"")
+        harness.send(b"x")
+        harness.clock.advance(0.11)
+        self.assertEqual(harness.reply(), b"ERROR timeout\n")
+        self.assertEqual(harness.records.records, [])
+
+    def test_noTimeoutAfterReply(self) -> None:
+        """Once the request has ended the deadline is cancelled: no second reply."""
+        harness = ProtocolHarness(RequestLimits(timeout=5))
+        harness.send(b"aa\n")
+        harness.clock.advance(10)
+        self.assertEqual(harness.reply(), "2 sí\n".encode())
+        self.assertEqual(harness.clock.getDelayedCalls(), [])
+
+
+class LineLimitTests(SynchronousTestCase):
+    """Requests over C{maxLine} bytes are refused while they arrive."""
+
+    def test_exactlyAtLimit(self) -> None:
+        """A line of exactly C{maxLine} bytes is answered."""
+        harness = ProtocolHarness(RequestLimits(maxLine=10))
+        harness.send(b"a" * 10 + b"\n")
+        self.assertEqual(harness.reply(), b"10 no\n")
+
+    def test_overLimitWithNewline(self) -> None:
+        """A line of C{maxLine + 1} bytes is refused."""
+        harness = ProtocolHarness(RequestLimits(maxLine=10))
+        harness.send(b"a" * 11 + b"\n")
+        self.assertEqual(harness.reply(), b"ERROR line too long (max 10 bytes)\n")
+        self.assertTrue(harness.closed)
+
+    def test_overLimitWithoutNewline(self) -> None:
+        """Chunks without a newline are refused as soon as they pass the limit, not at the newline."""
+        harness = ProtocolHarness(RequestLimits(maxLine=10))
+        harness.send(b"a" * 6)
+        self.assertEqual(harness.reply(), b"")
+        harness.send(b"a" * 5)
+        self.assertEqual(harness.reply(), b"ERROR line too long (max 10 bytes)\n")
+
+    def test_bufferNeverPastLimit(self) -> None:
+        """However the bytes arrive, the line buffer never holds more than C{maxLine} bytes."""
+        harness = ProtocolHarness(RequestLimits(maxLine=1000))
+        sizes = []
+        for chunk in [b"a" * 300, b"b" * 300, b"c" * 399, b"d" * 1, b"e" * 1_000_000]:
+            harness.protocol.dataReceived(chunk)
+            sizes.append(len(harness.protocol._buffer))  # LineReceiver's own buffer
+        self.assertEqual(sizes, [300, 600, 999, 1000, 0])
+        self.assertEqual(harness.reply(), b"ERROR line too long (max 1000 bytes)\n")
+
+    def test_noReplyAfterError(self) -> None:
+        """After an ERROR, further bytes get no second reply."""
+        harness = ProtocolHarness(RequestLimits(maxLine=4))
+        harness.send(b"aaaaa", b"a\n")
+        harness.endOfInput()
+        self.assertEqual(harness.reply(), b"ERROR line too long (max 4 bytes)\n")
+
+
+class BadInputTests(SynchronousTestCase):
+    """Bad requests get one C{ERROR} line and no record."""
+
+    def test_invalidUTF8(self) -> None:
+        """Bytes that are not UTF-8 get C{ERROR invalid UTF-8}."""
+        harness = ProtocolHarness()
+        harness.send(b"\xc3\x28\n")
+        self.assertEqual(harness.reply(), b"ERROR invalid UTF-8\n")
+        self.assertEqual(harness.records.records, [])
+
+    def test_empty(self) -> None:
+        """A bare newline gets C{ERROR empty message}."""
+        harness = ProtocolHarness()
+        harness.send(b"\n")
+        self.assertEqual(harness.reply(), b"ERROR empty message\n")
+
+    def test_whitespaceOnly(self) -> None:
+        """A line of whitespace is empty once stripped."""
+        harness = ProtocolHarness()
+        harness.send(b" \t \r\n")
+        self.assertEqual(harness.reply(), b"ERROR empty message\n")
+        self.assertTrue(harness.closed)
+
+
+class RecordBeforeReplyTests(SynchronousTestCase):
+    """No client hears an answer before its record is stored."""
+
+    def test_replyWaitsForRecord(self) -> None:
+        """While the record is not acknowledged, nothing is written to the client."""
+        harness = ProtocolHarness()
+        harness.records.hold = True
+        harness.send(b"abc2a\n")
+        self.assertEqual(len(harness.records.records), 1)
+        self.assertEqual(harness.reply(), b"")
+        harness.records.release()
+        self.assertEqual(harness.reply(), ABC2A)
+
+    def test_clientGoneBeforeReply(self) -> None:
+        """A client that disconnects before its reply causes no error; its record is kept."""
+        harness = ProtocolHarness()
+        harness.records.hold = True
+        harness.send(b"abc2a\n")
+        harness.transport.loseConnection()
+        harness.protocol.connectionLost(None)
+        harness.records.release()
+        self.assertEqual(len(harness.records.records), 1)
