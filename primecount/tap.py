@@ -14,6 +14,7 @@ from twisted.internet.testing import MemoryReactor
 from twisted.internet.threads import deferToThreadPool
 from twisted.python import usage
 
+from primecount.lifecycle import ExitCleanlyOnSignals
 from primecount.protocol import PrimeCountFactory, RequestLimits
 from primecount.responder import Responder
 from primecount.storage import RecordsService, openRecordsFile
@@ -79,6 +80,11 @@ class Options(usage.Options):
         """Check what needs the options together: the endpoint parses, the records file can be opened."""
         try:
             serverFromString(MemoryReactor(), self["port"])
+        except IndexError:
+            raise usage.UsageError(
+                f"--port: {self['port']!r} names an inherited socket this process was not given "
+                "(start it with systemd socket activation)"
+            ) from None
         except (ValueError, TypeError, KeyError, OSError) as error:
             raise usage.UsageError(f"--port: cannot use {self['port']!r}: {error}") from None
         try:
@@ -96,6 +102,7 @@ def makeService(options: Options, reactor: Optional[Any] = None) -> IService:
 
         reactor = globalReactor
     top = MultiService()
+    ExitCleanlyOnSignals(reactor).setServiceParent(top)
     records = RecordsService(options["records"], clock=reactor)
     records.setServiceParent(top)
     reactor.suggestThreadPoolSize(options["threads"])

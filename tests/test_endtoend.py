@@ -1,0 +1,137 @@
+"""End-to-end tests over real loopback sockets: the whole service in this process, and a real twistd."""
+
+from __future__ import annotations
+
+import os
+from functools import partial
+
+from twisted.internet import reactor
+from twisted.internet.defer import Deferred, gatherResults, inlineCallbacks
+from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
+from twisted.internet.protocol import Protocol
+from twisted.internet.threads import deferToThreadPool
+from twisted.python.failure import Failure
+from twisted.trial.unittest import SynchronousTestCase, TestCase
+
+from primecount.protocol import PrimeCountFactory, RequestLimits
+from primecount.records import parseRecords
+from primecount.responder import Responder
+from primecount.storage import RecordsService
+from tests.helpers import TwistdProcess, ask, expectedReply
+
+MESSAGES = ["abc2a", "añoñ", "ñandú ú", "日本日", "hello world", "x", "a\\b\tb", "zzzzzzz"]
+
+
+class OneShotClient(Protocol):
+    """Sends one payload on connect and collects the reply until the server closes."""
+
+    def __init__(self, payload: bytes) -> None:
+        self.payload = payload
+        self.received = b""
+        self.done: Deferred[bytes] = Deferred()
+
+    def connectionMade(self) -> None:
+        """Send the request."""
+        self.transport.write(self.payload)
+
+    def dataReceived(self, data: bytes) -> None:
+        """Collect the reply."""
+        self.received += data
+
+    def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
+        """Deliver what was received."""
+        self.done.callback(self.received)
+
+
+class LoopbackServiceTests(TestCase):
+    """The real protocol, thread pool and records file behind a real listening socket."""
+
+    def setUp(self) -> None:
+        self.path = self.mktemp()
+        self.records = RecordsService(self.path, reactor)
+        self.records.startService()
+        responder = Responder(reactor, partial(deferToThreadPool, reactor, reactor.getThreadPool()), self.records)
+        factory = PrimeCountFactory(RequestLimits(timeout=20), reactor, responder)
+        self.port = reactor.listenTCP(0, factory, interface="127.0.0.1", backlog=512)
+
+    @inlineCallbacks
+    def tearDown(self):  # type: ignore[no-untyped-def]
+        yield self.port.stopListening()
+        self.records.stopService()
+
+    @inlineCallbacks
+    def ask(self, payload: bytes):  # type: ignore[no-untyped-def]
+        """Connect, send C{payload}, return the reply."""
+        endpoint = TCP4ClientEndpoint(reactor, "127.0.0.1", self.port.getHost().port)
+        client = yield connectProtocol(endpoint, OneShotClient(payload))
+        reply = yield client.done
+        return reply
+
+    @inlineCallbacks
+    def test_fiveHundredConcurrentClients(self):  # type: ignore[no-untyped-def]
+        """500 clients at once all get correct replies, and the file holds exactly their 500 records."""
+        messages = [f"{MESSAGES[i % len(MESSAGES)]} #{i} {MESSAGES[i % 3]}" for i in range(500)]
+        replies = yield gatherResults([self.ask(m.encode() + b"\n") for m in messages])
+        self.assertEqual(replies, [expectedReply(m) for m in messages])
+        self.records.stopService()
+        with open(self.path, encoding="utf-8") as file:
+            stored = list(parseRecords(file))
+        self.assertEqual(sorted(r.message for r in stored), sorted(messages))
+        self.assertEqual({r.client for r in stored}, {"127.0.0.1"})
+
+    @inlineCallbacks
+    def test_errorsOverSocket(self):  # type: ignore[no-untyped-def]
+        """Bad requests get their ERROR line over a real socket and leave no record."""
+        replies = yield gatherResults([self.ask(b"\xff\xfe\n"), self.ask(b"   \n")])
+        self.assertEqual(replies, [b"ERROR invalid UTF-8\n", b"ERROR empty message\n"])
+        self.records.stopService()
+        self.assertEqual(os.path.getsize(self.path), 0)
+
+
+class TwistdTests(SynchronousTestCase):
+    """A real C{twistd -n primecount} process, driven over TCP and stopped with signals."""
+
+    def test_requestThenSigterm(self) -> None:
+        """A request is answered, SIGTERM exits 0, and the record is on disk."""
+        records = self.mktemp()
+        server = TwistdProcess(records)
+        try:
+            self.assertEqual(ask(server.port, "añoñ\n".encode()), "2 sí\n".encode())
+            self.assertEqual(ask(server.port, b"abc2a", halfClose=True), "2 sí\n".encode())
+            self.assertEqual(ask(server.port, b"\n"), b"ERROR empty message\n")
+        finally:
+            status = server.stop()
+        self.assertEqual(status, 0, server.output.decode(errors="replace"))
+        with open(records, encoding="utf-8") as file:
+            self.assertEqual([r.message for r in parseRecords(file)], ["añoñ", "abc2a"])
+
+    def test_quietGapOverSocket(self) -> None:
+        """A client that sends no newline and waits is answered after the quiet gap."""
+        server = TwistdProcess(self.mktemp(), "--quiet", "0.1")
+        try:
+            self.assertEqual(ask(server.port, "日本日".encode()), "2 sí\n".encode())
+        finally:
+            self.assertEqual(server.stop(), 0)
+
+    def test_timeoutOverSocket(self) -> None:
+        """A silent client gets C{ERROR timeout} once the deadline passes."""
+        server = TwistdProcess(self.mktemp(), "--timeout", "0.5")
+        try:
+            self.assertEqual(ask(server.port, b""), b"ERROR timeout\n")
+        finally:
+            self.assertEqual(server.stop(), 0)
+
+    def test_unwritableRecordsFailsBeforeListening(self) -> None:
+        """An unwritable records path stops twistd at startup with a message naming the path."""
+        import subprocess
+        import sys
+
+        path = os.path.join(self.mktemp(), "missing", "records.txt")
+        result = subprocess.run(
+            [sys.executable, "-c", "from twisted.scripts.twistd import run; run()",
+             "-n", "--pidfile=", "primecount", "--port", "tcp:0:interface=127.0.0.1", "--records", path],
+            capture_output=True, timeout=60,
+        )
+        self.assertNotEqual(result.returncode, 0)
+        self.assertIn(path.encode(), result.stdout + result.stderr)
+        self.assertNotIn(b"starting on", result.stdout + result.stderr)

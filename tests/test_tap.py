@@ -1,0 +1,134 @@
+"""Tests for L{primecount.tap} and the dropin: option parsing, the service tree, plugin discovery."""
+
+from __future__ import annotations
+
+import os
+
+from twisted.application.service import IServiceMaker
+from twisted.internet.testing import MemoryReactorClock
+from twisted.plugin import getPlugins
+from twisted.python.threadpool import ThreadPool
+from twisted.python.usage import UsageError
+from twisted.trial.unittest import SynchronousTestCase
+
+from primecount.protocol import PrimeCountFactory
+from primecount.storage import RecordsService
+from primecount.tap import Options, endpointDescription, makeService
+
+
+class OptionsTests(SynchronousTestCase):
+    """Every option has a default and a UsageError naming it for bad values."""
+
+    def parse(self, *argv: str) -> Options:
+        """Parse C{argv} with the records file placed in a temporary directory unless given."""
+        options = Options()
+        if "--records" not in argv:
+            argv = (*argv, "--records", self.mktemp())
+        options.parseOptions(list(argv))
+        return options
+
+    def test_defaults(self) -> None:
+        """With no options the service listens on tcp:5050 with ten threads and the seed's limits."""
+        options = self.parse()
+        self.assertEqual(
+            {k: options[k] for k in ("port", "threads", "timeout", "quiet", "max-line", "log-requests")},
+            {"port": "tcp:5050", "threads": 10, "timeout": 5.0, "quiet": 0.2, "max-line": 65536, "log-requests": 0},
+        )
+        self.assertEqual(Options()["records"], "server_log.txt")
+
+    def test_goodValues(self) -> None:
+        """Values in range are converted to numbers; a bare port becomes a tcp endpoint."""
+        options = self.parse(
+            "--port", "6060", "--threads", "3", "--timeout", "1.5", "--quiet", "0",
+            "--max-line", "100", "--log-requests",
+        )
+        self.assertEqual(
+            (options["port"], options["threads"], options["timeout"], options["quiet"], options["max-line"]),
+            ("tcp:6060", 3, 1.5, 0.0, 100),
+        )
+        self.assertTrue(options["log-requests"])
+
+    def test_endpointDescriptions(self) -> None:
+        """Endpoint descriptions pass through unchanged."""
+        for description in ["tcp:5050:interface=127.0.0.1", r"tcp6:5050:interface=\:\:"]:
+            self.assertEqual(self.parse("--port", description)["port"], description)
+        self.assertEqual(endpointDescription("systemd:domain=INET:index=0"), "systemd:domain=INET:index=0")
+
+    def test_badValuesNameTheOption(self) -> None:
+        """Each bad value raises a UsageError whose message names the option."""
+        cases = [
+            ("--threads", "0"), ("--threads", "ten"), ("--threads", "2.5"),
+            ("--timeout", "-1"), ("--timeout", "0"), ("--timeout", "nan"), ("--timeout", "inf"),
+            ("--quiet", "-0.1"), ("--max-line", "0"), ("--max-line", "big"),
+            ("--port", "abc"), ("--port", "70000"), ("--port", "tcp:notaport"),
+            ("--port", "systemd:domain=INET:index=7"),  # no such inherited socket here
+        ]
+        for option, value in cases:
+            with self.assertRaises(UsageError, msg=f"{option} {value}") as caught:
+                self.parse(option, value)
+            self.assertIn(option, str(caught.exception))
+
+    def test_unwritableRecords(self) -> None:
+        """A records path that cannot be opened is a UsageError naming the option and the path."""
+        path = os.path.join(self.mktemp(), "no-such-dir", "records.txt")
+        with self.assertRaises(UsageError) as caught:
+            self.parse("--records", path)
+        self.assertIn("--records", str(caught.exception))
+        self.assertIn(path, str(caught.exception))
+
+    def test_endpointDescriptionHelper(self) -> None:
+        """Only an all-digit value is taken as a port number."""
+        self.assertEqual(endpointDescription("0"), "tcp:0")
+        self.assertEqual(endpointDescription("unix:/tmp/x"), "unix:/tmp/x")
+
+
+class ThreadedMemoryReactor(MemoryReactorClock):
+    """A memory reactor that also answers the thread-pool calls C{makeService} makes."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.threadPool = ThreadPool()
+        self.suggestedPoolSize: int | None = None
+
+    def suggestThreadPoolSize(self, size: int) -> None:
+        """Remember the suggested size."""
+        self.suggestedPoolSize = size
+
+    def getThreadPool(self) -> ThreadPool:
+        """The (never started) pool."""
+        return self.threadPool
+
+
+class MakeServiceTests(SynchronousTestCase):
+    """C{makeService} builds the records service and the listener, in that order."""
+
+    def test_serviceTree(self) -> None:
+        """The tree opens the records file, sizes the pool, and listens with a primecount factory."""
+        records = self.mktemp()
+        options = Options()
+        options.parseOptions(["--port", "tcp:5151:interface=127.0.0.1", "--threads", "4", "--records", records])
+        reactor = ThreadedMemoryReactor()
+        service = makeService(options, reactor)
+        children = list(service)
+        self.assertEqual(
+            [type(child).__name__ for child in children],
+            ["ExitCleanlyOnSignals", RecordsService.__name__, "StreamServerEndpointService"],
+        )
+        service.startService()
+        self.addCleanup(service.stopService)
+        self.assertEqual(reactor.suggestedPoolSize, 4)
+        self.assertTrue(os.path.exists(records))
+        [(port, factory, backlog, interface)] = reactor.tcpServers
+        self.assertEqual((port, interface), (5151, "127.0.0.1"))
+        self.assertIsInstance(factory, PrimeCountFactory)
+        self.assertEqual(factory.limits.maxLine, 65536)
+
+
+class PluginTests(SynchronousTestCase):
+    """The dropin is found by Twisted's plugin system."""
+
+    def test_discovered(self) -> None:
+        """C{getPlugins(IServiceMaker)} includes C{primecount} pointing at L{primecount.tap}."""
+        makers = {maker.tapname: maker for maker in getPlugins(IServiceMaker)}
+        self.assertIn("primecount", makers)
+        self.assertEqual(makers["primecount"].module, "primecount.tap")
