@@ -17,10 +17,13 @@ RunInThread = Callable[..., "Deferred[list[wire.Outcome]]"]
 
 
 class RecordSink(Protocol):
-    """Where records go: anything with the records service's C{append}."""
+    """Where records go: anything with the records service's C{append} and C{flush}."""
 
     def append(self, record: Record) -> Deferred[None]:
         """Store C{record}; fire once stored, fail with L{StorageUnavailable} otherwise."""
+
+    def flush(self) -> None:
+        """Store what was appended so far without waiting for the end of the turn."""
 
 
 class AnalysisBatcher:
@@ -30,9 +33,12 @@ class AnalysisBatcher:
     one per turn keeps the thread pool in use without paying that per request.
     """
 
-    def __init__(self, clock: IReactorTime, runInThread: RunInThread) -> None:
+    def __init__(
+        self, clock: IReactorTime, runInThread: RunInThread, afterBatch: Callable[[], None] = lambda: None
+    ) -> None:
         self._clock = clock
         self._runInThread = runInThread
+        self._afterBatch = afterBatch
         self._pending: list[tuple[bytes, Deferred[wire.Outcome]]] = []
         self._dispatchCall: Optional[IDelayedCall] = None
 
@@ -52,6 +58,7 @@ class AnalysisBatcher:
         def deliver(outcomes: list[wire.Outcome]) -> None:
             for (_, outcome), result in zip(pending, outcomes):
                 outcome.callback(result)
+            self._afterBatch()
 
         def failAll(failure: Failure) -> None:
             for _, outcome in pending:
@@ -82,7 +89,8 @@ class Responder:
     log = Logger()
 
     def __init__(self, clock: IReactorTime, runInThread: RunInThread, records: RecordSink) -> None:
-        self._batcher = AnalysisBatcher(clock, runInThread)
+        # Every answer of a batch has appended its record once the batch is delivered.
+        self._batcher = AnalysisBatcher(clock, runInThread, afterBatch=records.flush)
         self._timestamps = LocalTimestamps(clock)
         self._records = records
 

@@ -52,9 +52,7 @@ class RecordsService(Service):
     def stopService(self) -> None:
         """Write what is pending, fsync and close the file."""
         super().stopService()
-        if self._flushCall is not None:
-            self._flushCall.cancel()
-        self._flush()
+        self.flush()
         if self._fd is not None:
             fd, self._fd = self._fd, None
             try:
@@ -72,11 +70,23 @@ class RecordsService(Service):
         acknowledged: Deferred[None] = Deferred()
         self._pending.append((record, acknowledged))
         if self._flushCall is None:
-            self._flushCall = self._clock.callLater(0, self._flush)
+            self._flushCall = self._clock.callLater(0, self._flushTurn)
         return acknowledged
 
-    def _flush(self) -> None:
+    def _flushTurn(self) -> None:
         self._flushCall = None
+        self.flush()
+
+    def flush(self) -> None:
+        """Write everything appended so far now, with one write, instead of at the end of the turn.
+
+        A caller that knows a batch of appends is complete (the responder, after
+        a thread-pool batch) calls this to save the records and release the
+        replies one reactor turn sooner.
+        """
+        if self._flushCall is not None:
+            self._flushCall.cancel()
+            self._flushCall = None
         pending, self._pending = self._pending, []
         if not pending:
             return

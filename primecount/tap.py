@@ -20,14 +20,17 @@ from primecount.responder import Responder
 from primecount.storage import RecordsService, openRecordsFile
 
 DEFAULTS = RequestLimits()
+# Twisted listens with a backlog of 50; a burst of new clients beyond that waits
+# a full second for the SYN retry. Load tests open hundreds of connections at once.
+BARE_PORT_BACKLOG = 1024
 
 
 def endpointDescription(value: str) -> str:
-    """Turn a bare port number into C{tcp:N}; pass any other endpoint description through."""
+    """Turn a bare port number into C{tcp:N:backlog=1024}; pass any endpoint description through unchanged."""
     if value.isdigit():
         if int(value) > 65535:
             raise usage.UsageError(f"--port: {value} is not a TCP port number (0-65535)")
-        return f"tcp:{value}"
+        return f"tcp:{value}:backlog={BARE_PORT_BACKLOG}"
     return value
 
 
@@ -62,8 +65,9 @@ class Options(usage.Options):
         ["log-requests", None, "Log every connection and reply, not only errors (costly under load)."],
     ]
     optParameters = [
-        ["port", "p", "tcp:5050", "Endpoint to listen on: a port number or an endpoint description "
-         "(tcp:5050:interface=127.0.0.1, tcp6:5050, systemd:domain=INET:index=0, ssl:...).",
+        ["port", "p", endpointDescription("5050"), "Endpoint to listen on: a port number N (all IPv4 interfaces, "
+         "tcp:N:backlog=1024) or an endpoint description (tcp:5050:interface=127.0.0.1, "
+         "tcp6:5050, systemd:domain=INET:index=0, ssl:...).",
          endpointDescription],
         ["threads", "t", 10, "Size of the thread pool that runs the analysis.",
          _number("threads", int, 1, strict=False)],

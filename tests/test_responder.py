@@ -32,6 +32,16 @@ class AnalysisBatcherTests(SynchronousTestCase):
         clock.advance(0)
         self.assertEqual(len(threads.calls), 2)
 
+    def test_afterBatchRunsOnceDelivered(self) -> None:
+        """The after-batch hook runs once per batch, after every request has its outcome."""
+        clock, seen = Clock(), []
+        batcher = AnalysisBatcher(clock, InlineThreads(), afterBatch=lambda: seen.append(list(delivered)))
+        delivered: list[wire.Outcome] = []
+        for raw in (b"a", b"bb"):
+            batcher.submit(raw).addCallback(delivered.append)
+        clock.advance(0)
+        self.assertEqual(seen, [[wire.Answer("a", 1, False), wire.Answer("bb", 2, True)]])
+
     def test_threadFailureReachesEveryRequest(self) -> None:
         """If the thread-pool call fails, every request in the batch sees the failure."""
         clock = Clock()
@@ -71,6 +81,13 @@ class ResponderTests(SynchronousTestCase):
             self.records.records,
             [Record(LocalTimestamps(self.clock).now(), "198.51.100.4", "abc2a", 2, True)],
         )
+
+    def test_recordsFlushedOncePerBatch(self) -> None:
+        """After a batch of answers the records are flushed once, not once per record."""
+        for n in range(5):
+            self.responder.respond(b"x" * (n + 1), "198.51.100.4")
+        self.clock.advance(0)
+        self.assertEqual((len(self.records.records), self.records.flushes), (5, 1))
 
     def test_rejectionIsNotRecorded(self) -> None:
         """A rejected request gets its ERROR line and leaves no record."""

@@ -60,6 +60,17 @@ class RecordsServiceTests(SynchronousTestCase):
         self.successResultOf(acknowledged)
         self.assertEqual(len(self.lines()), 1)
 
+    def test_flushWritesNow(self) -> None:
+        """An explicit flush writes at once, in one write, and nothing is written again at the end of the turn."""
+        acknowledged = [self.service.append(record("a")), self.service.append(record("b"))]
+        self.service.flush()
+        for each in acknowledged:
+            self.successResultOf(each)
+        self.assertEqual(len(self.writes), 1)
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+        self.clock.advance(0)
+        self.assertEqual(len(self.writes), 1)
+
     def test_laterTurnsAppend(self) -> None:
         """Each turn's batch is appended after the previous one."""
         self.service.append(record("first"))

@@ -28,23 +28,23 @@ class OptionsTests(SynchronousTestCase):
         return options
 
     def test_defaults(self) -> None:
-        """With no options the service listens on tcp:5050 with ten threads and the seed's limits."""
+        """With no options the service listens on port 5050 with ten threads and the seed's limits."""
         options = self.parse()
         self.assertEqual(
             {k: options[k] for k in ("port", "threads", "timeout", "quiet", "max-line", "log-requests")},
-            {"port": "tcp:5050", "threads": 10, "timeout": 5.0, "quiet": 0.2, "max-line": 65536, "log-requests": 0},
+            {"port": "tcp:5050:backlog=1024", "threads": 10, "timeout": 5.0, "quiet": 0.2, "max-line": 65536, "log-requests": 0},
         )
         self.assertEqual(Options()["records"], "server_log.txt")
 
     def test_goodValues(self) -> None:
-        """Values in range are converted to numbers; a bare port becomes a tcp endpoint."""
+        """Values in range are converted to numbers; a bare port becomes a tcp endpoint with a deep backlog."""
         options = self.parse(
             "--port", "6060", "--threads", "3", "--timeout", "1.5", "--quiet", "0",
             "--max-line", "100", "--log-requests",
         )
         self.assertEqual(
             (options["port"], options["threads"], options["timeout"], options["quiet"], options["max-line"]),
-            ("tcp:6060", 3, 1.5, 0.0, 100),
+            ("tcp:6060:backlog=1024", 3, 1.5, 0.0, 100),
         )
         self.assertTrue(options["log-requests"])
 
@@ -78,7 +78,7 @@ class OptionsTests(SynchronousTestCase):
 
     def test_endpointDescriptionHelper(self) -> None:
         """Only an all-digit value is taken as a port number."""
-        self.assertEqual(endpointDescription("0"), "tcp:0")
+        self.assertEqual(endpointDescription("0"), "tcp:0:backlog=1024")
         self.assertEqual(endpointDescription("unix:/tmp/x"), "unix:/tmp/x")
 
 
@@ -122,6 +122,17 @@ class MakeServiceTests(SynchronousTestCase):
         self.assertEqual((port, interface), (5151, "127.0.0.1"))
         self.assertIsInstance(factory, PrimeCountFactory)
         self.assertEqual(factory.limits.maxLine, 65536)
+
+    def test_barePortListensWithDeepBacklog(self) -> None:
+        """A bare port number listens on all IPv4 interfaces with a backlog of 1024."""
+        options = Options()
+        options.parseOptions(["--port", "5152", "--records", self.mktemp()])
+        reactor = ThreadedMemoryReactor()
+        service = makeService(options, reactor)
+        service.startService()
+        self.addCleanup(service.stopService)
+        [(port, factory, backlog, interface)] = reactor.tcpServers
+        self.assertEqual((port, backlog, interface), (5152, 1024, ""))
 
 
 class PluginTests(SynchronousTestCase):
