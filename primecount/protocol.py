@@ -49,6 +49,7 @@ class PrimeCountProtocol(LineReceiver, TimeoutMixin):
         self._responder = responder
         self._collecting = False
         self._buffered = 0
+        self._chunks: list[bytes] = []
         self._quietCall: Optional[IDelayedCall] = None
         self._peer = "-"
 
@@ -65,7 +66,7 @@ class PrimeCountProtocol(LineReceiver, TimeoutMixin):
             self.log.info("connection from {peer}", peer=self._peer)
 
     def dataReceived(self, data: bytes) -> None:
-        """Check the line limit before buffering, then let L{LineReceiver} look for the newline."""
+        """Check the line limit before buffering; hand L{LineReceiver} the whole line once a newline is in."""
         if not self._collecting:
             return  # past the request; keep reading so closing does not reset the connection
         newline = data.find(b"\n")
@@ -74,13 +75,30 @@ class PrimeCountProtocol(LineReceiver, TimeoutMixin):
             self.clearLineBuffer()
             self._reject(wire.lineTooLong(self.MAX_LENGTH))
             return
-        if newline >= 0:
-            super().dataReceived(data)
+        if newline < 0:
+            # LineReceiver would copy and rescan its whole buffer for every chunk, which is
+            # quadratic for a client sending a long line a few bytes at a time; keep the
+            # chunks until the newline arrives instead.
+            self._chunks.append(data)
+            self._buffered = lineLength
+            if self._limits.quiet:
+                self._restartQuietGap()
             return
-        self._buffered = lineLength
+        if self._chunks:
+            data = self.clearLineBuffer() + data
         super().dataReceived(data)
-        if self._limits.quiet:
-            self._restartQuietGap()
+
+    def clearLineBuffer(self) -> bytes:
+        """Take every byte held for the current line, clearing the buffer."""
+        held = b"".join(self._chunks) + super().clearLineBuffer()
+        self._chunks = []
+        self._buffered = 0
+        return held
+
+    @property
+    def bufferedBytes(self) -> int:
+        """How many bytes of the current line are held."""
+        return self._buffered
 
     def lineReceived(self, line: bytes) -> None:
         """A newline ended the request; a CR right before it is dropped."""

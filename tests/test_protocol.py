@@ -2,6 +2,8 @@
 
 from twisted.trial.unittest import SynchronousTestCase
 
+from twisted.protocols.basic import LineReceiver
+
 from primecount.protocol import RequestLimits
 from tests.helpers import ProtocolHarness
 
@@ -176,9 +178,21 @@ class LineLimitTests(SynchronousTestCase):
         sizes = []
         for chunk in [b"a" * 300, b"b" * 300, b"c" * 399, b"d" * 1, b"e" * 1_000_000]:
             harness.protocol.dataReceived(chunk)
-            sizes.append(len(harness.protocol._buffer))  # LineReceiver's own buffer
+            sizes.append(harness.protocol.bufferedBytes)
         self.assertEqual(sizes, [300, 600, 999, 1000, 0])
         self.assertEqual(harness.reply(), b"ERROR line too long (max 1000 bytes)\n")
+
+    def test_chunksJoinedOnce(self) -> None:
+        """A line sent in a thousand pieces reaches L{LineReceiver} once, whole, not re-scanned per piece."""
+        harness = ProtocolHarness(RequestLimits(quiet=0))
+        calls = []
+        original = LineReceiver.dataReceived
+        self.patch(LineReceiver, "dataReceived", lambda self, data: (calls.append(len(data)), original(self, data)))
+        for _ in range(1000):
+            harness.protocol.dataReceived(b"ab")
+        harness.send(b"b\n")
+        self.assertEqual(calls, [2002])
+        self.assertEqual(harness.reply(), b"1001 no\n")
 
     def test_noReplyAfterError(self) -> None:
         """After an ERROR, further bytes get no second reply."""
