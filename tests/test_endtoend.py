@@ -135,3 +135,23 @@ class TwistdTests(SynchronousTestCase):
         self.assertNotEqual(result.returncode, 0)
         self.assertIn(path.encode(), result.stdout + result.stderr)
         self.assertNotIn(b"starting on", result.stdout + result.stderr)
+
+    def test_ipv6Loopback(self) -> None:
+        """On a tcp6 endpoint bound to ::1 a client is answered and recorded with address ::1."""
+        import socket
+
+        if not socket.has_ipv6:
+            raise self.skipTest("no IPv6 in this Python")
+        try:
+            with socket.socket(socket.AF_INET6) as probe:
+                probe.bind(("::1", 0))
+        except OSError as error:
+            raise self.skipTest(f"no ::1 on this machine: {error}")
+        records = self.mktemp()
+        server = TwistdProcess(records, port=r"tcp6:0:interface=\:\:1")
+        try:
+            self.assertEqual(ask(server.port, b"abc2a\n", host="::1"), "2 sí\n".encode())
+        finally:
+            self.assertEqual(server.stop(), 0)
+        with open(records, encoding="utf-8") as file:
+            self.assertEqual([(r.client, r.message) for r in parseRecords(file)], [("::1", "abc2a")])

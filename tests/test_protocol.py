@@ -2,6 +2,7 @@
 
 from twisted.trial.unittest import SynchronousTestCase
 
+from twisted.logger import Logger, formatEvent
 from twisted.protocols.basic import LineReceiver
 
 from primecount.protocol import RequestLimits
@@ -248,3 +249,35 @@ class RecordBeforeReplyTests(SynchronousTestCase):
         harness.protocol.connectionLost(None)
         harness.records.release()
         self.assertEqual(len(harness.records.records), 1)
+
+
+class LoggingTests(SynchronousTestCase):
+    """Errors are always logged with the peer; connections and replies only with C{logRequests}."""
+
+    def capture(self, harness: ProtocolHarness) -> list[dict]:
+        """Route the protocol's log events into a list."""
+        events: list[dict] = []
+        harness.protocol.log = Logger(observer=events.append)
+        return events
+
+    def test_errorLoggedWithPeer(self) -> None:
+        """An ERROR reply is logged with the client's address."""
+        harness = ProtocolHarness(peer="198.51.100.9")
+        events = self.capture(harness)
+        harness.send(b"\n")
+        self.assertEqual([(e["reply"], e["peer"]) for e in events], [("ERROR empty message", "198.51.100.9")])
+
+    def test_quietByDefault(self) -> None:
+        """By default an answered request logs nothing (the record is its trace)."""
+        harness = ProtocolHarness()
+        events = self.capture(harness)
+        harness.send(b"abc2a\n")
+        self.assertEqual(events, [])
+
+    def test_logRequests(self) -> None:
+        """With C{logRequests} the reply is logged with the peer (the connection event precedes capture here)."""
+        harness = ProtocolHarness(RequestLimits(logRequests=True), peer="::1")
+        events = self.capture(harness)
+        harness.send(b"abc2a\n")
+        self.assertEqual([(e["reply"], e["peer"]) for e in events], [("2 sí", "::1")])
+        self.assertEqual(formatEvent(events[0]), "reply 2 sí to ::1")
