@@ -104,56 +104,6 @@ def expectedReply(message: str) -> bytes:
     return f"{count} {'sí' if prime else 'no'}\n".encode()
 
 
-class TwistdProcess:
-    """A real C{twistd -n primecount} child process on an OS-chosen loopback port."""
-
-    def __init__(self, records: str, *extra: str, port: str = "tcp:0:interface=127.0.0.1") -> None:
-        import subprocess
-        import sys
-
-        self.records = records
-        self.process = subprocess.Popen(
-            [sys.executable, "-c", "from twisted.scripts.twistd import run; run()",
-             "-n", "--pidfile=", "primecount", "--port", port, "--records", records, *extra],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-        )
-        self.output = b""
-        self.port = int(self.waitFor(rb"starting on (\d+)").group(1))
-
-    def waitFor(self, pattern: bytes, seconds: float = 20.0) -> Any:
-        """Read the child's log until C{pattern} matches; fail if it exits or C{seconds} pass first."""
-        import re
-        import selectors
-        import time
-
-        deadline = time.monotonic() + seconds
-        with selectors.DefaultSelector() as selector:
-            assert self.process.stdout is not None
-            selector.register(self.process.stdout, selectors.EVENT_READ)
-            while True:
-                match = re.search(pattern, self.output)
-                if match:
-                    return match
-                remaining = deadline - time.monotonic()
-                if remaining <= 0 or not selector.select(remaining):
-                    raise AssertionError(f"twistd did not log {pattern!r}; output:\n{self.output.decode(errors='replace')}")
-                chunk = self.process.stdout.read1(65536)  # type: ignore[attr-defined]
-                if not chunk:
-                    raise AssertionError(f"twistd exited before logging {pattern!r}:\n{self.output.decode(errors='replace')}")
-                self.output += chunk
-
-    def stop(self, signal: int | None = None, seconds: float = 20.0) -> int:
-        """Send C{signal} (SIGTERM by default), collect the rest of the log, return the exit status."""
-        import signal as signals
-
-        if self.process.poll() is None:
-            self.process.send_signal(signal or signals.SIGTERM)
-        rest, _ = self.process.communicate(timeout=seconds)
-        self.output += rest
-        return self.process.returncode
-
-
 def ask(port: int, payload: bytes, host: str = "127.0.0.1", halfClose: bool = False, timeout: float = 10.0) -> bytes:
     """Send C{payload} over a real TCP connection and return everything the server sends before closing."""
     import socket

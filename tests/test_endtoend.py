@@ -17,7 +17,8 @@ from primecount.protocol import PrimeCountFactory, RequestLimits
 from primecount.records import parseRecords
 from primecount.responder import Responder
 from primecount.storage import RecordsService
-from tests.helpers import TwistdProcess, ask, expectedReply
+from primecount.serverprocess import TWISTD, ServerProcess
+from tests.helpers import ask, expectedReply
 
 MESSAGES = ["abc2a", "añoñ", "ñandú ú", "日本日", "hello world", "x", "a\\b\tb", "zzzzzzz"]
 
@@ -94,20 +95,20 @@ class TwistdTests(SynchronousTestCase):
     def test_requestThenSigterm(self) -> None:
         """A request is answered, SIGTERM exits 0, and the record is on disk."""
         records = self.mktemp()
-        server = TwistdProcess(records)
+        server = ServerProcess(records)
         try:
             self.assertEqual(ask(server.port, "añoñ\n".encode()), "2 sí\n".encode())
             self.assertEqual(ask(server.port, b"abc2a", halfClose=True), "2 sí\n".encode())
             self.assertEqual(ask(server.port, b"\n"), b"ERROR empty message\n")
         finally:
             status = server.stop()
-        self.assertEqual(status, 0, server.output.decode(errors="replace"))
+        self.assertEqual(status, 0, server.log)
         with open(records, encoding="utf-8") as file:
             self.assertEqual([r.message for r in parseRecords(file)], ["añoñ", "abc2a"])
 
     def test_quietGapOverSocket(self) -> None:
         """A client that sends no newline and waits is answered after the quiet gap."""
-        server = TwistdProcess(self.mktemp(), "--quiet", "0.1")
+        server = ServerProcess(self.mktemp(), "--quiet", "0.1")
         try:
             self.assertEqual(ask(server.port, "日本日".encode()), "2 sí\n".encode())
         finally:
@@ -115,7 +116,7 @@ class TwistdTests(SynchronousTestCase):
 
     def test_timeoutOverSocket(self) -> None:
         """A silent client gets C{ERROR timeout} once the deadline passes."""
-        server = TwistdProcess(self.mktemp(), "--timeout", "0.5")
+        server = ServerProcess(self.mktemp(), "--timeout", "0.5")
         try:
             self.assertEqual(ask(server.port, b""), b"ERROR timeout\n")
         finally:
@@ -124,12 +125,10 @@ class TwistdTests(SynchronousTestCase):
     def test_unwritableRecordsFailsBeforeListening(self) -> None:
         """An unwritable records path stops twistd at startup with a message naming the path."""
         import subprocess
-        import sys
 
         path = os.path.join(self.mktemp(), "missing", "records.txt")
         result = subprocess.run(
-            [sys.executable, "-c", "from twisted.scripts.twistd import run; run()",
-             "-n", "--pidfile=", "primecount", "--port", "tcp:0:interface=127.0.0.1", "--records", path],
+            [*TWISTD, "-n", "--pidfile=", "primecount", "--port", "tcp:0:interface=127.0.0.1", "--records", path],
             capture_output=True, timeout=60,
         )
         self.assertNotEqual(result.returncode, 0)
@@ -148,7 +147,7 @@ class TwistdTests(SynchronousTestCase):
         except OSError as error:
             raise self.skipTest(f"no ::1 on this machine: {error}")
         records = self.mktemp()
-        server = TwistdProcess(records, port=r"tcp6:0:interface=\:\:1")
+        server = ServerProcess(records, port=r"tcp6:0:interface=\:\:1")
         try:
             self.assertEqual(ask(server.port, b"abc2a\n", host="::1"), "2 sí\n".encode())
         finally:

@@ -21,6 +21,9 @@ import tempfile
 import time
 from pathlib import Path
 
+from primecount.serverprocess import ServerProcess
+from primecount.tap import BARE_PORT_BACKLOG
+
 ROOT = Path(__file__).resolve().parents[2]
 SCENARIOS = {
     "50 conns": ["--conns", "50"],
@@ -50,21 +53,35 @@ def waitForPort(port: int, process: subprocess.Popen, seconds: float = 20.0) -> 
     raise SystemExit(f"nothing listening on port {port} after {seconds} s")
 
 
-def startServer(kind: str, port: int, workdir: Path, shared: Path, serverCore: str) -> subprocess.Popen:
-    """Start the baseline or primecount on C{port}, pinned to C{serverCore}."""
-    records = workdir / f"{kind}-records.txt"
+class Baseline:
+    """The original thread-pool server on a free port, pinned to C{core}."""
+
+    def __init__(self, workdir: Path, shared: Path, core: str) -> None:
+        self.port = freePort()
+        self.process = subprocess.Popen(
+            ["taskset", "-c", core, sys.executable, str(shared / "tools/baseline/seed_server.py"),
+             str(self.port), str(workdir / "baseline-records.txt")],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=workdir,
+        )
+        waitForPort(self.port, self.process)
+        # The readiness probe was a request too; let the thread that took it give up on it.
+        time.sleep(0.2)
+
+    def stop(self) -> None:
+        """Terminate it."""
+        self.process.terminate()
+        self.process.wait(timeout=30)
+
+
+def startServer(kind: str, workdir: Path, shared: Path, core: str) -> "Baseline | ServerProcess":
+    """Start the baseline or primecount (default options, loopback only) pinned to C{core}."""
     if kind == "baseline":
-        command = [sys.executable, str(shared / "tools/baseline/seed_server.py"), str(port), str(records)]
-    else:
-        command = [sys.executable, "-c", "from twisted.scripts.twistd import run; run()", "-n", "--pidfile=",
-                   "--logfile", str(workdir / "twistd.log"), "primecount",
-                   "--port", f"tcp:{port}:interface=127.0.0.1", "--records", str(records)]
-    process = subprocess.Popen(["taskset", "-c", serverCore, *command],
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=workdir)
-    waitForPort(port, process)
-    # The probe above was a request too; give the baseline's thread a moment to give up on it.
-    time.sleep(0.2)
-    return process
+        return Baseline(workdir, shared, core)
+    return ServerProcess(
+        str(workdir / "primecount-records.txt"),
+        port=f"tcp:0:interface=127.0.0.1:backlog={BARE_PORT_BACKLOG}",
+        prefix=["taskset", "-c", core],
+    )
 
 
 def runLoad(loadgen: Path, port: int, scenario: list[str], duration: float, messages: Path, clientCore: str) -> dict:
@@ -100,13 +117,11 @@ def main() -> None:
         for round in range(1, args.rounds + 1):
             for name, scenario in SCENARIOS.items():
                 for kind in kinds:
-                    port = freePort()
-                    server = startServer(kind, port, workdir, args.shared, args.server_core)
+                    server = startServer(kind, workdir, args.shared, args.server_core)
                     try:
-                        summary = runLoad(loadgen, port, scenario, args.duration, messages, args.client_core)
+                        summary = runLoad(loadgen, server.port, scenario, args.duration, messages, args.client_core)
                     finally:
-                        server.terminate()
-                        server.wait(timeout=30)
+                        server.stop()
                     results.setdefault((name, kind), []).append(summary)
                     print(f"round {round} {name:<32} {kind:<10} rps {summary['rps']:>9.1f}  "
                           f"mismatches {summary['mismatches']}", file=sys.stderr, flush=True)

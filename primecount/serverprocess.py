@@ -1,0 +1,71 @@
+"""Run C{twistd -n primecount} as a child process on an OS-chosen port: for load tests, benchmarks and tests."""
+
+from __future__ import annotations
+
+import re
+import selectors
+import signal
+import subprocess
+import sys
+import time
+from typing import Optional, Sequence
+
+TWISTD = [sys.executable, "-c", "from twisted.scripts.twistd import run; run()"]
+_LISTENING = re.compile(rb"starting on (\d+)")
+
+
+class ServerProcess:
+    """A C{twistd -n primecount} child; the listening port is read from its log once it is up."""
+
+    def __init__(
+        self,
+        records: str,
+        *options: str,
+        port: str = "tcp:0:interface=127.0.0.1",
+        prefix: Sequence[str] = (),
+        startupSeconds: float = 30.0,
+    ) -> None:
+        self.records = records
+        self.process = subprocess.Popen(
+            [*prefix, *TWISTD, "-n", "--pidfile=", "primecount", "--port", port, "--records", records, *options],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+        )
+        self.output = b""
+        self.port = int(self.waitFor(_LISTENING, startupSeconds).group(1))
+
+    def waitFor(self, pattern: "re.Pattern[bytes] | bytes", seconds: float = 20.0) -> "re.Match[bytes]":
+        """Read the child's log until C{pattern} matches; raise if it exits or C{seconds} pass first."""
+        compiled = re.compile(pattern) if isinstance(pattern, bytes) else pattern
+        deadline = time.monotonic() + seconds
+        assert self.process.stdout is not None
+        with selectors.DefaultSelector() as selector:
+            selector.register(self.process.stdout, selectors.EVENT_READ)
+            while True:
+                match = compiled.search(self.output)
+                if match:
+                    return match
+                remaining = deadline - time.monotonic()
+                if remaining <= 0 or not selector.select(remaining):
+                    raise RuntimeError(f"twistd did not log {compiled.pattern!r} in time:\n{self.log}")
+                chunk = self.process.stdout.read1(65536)  # type: ignore[attr-defined]
+                if not chunk:
+                    raise RuntimeError(f"twistd exited before logging {compiled.pattern!r}:\n{self.log}")
+                self.output += chunk
+
+    @property
+    def log(self) -> str:
+        """What the child has logged so far, as text."""
+        return self.output.decode("utf-8", errors="replace")
+
+    def stop(self, sig: Optional[int] = None, seconds: float = 30.0) -> int:
+        """Send C{sig} (SIGTERM by default), collect the rest of the log, return the exit status."""
+        if self.process.poll() is None:
+            self.process.send_signal(sig if sig is not None else signal.SIGTERM)
+        try:
+            rest, _ = self.process.communicate(timeout=seconds)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            rest, _ = self.process.communicate()
+        self.output += rest
+        return self.process.returncode
