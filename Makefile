@@ -4,23 +4,33 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 PORT   ?= 5050
 
-.PHONY: run test bench-loadgen clean
+.PHONY: run test bench bench-loadgen clean
 
-$(BIN)/twistd: setup.cfg pyproject.toml
+# The service alone, for `make run`.
+$(VENV)/.installed: setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e '.[test]'
+	$(BIN)/python -m pip install --quiet -e .
 	touch $@
 
-run: $(BIN)/twistd
+# Plus the test tools and the report charts.
+$(VENV)/.installed-test: $(VENV)/.installed
+	$(BIN)/python -m pip install --quiet -e '.[test,report]'
+	touch $@
+
+run: $(VENV)/.installed
 	$(BIN)/twistd -n --pidfile= primecount --port $(PORT)
 
-test: $(BIN)/twistd
+test: $(VENV)/.installed-test
 	$(BIN)/trial tests
 
+# The JMeter plan at 1, 10 and 50 threads against a fresh server each time (needs JMeter).
+bench: $(VENV)/.installed-test
+	$(BIN)/python -m primecount.loadtest bench --out jmeter-results/bench
+
 # Side-by-side figures against the original server, with the loadgen from ../shared/tools.
-bench-loadgen: $(BIN)/twistd
+bench-loadgen: $(VENV)/.installed-test
 	$(BIN)/python contrib/bench/loadgen_compare.py
 
 clean:
-	rm -rf $(VENV) build dist *.egg-info _trial_temp twisted/plugins/dropin.cache
+	rm -rf $(VENV) build dist *.egg-info _trial_temp twisted/plugins/dropin.cache jmeter-results

@@ -119,3 +119,20 @@ def ask(port: int, payload: bytes, host: str = "127.0.0.1", halfClose: bool = Fa
         while chunk := connection.recv(65536):
             received += chunk
         return received
+
+
+def slow(test: Callable[..., Any]) -> Callable[..., Any]:
+    """Mark an end-to-end test that takes seconds; C{PRIMECOUNT_SKIP_SLOW=1} skips these locally, CI runs them."""
+    import functools
+    import os
+
+    from twisted.trial.unittest import SkipTest
+
+    @functools.wraps(test)
+    def run(*args: Any, **kwargs: Any) -> Any:
+        if os.environ.get("PRIMECOUNT_SKIP_SLOW") == "1":
+            raise SkipTest("slow end-to-end test skipped: PRIMECOUNT_SKIP_SLOW=1")
+        return test(*args, **kwargs)
+
+    run.slow = True  # type: ignore[attr-defined]
+    return run

@@ -1,0 +1,204 @@
+"""Command line: C{python -m primecount.loadtest run|bench} (also C{jmeter/run}, C{make bench}).
+
+C{run} runs the JMeter plan headless against a server it is given or one it
+starts itself, prints a summary, writes an HTML report and, when it started the
+server, checks the records file against the samples. C{bench} runs the plan at
+several thread counts against fresh servers and prints one table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import Optional, Sequence
+
+from primecount.loadtest.crosscheck import crossCheck
+from primecount.loadtest.jmeter import DEFAULT_PLAN, JMeterInstall, JMeterMissing, findJMeter, runPlan
+from primecount.loadtest.jtl import Summary, formatSummary, readSamples, summarise
+from primecount.loadtest.report import writeReport
+from primecount.records import parseRecords
+from primecount.serverprocess import ServerProcess
+
+EXIT_OK, EXIT_FAILED, EXIT_SETUP = 0, 1, 2
+SHARED_CORES_NOTE = (
+    "JMeter runs on the same machine as the server: its JVM and one Java thread per "
+    "virtual user compete with the server for the CPU (2 cores here), so these figures "
+    "are a lower bound of what the server can do; the loadgen figures in docs/benchmarks.md "
+    "measure the server with a far lighter client."
+)
+
+
+class RunResult:
+    """What one run produced: the summary, the problems found by the checks, where the files are."""
+
+    def __init__(self, summary: Summary, problems: list[str], out: Path) -> None:
+        self.summary = summary
+        self.problems = problems
+        self.out = out
+
+    @property
+    def passed(self) -> bool:
+        """Every sample passed and every check held."""
+        return self.summary.samples > 0 and self.summary.errors == 0 and not self.problems
+
+
+def _pinning(core: str) -> list[str]:
+    """A C{taskset} prefix for C{core} where the machine has it and more than one core."""
+    return ["taskset", "-c", core] if shutil.which("taskset") and (os.cpu_count() or 1) > 1 else []
+
+
+def runOnce(
+    install: JMeterInstall,
+    out: Path,
+    properties: dict[str, object],
+    plan: Path = DEFAULT_PLAN,
+    startServer: bool = False,
+    serverOptions: Sequence[str] = (),
+    pin: bool = False,
+    jmeterOutput: Optional[int] = None,
+) -> RunResult:
+    """Run the plan once (starting a server first if asked), summarise and check; write the report."""
+    out.mkdir(parents=True, exist_ok=True)
+    results, problems, server = out / "results.jtl", [], None
+    if startServer:
+        records = out / "records.txt"
+        if records.exists():
+            records.unlink()
+        server = ServerProcess(str(records), *serverOptions, prefix=_pinning("0") if pin else ())
+        properties = {**properties, "host": "127.0.0.1", "port": server.port}
+    try:
+        status = runPlan(install, plan, results, out / "jmeter.log", properties, output=jmeterOutput)
+    finally:
+        if server is not None:
+            stopped = server.stop()
+            (out / "twistd.log").write_text(server.log, encoding="utf-8")
+    if status != 0:
+        problems.append(f"JMeter exited with status {status} (see {out / 'jmeter.log'})")
+    samples = []
+    if results.exists():
+        with results.open(encoding="utf-8") as file:
+            samples = readSamples(file)
+    summary = summarise(samples)
+    if server is not None:
+        if stopped != 0:
+            problems.append(f"the server exited with status {stopped} (see {out / 'twistd.log'})")
+        with open(server.records, encoding="utf-8", newline="\n") as file:
+            problems += [f"records: {p}" for p in crossCheck(samples, parseRecords(file))]
+    notes = [f"JMeter {install.version} at {install.home}", *[f"problem: {p}" for p in problems]]
+    writeReport(out / "report.html", "primecount JMeter run", summary, samples, notes)
+    return RunResult(summary, problems, out)
+
+
+def _properties(args: argparse.Namespace) -> dict[str, object]:
+    return {
+        "threads": args.threads, "loops": args.loops, "rampup": args.rampup,
+        "quiet_threads": args.quiet_threads, "quiet_loops": args.quiet_loops,
+        "host": args.host, "port": args.port,
+    }
+
+
+def commandRun(args: argparse.Namespace, install: JMeterInstall) -> int:
+    """C{run}: one run, summary printed, exit status 1 on any failed sample or check."""
+    if args.quiet:
+        args.out.mkdir(parents=True, exist_ok=True)
+        console = open(args.out / "jmeter-console.txt", "wb")
+    with console if args.quiet else contextlib.nullcontext() as console:
+        result = runOnce(install, args.out, _properties(args), args.plan, args.start_server,
+                         args.server_option, pin=False, jmeterOutput=console.fileno() if console else None)
+    print(formatSummary(result.summary))
+    for problem in result.problems:
+        print(f"PROBLEM: {problem}")
+    if args.start_server and not result.problems:
+        every = ", every message present" if not result.summary.errors else ""
+        print(f"records      match: one correct record per successful sample{every}")
+    print(f"report       {result.out / 'report.html'}")
+    return EXIT_OK if result.passed else EXIT_FAILED
+
+
+def commandBench(args: argparse.Namespace, install: JMeterInstall) -> int:
+    """C{bench}: fresh server per thread count, server and JMeter pinned to different cores, one table."""
+    rows, failed = [], False
+    for threads in args.threads_list:
+        loops = max(1, args.samples // threads)
+        properties = {"threads": threads, "loops": loops, "rampup": 0, "quiet_threads": 0, "quiet_loops": 0}
+        with open(os.devnull, "wb") as devnull:
+            result = runOnce(install, args.out / f"threads-{threads}", properties, args.plan,
+                             startServer=True, pin=True, jmeterOutput=devnull.fileno())
+        failed |= not result.passed
+        rows.append((threads, result))
+        print(f"  {threads} threads done: {result.summary.samples} samples", file=sys.stderr, flush=True)
+    print(f"JMeter {install.version}; fresh server per row; server on core 0, JMeter on core 1 where possible")
+    print(f"{'threads':>7} {'samples':>8} {'samples/s':>10} {'p50 ms':>7} {'p99 ms':>7} {'errors':>7}")
+    for threads, result in rows:
+        s = result.summary
+        print(f"{threads:>7} {s.samples:>8} {s.throughput:>10.1f} {s.latency['p50']:>7g} "
+              f"{s.latency['p99']:>7g} {s.errors:>7}")
+        for problem in result.problems:
+            print(f"        PROBLEM: {problem}")
+    print(f"\nNote: {SHARED_CORES_NOTE}")
+    return EXIT_FAILED if failed else EXIT_OK
+
+
+def _threadList(value: str) -> list[int]:
+    try:
+        numbers = [int(part) for part in value.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected numbers separated by commas, got {value!r}") from None
+    if not numbers or min(numbers) < 1:
+        raise argparse.ArgumentTypeError("thread counts must be at least 1")
+    return numbers
+
+
+def parser() -> argparse.ArgumentParser:
+    """The command-line parser."""
+    top = argparse.ArgumentParser(prog="primecount-loadtest", description=__doc__.splitlines()[0])
+    commands = top.add_subparsers(dest="command", required=True)
+    run = commands.add_parser("run", help="run the JMeter plan once")
+    run.add_argument("--threads", type=int, default=10, help="virtual users of the newline group (default 10)")
+    run.add_argument("--loops", type=int, default=100, help="requests per virtual user (default 100)")
+    run.add_argument("--rampup", type=int, default=1, help="seconds to start all users (default 1)")
+    run.add_argument("--quiet-threads", type=int, default=0, help="users sending without newline (default 0: off)")
+    run.add_argument("--quiet-loops", type=int, default=10, help="requests per no-newline user (default 10)")
+    run.add_argument("--host", default="127.0.0.1", help="server address (default 127.0.0.1)")
+    run.add_argument("--port", type=int, default=5050, help="server port (default 5050)")
+    run.add_argument("--start-server", action="store_true",
+                     help="start twistd primecount on a free loopback port, stop it after, check its records")
+    run.add_argument("--server-option", action="append", default=[], metavar="OPTION",
+                     help="extra option for the started server, e.g. --server-option=--quiet=0.1 (repeatable)")
+    run.add_argument("--quiet", action="store_true", help="send JMeter's console output to OUT/jmeter-console.txt")
+    bench = commands.add_parser("bench", help="run the plan at several thread counts against fresh servers")
+    bench.add_argument("--threads", dest="threads_list", type=_threadList, default=[1, 10, 50],
+                       help="comma-separated thread counts (default 1,10,50)")
+    bench.add_argument("--samples", type=int, default=5000, help="samples per row (default 5000)")
+    for command in (run, bench):
+        command.add_argument("--plan", type=Path, default=DEFAULT_PLAN, help="the .jmx plan")
+        command.add_argument("--out", type=Path, default=Path("jmeter-results"),
+                             help="folder for results.jtl, jmeter.log, report.html, records (default jmeter-results)")
+    return top
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Entry point; returns the exit status (0 passed, 1 failures, 2 set-up problem)."""
+    args = parser().parse_args(argv)
+    try:
+        install = findJMeter()
+    except JMeterMissing as error:
+        print(f"primecount-loadtest: {error}", file=sys.stderr)
+        return EXIT_SETUP
+    if not args.plan.exists():
+        print(f"primecount-loadtest: no plan at {args.plan} (give --plan)", file=sys.stderr)
+        return EXIT_SETUP
+    try:
+        return commandRun(args, install) if args.command == "run" else commandBench(args, install)
+    except (subprocess.CalledProcessError, RuntimeError) as error:
+        print(f"primecount-loadtest: {error}", file=sys.stderr)
+        return EXIT_SETUP
+
+
+if __name__ == "__main__":
+    sys.exit(main())

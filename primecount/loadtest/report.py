@@ -1,0 +1,98 @@
+"""A small self-contained HTML report of a JMeter run: the summary, latency over time and a latency histogram.
+
+The charts are drawn with matplotlib when it is installed (C{pip install
+'primecount[report]'}); without it the report holds the figures only.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+from pathlib import Path
+from typing import Optional, Sequence
+
+from primecount.loadtest.jtl import Sample, Summary
+
+
+def _charts(samples: Sequence[Sample]) -> Optional[list[tuple[str, str]]]:
+    """PNG charts as (title, base64) pairs, or None without matplotlib."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as pyplot
+    except ImportError:
+        return None
+    if not samples:
+        return []
+    start = min(s.start for s in samples)
+    charts = []
+    figure, axes = pyplot.subplots(figsize=(9, 3.5))
+    for success, colour, name in ((True, "tab:blue", "passed"), (False, "tab:red", "failed")):
+        chosen = [s for s in samples if s.success is success]
+        if chosen:
+            axes.scatter([(s.start - start) / 1000 for s in chosen], [s.elapsed for s in chosen],
+                         s=4, alpha=0.5, color=colour, label=name)
+    axes.set_xlabel("seconds since the first sample")
+    axes.set_ylabel("latency (ms)")
+    axes.legend(loc="upper right")
+    axes.grid(alpha=0.3)
+    charts.append(("Latency over time", _png(figure, pyplot)))
+    figure, axes = pyplot.subplots(figsize=(9, 3.5))
+    elapsed = [s.elapsed for s in samples]
+    axes.hist(elapsed, bins=min(60, max(10, len(set(elapsed)))), color="tab:blue")
+    axes.set_xlabel("latency (ms)")
+    axes.set_ylabel("samples")
+    axes.set_yscale("log")
+    axes.grid(alpha=0.3)
+    charts.append(("Latency histogram", _png(figure, pyplot)))
+    return charts
+
+
+def _png(figure, pyplot) -> str:  # type: ignore[no-untyped-def]
+    buffer = io.BytesIO()
+    figure.tight_layout()
+    figure.savefig(buffer, format="png", dpi=100)
+    pyplot.close(figure)
+    return base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
+def renderReport(title: str, summary: Summary, samples: Sequence[Sample], notes: Sequence[str] = ()) -> str:
+    """The report as one HTML page, images inlined."""
+    escape = html.escape
+    rows = [
+        ("samples", str(summary.samples)),
+        ("errors", str(summary.errors)),
+        ("throughput", f"{summary.throughput:.1f} samples/s over {summary.durationSeconds:.2f} s"),
+        *[(f"latency {name}", f"{value:g} ms") for name, value in summary.latency.items()],
+        *[(f"samples: {label}", str(count)) for label, count in summary.byLabel],
+    ]
+    parts = [
+        "<!doctype html>", '<html lang="en"><head><meta charset="utf-8">',
+        f"<title>{escape(title)}</title>",
+        "<style>body{font-family:sans-serif;max-width:60em;margin:2em auto}"
+        "td,th{padding:.2em .8em;text-align:left}table{border-collapse:collapse}"
+        "tr:nth-child(even){background:#f3f3f3}</style></head><body>",
+        f"<h1>{escape(title)}</h1>", "<h2>Summary</h2><table>",
+        *[f"<tr><th>{escape(k)}</th><td>{escape(v)}</td></tr>" for k, v in rows],
+        "</table>",
+    ]
+    if summary.errorMessages:
+        parts += ["<h2>Errors</h2><table><tr><th>count</th><th>message</th></tr>",
+                  *[f"<tr><td>{c}</td><td>{escape(m)}</td></tr>" for m, c in summary.errorMessages], "</table>"]
+    charts = _charts(samples)
+    if charts is None:
+        parts.append("<p>Charts need matplotlib: <code>pip install 'primecount[report]'</code>.</p>")
+    for chartTitle, png in charts or []:
+        parts += [f"<h2>{escape(chartTitle)}</h2>",
+                  f'<img alt="{escape(chartTitle)}" src="data:image/png;base64,{png}">']
+    if notes:
+        parts += ["<h2>Notes</h2><ul>", *[f"<li>{escape(n)}</li>" for n in notes], "</ul>"]
+    parts.append("</body></html>")
+    return "\n".join(parts)
+
+
+def writeReport(path: Path, title: str, summary: Summary, samples: Sequence[Sample], notes: Sequence[str] = ()) -> None:
+    """Write the report to C{path}."""
+    path.write_text(renderReport(title, summary, samples, notes), encoding="utf-8")

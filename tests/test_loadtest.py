@@ -1,0 +1,177 @@
+"""Unit tests for L{primecount.loadtest}: JTL summary, records cross-check, JMeter discovery, report."""
+
+from __future__ import annotations
+
+import io
+import zipfile
+from pathlib import Path
+
+from twisted.trial.unittest import SynchronousTestCase
+
+from primecount.loadtest import jmeter
+from primecount.loadtest.crosscheck import crossCheck, lineMessage, quietMessage
+from primecount.loadtest.jtl import Sample, formatSummary, percentile, readSamples, summarise
+from primecount.loadtest.report import renderReport
+from primecount.records import Record
+
+SAMPLE_JTL = Path(__file__).parent / "data" / "sample.jtl"
+ASSERTION_FAILURE = "Test failed: text expected to match /[0-9]+ (sí|no)\\n?/"
+
+
+class JTLTests(SynchronousTestCase):
+    """The checked-in JTL (110 samples from a real run, 11 refused by the assertion) is summarised exactly."""
+
+    def setUp(self) -> None:
+        with SAMPLE_JTL.open(encoding="utf-8") as file:
+            self.samples = readSamples(file)
+
+    def test_summary(self) -> None:
+        """Counts, error messages, duration, throughput and latency percentiles match the file."""
+        summary = summarise(self.samples)
+        self.assertEqual((summary.samples, summary.errors), (110, 11))
+        self.assertEqual(summary.errorMessages, [(ASSERTION_FAILURE, 11)])
+        self.assertEqual(summary.byLabel, [("line", 110)])
+        self.assertAlmostEqual(summary.durationSeconds, 0.099)
+        self.assertAlmostEqual(summary.throughput, 110 / 0.099)
+        self.assertEqual(summary.latency, {"min": 0, "p50": 1, "p90": 2, "p99": 11, "max": 12})
+
+    def test_formatted(self) -> None:
+        """The printed summary names the samples, the errors with their message, and the latencies."""
+        text = formatSummary(summarise(self.samples))
+        self.assertIn("samples      110  (line 110)", text)
+        self.assertIn(f"     11 x {ASSERTION_FAILURE}", text)
+        self.assertIn("latency ms   min 0  p50 1  p90 2  p99 11  max 12", text)
+
+    def test_connectionErrorMessage(self) -> None:
+        """A failed sample without an assertion message is described by its response code and message."""
+        jtl = ("timeStamp,elapsed,label,responseCode,responseMessage,success,failureMessage\n"
+               "1000,5,line,500,java.net.ConnectException: Connection refused,false,\n")
+        [sample] = readSamples(io.StringIO(jtl))
+        self.assertEqual(sample.failure, "500 java.net.ConnectException: Connection refused")
+
+    def test_empty(self) -> None:
+        """A run with no samples has zero throughput and no latencies, and formats without error."""
+        summary = summarise([])
+        self.assertEqual((summary.samples, summary.throughput), (0, 0.0))
+        self.assertIn("samples      0", formatSummary(summary))
+
+    def test_percentile(self) -> None:
+        """Nearest-rank percentiles: the median of 1..10 is 5, the 99th is 10."""
+        values = list(range(1, 11))
+        self.assertEqual((percentile(values, 0.5), percentile(values, 0.99), percentile(values, 0.0)), (5, 10, 1))
+
+
+def sample(label: str, success: bool = True) -> Sample:
+    """A sample with the given label and outcome."""
+    return Sample(0, 1, label, success, "" if success else "boom")
+
+
+def record(message: str, count: int = 2, prime: bool = True) -> Record:
+    """A record of C{message}."""
+    return Record("2026-11-26 10:00:00", "127.0.0.1", message, count, prime)
+
+
+class CrossCheckTests(SynchronousTestCase):
+    """The records must hold one correct record per successful sample."""
+
+    def test_match(self) -> None:
+        """Three newline samples and one quiet-gap sample, all recorded correctly: no problem."""
+        samples = [sample("line")] * 3 + [sample("no newline")]
+        records = [record(lineMessage(n)) for n in (1, 2, 3)] + [record(quietMessage(1))]
+        self.assertEqual(crossCheck(samples, records), [])
+
+    def test_missingRecord(self) -> None:
+        """A successful sample without a record is reported."""
+        problems = crossCheck([sample("line")] * 2, [record(lineMessage(1))])
+        self.assertEqual(len(problems), 2)
+        self.assertIn("1 records for 2 successful samples", problems[0])
+        self.assertIn("abc2a2", problems[1])
+
+    def test_duplicateAndUnknown(self) -> None:
+        """A message recorded twice and one never sent are both reported."""
+        problems = crossCheck([sample("line")] * 3, [record("abc1a1"), record("abc1a1"), record("zzz")])
+        self.assertTrue(any("more than once" in p for p in problems), problems)
+        self.assertTrue(any("did not send" in p and "'zzz'" in p for p in problems), problems)
+
+    def test_wrongVerdict(self) -> None:
+        """A record whose count or verdict is wrong for its message is reported."""
+        problems = crossCheck([sample("line")], [record("abc1a1", count=3, prime=True)])
+        self.assertEqual(len(problems), 1)
+        self.assertIn("wrong count", problems[0])
+
+    def test_failedSamplesNeedNoRecord(self) -> None:
+        """Failed samples have no record; the others still must."""
+        samples = [sample("line"), sample("line", success=False)]
+        self.assertEqual(crossCheck(samples, [record(lineMessage(2))]), [])
+
+
+def fakeInstall(root: Path, version: str, debianStyle: bool = False) -> Path:
+    """Lay out a minimal JMeter folder whose ApacheJMeter.jar manifest says C{version}; return the jmeter script."""
+    home = root / "jmeter-home"
+    (home / "bin").mkdir(parents=True)
+    with zipfile.ZipFile(home / "bin" / "ApacheJMeter.jar", "w") as jar:
+        jar.writestr("META-INF/MANIFEST.MF", f"Manifest-Version: 1.0\nImplementation-Version: {version}\n")
+    script = home / "bin" / "jmeter"
+    script.write_text("#!/bin/sh\nexec java -jar ApacheJMeter.jar \"$@\"\n")
+    script.chmod(0o755)
+    if not debianStyle:
+        return script
+    wrapper = root / "bin" / "jmeter"
+    wrapper.parent.mkdir()
+    wrapper.write_text(f"#!/bin/sh\nrun_java -Djmeter.home={home} org.apache.jmeter.NewDriver \"$@\"\n")
+    wrapper.chmod(0o755)
+    return wrapper
+
+
+class FindJMeterTests(SynchronousTestCase):
+    """JMeter is found from JMETER_HOME or PATH, and 2.x alone goes through the launcher."""
+
+    def test_jmeterHome(self) -> None:
+        """C{JMETER_HOME} wins, and an upstream 5.6 runs its own script."""
+        root = Path(self.mktemp())
+        script = fakeInstall(root, "5.6.3")
+        install = jmeter.findJMeter({"JMETER_HOME": str(script.parent.parent), "PATH": ""})
+        self.assertEqual((install.version, install.major), ("5.6.3", 5))
+        self.assertEqual(jmeter.launcherCommand(install, {}), [str(script)])
+
+    def test_debianWrapperOnPath(self) -> None:
+        """Debian's C{/usr/bin/jmeter} wrapper names its home in C{-Djmeter.home=}; 2.13 is detected."""
+        root = Path(self.mktemp())
+        wrapper = fakeInstall(root, "2.13.19691222", debianStyle=True)
+        install = jmeter.findJMeter({"PATH": str(wrapper.parent)})
+        self.assertEqual(install.home, root / "jmeter-home")
+        self.assertEqual(install.major, 2)
+
+    def test_missing(self) -> None:
+        """No JMETER_HOME and no jmeter on PATH is L{jmeter.JMeterMissing} saying how to install it."""
+        with self.assertRaises(jmeter.JMeterMissing) as caught:
+            jmeter.findJMeter({"PATH": self.mktemp()})
+        self.assertIn("apt-get install jmeter", str(caught.exception))
+
+    def test_planArguments(self) -> None:
+        """The plan runs headless with CSV results, field names, UTF-8 TCP text and the given properties."""
+        arguments = jmeter.planArguments(Path("p.jmx"), Path("r.jtl"), Path("j.log"), {"threads": 3})
+        self.assertEqual(arguments[:7], ["-n", "-t", "p.jmx", "-l", "r.jtl", "-j", "j.log"])
+        for expected in ["-Jthreads=3", "-Jtcp.charset=UTF-8", "-Jjmeter.save.saveservice.output_format=csv",
+                         "-Jjmeter.save.saveservice.print_field_names=true"]:
+            self.assertIn(expected, arguments)
+
+
+class ReportTests(SynchronousTestCase):
+    """The HTML report carries the figures, the errors and, with matplotlib, two charts."""
+
+    def test_report(self) -> None:
+        """The report names the errors and embeds two PNG charts (or says how to get them)."""
+        with SAMPLE_JTL.open(encoding="utf-8") as file:
+            samples = readSamples(file)
+        page = renderReport("run", summarise(samples), samples, ["a note"])
+        self.assertIn("<td>110</td>", page)
+        self.assertIn("Test failed: text expected to match", page)
+        self.assertIn("<li>a note</li>", page)
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:
+            self.assertIn("pip install &#x27;primecount[report]&#x27;", page)
+        else:
+            self.assertEqual(page.count('src="data:image/png;base64,'), 2)
+            self.assertIn("Latency histogram", page)
