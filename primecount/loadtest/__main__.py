@@ -1,9 +1,10 @@
-"""Command line: C{python -m primecount.loadtest run|bench} (also C{jmeter/run}, C{make bench}).
+"""Command line: C{python -m primecount.loadtest run|bench|gui} (also C{jmeter/run}, C{make bench}).
 
 C{run} runs the JMeter plan headless against a server it is given or one it
 starts itself, prints a summary, writes an HTML report and, when it started the
 server, checks the records file against the samples. C{bench} runs the plan at
-several thread counts against fresh servers and prints one table.
+several thread counts against fresh servers and prints one table. C{gui} opens
+the plan in JMeter's GUI.
 """
 
 from __future__ import annotations
@@ -18,7 +19,14 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from primecount.loadtest.crosscheck import crossCheck
-from primecount.loadtest.jmeter import DEFAULT_PLAN, JMeterInstall, JMeterMissing, findJMeter, runPlan
+from primecount.loadtest.jmeter import (
+    DEFAULT_PLAN,
+    JMeterInstall,
+    JMeterMissing,
+    findJMeter,
+    launcherCommand,
+    runPlan,
+)
 from primecount.loadtest.jtl import Summary, formatSummary, readSamples, summarise
 from primecount.loadtest.report import writeReport
 from primecount.records import parseRecords
@@ -72,7 +80,8 @@ def runOnce(
         server = ServerProcess(str(records), *serverOptions, prefix=_pinning("0") if pin else ())
         properties = {**properties, "host": "127.0.0.1", "port": server.port}
     try:
-        status = runPlan(install, plan, results, out / "jmeter.log", properties, output=jmeterOutput)
+        status = runPlan(install, plan, results, out / "jmeter.log", properties, output=jmeterOutput,
+                         prefix=_pinning("1") if pin else ())
     finally:
         if server is not None:
             stopped = server.stop()
@@ -132,7 +141,8 @@ def commandBench(args: argparse.Namespace, install: JMeterInstall) -> int:
         failed |= not result.passed
         rows.append((threads, result))
         print(f"  {threads} threads done: {result.summary.samples} samples", file=sys.stderr, flush=True)
-    print(f"JMeter {install.version}; fresh server per row; server on core 0, JMeter on core 1 where possible")
+    where = "server on core 0, JMeter on core 1" if _pinning("0") else "no pinning (taskset or a second core missing)"
+    print(f"JMeter {install.version}; fresh server per row; {where}")
     print(f"{'threads':>7} {'samples':>8} {'samples/s':>10} {'p50 ms':>7} {'p99 ms':>7} {'errors':>7}")
     for threads, result in rows:
         s = result.summary
@@ -142,6 +152,11 @@ def commandBench(args: argparse.Namespace, install: JMeterInstall) -> int:
             print(f"        PROBLEM: {problem}")
     print(f"\nNote: {SHARED_CORES_NOTE}")
     return EXIT_FAILED if failed else EXIT_OK
+
+
+def commandGui(args: argparse.Namespace, install: JMeterInstall) -> int:
+    """C{gui}: open the plan in JMeter's GUI, through the 2.13 launcher where needed."""
+    return subprocess.run([*launcherCommand(install), "-t", str(args.plan)]).returncode
 
 
 def _threadList(value: str) -> list[int]:
@@ -156,7 +171,10 @@ def _threadList(value: str) -> list[int]:
 
 def parser() -> argparse.ArgumentParser:
     """The command-line parser."""
-    top = argparse.ArgumentParser(prog="primecount-loadtest", description=__doc__.splitlines()[0])
+    top = argparse.ArgumentParser(
+        prog="primecount-loadtest",
+        description="Load-test primecount with its JMeter plan: run it, benchmark it, or open it in the GUI.",
+    )
     commands = top.add_subparsers(dest="command", required=True)
     run = commands.add_parser("run", help="run the JMeter plan once")
     run.add_argument("--threads", type=int, default=10, help="virtual users of the newline group (default 10)")
@@ -174,9 +192,11 @@ def parser() -> argparse.ArgumentParser:
     bench = commands.add_parser("bench", help="run the plan at several thread counts against fresh servers")
     bench.add_argument("--threads", dest="threads_list", type=_threadList, default=[1, 10, 50],
                        help="comma-separated thread counts (default 1,10,50)")
-    bench.add_argument("--samples", type=int, default=5000, help="samples per row (default 5000)")
-    for command in (run, bench):
+    bench.add_argument("--samples", type=int, default=20000, help="samples per row (default 20000)")
+    gui = commands.add_parser("gui", help="open the plan in JMeter's GUI (needs a display)")
+    for command in (run, bench, gui):
         command.add_argument("--plan", type=Path, default=DEFAULT_PLAN, help="the .jmx plan")
+    for command in (run, bench):
         command.add_argument("--out", type=Path, default=Path("jmeter-results"),
                              help="folder for results.jtl, jmeter.log, report.html, records (default jmeter-results)")
     return top
@@ -194,7 +214,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"primecount-loadtest: no plan at {args.plan} (give --plan)", file=sys.stderr)
         return EXIT_SETUP
     try:
-        return commandRun(args, install) if args.command == "run" else commandBench(args, install)
+        command = {"run": commandRun, "bench": commandBench, "gui": commandGui}[args.command]
+        return command(args, install)
     except (subprocess.CalledProcessError, RuntimeError) as error:
         print(f"primecount-loadtest: {error}", file=sys.stderr)
         return EXIT_SETUP

@@ -95,7 +95,10 @@ def launcherCommand(install: JMeterInstall, environ: Mapping[str, str] = os.envi
         classes.mkdir(parents=True, exist_ok=True)
         subprocess.run([javac, "-nowarn", "-cp", classpath, "-d", str(classes), str(LAUNCHER_SOURCE)], check=True)
     java = shutil.which("java", path=environ.get("PATH")) or "java"
-    return [java, f"-Djmeter.home={install.home}", "-cp", os.pathsep.join([str(classes), classpath]), LAUNCHER_CLASS]
+    # 2.13's GUI sets the X11 application name by reflection, which Java 9+ only allows when opened.
+    opens = ["--add-opens", "java.desktop/sun.awt.X11=ALL-UNNAMED"]
+    return [java, *opens, f"-Djmeter.home={install.home}", "-cp", os.pathsep.join([str(classes), classpath]),
+            LAUNCHER_CLASS]
 
 
 def _xstreamJars(install: JMeterInstall) -> list[Path]:
@@ -121,9 +124,10 @@ def runPlan(
     log: Path,
     properties: Mapping[str, object],
     output: Optional[int] = None,
+    prefix: Sequence[str] = (),
 ) -> int:
-    """Run C{plan} headless; return JMeter's exit status (its own, not whether samples passed)."""
+    """Run C{plan} headless (after C{prefix}, e.g. taskset); return JMeter's own exit status."""
     if results.exists():
         results.unlink()  # JMeter appends to an existing result file
-    command = launcherCommand(install) + planArguments(plan, results, log, properties)
+    command = [*prefix, *launcherCommand(install), *planArguments(plan, results, log, properties)]
     return subprocess.run(command, stdout=output, stderr=subprocess.STDOUT if output else None).returncode
