@@ -1,15 +1,20 @@
-"""The records file format: one tab-separated line per answered request, formatted and parsed back losslessly.
+"""The records file formats: one line per answered request, formatted and parsed back losslessly.
 
-A line is C{YYYY-MM-DD HH:MM:SS<TAB>client-ip<TAB>message<TAB>count<TAB>sí|no<LF>}
-(local time). In the message, C{\\} is written C{\\\\}, TAB C{\\t}, CR C{\\r} and
-LF C{\\n}, so a record is always exactly one line.
+C{tsv} (the default, the original project's columns) writes
+C{YYYY-MM-DD HH:MM:SS<TAB>client-ip<TAB>message<TAB>count<TAB>sí|no<LF>} in local
+time, with C{\\} written C{\\\\}, TAB C{\\t}, CR C{\\r} and LF C{\\n} in the message, so
+a record is always exactly one line. C{jsonl} writes one JSON object per line
+with the same fields plus C{time}, an ISO 8601 timestamp with its UTC offset.
 """
 
 from __future__ import annotations
 
+import json
 import re
 import time
-from typing import Iterable, Iterator, NamedTuple
+from datetime import datetime
+from functools import lru_cache
+from typing import Callable, Iterable, Iterator, NamedTuple
 
 TIMESTAMP_FORMAT = "%Y-%m-%d %H:%M:%S"
 _TIMESTAMP_PATTERN = re.compile(r"\d{4}-\d{2}-\d{2} \d{2}:\d{2}:\d{2}")
@@ -21,22 +26,44 @@ _VERDICTS = {"sí": True, "no": False}
 
 
 class Record(NamedTuple):
-    """One answered request as stored: local timestamp text, client address, message, count, primality."""
+    """One answered request as stored: when (POSIX seconds), client address, message, count, primality."""
 
-    timestamp: str
+    seconds: int
     client: str
     message: str
     count: int
     isPrime: bool
+
+    @property
+    def verdict(self) -> str:
+        """C{sí} for a prime count, C{no} otherwise."""
+        return "sí" if self.isPrime else "no"
 
 
 class MalformedRecord(ValueError):
     """A line of a records file that is not a well-formed record."""
 
 
-def formatTimestamp(seconds: float) -> str:
-    """Format POSIX C{seconds} as the records' local C{YYYY-MM-DD HH:MM:SS}."""
+@lru_cache(maxsize=8)
+def formatTimestamp(seconds: int) -> str:
+    """Format POSIX C{seconds} as the records' local C{YYYY-MM-DD HH:MM:SS} (cached: records come in bursts)."""
     return time.strftime(TIMESTAMP_FORMAT, time.localtime(seconds))
+
+
+@lru_cache(maxsize=8)
+def formatISOTime(seconds: int) -> str:
+    """Format POSIX C{seconds} as local ISO 8601 time with its UTC offset, e.g. C{2026-02-17T10:11:12+01:00}."""
+    return datetime.fromtimestamp(seconds).astimezone().isoformat()
+
+
+def parseTimestamp(text: str) -> int:
+    """The POSIX seconds of a local C{YYYY-MM-DD HH:MM:SS}; raise L{MalformedRecord} if it is not one."""
+    if not _TIMESTAMP_PATTERN.fullmatch(text):
+        raise MalformedRecord(f"bad timestamp {text!r}")
+    try:
+        return int(time.mktime(time.strptime(text, TIMESTAMP_FORMAT)))
+    except (ValueError, OverflowError):
+        raise MalformedRecord(f"bad timestamp {text!r}") from None
 
 
 def escapeField(text: str) -> str:
@@ -60,36 +87,89 @@ def unescapeField(text: str) -> str:
     return _UNESCAPE_PATTERN.sub(unescape, text)
 
 
-def formatRecord(record: Record) -> str:
-    """Format C{record} as one line of the records file, newline included."""
-    verdict = "sí" if record.isPrime else "no"
+def _parseVerdict(verdict: object) -> bool:
+    if verdict not in _VERDICTS:
+        raise MalformedRecord(f"bad verdict {verdict!r}")
+    return _VERDICTS[verdict]  # type: ignore[index]
+
+
+def formatTSV(record: Record) -> str:
+    """Format C{record} as one tab-separated line, newline included."""
     return (
-        f"{record.timestamp}\t{escapeField(record.client)}\t"
-        f"{escapeField(record.message)}\t{record.count}\t{verdict}\n"
+        f"{formatTimestamp(record.seconds)}\t{escapeField(record.client)}\t"
+        f"{escapeField(record.message)}\t{record.count}\t{record.verdict}\n"
     )
 
 
-def parseRecord(line: str) -> Record:
-    """Parse one line (with or without its newline) back into a L{Record}, or raise L{MalformedRecord}."""
+def parseTSV(line: str) -> Record:
+    """Parse one tab-separated line (with or without its newline), or raise L{MalformedRecord}."""
     if line.endswith("\n"):
         line = line[:-1]
     fields = line.split("\t")
     if len(fields) != 5:
         raise MalformedRecord(f"expected 5 tab-separated fields, found {len(fields)}")
     timestamp, client, message, count, verdict = fields
-    if not _TIMESTAMP_PATTERN.fullmatch(timestamp):
-        raise MalformedRecord(f"bad timestamp {timestamp!r}")
     if not count.isascii() or not count.isdigit():
         raise MalformedRecord(f"bad count {count!r}")
-    if verdict not in _VERDICTS:
-        raise MalformedRecord(f"bad verdict {verdict!r}")
     return Record(
-        timestamp, unescapeField(client), unescapeField(message), int(count), _VERDICTS[verdict]
+        parseTimestamp(timestamp), unescapeField(client), unescapeField(message), int(count), _parseVerdict(verdict)
     )
 
 
+def formatJSONL(record: Record) -> str:
+    """Format C{record} as one JSON object on one line, newline included."""
+    return json.dumps(
+        {
+            "timestamp": formatTimestamp(record.seconds),
+            "time": formatISOTime(record.seconds),
+            "client": record.client,
+            "message": record.message,
+            "count": record.count,
+            "verdict": record.verdict,
+        },
+        ensure_ascii=False,
+    ) + "\n"
+
+
+def parseJSONL(line: str) -> Record:
+    """Parse one JSON line, or raise L{MalformedRecord}; C{time} (with its offset) gives the instant."""
+    try:
+        fields = json.loads(line)
+        seconds = int(datetime.fromisoformat(fields["time"]).timestamp())
+        client, message, count = fields["client"], fields["message"], fields["count"]
+        verdict = fields["verdict"]
+    except (ValueError, KeyError, TypeError) as error:
+        raise MalformedRecord(f"not a JSON record: {error}") from None
+    if not isinstance(client, str) or not isinstance(message, str):
+        raise MalformedRecord("client and message must be strings")
+    if type(count) is not int or count < 0:
+        raise MalformedRecord(f"bad count {count!r}")
+    return Record(seconds, client, message, count, _parseVerdict(verdict))
+
+
+class RecordFormat(NamedTuple):
+    """A records file format: its name, and how a record becomes a line and back."""
+
+    name: str
+    format: Callable[[Record], str]
+    parse: Callable[[str], Record]
+
+
+TSV = RecordFormat("tsv", formatTSV, parseTSV)
+JSONL = RecordFormat("jsonl", formatJSONL, parseJSONL)
+FORMATS = {f.name: f for f in (TSV, JSONL)}
+
+# The default format, under the names used before there was a choice.
+formatRecord = formatTSV
+
+
+def parseRecord(line: str) -> Record:
+    """Parse a line of either format (a JSON line starts with C{{})."""
+    return parseJSONL(line) if line.startswith("{") else parseTSV(line)
+
+
 def parseRecords(lines: Iterable[str]) -> Iterator[Record]:
-    """Parse every line of a records file, e.g. C{parseRecords(open(path, encoding="utf-8"))}."""
+    """Parse every line of a records file, e.g. C{parseRecords(open(path, encoding="utf-8", newline="\\n"))}."""
     for number, line in enumerate(lines, 1):
         try:
             yield parseRecord(line)

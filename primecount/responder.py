@@ -10,7 +10,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from primecount import wire
-from primecount.records import Record, formatTimestamp
+from primecount.records import Record
 from primecount.storage import StorageUnavailable
 
 RunInThread = Callable[..., "Deferred[list[wire.Outcome]]"]
@@ -67,22 +67,6 @@ class AnalysisBatcher:
         evaluated.addCallbacks(deliver, failAll)
 
 
-class LocalTimestamps:
-    """Formats the clock's current second as the records' local timestamp, once per second."""
-
-    def __init__(self, clock: IReactorTime) -> None:
-        self._clock = clock
-        self._second = -1
-        self._text = ""
-
-    def now(self) -> str:
-        """The current local time as C{YYYY-MM-DD HH:MM:SS}."""
-        second = int(self._clock.seconds())
-        if second != self._second:
-            self._second, self._text = second, formatTimestamp(second)
-        return self._text
-
-
 class Responder:
     """Answers finished requests: analysis off the reactor thread, the record written, then the reply."""
 
@@ -91,7 +75,7 @@ class Responder:
     def __init__(self, clock: IReactorTime, runInThread: RunInThread, records: RecordSink) -> None:
         # Every answer of a batch has appended its record once the batch is delivered.
         self._batcher = AnalysisBatcher(clock, runInThread, afterBatch=records.flush)
-        self._timestamps = LocalTimestamps(clock)
+        self._clock = clock
         self._records = records
 
     def respond(self, raw: bytes, client: str) -> Deferred[bytes]:
@@ -104,7 +88,7 @@ class Responder:
     def _recordAnswer(self, outcome: wire.Outcome, client: str) -> bytes | Deferred[bytes]:
         if isinstance(outcome, wire.Rejection):
             return wire.errorLine(outcome.reason)
-        record = Record(self._timestamps.now(), client, outcome.message, outcome.count, outcome.isPrime)
+        record = Record(int(self._clock.seconds()), client, outcome.message, outcome.count, outcome.isPrime)
         stored = self._records.append(record)
         stored.addCallbacks(lambda _: wire.replyLine(outcome), self._storageFailed)
         return stored

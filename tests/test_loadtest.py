@@ -68,7 +68,7 @@ def sample(label: str, success: bool = True) -> Sample:
 
 def record(message: str, count: int = 2, prime: bool = True) -> Record:
     """A record of C{message}."""
-    return Record("2026-11-26 10:00:00", "127.0.0.1", message, count, prime)
+    return Record(1_795_687_200, "127.0.0.1", message, count, prime)
 
 
 class CrossCheckTests(SynchronousTestCase):

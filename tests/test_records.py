@@ -1,57 +1,65 @@
-"""Tests for L{primecount.records}: one line per record, parsed back losslessly."""
+"""Tests for L{primecount.records}: one line per record in either format, parsed back losslessly."""
+
+import json
+import time
 
 from hypothesis import given, strategies as st
 from twisted.trial.unittest import SynchronousTestCase
 
 from primecount.records import (
+    JSONL,
+    TSV,
     MalformedRecord,
     Record,
     escapeField,
-    formatRecord,
+    formatISOTime,
+    formatJSONL,
     formatTimestamp,
+    formatTSV,
     parseRecord,
     parseRecords,
+    parseTimestamp,
     unescapeField,
 )
 
+SECONDS = int(time.mktime((2026, 2, 17, 10, 11, 12, 0, 0, -1)))
 STAMP = "2026-02-17 10:11:12"
+# Instants from 2001 to 2033, whole seconds, as the server writes them.
+instants = st.integers(min_value=978_307_200, max_value=2_000_000_000)
 
 
-class FormatTests(SynchronousTestCase):
-    """Records are the seed's columns, tab-separated."""
+class TSVTests(SynchronousTestCase):
+    """The default format: the original columns, tab-separated, local time."""
 
     def test_format(self) -> None:
         """A record is timestamp, IP, message, count and verdict on one line."""
         self.assertEqual(
-            formatRecord(Record(STAMP, "127.0.0.1", "abc2a", 2, True)),
+            formatTSV(Record(SECONDS, "127.0.0.1", "abc2a", 2, True)),
             f"{STAMP}\t127.0.0.1\tabc2a\t2\tsí\n",
         )
 
     def test_escaping(self) -> None:
         """Backslash, TAB, CR and LF in a message are escaped, so the record stays one line."""
-        line = formatRecord(Record(STAMP, "::1", "a\\b\tc\rd\ne", 1, False))
+        line = formatTSV(Record(SECONDS, "::1", "a\\b\tc\rd\ne", 1, False))
         self.assertEqual(line, f"{STAMP}\t::1\ta\\\\b\\tc\\rd\\ne\t1\tno\n")
-        self.assertEqual(line.count("\n"), 1)
-        self.assertEqual(line.count("\t"), 4)
+        self.assertEqual((line.count("\n"), line.count("\t")), (1, 4))
 
     def test_timestamp(self) -> None:
-        """Timestamps are local time to the second."""
-        self.assertRegex(formatTimestamp(0), r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d$")
-
-
-class ParseTests(SynchronousTestCase):
-    """L{parseRecord} inverts L{formatRecord} and refuses anything else."""
+        """Timestamps are local time to the second, and parse back to the same instant."""
+        self.assertEqual(formatTimestamp(SECONDS), STAMP)
+        self.assertEqual(parseTimestamp(STAMP), SECONDS)
 
     def test_parse(self) -> None:
         """A formatted line parses back to the same record."""
-        record = Record(STAMP, "10.0.0.1", "ñandú ú", 2, True)
-        self.assertEqual(parseRecord(formatRecord(record)), record)
+        record = Record(SECONDS, "10.0.0.1", "ñandú ú", 2, True)
+        self.assertEqual(parseRecord(formatTSV(record)), record)
 
     def test_malformed(self) -> None:
         """Wrong field counts, timestamps, counts, verdicts and escapes are refused."""
         for line in [
             f"{STAMP}\tip\tmsg\t2\n",
-            f"yesterday\tip\tmsg\t2\tsí\n",
+            "yesterday\tip\tmsg\t2\tsí\n",
+            "2026-13-45 10:11:12\tip\tmsg\t2\tsí\n",
             f"{STAMP}\tip\tmsg\ttwo\tsí\n",
             f"{STAMP}\tip\tmsg\t2\tyes\n",
             f"{STAMP}\tip\tbad\\qescape\t2\tsí\n",
@@ -62,7 +70,7 @@ class ParseTests(SynchronousTestCase):
 
     def test_parseRecordsNamesLine(self) -> None:
         """A bad line in a file is reported with its line number."""
-        lines = [formatRecord(Record(STAMP, "ip", "ok", 1, False)), "torn\tline"]
+        lines = [formatTSV(Record(SECONDS, "ip", "ok", 1, False)), "torn\tline"]
         with self.assertRaises(MalformedRecord) as caught:
             list(parseRecords(lines))
         self.assertIn("line 2", str(caught.exception))
@@ -74,11 +82,44 @@ class ParseTests(SynchronousTestCase):
         self.assertEqual(unescapeField(escaped), text)
         self.assertFalse(set(escaped) & {"\t", "\r", "\n"})
 
-    @given(st.text(min_size=1), st.integers(min_value=0, max_value=10**9), st.booleans())
-    def test_recordRoundTrip(self, message: str, count: int, prime: bool) -> None:
-        """Any record formats to exactly one line and parses back unchanged."""
-        record = Record(STAMP, "2001:db8::1", message, count, prime)
-        line = formatRecord(record)
+
+class JSONLTests(SynchronousTestCase):
+    """The JSON lines format: the same fields plus an ISO 8601 time with offset."""
+
+    def test_format(self) -> None:
+        """A record is one JSON object with the local timestamp, the ISO time and the fields."""
+        line = formatJSONL(Record(SECONDS, "::1", "añoñ", 2, True))
+        self.assertTrue(line.endswith("}\n"))
         self.assertEqual(line.count("\n"), 1)
-        self.assertTrue(line.endswith("\n"))
-        self.assertEqual(parseRecord(line), record)
+        self.assertIn('"message": "añoñ"', line)  # UTF-8, not \\u escapes
+        self.assertEqual(
+            json.loads(line),
+            {"timestamp": STAMP, "time": formatISOTime(SECONDS), "client": "::1",
+             "message": "añoñ", "count": 2, "verdict": "sí"},
+        )
+        self.assertRegex(json.loads(line)["time"], r"^2026-02-17T10:11:12[+-]\d\d:\d\d$")
+
+    def test_malformed(self) -> None:
+        """Broken JSON, missing fields, wrong types and verdicts are refused."""
+        good = json.loads(formatJSONL(Record(SECONDS, "ip", "m", 1, False)))
+        for broken in ['{"time": ', json.dumps({**good, "count": "1"}), json.dumps({**good, "verdict": "yes"}),
+                       json.dumps({k: v for k, v in good.items() if k != "client"}),
+                       json.dumps({**good, "time": "noon"}), json.dumps({**good, "count": True})]:
+            self.assertRaises(MalformedRecord, parseRecord, broken)
+
+
+class RoundTripTests(SynchronousTestCase):
+    """Every record survives both formats unchanged, always as exactly one line."""
+
+    @given(instants, st.text(), st.text(min_size=1), st.integers(min_value=0, max_value=10**9), st.booleans())
+    def test_roundTrip(self, seconds: int, client: str, message: str, count: int, prime: bool) -> None:
+        """Any record formats to one line in each format and parses back equal."""
+        record = Record(seconds, client, message, count, prime)
+        for recordFormat in (TSV, JSONL):
+            line = recordFormat.format(record)
+            self.assertEqual(line.count("\n"), 1)
+            self.assertTrue(line.endswith("\n"))
+            # A repeated local hour at a DST change names two instants; the text must still agree.
+            parsed = recordFormat.parse(line)
+            self.assertEqual(parsed._replace(seconds=record.seconds), record)
+            self.assertEqual(recordFormat.format(parsed), line)

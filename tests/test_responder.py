@@ -8,7 +8,7 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from primecount import wire
 from primecount.records import Record
-from primecount.responder import AnalysisBatcher, LocalTimestamps, Responder
+from primecount.responder import AnalysisBatcher, Responder
 from primecount.storage import StorageUnavailable
 from tests.helpers import InlineThreads, MemoryRecords
 
@@ -68,7 +68,7 @@ class ResponderTests(SynchronousTestCase):
 
     def setUp(self) -> None:
         self.clock = Clock()
-        self.clock.advance(1_771_322_400)
+        self.clock.advance(1_771_322_400.7)
         self.records = MemoryRecords()
         self.responder = Responder(self.clock, InlineThreads(), self.records)
 
@@ -79,7 +79,7 @@ class ResponderTests(SynchronousTestCase):
         self.assertEqual(self.successResultOf(reply), "2 sí\n".encode())
         self.assertEqual(
             self.records.records,
-            [Record(LocalTimestamps(self.clock).now(), "198.51.100.4", "abc2a", 2, True)],
+            [Record(1_771_322_400, "198.51.100.4", "abc2a", 2, True)],
         )
 
     def test_recordsFlushedOncePerBatch(self) -> None:
@@ -110,18 +110,3 @@ class ResponderTests(SynchronousTestCase):
         self.clock.advance(0)
         self.assertEqual(self.successResultOf(reply), b"ERROR internal error\n")
         self.assertEqual(len(self.flushLoggedErrors(ZeroDivisionError)), 1)
-
-
-class LocalTimestampsTests(SynchronousTestCase):
-    """Timestamps follow the injected clock."""
-
-    def test_followsClock(self) -> None:
-        """The text changes when the clock moves to another second, not before."""
-        clock = Clock()
-        clock.advance(1_771_322_400.2)
-        stamps = LocalTimestamps(clock)
-        first = stamps.now()
-        clock.advance(0.5)
-        self.assertEqual(stamps.now(), first)
-        clock.advance(0.5)
-        self.assertNotEqual(stamps.now(), first)

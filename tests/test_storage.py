@@ -15,7 +15,7 @@ from primecount.storage import RecordsService, StorageUnavailable
 
 def record(message: str) -> Record:
     """A record for C{message} with fixed other fields."""
-    return Record("2026-02-17 10:11:12", "127.0.0.1", message, 1, False)
+    return Record(1_771_322_472, "127.0.0.1", message, 1, False)
 
 
 class RecordsServiceTests(SynchronousTestCase):
