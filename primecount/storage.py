@@ -1,19 +1,39 @@
-"""The records service: receives record events, appends each reactor turn's records with one write, owns the file."""
+"""The records service: receives record events, appends each batch with one write, owns the file and its durability.
+
+Durability follows Redis's C{appendfsync}: C{always} fsyncs each batch before
+its replies are released, C{everysec} fsyncs at most once a second from a
+timer, C{never} leaves it to the operating system. In every policy a record is
+written (C{write(2)}) before its reply. fsync runs on the thread pool, so a slow
+disk delays the replies that wait for it, not the reactor.
+"""
 
 from __future__ import annotations
 
 import errno
 import os
-from typing import Optional
+from typing import Any, Callable, Optional
 
 from twisted.application.service import Service
-from twisted.internet.defer import Deferred, fail
+from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
-from primecount.records import Record, formatRecord
+from primecount.metrics import NoMetrics
+from primecount.records import TSV, Record, RecordFormat
 
 _OPEN_FLAGS = os.O_WRONLY | os.O_APPEND | os.O_CREAT | getattr(os, "O_CLOEXEC", 0)
+FSYNC_POLICIES = ("always", "everysec", "never")
+RunInThread = Callable[..., Deferred]
+
+
+def _inline(function: Callable[..., Any], *args: Any) -> Deferred:
+    """Run C{function} at once in this thread (for callers without a thread pool)."""
+    try:
+        return succeed(function(*args))
+    except BaseException:
+        return fail()
 
 
 class StorageUnavailable(Exception):
@@ -25,111 +45,214 @@ def openRecordsFile(path: str) -> int:
     return os.open(path, _OPEN_FLAGS, 0o644)
 
 
-class RecordsService(Service):
-    """Appends records to a file, log-observer style: one write(2) per reactor turn, acknowledged per record.
+class _OpenFile:
+    """A records file descriptor that is closed only once no fsync is running on it."""
 
-    L{append} returns a L{Deferred} that fires once the record's batch has been
-    handed to the kernel, or fails with L{StorageUnavailable}; callers reply to
-    their client only after that, so every answered request has a record.
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+        self.syncing = 0
+        self.closing = False
+        self.closed: Deferred[None] = Deferred()
+
+    def close(self) -> Deferred[None]:
+        """Close now, or as soon as the running fsyncs finish; the result fires once closed."""
+        self.closing = True
+        self._closeIfIdle()
+        return self.closed
+
+    def syncFinished(self) -> None:
+        """One fsync on this descriptor is over."""
+        self.syncing -= 1
+        self._closeIfIdle()
+
+    def _closeIfIdle(self) -> None:
+        if self.closing and not self.syncing and not self.closed.called:
+            os.close(self.fd)
+            self.closed.callback(None)
+
+
+class RecordsService(Service):
+    """Appends records to a file, log-observer style: one write(2) per batch, each record acknowledged.
+
+    L{append} returns a L{Deferred} that fires once the record is written (and,
+    with C{fsync="always"}, synced), or fails with L{StorageUnavailable};
+    callers reply to their client only after that, so every answered request
+    has a record.
     """
 
     log = Logger()
 
-    def __init__(self, path: str, clock: IReactorTime) -> None:
+    def __init__(
+        self,
+        path: str,
+        clock: IReactorTime,
+        recordFormat: RecordFormat = TSV,
+        fsync: str = "everysec",
+        runInThread: RunInThread = _inline,
+        metrics: NoMetrics = NoMetrics(),
+    ) -> None:
+        if fsync not in FSYNC_POLICIES:
+            raise ValueError(f"fsync policy must be one of {', '.join(FSYNC_POLICIES)}, not {fsync!r}")
         self.path = path
         self._clock = clock
-        self._fd: Optional[int] = None
+        self._format = recordFormat.format
+        self._fsyncPolicy = fsync
+        self._runInThread = runInThread
+        self._metrics = metrics
+        self._file: Optional[_OpenFile] = None
         self._pending: list[tuple[Record, Deferred[None]]] = []
         self._flushCall: Optional[IDelayedCall] = None
-        self._failedBatches = 0
+        self._unsynced = False
+        self._syncTimer: Optional[LoopingCall] = None
+        self._failures = {"write": 0, "fsync": 0}
 
     def startService(self) -> None:
         """Open the records file; an unusable path raises here, before any listener starts."""
-        self._fd = openRecordsFile(self.path)
+        self._file = _OpenFile(openRecordsFile(self.path))
         super().startService()
-        self.log.info("appending records to {path}", path=self.path)
+        if self._fsyncPolicy == "everysec":
+            self._syncTimer = LoopingCall(self._syncIfNeeded)
+            self._syncTimer.clock = self._clock
+            self._syncTimer.start(1.0, now=False)
+        self.log.info("appending records to {path} (fsync {policy})", path=self.path, policy=self._fsyncPolicy)
 
-    def stopService(self) -> None:
-        """Write what is pending, fsync and close the file."""
+    def stopService(self) -> Deferred[None]:
+        """Write what is pending, fsync, and close the file once running fsyncs are done."""
         super().stopService()
+        if self._syncTimer is not None and self._syncTimer.running:
+            self._syncTimer.stop()
         self.flush()
-        if self._fd is not None:
-            fd, self._fd = self._fd, None
-            try:
-                os.fsync(fd)
-            except OSError as error:
-                if error.errno != errno.EINVAL:  # character devices cannot be fsynced
-                    self.log.error("fsync of {path} failed: {error}", path=self.path, error=error)
-            finally:
-                os.close(fd)
+        current, self._file = self._file, None
+        if current is None:
+            return succeed(None)
+        return self._sync(current).addBoth(lambda _: current.close())
+
+    def reopen(self) -> None:
+        """Flush, then continue in a newly opened file at the same path (after logrotate renamed the old one).
+
+        If the path cannot be opened the current file is kept and the error logged.
+        """
+        self.flush()
+        try:
+            fresh = _OpenFile(openRecordsFile(self.path))
+        except OSError as error:
+            self.log.error("cannot reopen records file {path}: {error}; still writing to the old file",
+                           path=self.path, error=error)
+            return
+        old, self._file = self._file, fresh
+        self._unsynced = False
+        if old is not None:
+            (self._sync(old) if self._fsyncPolicy != "never" else succeed(None)).addBoth(lambda _: old.close())
+        self.log.info("reopened records file {path}", path=self.path)
 
     def append(self, record: Record) -> Deferred[None]:
-        """Queue C{record} for this turn's write; the result fires when it is written."""
-        if self._fd is None:
+        """Queue C{record} for this turn's write; the result fires when it is stored."""
+        if self._file is None:
             return fail(StorageUnavailable(f"records file {self.path} is not open"))
         acknowledged: Deferred[None] = Deferred()
         self._pending.append((record, acknowledged))
         if self._flushCall is None:
-            self._flushCall = self._clock.callLater(0, self._flushTurn)
+            self._flushCall = self._clock.callLater(0, self.flush)
         return acknowledged
-
-    def _flushTurn(self) -> None:
-        self._flushCall = None
-        self.flush()
 
     def flush(self) -> None:
         """Write everything appended so far now, with one write, instead of at the end of the turn.
 
         A caller that knows a batch of appends is complete (the responder, after
-        a thread-pool batch) calls this to save the records and release the
-        replies one reactor turn sooner.
+        a thread-pool batch) calls this to release the replies one turn sooner.
         """
         if self._flushCall is not None:
-            self._flushCall.cancel()
+            if self._flushCall.active():
+                self._flushCall.cancel()
             self._flushCall = None
         pending, self._pending = self._pending, []
         if not pending:
             return
-        batch = "".join([formatRecord(record) for record, _ in pending]).encode("utf-8")
+        acknowledgements = [acknowledged for _, acknowledged in pending]
+        batch = "".join([self._format(record) for record, _ in pending]).encode("utf-8")
         try:
             self._writeAll(batch)
         except OSError as error:
-            self._reportFailure(error, len(pending))
-            for _, acknowledged in pending:
+            self._failed("write", error, len(pending))
+            self._metrics.recordWriteFailed(len(pending))
+            for acknowledged in acknowledgements:
                 acknowledged.errback(StorageUnavailable(f"cannot write {self.path}: {error.strerror}"))
             return
-        if self._failedBatches:
-            self.log.info(
-                "records file {path} is writable again after {batches} failed batches",
-                path=self.path,
-                batches=self._failedBatches,
+        self._recovered("write")
+        self._metrics.recordsWritten(len(pending))
+        self._unsynced = True
+        if self._fsyncPolicy == "always" and self._file is not None:
+            self._sync(self._file).addCallbacks(
+                lambda _: _fireAll(acknowledgements),
+                lambda failure: _failAll(acknowledgements, StorageUnavailable(
+                    f"cannot fsync {self.path}: {failure.getErrorMessage()}")),
             )
-            self._failedBatches = 0
-        for _, acknowledged in pending:
-            acknowledged.callback(None)
+        else:
+            _fireAll(acknowledgements)
 
     def _writeAll(self, data: bytes) -> None:
         """Write all of C{data}, or, on failure, remove any part of it that reached the file."""
-        if self._fd is None:
+        if self._file is None:
             raise OSError(errno.EBADF, "records file is closed")
-        written = 0
+        fd, written = self._file.fd, 0
         try:
             while written < len(data):
-                written += os.write(self._fd, data[written:])
+                written += os.write(fd, data[written:])
         except OSError:
             if written:
                 # A torn batch would leave a half record; cut the file back to where it began.
-                os.ftruncate(self._fd, os.fstat(self._fd).st_size - written)
+                os.ftruncate(fd, os.fstat(fd).st_size - written)
             raise
 
-    def _reportFailure(self, error: OSError, records: int) -> None:
-        """Log a write failure once per incident, not once per batch."""
-        self._failedBatches += 1
-        if self._failedBatches == 1:
+    def _syncIfNeeded(self) -> None:
+        if self._unsynced and self._file is not None:
+            self._sync(self._file)
+
+    def _sync(self, target: _OpenFile) -> Deferred[None]:
+        """fsync C{target} on the thread pool; fails (after logging once per incident) if fsync fails."""
+        if target is self._file:
+            self._unsynced = False
+        target.syncing += 1
+        started = self._clock.seconds()
+
+        def done(result: object) -> object:
+            target.syncFinished()
+            if isinstance(result, Failure):
+                error = result.value
+                if isinstance(error, OSError) and error.errno == errno.EINVAL:
+                    return None  # a device such as /dev/null cannot be synced, and needs no sync
+                self._failed("fsync", error, 0)
+                return result
+            self._metrics.fsyncObserved(self._clock.seconds() - started)
+            self._recovered("fsync")
+            return None
+
+        return self._runInThread(os.fsync, target.fd).addBoth(done)
+
+    def _failed(self, operation: str, error: BaseException, records: int) -> None:
+        """Log a failure once per incident, not once per batch."""
+        self._failures[operation] += 1
+        if self._failures[operation] == 1:
             self.log.error(
-                "cannot append {records} records to {path}: {error}; "
-                "answering ERROR storage unavailable until writes succeed",
-                records=records,
-                path=self.path,
-                error=error,
+                "cannot {operation} records file {path}: {error} ({records} records refused); "
+                "answering ERROR storage unavailable until it works again",
+                operation=operation, path=self.path, error=error, records=records,
             )
+
+    def _recovered(self, operation: str) -> None:
+        if self._failures[operation]:
+            self.log.info(
+                "records file {path}: {operation} works again after {failures} failures",
+                path=self.path, operation=operation, failures=self._failures[operation],
+            )
+            self._failures[operation] = 0
+
+
+def _fireAll(acknowledgements: list[Deferred[None]]) -> None:
+    for acknowledged in acknowledgements:
+        acknowledged.callback(None)
+
+
+def _failAll(acknowledgements: list[Deferred[None]], error: Exception) -> None:
+    for acknowledged in acknowledgements:
+        acknowledged.errback(error)

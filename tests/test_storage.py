@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 
+from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
 from twisted.logger import LogLevel, globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase
@@ -24,7 +25,7 @@ class RecordsServiceTests(SynchronousTestCase):
     def setUp(self) -> None:
         self.path = self.mktemp()
         self.clock = Clock()
-        self.service = RecordsService(self.path, self.clock)
+        self.service = RecordsService(self.path, self.clock, fsync="never")
         self.service.startService()
         self.addCleanup(lambda: self.service.running and self.service.stopService())
         self.writes: list[int] = []
@@ -92,7 +93,7 @@ class RecordsServiceTests(SynchronousTestCase):
         """Starting on an existing file keeps its records."""
         self.service.append(record("one"))
         self.service.stopService()
-        again = RecordsService(self.path, self.clock)
+        again = RecordsService(self.path, self.clock, fsync="never")
         again.startService()
         again.append(record("two"))
         again.stopService()
@@ -172,10 +173,144 @@ class WriteFailureTests(SynchronousTestCase):
         acknowledged = service.append(record("y"))
         clock.advance(0)
         self.successResultOf(acknowledged)
-        self.assertTrue(any("writable again" in e.get("log_format", "") for e in self.events))
+        self.assertTrue(any("works again" in e.get("log_format", "") for e in self.events))
 
     def test_unwritablePathFailsAtStart(self) -> None:
         """A path in a missing directory fails when the service starts, which then is not running."""
         service = RecordsService(os.path.join(self.mktemp(), "missing", "records.txt"), Clock())
         self.assertRaises(OSError, service.startService)
         self.assertFalse(service.running)
+
+
+class ManualThreads:
+    """A stand-in thread pool whose calls run only when the test says so."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[object, tuple, Deferred]] = []
+
+    def __call__(self, function, *args):  # type: ignore[no-untyped-def]
+        """Queue C{function(*args)}; return the Deferred of its eventual result."""
+        result: Deferred = Deferred()
+        self.calls.append((function, args, result))
+        return result
+
+    def runAll(self) -> None:
+        """Run every queued call now."""
+        calls, self.calls = self.calls, []
+        for function, args, result in calls:
+            try:
+                result.callback(function(*args))
+            except Exception:
+                result.errback()
+
+
+class FsyncPolicyTests(SynchronousTestCase):
+    """C{always} syncs before acknowledging, C{everysec} from a one-second timer, C{never} only at stop."""
+
+    def start(self, policy: str) -> tuple[RecordsService, Clock, ManualThreads]:
+        """A started service with the given policy on a fresh file."""
+        clock, threads = Clock(), ManualThreads()
+        service = RecordsService(self.mktemp(), clock, fsync=policy, runInThread=threads)
+        service.startService()
+        self.addCleanup(lambda: service.running and (service.stopService(), threads.runAll()))
+        return service, clock, threads
+
+    def test_always(self) -> None:
+        """With C{always} a record is acknowledged only after the fsync of its batch finished."""
+        service, clock, threads = self.start("always")
+        acknowledged = service.append(record("a"))
+        clock.advance(0)
+        self.assertEqual([(f, a[0]) for f, a, _ in threads.calls], [(os.fsync, service._file.fd)])
+        self.assertNoResult(acknowledged)
+        threads.runAll()
+        self.successResultOf(acknowledged)
+
+    def test_alwaysFailure(self) -> None:
+        """With C{always} a failed fsync refuses the batch's records."""
+        service, clock, threads = self.start("always")
+
+        def brokenFsync(fd: int) -> None:
+            raise OSError(5, "Input/output error")
+
+        self.patch(storage.os, "fsync", brokenFsync)
+        acknowledged = service.append(record("a"))
+        clock.advance(0)
+        threads.runAll()
+        self.failureResultOf(acknowledged, StorageUnavailable)
+
+    def test_everysec(self) -> None:
+        """With C{everysec} writes are acknowledged at once and one fsync follows within a second."""
+        service, clock, threads = self.start("everysec")
+        first = [service.append(record("a")), service.append(record("b"))]
+        clock.advance(0)
+        for acknowledged in first:
+            self.successResultOf(acknowledged)
+        self.assertEqual(threads.calls, [])
+        clock.advance(1)
+        self.assertEqual(len(threads.calls), 1)
+        threads.runAll()
+        clock.advance(1)
+        self.assertEqual(threads.calls, [], "nothing new was written, so no fsync")
+
+    def test_never(self) -> None:
+        """With C{never} no fsync runs while serving, one runs at stop."""
+        service, clock, threads = self.start("never")
+        service.append(record("a"))
+        clock.advance(5)
+        self.assertEqual(threads.calls, [])
+        stopped = service.stopService()
+        self.assertEqual(len(threads.calls), 1)
+        threads.runAll()
+        self.successResultOf(stopped)
+
+    def test_closeWaitsForFsync(self) -> None:
+        """Stopping while an fsync runs closes the file only after it finished."""
+        service, clock, threads = self.start("always")
+        service.append(record("a"))
+        clock.advance(0)
+        stopped = service.stopService()
+        self.assertNoResult(stopped)
+        threads.runAll()
+        threads.runAll()
+        self.successResultOf(stopped)
+
+    def test_unknownPolicy(self) -> None:
+        """An unknown policy is refused when the service is made."""
+        self.assertRaises(ValueError, RecordsService, "x", Clock(), fsync="sometimes")
+
+
+class ReopenTests(SynchronousTestCase):
+    """C{reopen} continues in a new file at the same path, losing and repeating nothing."""
+
+    def test_afterRename(self) -> None:
+        """Records before the rename stay in the renamed file; later ones go to a new file at the path."""
+        path, clock = self.mktemp(), Clock()
+        service = RecordsService(path, clock, fsync="never")
+        service.startService()
+        self.addCleanup(service.stopService)
+        service.append(record("before"))
+        pending = service.append(record("pending"))
+        os.rename(path, path + ".1")
+        service.reopen()
+        self.successResultOf(pending)
+        service.append(record("after"))
+        clock.advance(0)
+        with open(path + ".1", encoding="utf-8") as old, open(path, encoding="utf-8") as new:
+            self.assertEqual([r.message for r in parseRecords(old)], ["before", "pending"])
+            self.assertEqual([r.message for r in parseRecords(new)], ["after"])
+
+    def test_failedReopenKeepsFile(self) -> None:
+        """If the path cannot be opened any more the old file is kept and records still succeed."""
+        directory = self.mktemp()
+        os.mkdir(directory)
+        path, clock = os.path.join(directory, "records.txt"), Clock()
+        service = RecordsService(path, clock, fsync="never")
+        service.startService()
+        self.addCleanup(service.stopService)
+        os.rename(directory, directory + ".moved")
+        service.reopen()
+        acknowledged = service.append(record("still"))
+        clock.advance(0)
+        self.successResultOf(acknowledged)
+        with open(os.path.join(directory + ".moved", "records.txt"), encoding="utf-8") as file:
+            self.assertEqual([r.message for r in parseRecords(file)], ["still"])

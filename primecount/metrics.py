@@ -1,0 +1,126 @@
+"""Service metrics: what the server counts, and a Prometheus page that shows it at C{/metrics}.
+
+The server reports events to a L{Metrics}; L{NoMetrics} (the default) drops
+them at no cost, L{PrometheusMetrics} keeps them in its own registry.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Iterator
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
+from twisted.web.resource import Resource
+from twisted.web.server import Request, Site
+
+
+class NoMetrics:
+    """Accepts every metrics event and keeps nothing: the cost when C{--metrics} is off."""
+
+    def connectionOpened(self) -> None:
+        """A client connected."""
+
+    def connectionClosed(self) -> None:
+        """A client connection is gone."""
+
+    def requestFinished(self, outcome: str, seconds: float) -> None:
+        """A reply went out: C{ok} or an error reason, C{seconds} after connect."""
+
+    def recordsWritten(self, count: int) -> None:
+        """C{count} records reached the records file."""
+
+    def recordWriteFailed(self, count: int) -> None:
+        """C{count} records could not be written."""
+
+    def fsyncObserved(self, seconds: float) -> None:
+        """An fsync of the records file took C{seconds}."""
+
+
+class PrometheusMetrics(NoMetrics):
+    """Keeps the metrics in a private Prometheus registry, including the thread pool's state at scrape time."""
+
+    def __init__(self, threadPool: Any = None) -> None:
+        self.registry = CollectorRegistry()
+        self._requests = Counter("primecount_requests", "Requests answered, by outcome (ok or the ERROR reason).",
+                                 ["outcome"], registry=self.registry)
+        self._duration = Histogram(
+            "primecount_request_duration_seconds", "Time from connect to reply.",
+            buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
+            registry=self.registry)
+        self._connections = Gauge("primecount_open_connections", "Client connections open now.",
+                                  registry=self.registry)
+        self._written = Counter("primecount_records_written", "Records appended to the records file.",
+                                registry=self.registry)
+        self._writeErrors = Counter("primecount_record_write_errors",
+                                    "Records that could not be written (their clients got ERROR storage unavailable).",
+                                    registry=self.registry)
+        self._fsync = Histogram("primecount_fsync_duration_seconds", "Duration of fsyncs of the records file.",
+                                buckets=(0.0001, 0.0005, 0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1, 5),
+                                registry=self.registry)
+        if threadPool is not None:
+            self.registry.register(_ThreadPoolCollector(threadPool))
+
+    def connectionOpened(self) -> None:
+        """A client connected."""
+        self._connections.inc()
+
+    def connectionClosed(self) -> None:
+        """A client connection is gone."""
+        self._connections.dec()
+
+    def requestFinished(self, outcome: str, seconds: float) -> None:
+        """A reply went out."""
+        self._requests.labels(outcome).inc()
+        self._duration.observe(seconds)
+
+    def recordsWritten(self, count: int) -> None:
+        """Records reached the file."""
+        self._written.inc(count)
+
+    def recordWriteFailed(self, count: int) -> None:
+        """Records could not be written."""
+        self._writeErrors.inc(count)
+
+    def fsyncObserved(self, seconds: float) -> None:
+        """An fsync finished."""
+        self._fsync.observe(seconds)
+
+
+class _ThreadPoolCollector:
+    """Reads the analysis thread pool's queue depth and busy threads when Prometheus scrapes."""
+
+    def __init__(self, threadPool: Any) -> None:
+        self._pool = threadPool
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        """The two gauges, as of now."""
+        yield GaugeMetricFamily("primecount_threadpool_queue_depth",
+                                "Work items waiting for a thread of the analysis pool.", value=self._pool.q.qsize())
+        yield GaugeMetricFamily("primecount_threadpool_busy_threads",
+                                "Threads of the analysis pool running work now.", value=len(self._pool.working))
+
+
+class MetricsPage(Resource):
+    """The Prometheus text exposition of a registry, rendered in the reactor thread (it is small)."""
+
+    isLeaf = True
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        super().__init__()
+        self._registry = registry
+
+    def render_GET(self, request: Request) -> bytes:
+        """The metrics, in Prometheus text format."""
+        request.setHeader(b"Content-Type", CONTENT_TYPE_LATEST.encode("ascii"))
+        return generate_latest(self._registry)
+
+
+def metricsSite(registry: CollectorRegistry) -> Site:
+    """A web site serving the registry at C{/metrics} (and nothing else)."""
+    root = Resource()
+    root.putChild(b"metrics", MetricsPage(registry))
+    site = Site(root)
+    site.displayTracebacks = False
+    site.noisy = False
+    return site
