@@ -1,28 +1,31 @@
-"""Process life cycle: SIGTERM and SIGINT stop the service cleanly and the process exits with status 0.
+"""Process life cycle: signals, an orderly stop that drains in-flight requests, and a clean exit status.
 
-twistd on its own re-raises the terminating signal after shutdown, so the
-process dies "killed by SIGTERM"; an orderly, complete shutdown is a success
-and is reported as one.
+twistd on its own re-raises a terminating signal after shutdown, so the
+process dies "killed by SIGTERM" and SIGHUP (the default action) kills it; here
+SIGTERM and SIGINT stop the service in order and exit 0, and SIGHUP reopens the
+records file for log rotation.
 """
 
 from __future__ import annotations
 
 import signal
 from types import FrameType
-from typing import Any, Optional, Sequence
+from typing import Any, Callable, Optional
 
-from twisted.application.service import Service
+from twisted.application.service import MultiService, Service
+from twisted.internet.defer import Deferred, maybeDeferred, succeed
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 
 
-class ExitCleanlyOnSignals(Service):
-    """Once the reactor runs, handles SIGTERM and SIGINT by stopping the reactor, which stops every service."""
+class ProcessSignals(Service):
+    """Once the reactor runs: SIGTERM and SIGINT stop the reactor (so every service stops), SIGHUP calls C{onHangUp}."""
 
     log = Logger()
 
-    def __init__(self, reactor: Any, signals: Sequence[int] = (signal.SIGTERM, signal.SIGINT)) -> None:
+    def __init__(self, reactor: Any, onHangUp: Callable[[], None] = lambda: None) -> None:
         self._reactor = reactor
-        self._signals = tuple(signals)
+        self._onHangUp = onHangUp
         self._stopping = False
 
     def startService(self) -> None:
@@ -31,12 +34,62 @@ class ExitCleanlyOnSignals(Service):
         self._reactor.callWhenRunning(self._install)
 
     def _install(self) -> None:
-        for number in self._signals:
-            signal.signal(number, self._received)
+        signal.signal(signal.SIGTERM, self._stop)
+        signal.signal(signal.SIGINT, self._stop)
+        signal.signal(signal.SIGHUP, self._hangUp)
 
-    def _received(self, number: int, frame: Optional[FrameType]) -> None:
+    def _stop(self, number: int, frame: Optional[FrameType]) -> None:
         if self._stopping:
             return
         self._stopping = True
-        self.log.info("received {signal}, shutting down", signal=signal.Signals(number).name)
+        self.log.info("received {signal}, draining and shutting down", signal=signal.Signals(number).name)
         self._reactor.callFromThread(self._reactor.stop)
+
+    def _hangUp(self, number: int, frame: Optional[FrameType]) -> None:
+        self.log.info("received SIGHUP, reopening the records file")
+        self._reactor.callFromThread(self._onHangUp)
+
+
+class SequentialMultiService(MultiService):
+    """A L{MultiService} that stops its children one at a time, last first, each after the previous has finished.
+
+    L{MultiService} stops all children at once; here the listener must be
+    closed before in-flight requests are drained, and they before the
+    records file is closed.
+    """
+
+    def stopService(self) -> Deferred[None]:
+        """Stop the children in reverse order, waiting for each."""
+        Service.stopService(self)
+        done: Deferred[None] = succeed(None)
+        for child in reversed(list(self)):
+            done.addBoth(lambda _, child=child: maybeDeferred(child.stopService))
+        return done.addBoth(lambda _: None)
+
+
+class Drain(Service):
+    """On stop, waits for the connections already open to finish, then aborts any left after C{grace} seconds."""
+
+    log = Logger()
+
+    def __init__(self, connections: Any, clock: IReactorTime, grace: float) -> None:
+        self._connections = connections
+        self._clock = clock
+        self._grace = grace
+
+    def stopService(self) -> Deferred[None]:
+        """Fire once no connection is open (every request answered or closed)."""
+        super().stopService()
+        open = self._connections.openCount
+        if open:
+            self.log.info("waiting up to {grace} s for {open} open connections", grace=self._grace, open=open)
+        idle = self._connections.whenIdle()
+        if idle.called:
+            return idle
+        deadline: IDelayedCall = self._clock.callLater(self._grace, self._abortRemaining)
+        return idle.addBoth(lambda result: (deadline.active() and deadline.cancel(), result)[1])
+
+    def _abortRemaining(self) -> None:
+        self.log.warn("aborting {open} connections still open after {grace} s",
+                      open=self._connections.openCount, grace=self._grace)
+        self._connections.abortAll()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import NamedTuple, Optional
 
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IAddress, IDelayedCall, IHalfCloseableProtocol, IReactorTime
 from twisted.internet.protocol import Factory
 from twisted.logger import Logger
@@ -13,6 +13,7 @@ from twisted.protocols.policies import TimeoutMixin
 from zope.interface import implementer
 
 from primecount import wire
+from primecount.metrics import NoMetrics
 from primecount.responder import Responder
 
 
@@ -52,6 +53,7 @@ class PrimeCountProtocol(LineReceiver, TimeoutMixin):
         self._chunks: list[bytes] = []
         self._quietCall: Optional[IDelayedCall] = None
         self._peer = "-"
+        self._connectedAt = 0.0
 
     def callLater(self, period: float, func) -> IDelayedCall:  # type: ignore[no-untyped-def]
         """Schedule on the injected clock (used by L{TimeoutMixin})."""
@@ -60,6 +62,8 @@ class PrimeCountProtocol(LineReceiver, TimeoutMixin):
     def connectionMade(self) -> None:
         """Start the request deadline."""
         self._peer = peerHost(self.transport.getPeer())
+        self._connectedAt = self._clock.seconds()
+        self.factory.connectionOpened(self)
         self._collecting = True
         self.setTimeout(self._limits.timeout)
         if self._limits.logRequests:
@@ -124,6 +128,7 @@ class PrimeCountProtocol(LineReceiver, TimeoutMixin):
     def connectionLost(self, reason=None) -> None:  # type: ignore[no-untyped-def]
         """Cancel timers; a reply still being prepared will find the transport closed."""
         self._stopCollecting()
+        self.factory.connectionClosed(self)
 
     def _restartQuietGap(self) -> None:
         if self._quietCall is not None and self._quietCall.active():
@@ -163,20 +168,61 @@ class PrimeCountProtocol(LineReceiver, TimeoutMixin):
             self.log.info(
                 "reply {reply} to {peer}", reply=reply.rstrip(b"\n").decode("utf-8"), peer=self._peer
             )
+        self.factory.metrics.requestFinished(wire.outcomeLabel(reply), self._clock.seconds() - self._connectedAt)
         self.transport.write(reply)
         self.transport.loseConnection()
 
 
 class PrimeCountFactory(Factory):
-    """Builds one L{PrimeCountProtocol} per connection, sharing the limits, the clock and the responder."""
+    """Builds one L{PrimeCountProtocol} per connection and keeps track of the open ones, for draining and metrics."""
 
-    def __init__(self, limits: RequestLimits, clock: IReactorTime, responder: Responder) -> None:
+    noisy = False
+
+    def __init__(
+        self, limits: RequestLimits, clock: IReactorTime, responder: Responder, metrics: NoMetrics = NoMetrics()
+    ) -> None:
         self.limits = limits
         self.clock = clock
         self.responder = responder
+        self.metrics = metrics
+        self._open: set[PrimeCountProtocol] = set()
+        self._idleWaiters: list[Deferred[None]] = []
 
     def buildProtocol(self, addr: IAddress) -> PrimeCountProtocol:
         """A protocol for the connection from C{addr}."""
         protocol = PrimeCountProtocol(self.limits, self.clock, self.responder)
         protocol.factory = self
         return protocol
+
+    def connectionOpened(self, protocol: PrimeCountProtocol) -> None:
+        """Count C{protocol} as open."""
+        self._open.add(protocol)
+        self.metrics.connectionOpened()
+
+    def connectionClosed(self, protocol: PrimeCountProtocol) -> None:
+        """C{protocol}'s connection is gone; wake those waiting for none to be open."""
+        if protocol in self._open:
+            self._open.discard(protocol)
+            self.metrics.connectionClosed()
+        if not self._open:
+            waiters, self._idleWaiters = self._idleWaiters, []
+            for waiter in waiters:
+                waiter.callback(None)
+
+    @property
+    def openCount(self) -> int:
+        """How many connections are open now."""
+        return len(self._open)
+
+    def whenIdle(self) -> Deferred[None]:
+        """Fires once no connection is open (at once if none is)."""
+        if not self._open:
+            return succeed(None)
+        waiter: Deferred[None] = Deferred()
+        self._idleWaiters.append(waiter)
+        return waiter
+
+    def abortAll(self) -> None:
+        """Close every open connection at once, without waiting for replies."""
+        for protocol in list(self._open):
+            protocol.transport.abortConnection()

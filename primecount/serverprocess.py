@@ -11,7 +11,7 @@ import time
 from typing import Optional, Sequence
 
 TWISTD = [sys.executable, "-c", "from twisted.scripts.twistd import run; run()"]
-_LISTENING = re.compile(rb"starting on (\d+)")
+_LISTENING = re.compile(rb"PrimeCountFactory starting on (\d+)")
 
 
 class ServerProcess:

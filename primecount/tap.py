@@ -5,19 +5,21 @@ from __future__ import annotations
 import math
 import os
 from functools import partial
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Sequence
 
 from twisted.application import strports
-from twisted.application.service import IService, MultiService
+from twisted.application.service import IService
 from twisted.internet.endpoints import serverFromString
 from twisted.internet.testing import MemoryReactor
 from twisted.internet.threads import deferToThreadPool
 from twisted.python import usage
 
-from primecount.lifecycle import ExitCleanlyOnSignals
+from primecount.lifecycle import Drain, ProcessSignals, SequentialMultiService
+from primecount.metrics import NoMetrics, PrometheusMetrics, metricsSite
 from primecount.protocol import PrimeCountFactory, RequestLimits
+from primecount.records import FORMATS
 from primecount.responder import Responder
-from primecount.storage import RecordsService, openRecordsFile
+from primecount.storage import FSYNC_POLICIES, RecordsService, openRecordsFile
 
 DEFAULTS = RequestLimits()
 # Twisted listens with a backlog of 50; a burst of new clients beyond that waits
@@ -32,6 +34,40 @@ def endpointDescription(value: str) -> str:
             raise usage.UsageError(f"--port: {value} is not a TCP port number (0-65535)")
         return f"tcp:{value}:backlog={BARE_PORT_BACKLOG}"
     return value
+
+
+def metricsEndpointDescription(value: str) -> str:
+    """A bare port number for metrics listens on loopback only; an endpoint description is used as written."""
+    if value.isdigit():
+        if int(value) > 65535:
+            raise usage.UsageError(f"--metrics: {value} is not a TCP port number (0-65535)")
+        return f"tcp:{value}:interface=127.0.0.1"
+    return value
+
+
+def _choice(option: str, choices: Sequence[str]) -> Callable[[str], str]:
+    """A coercer accepting one of C{choices}, naming C{--option} otherwise."""
+
+    def coerce(value: str) -> str:
+        if value not in choices:
+            raise usage.UsageError(f"--{option}: must be one of {', '.join(choices)}, not {value!r}")
+        return value
+
+    coerce.coerceDoc = f"One of: {', '.join(choices)}."  # type: ignore[attr-defined]
+    return coerce
+
+
+def _checkEndpoint(option: str, description: str) -> None:
+    """Raise a UsageError naming C{--option} if C{description} is not a usable server endpoint."""
+    try:
+        serverFromString(MemoryReactor(), description)
+    except IndexError:
+        raise usage.UsageError(
+            f"--{option}: {description!r} names an inherited socket this process was not given "
+            "(start it with systemd socket activation)"
+        ) from None
+    except (ValueError, TypeError, KeyError, OSError) as error:
+        raise usage.UsageError(f"--{option}: cannot use {description!r}: {error}") from None
 
 
 def _number(option: str, kind: Callable[[str], Any], minimum: float, strict: bool) -> Callable[[str], Any]:
@@ -77,20 +113,20 @@ class Options(usage.Options):
          "sent without a newline (0 disables).", _number("quiet", float, 0, strict=False)],
         ["max-line", None, DEFAULTS.maxLine, "Longest request accepted, in bytes.",
          _number("max-line", int, 1, strict=False)],
-        ["records", "r", "server_log.txt", "File the records are appended to."],
+        ["records", "r", "server_log.txt", "File the records are appended to (SIGHUP reopens it)."],
+        ["records-format", None, "tsv", "Records file format: tsv (the original columns) or jsonl.",
+         _choice("records-format", sorted(FORMATS))],
+        ["fsync", None, "everysec", "When records are fsynced: always (before each reply), everysec "
+         "(at most once a second) or never (left to the OS).", _choice("fsync", FSYNC_POLICIES)],
+        ["metrics", None, None, "Serve Prometheus metrics at /metrics on this endpoint (a bare port "
+         "listens on 127.0.0.1 only); off by default.", metricsEndpointDescription],
     ]
 
     def postOptions(self) -> None:
-        """Check what needs the options together: the endpoint parses, the records file can be opened."""
-        try:
-            serverFromString(MemoryReactor(), self["port"])
-        except IndexError:
-            raise usage.UsageError(
-                f"--port: {self['port']!r} names an inherited socket this process was not given "
-                "(start it with systemd socket activation)"
-            ) from None
-        except (ValueError, TypeError, KeyError, OSError) as error:
-            raise usage.UsageError(f"--port: cannot use {self['port']!r}: {error}") from None
+        """Check what needs the options together: the endpoints parse, the records file can be opened."""
+        _checkEndpoint("port", self["port"])
+        if self["metrics"] is not None:
+            _checkEndpoint("metrics", self["metrics"])
         try:
             os.close(openRecordsFile(self["records"]))
         except OSError as error:
@@ -100,21 +136,34 @@ class Options(usage.Options):
 
 
 def makeService(options: Options, reactor: Optional[Any] = None) -> IService:
-    """Build the service tree: the records service first (it starts before and stops after the listener)."""
+    """Build the service tree; it starts in this order and stops in the reverse, one service at a time.
+
+    Signals, records, metrics, drain, listener: on stop the listener closes
+    first, then open connections are drained (bounded by C{--timeout}), then
+    the metrics endpoint closes, then the records file is flushed, fsynced
+    and closed.
+    """
     if reactor is None:
         from twisted.internet import reactor as globalReactor
 
         reactor = globalReactor
-    top = MultiService()
-    ExitCleanlyOnSignals(reactor).setServiceParent(top)
-    records = RecordsService(options["records"], clock=reactor)
-    records.setServiceParent(top)
     reactor.suggestThreadPoolSize(options["threads"])
-    runInThread = partial(deferToThreadPool, reactor, reactor.getThreadPool())
-    responder = Responder(reactor, runInThread, records)
+    threadPool = reactor.getThreadPool()
+    runInThread = partial(deferToThreadPool, reactor, threadPool)
+    metrics = PrometheusMetrics(threadPool) if options["metrics"] else NoMetrics()
+    top = SequentialMultiService()
+    records = RecordsService(
+        options["records"], reactor, FORMATS[options["records-format"]], options["fsync"], runInThread, metrics
+    )
+    ProcessSignals(reactor, onHangUp=records.reopen).setServiceParent(top)
+    records.setServiceParent(top)
+    if isinstance(metrics, PrometheusMetrics):
+        strports.service(options["metrics"], metricsSite(metrics.registry), reactor=reactor).setServiceParent(top)
     limits = RequestLimits(
         options["timeout"], options["quiet"], options["max-line"], bool(options["log-requests"])
     )
-    factory = PrimeCountFactory(limits, reactor, responder)
+    factory = PrimeCountFactory(limits, reactor, Responder(reactor, runInThread, records), metrics)
+    # Every request ends within --timeout of its connect; the extra second covers analysis and the record.
+    Drain(factory, reactor, grace=options["timeout"] + 1).setServiceParent(top)
     strports.service(options["port"], factory, reactor=reactor).setServiceParent(top)
     return top

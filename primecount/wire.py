@@ -60,3 +60,11 @@ def replyLine(answer: Answer) -> bytes:
 def errorLine(reason: str) -> bytes:
     """The reply to a rejected request: C{"ERROR <reason>\\n"}, UTF-8 encoded."""
     return f"ERROR {reason}\n".encode("utf-8")
+
+
+def outcomeLabel(reply: bytes) -> str:
+    """A short name for how a request ended, for metrics: C{ok} or the ERROR reason (C{line_too_long}, ...)."""
+    if not reply.startswith(b"ERROR "):
+        return "ok"
+    reason = reply[len(b"ERROR "):].decode("utf-8", errors="replace").strip().split(" (")[0]
+    return reason.replace(" ", "_").replace("-", "").lower()

@@ -55,6 +55,16 @@ class MemoryRecords:
             acknowledged.callback(None)
 
 
+class RecordingMetrics:
+    """Collects metrics events as tuples."""
+
+    def __init__(self) -> None:
+        self.events: list[tuple[Any, ...]] = []
+
+    def __getattr__(self, name: str) -> Callable[..., None]:
+        return lambda *args: self.events.append((name, *args))
+
+
 class ProtocolHarness:
     """One protocol on a L{StringTransport}, with a L{Clock}, inline threads and in-memory records."""
 
@@ -62,7 +72,10 @@ class ProtocolHarness:
         self.clock = Clock()
         self.threads = InlineThreads()
         self.records = records if records is not None else MemoryRecords()
-        self.factory = PrimeCountFactory(limits, self.clock, Responder(self.clock, self.threads, self.records))
+        self.metrics = RecordingMetrics()
+        self.factory = PrimeCountFactory(
+            limits, self.clock, Responder(self.clock, self.threads, self.records), self.metrics
+        )
         self.transport = StringTransport(peerAddress=_tcpAddress(peer))
         self.protocol: PrimeCountProtocol = self.factory.buildProtocol(self.transport.getPeer())
         self.protocol.makeConnection(self.transport)

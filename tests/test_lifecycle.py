@@ -1,16 +1,19 @@
-"""Tests for L{primecount.lifecycle}: signals stop the reactor for a clean exit."""
+"""Tests for L{primecount.lifecycle}: signal handling, ordered stopping, draining open connections."""
 
 from __future__ import annotations
 
 import signal
 
+from twisted.application.service import Service
+from twisted.internet.defer import Deferred, succeed
+from twisted.internet.task import Clock
 from twisted.internet.testing import MemoryReactorClock
 from twisted.trial.unittest import SynchronousTestCase
 
-from primecount.lifecycle import ExitCleanlyOnSignals
+from primecount.lifecycle import Drain, ProcessSignals, SequentialMultiService
 
 
-class StopRecordingReactor(MemoryReactorClock):
+class CallRecordingReactor(MemoryReactorClock):
     """A memory reactor that records C{callFromThread} calls instead of running them."""
 
     def __init__(self) -> None:
@@ -22,25 +25,131 @@ class StopRecordingReactor(MemoryReactorClock):
         self.fromThread.append(callable)
 
 
-class ExitCleanlyOnSignalsTests(SynchronousTestCase):
-    """The handlers are installed once the reactor runs and stop it exactly once."""
+class ProcessSignalsTests(SynchronousTestCase):
+    """Handlers go in once the reactor runs; TERM and INT stop it once, HUP reopens."""
 
     def test_installedWhenRunning(self) -> None:
-        """Starting the service installs nothing until the reactor runs, then handles the signals."""
-        reactor = StopRecordingReactor()
-        service = ExitCleanlyOnSignals(reactor, signals=[signal.SIGUSR2])
-        previous = signal.getsignal(signal.SIGUSR2)
-        self.addCleanup(signal.signal, signal.SIGUSR2, previous)
+        """Starting the service installs nothing until the reactor runs, then handles TERM, INT and HUP."""
+        reactor = CallRecordingReactor()
+        service = ProcessSignals(reactor)
+        for number in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            self.addCleanup(signal.signal, number, signal.getsignal(number))
+        before = signal.getsignal(signal.SIGHUP)
         service.startService()
-        self.assertIs(signal.getsignal(signal.SIGUSR2), previous)
+        self.assertIs(signal.getsignal(signal.SIGHUP), before)
         for hook, args, kwargs in reactor.whenRunningHooks:
             hook(*args, **kwargs)
-        self.assertEqual(signal.getsignal(signal.SIGUSR2), service._received)
+        self.assertEqual(signal.getsignal(signal.SIGTERM), service._stop)
+        self.assertEqual(signal.getsignal(signal.SIGINT), service._stop)
+        self.assertEqual(signal.getsignal(signal.SIGHUP), service._hangUp)
 
     def test_stopsOnce(self) -> None:
         """A second signal while stopping does not ask the reactor to stop again."""
-        reactor = StopRecordingReactor()
-        service = ExitCleanlyOnSignals(reactor)
-        service._received(signal.SIGTERM, None)
-        service._received(signal.SIGINT, None)
+        reactor = CallRecordingReactor()
+        service = ProcessSignals(reactor)
+        service._stop(signal.SIGTERM, None)
+        service._stop(signal.SIGINT, None)
         self.assertEqual(reactor.fromThread, [reactor.stop])
+
+    def test_hangUpReopens(self) -> None:
+        """SIGHUP hands the reopen callable to the reactor thread."""
+        reactor = CallRecordingReactor()
+        reopen = lambda: None  # noqa: E731
+        ProcessSignals(reactor, onHangUp=reopen)._hangUp(signal.SIGHUP, None)
+        self.assertEqual(reactor.fromThread, [reopen])
+
+
+class SlowStop(Service):
+    """A service whose stop finishes when the test fires C{stopping}."""
+
+    def __init__(self, name: str, log: list[str]) -> None:
+        self.name = name
+        self.log = log
+        self.stopping: Deferred[None] = Deferred()
+
+    def stopService(self) -> Deferred[None]:
+        """Note the call; finish later."""
+        super().stopService()
+        self.log.append(self.name)
+        return self.stopping
+
+
+class SequentialMultiServiceTests(SynchronousTestCase):
+    """Children stop last first, each only after the one before it has finished."""
+
+    def test_oneAtATime(self) -> None:
+        """The second-to-last child is not asked to stop while the last one is still stopping."""
+        log: list[str] = []
+        parent = SequentialMultiService()
+        first, last = SlowStop("first", log), SlowStop("last", log)
+        first.setServiceParent(parent)
+        last.setServiceParent(parent)
+        parent.startService()
+        stopped = parent.stopService()
+        self.assertEqual(log, ["last"])
+        last.stopping.callback(None)
+        self.assertEqual(log, ["last", "first"])
+        self.assertNoResult(stopped)
+        first.stopping.callback(None)
+        self.successResultOf(stopped)
+
+    def test_failureDoesNotBlock(self) -> None:
+        """A child whose stop fails does not keep the others from stopping."""
+        log: list[str] = []
+        parent = SequentialMultiService()
+        first, last = SlowStop("first", log), SlowStop("last", log)
+        first.setServiceParent(parent)
+        last.setServiceParent(parent)
+        parent.startService()
+        stopped = parent.stopService()
+        last.stopping.errback(RuntimeError("port would not close"))
+        first.stopping.callback(None)
+        self.successResultOf(stopped)
+        self.assertEqual(log, ["last", "first"])
+
+
+class FakeConnections:
+    """Open connections as the factory reports them."""
+
+    def __init__(self, openCount: int) -> None:
+        self.openCount = openCount
+        self.idle: Deferred[None] = Deferred()
+        self.aborted = False
+
+    def whenIdle(self) -> Deferred[None]:
+        """Fires when the test closes them all."""
+        return succeed(None) if not self.openCount else self.idle
+
+    def abortAll(self) -> None:
+        """Close everything now."""
+        self.aborted = True
+        self.openCount = 0
+        self.idle.callback(None)
+
+
+class DrainTests(SynchronousTestCase):
+    """Stopping waits for open connections, at most C{grace} seconds."""
+
+    def test_nothingOpen(self) -> None:
+        """With no connection open, stopping is immediate."""
+        self.successResultOf(Drain(FakeConnections(0), Clock(), grace=6).stopService())
+
+    def test_waitsForConnections(self) -> None:
+        """Open connections are waited for; once they finish, the stop completes and no abort is left pending."""
+        clock, connections = Clock(), FakeConnections(3)
+        stopped = Drain(connections, clock, grace=6).stopService()
+        clock.advance(5)
+        self.assertNoResult(stopped)
+        connections.openCount = 0
+        connections.idle.callback(None)
+        self.successResultOf(stopped)
+        self.assertEqual(clock.getDelayedCalls(), [])
+        self.assertFalse(connections.aborted)
+
+    def test_abortsAfterGrace(self) -> None:
+        """Connections still open after the grace period are aborted."""
+        clock, connections = Clock(), FakeConnections(2)
+        stopped = Drain(connections, clock, grace=6).stopService()
+        clock.advance(6)
+        self.assertTrue(connections.aborted)
+        self.successResultOf(stopped)

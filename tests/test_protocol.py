@@ -281,3 +281,35 @@ class LoggingTests(SynchronousTestCase):
         harness.send(b"abc2a\n")
         self.assertEqual([(e["reply"], e["peer"]) for e in events], [("2 sí", "::1")])
         self.assertEqual(formatEvent(events[0]), "reply 2 sí to ::1")
+
+
+class ConnectionTrackingTests(SynchronousTestCase):
+    """The factory knows which connections are open, for draining and metrics."""
+
+    def test_openAndClosed(self) -> None:
+        """A connection counts as open until it is lost; waiters for idleness fire then."""
+        harness = ProtocolHarness()
+        self.assertEqual(harness.factory.openCount, 1)
+        idle = harness.factory.whenIdle()
+        self.assertNoResult(idle)
+        harness.protocol.connectionLost(None)
+        self.successResultOf(idle)
+        self.assertEqual(harness.factory.openCount, 0)
+        self.successResultOf(harness.factory.whenIdle())
+
+    def test_abortAll(self) -> None:
+        """Aborting closes every open connection at once."""
+        harness = ProtocolHarness()
+        harness.factory.abortAll()
+        self.assertTrue(harness.transport.disconnecting)
+
+    def test_metricsEvents(self) -> None:
+        """Connect, reply and close are reported with the outcome and the time since connect."""
+        harness = ProtocolHarness()
+        harness.clock.advance(0.25)
+        harness.send(b"\xff\n")
+        harness.protocol.connectionLost(None)
+        self.assertEqual(
+            harness.metrics.events,
+            [("connectionOpened",), ("requestFinished", "invalid_utf8", 0.25), ("connectionClosed",)],
+        )

@@ -48,6 +48,17 @@ class OptionsTests(SynchronousTestCase):
         )
         self.assertTrue(options["log-requests"])
 
+    def test_durabilityFormatAndMetrics(self) -> None:
+        """--fsync and --records-format take their choices; --metrics is off by default, a bare port is loopback."""
+        options = self.parse()
+        self.assertEqual((options["fsync"], options["records-format"], options["metrics"]), ("everysec", "tsv", None))
+        options = self.parse("--fsync", "always", "--records-format", "jsonl", "--metrics", "9100")
+        self.assertEqual(
+            (options["fsync"], options["records-format"], options["metrics"]),
+            ("always", "jsonl", "tcp:9100:interface=127.0.0.1"),
+        )
+        self.assertEqual(self.parse("--metrics", "tcp6:9100")["metrics"], "tcp6:9100")
+
     def test_endpointDescriptions(self) -> None:
         """Endpoint descriptions pass through unchanged."""
         for description in ["tcp:5050:interface=127.0.0.1", r"tcp6:5050:interface=\:\:"]:
@@ -62,6 +73,7 @@ class OptionsTests(SynchronousTestCase):
             ("--quiet", "-0.1"), ("--max-line", "0"), ("--max-line", "big"),
             ("--port", "abc"), ("--port", "70000"), ("--port", "tcp:notaport"),
             ("--port", "systemd:domain=INET:index=7"),  # no such inherited socket here
+            ("--fsync", "sometimes"), ("--records-format", "csv"), ("--metrics", "nope"), ("--metrics", "99999"),
         ]
         for option, value in cases:
             with self.assertRaises(UsageError, msg=f"{option} {value}") as caught:
@@ -112,7 +124,7 @@ class MakeServiceTests(SynchronousTestCase):
         children = list(service)
         self.assertEqual(
             [type(child).__name__ for child in children],
-            ["ExitCleanlyOnSignals", RecordsService.__name__, "StreamServerEndpointService"],
+            ["ProcessSignals", RecordsService.__name__, "Drain", "StreamServerEndpointService"],
         )
         service.startService()
         self.addCleanup(service.stopService)
@@ -122,6 +134,18 @@ class MakeServiceTests(SynchronousTestCase):
         self.assertEqual((port, interface), (5151, "127.0.0.1"))
         self.assertIsInstance(factory, PrimeCountFactory)
         self.assertEqual(factory.limits.maxLine, 65536)
+
+    def test_metricsListener(self) -> None:
+        """With --metrics a web site listens there, started before the request listener and stopped after it."""
+        options = Options()
+        options.parseOptions(["--port", "5153", "--metrics", "9109", "--records", self.mktemp()])
+        reactor = ThreadedMemoryReactor()
+        service = makeService(options, reactor)
+        service.startService()
+        self.addCleanup(service.stopService)
+        self.assertEqual([(port, interface) for port, _, _, interface in reactor.tcpServers],
+                         [(9109, "127.0.0.1"), (5153, "")])
+        self.assertEqual(type(reactor.tcpServers[0][1]).__name__, "Site")
 
     def test_barePortListensWithDeepBacklog(self) -> None:
         """A bare port number listens on all IPv4 interfaces with a backlog of 1024."""

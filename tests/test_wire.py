@@ -44,3 +44,14 @@ class ReplyTests(SynchronousTestCase):
     def test_errorLine(self) -> None:
         """A rejection is C{ERROR <reason>} on one line."""
         self.assertEqual(wire.errorLine(wire.lineTooLong(10)), b"ERROR line too long (max 10 bytes)\n")
+
+
+class OutcomeLabelTests(SynchronousTestCase):
+    """Replies map to short metric labels."""
+
+    def test_labels(self) -> None:
+        """An answer is C{ok}; each ERROR reason becomes a lower-case word joined by underscores."""
+        self.assertEqual(wire.outcomeLabel("2 sí\n".encode()), "ok")
+        self.assertEqual(wire.outcomeLabel(wire.errorLine(wire.lineTooLong(9))), "line_too_long")
+        self.assertEqual(wire.outcomeLabel(wire.errorLine(wire.INVALID_UTF8)), "invalid_utf8")
+        self.assertEqual(wire.outcomeLabel(wire.errorLine(wire.STORAGE_UNAVAILABLE)), "storage_unavailable")
