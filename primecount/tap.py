@@ -64,7 +64,8 @@ def _checkEndpoint(option: str, description: str) -> None:
     except IndexError:
         raise usage.UsageError(
             f"--{option}: {description!r} names an inherited socket this process was not given "
-            "(start it with systemd socket activation)"
+            "(start it from a systemd .socket unit, or with systemd-socket-activate --fdname=NAME: "
+            "Twisted needs LISTEN_FDS and LISTEN_FDNAMES)"
         ) from None
     except (ValueError, TypeError, KeyError, OSError) as error:
         raise usage.UsageError(f"--{option}: cannot use {description!r}: {error}") from None

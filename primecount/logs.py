@@ -1,0 +1,25 @@
+"""A bounded log file for twistd: C{twistd --logger=primecount.logs.rotatingLogObserver ...}.
+
+twistd's own C{--logfile} rotates at 1 MB and keeps every rotated file, so a
+busy daemon fills its disk in the end. This observer rotates at
+C{PRIMECOUNT_LOG_MAX_BYTES} (default 10 MB) and keeps C{PRIMECOUNT_LOG_KEEP}
+(default 10) old files of C{PRIMECOUNT_LOGFILE} (default C{twistd.log}).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Mapping
+
+from twisted.logger import ILogObserver, textFileLogObserver
+from twisted.python.logfile import LogFile
+
+
+def rotatingLogObserver(environ: Mapping[str, str] = os.environ) -> ILogObserver:
+    """A text log observer writing to a L{LogFile} bounded in size and number of files."""
+    path = os.path.abspath(environ.get("PRIMECOUNT_LOGFILE", "twistd.log"))
+    maxBytes = int(environ.get("PRIMECOUNT_LOG_MAX_BYTES", 10_000_000))
+    keep = int(environ.get("PRIMECOUNT_LOG_KEEP", 10))
+    if maxBytes < 1 or keep < 1:
+        raise ValueError("PRIMECOUNT_LOG_MAX_BYTES and PRIMECOUNT_LOG_KEEP must be at least 1")
+    return textFileLogObserver(LogFile.fromFullPath(path, rotateLength=maxBytes, maxRotatedFiles=keep))

@@ -1,0 +1,325 @@
+"""Operations end to end: draining on SIGTERM, SIGHUP reopen under load, daemon mode, socket activation,
+the systemd units, metrics over HTTP and the bounded log file; all with real processes and signals."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import threading
+import time
+import urllib.request
+from collections import Counter
+from pathlib import Path
+
+from twisted.trial.unittest import SkipTest, SynchronousTestCase
+
+from primecount.records import parseRecords
+from primecount.serverprocess import TWISTD, ServerProcess
+from tests.helpers import ask, expectedReply, slow
+
+UNITS = Path(__file__).resolve().parents[1] / "contrib" / "systemd"
+LOGROTATE = Path(__file__).resolve().parents[1] / "contrib" / "logrotate" / "primecount"
+
+
+def readRecords(*paths: str) -> list:
+    """Every record in C{paths}, in order."""
+    records = []
+    for path in paths:
+        with open(path, encoding="utf-8", newline="\n") as file:
+            records += list(parseRecords(file))
+    return records
+
+
+def requireTool(test: SynchronousTestCase, name: str) -> str:
+    """The path of C{name}; skip without it, or fail where C{PRIMECOUNT_REQUIRE_SYSTEM_TOOLS=1} (CI)."""
+    path = shutil.which(name)
+    if path is None:
+        if os.environ.get("PRIMECOUNT_REQUIRE_SYSTEM_TOOLS") == "1":
+            test.fail(f"{name} is required here (PRIMECOUNT_REQUIRE_SYSTEM_TOOLS=1)")
+        raise SkipTest(f"{name} is not installed")
+    return path
+
+
+def waitUntil(condition, seconds: float = 20.0, what: str = "condition") -> None:  # type: ignore[no-untyped-def]
+    """Poll C{condition} until true; fail after C{seconds}."""
+    deadline = time.monotonic() + seconds
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.02)
+
+
+class DrainTests(SynchronousTestCase):
+    """SIGTERM stops accepting but lets requests in flight finish, records them, and exits 0."""
+
+    @slow
+    def test_twoHundredClientsMidRequest(self) -> None:
+        """200 clients mid-request at SIGTERM: each gets its reply or a clean close; every reply is recorded."""
+        records = os.path.abspath(self.mktemp())
+        server = ServerProcess(records, "--quiet", "0", "--timeout", "5")
+        clients = []
+        try:
+            for i in range(200):
+                client = socket.create_connection(("127.0.0.1", server.port), timeout=15)
+                client.sendall(f"drain {i} ".encode())  # no newline yet: mid-request
+                clients.append(client)
+            server.process.send_signal(signal.SIGTERM)
+            server.waitFor(rb"waiting up to [\d.]+ s for \d+ open connections")
+            with self.assertRaises(OSError, msg="the listener must be closed while draining"):
+                socket.create_connection(("127.0.0.1", server.port), timeout=2).close()
+            for i, client in enumerate(clients[:150]):
+                client.sendall(f"x{i % 7}\n".encode())  # 50 clients stay silent until their deadline
+            replies = {}
+            for i, client in enumerate(clients):
+                received = b""
+                while chunk := client.recv(4096):
+                    received += chunk
+                replies[i] = received
+        finally:
+            for client in clients:
+                client.close()
+            status = server.stop()
+        self.assertEqual(status, 0, server.log)
+        answered = {f"drain {i} x{i % 7}" for i in range(150)}
+        for i, reply in replies.items():
+            if i < 150:
+                self.assertIn(reply, (expectedReply(f"drain {i} x{i % 7}"), b""), i)
+            else:
+                self.assertIn(reply, (b"ERROR timeout\n", b""), i)
+        repliedTo = {f"drain {i} x{i % 7}" for i, reply in replies.items() if i < 150 and reply}
+        self.assertEqual(len(repliedTo), 150, "nobody was cut off while the drain had time left")
+        self.assertEqual({r.message for r in readRecords(records)}, answered)
+
+
+class ReopenTests(SynchronousTestCase):
+    """Rotation by rename + SIGHUP while clients run loses and repeats nothing."""
+
+    @slow
+    def test_renameAndHangUpUnderLoad(self) -> None:
+        """Four client threads run while the file is rotated three times: each reply is in exactly one file."""
+        records = os.path.abspath(self.mktemp())
+        server = ServerProcess(records)
+        replied: list[str] = []
+        failures: list[BaseException] = []
+        stop = threading.Event()
+
+        def client(number: int) -> None:
+            try:
+                for i in range(100_000):
+                    if stop.is_set():
+                        return
+                    message = f"hup {number}-{i}"
+                    if ask(server.port, message.encode() + b"\n") == expectedReply(message):
+                        replied.append(message)
+                    else:
+                        failures.append(AssertionError(message))
+            except BaseException as error:
+                failures.append(error)
+
+        threads = [threading.Thread(target=client, args=(n,)) for n in range(4)]
+        for thread in threads:
+            thread.start()
+        try:
+            for rotation in range(1, 4):
+                waitUntil(lambda: len(replied) >= 1000 * rotation, what="client progress")
+                os.rename(records, f"{records}.{rotation}")
+                server.process.send_signal(signal.SIGHUP)
+                server.waitFor(rb"(?s)(reopened records file.*?){%d}" % rotation)
+            waitUntil(lambda: len(replied) >= 4000, what="client progress")
+        finally:
+            stop.set()
+            for thread in threads:
+                thread.join(30)
+            status = server.stop()
+        self.assertEqual((status, failures), (0, []))
+        files = [f"{records}.{n}" for n in (1, 2, 3)] + [records]
+        stored = Counter(r.message for r in readRecords(*files))
+        self.assertEqual(stored, Counter(replied))
+        self.assertTrue(all(os.path.getsize(f) for f in files), "every rotated file received records")
+
+    @slow
+    def test_logrotateCreateMode(self) -> None:
+        """The shipped logrotate rules, pointed at a test file and signalling this server, rotate without loss."""
+        logrotate = requireTool(self, "logrotate")
+        records = os.path.abspath(self.mktemp())
+        server = ServerProcess(records)
+        try:
+            for i in range(5):
+                ask(server.port, f"before {i}\n".encode())
+            config = LOGROTATE.read_text().replace("/var/lib/primecount/records.txt", records)
+            config = config.replace(
+                "systemctl reload primecount.service primecount-socket.service >/dev/null 2>&1 || true",
+                f"kill -HUP {server.process.pid}",
+            )
+            configPath = Path(self.mktemp())
+            configPath.write_text(config)
+            result = subprocess.run([logrotate, "--force", "--state", str(configPath) + ".state", str(configPath)],
+                                    capture_output=True, text=True)
+            self.assertEqual(result.returncode, 0, result.stderr)
+            server.waitFor(rb"reopened records file")
+            for i in range(5):
+                ask(server.port, f"after {i}\n".encode())
+        finally:
+            self.assertEqual(server.stop(), 0)
+        self.assertEqual([r.message for r in readRecords(records + ".1")], [f"before {i}" for i in range(5)])
+        self.assertEqual([r.message for r in readRecords(records)], [f"after {i}" for i in range(5)])
+
+
+class DaemonTests(SynchronousTestCase):
+    """Classic daemon mode: twistd forks, writes its pidfile, and removes it on SIGTERM."""
+
+    @slow
+    def test_daemonLifecycle(self) -> None:
+        """The daemon answers, stops on SIGTERM, removes its pidfile and keeps its records."""
+        base = Path(os.path.abspath(self.mktemp()))
+        base.mkdir()
+        pidfile, logfile, records = base / "primecount.pid", base / "twistd.log", base / "records.txt"
+        started = subprocess.run(
+            [*TWISTD, f"--pidfile={pidfile}", f"--logfile={logfile}", "primecount",
+             "--port", "tcp:0:interface=127.0.0.1", "--records", str(records)],
+            capture_output=True, text=True, timeout=60,
+        )
+        self.assertEqual(started.returncode, 0, started.stdout + started.stderr)
+        waitUntil(lambda: pidfile.exists() and logfile.exists()
+                  and b"PrimeCountFactory starting on" in logfile.read_bytes(), what="the daemon to listen")
+        pid = int(pidfile.read_text())
+        port = int(logfile.read_text().split("PrimeCountFactory starting on ")[1].split()[0])
+        self.assertEqual(ask(port, b"abc2a\n"), "2 sí\n".encode())
+        self.assertEqual(ask(port, "日本日\n".encode()), "2 sí\n".encode())
+        os.kill(pid, signal.SIGTERM)
+
+        def gone() -> bool:
+            try:
+                os.kill(pid, 0)
+            except ProcessLookupError:
+                return True
+            return False
+
+        waitUntil(gone, what="the daemon to exit")
+        self.assertFalse(pidfile.exists(), "the pidfile is removed")
+        self.assertIn("Server Shut Down.", logfile.read_text())
+        self.assertEqual([r.message for r in readRecords(str(records))], ["abc2a", "日本日"])
+
+    @slow
+    def test_boundedLogFile(self) -> None:
+        """With --logger=primecount.logs.rotatingLogObserver the log rotates at the size given and keeps N files."""
+        base = Path(os.path.abspath(self.mktemp()))
+        base.mkdir()
+        environ = {**os.environ, "PRIMECOUNT_LOGFILE": str(base / "twistd.log"),
+                   "PRIMECOUNT_LOG_MAX_BYTES": "2000", "PRIMECOUNT_LOG_KEEP": "2"}
+        process = subprocess.Popen(
+            [*TWISTD, "-n", "--pidfile=", "--logger=primecount.logs.rotatingLogObserver", "primecount",
+             "--port", "tcp:0:interface=127.0.0.1", "--log-requests", "--records", str(base / "records.txt")],
+            env=environ, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )
+        try:
+            log = base / "twistd.log"
+            waitUntil(lambda: log.exists() and b"PrimeCountFactory starting on" in log.read_bytes(),
+                      what="the server to listen")
+            port = int(log.read_text().split("PrimeCountFactory starting on ")[1].split()[0])
+            for i in range(60):
+                ask(port, f"log line {i}\n".encode())
+        finally:
+            process.send_signal(signal.SIGTERM)
+            self.assertEqual(process.wait(30), 0)
+        self.assertEqual(sorted(p.name for p in base.glob("twistd.log*")), ["twistd.log", "twistd.log.1", "twistd.log.2"])
+
+
+class SystemdTests(SynchronousTestCase):
+    """The shipped units pass systemd-analyze, and socket activation works without systemd as PID 1."""
+
+    def test_unitsVerify(self) -> None:
+        """Every unit verifies (ExecStart pointed at this environment's twistd); a broken one does not."""
+        analyze = requireTool(self, "systemd-analyze")
+        folder = Path(self.mktemp())
+        folder.mkdir()
+        prefix = str(Path(TWISTD[0]).parent.parent)
+        if not (Path(prefix) / "bin" / "twistd").exists():
+            raise SkipTest(f"no twistd script beside {TWISTD[0]}")
+        names = sorted(p.name for p in UNITS.iterdir())
+        self.assertEqual(names, ["primecount-socket.service", "primecount.service", "primecount.socket"])
+        for name in names:
+            (folder / name).write_text((UNITS / name).read_text().replace("/opt/primecount/venv", prefix))
+        result = subprocess.run([analyze, "verify", *names], cwd=folder, capture_output=True, text=True)
+        self.assertEqual((result.returncode, result.stderr), (0, ""))
+        (folder / "broken.service").write_text((UNITS / "primecount.service").read_text())
+        broken = subprocess.run([analyze, "verify", "broken.service"], cwd=folder, capture_output=True, text=True)
+        self.assertNotEqual(broken.returncode, 0)
+        self.assertIn("/opt/primecount/venv/bin/twistd", broken.stderr)
+
+    @slow
+    def test_socketActivation(self) -> None:
+        """systemd-socket-activate holds the port; twistd adopts it via --port systemd:domain=INET:index=0."""
+        activate = requireTool(self, "systemd-socket-activate")
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            port = probe.getsockname()[1]
+        records = os.path.abspath(self.mktemp())
+        process = subprocess.Popen(
+            [activate, "--fdname=primecount", "-l", f"127.0.0.1:{port}",
+             *TWISTD, "-n", "--pidfile=", "primecount", "--port", "systemd:domain=INET:index=0", "--records", records],
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        )
+        try:
+            waitUntil(lambda: _accepting(port), what="systemd-socket-activate to listen")
+            self.assertEqual(ask(port, b"abc2a\n", timeout=30), "2 sí\n".encode())
+            self.assertEqual(ask(port, b"zz\n"), "2 sí\n".encode())
+        finally:
+            process.send_signal(signal.SIGTERM)
+            output, _ = process.communicate(timeout=30)
+        self.assertEqual(process.returncode, 0, output.decode(errors="replace"))
+        self.assertEqual([r.message for r in readRecords(records)], ["abc2a", "zz"])
+
+
+def _accepting(port: int) -> bool:
+    """Whether something listens on the loopback C{port} (probing without sending a request)."""
+    try:
+        with open("/proc/net/tcp") as table:
+            return any(line.split()[1].endswith(f":{port:04X}") and line.split()[3] == "0A" for line in table)
+    except OSError:
+        return False
+
+
+class MetricsTests(SynchronousTestCase):
+    """Prometheus text at /metrics reflects real requests."""
+
+    @slow
+    def test_metricsMove(self) -> None:
+        """After 3 answers and 2 errors the counters, histogram, records and fsync figures say so."""
+        records = os.path.abspath(self.mktemp())
+        server = ServerProcess(records, "--metrics", "tcp:0:interface=127.0.0.1", "--fsync", "always")
+        try:
+            metricsPort = int(server.waitFor(rb"Site starting on (\d+)").group(1))
+            before = scrape(metricsPort)
+            for payload in (b"abc2a\n", b"aa\n", b"xyz\n", b"\xff\n", b"\n"):
+                ask(server.port, payload)
+            after = scrape(metricsPort)
+        finally:
+            self.assertEqual(server.stop(), 0)
+        self.assertEqual(before.get('primecount_requests_total{outcome="ok"}', 0.0), 0.0)
+        self.assertEqual(after['primecount_requests_total{outcome="ok"}'], 3.0)
+        self.assertEqual(after['primecount_requests_total{outcome="invalid_utf8"}'], 1.0)
+        self.assertEqual(after['primecount_requests_total{outcome="empty_message"}'], 1.0)
+        self.assertEqual(after["primecount_request_duration_seconds_count"], 5.0)
+        self.assertEqual(after["primecount_records_written_total"], 3.0)
+        self.assertEqual(after["primecount_record_write_errors_total"], 0.0)
+        self.assertGreaterEqual(after["primecount_fsync_duration_seconds_count"], 3.0)
+        self.assertEqual(after["primecount_open_connections"], 0.0)
+        self.assertEqual(after["primecount_threadpool_queue_depth"], 0.0)
+        self.assertIn("primecount_threadpool_busy_threads", after)
+
+
+def scrape(port: int) -> dict[str, float]:
+    """GET /metrics and return its samples by name (with labels)."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as response:
+        assert response.headers["Content-Type"].startswith("text/plain")
+        text = response.read().decode("utf-8")
+    samples = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            name, value = line.rsplit(" ", 1)
+            samples[name] = float(value)
+    return samples
