@@ -175,3 +175,11 @@ def parseRecords(lines: Iterable[str]) -> Iterator[Record]:
             yield parseRecord(line)
         except MalformedRecord as error:
             raise MalformedRecord(f"line {number}: {error}") from None
+
+
+if __name__ == "__main__":
+    import sys
+
+    from primecount.recordstool import main
+
+    sys.exit(main())

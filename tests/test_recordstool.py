@@ -1,0 +1,168 @@
+"""Tests for L{primecount.recordstool}: check, repair, stats, tail and follow on real files."""
+
+from __future__ import annotations
+
+import io
+import os
+import queue
+import signal
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+from twisted.trial.unittest import SynchronousTestCase
+
+from primecount.records import JSONL, TSV, Record
+from primecount.recordstool import main
+
+T0 = 1_795_687_200
+
+
+def lines(*messages: str, recordFormat=TSV, client: str = "127.0.0.1") -> str:  # type: ignore[no-untyped-def]
+    """Record lines for C{messages}, one second apart."""
+    return "".join(
+        recordFormat.format(Record(T0 + i, client, m, m.count(m[-1]), m.count(m[-1]) in (2, 3, 5, 7)))
+        for i, m in enumerate(messages)
+    )
+
+
+class ToolTestCase(SynchronousTestCase):
+    """Runs the tool in-process on files written by the test."""
+
+    def write(self, content: str | bytes) -> str:
+        """A new file holding C{content}."""
+        path = self.mktemp()
+        Path(path).write_bytes(content.encode("utf-8") if isinstance(content, str) else content)
+        return path
+
+    def tool(self, *argv: str) -> tuple[int, str]:
+        """The exit status and output of the tool."""
+        out = io.StringIO()
+        return main(list(argv), out), out.getvalue()
+
+
+class CheckTests(ToolTestCase):
+    """C{check} tells a good file, a torn last line and damage inside apart."""
+
+    def test_good(self) -> None:
+        """A well-formed file exits 0, in either format."""
+        for recordFormat in (TSV, JSONL):
+            status, output = self.tool("check", self.write(lines("abc2a", "añoñ", recordFormat=recordFormat)))
+            self.assertEqual(status, 0, output)
+            self.assertIn("2 records, 0 malformed lines, no torn last line", output)
+
+    def test_tornLastLine(self) -> None:
+        """A last line cut short is reported with its byte offset and exit status 3."""
+        good = lines("abc2a", "añoñ")
+        status, output = self.tool("check", self.write(good + "2026-11-26 10:00:02\t127.0"))
+        self.assertEqual(status, 3)
+        self.assertIn(f"torn last line 3 at byte offset {len(good.encode())}", output)
+
+    def test_tornMultiByte(self) -> None:
+        """A cut inside a multi-byte character (invalid UTF-8) is still a torn last line."""
+        good = lines("abc2a").encode()
+        status, output = self.tool("check", self.write(good + "2026-11-26 10:00:02\t1\tñ".encode()[:-1]))
+        self.assertEqual(status, 3, output)
+
+    def test_malformedInside(self) -> None:
+        """A bad line before the end exits 4 and names the line."""
+        status, output = self.tool("check", self.write(lines("abc2a") + "garbage\n" + lines("zz")))
+        self.assertEqual(status, 4)
+        self.assertIn("line 2 (byte", output)
+
+    def test_missingFile(self) -> None:
+        """An unreadable file exits 1."""
+        self.assertEqual(self.tool("check", self.mktemp())[0], 1)
+
+
+class RepairTests(ToolTestCase):
+    """C{repair} removes only a torn last line and keeps a backup."""
+
+    def test_repairTorn(self) -> None:
+        """The torn tail is cut off, the original kept in FILE.bak, and the file then checks clean."""
+        good = lines("abc2a", "añoñ")
+        path = self.write(good + "2026-11-26 10:00:02\tip\tpart")
+        status, output = self.tool("repair", path)
+        self.assertEqual(status, 0, output)
+        self.assertEqual(Path(path).read_text(encoding="utf-8"), good)
+        self.assertTrue(Path(path + ".bak").read_text(encoding="utf-8").endswith("part"))
+        self.assertEqual(self.tool("check", path)[0], 0)
+
+    def test_refusesInsideDamage(self) -> None:
+        """A file damaged before its last line is left alone, exit 4."""
+        content = lines("abc2a") + "garbage\n" + lines("zz") + "torn"
+        path = self.write(content)
+        self.assertEqual(self.tool("repair", path)[0], 4)
+        self.assertEqual(Path(path).read_text(encoding="utf-8"), content)
+
+    def test_nothingToDo(self) -> None:
+        """A clean file is not touched and no backup is made."""
+        path = self.write(lines("abc2a"))
+        self.assertEqual(self.tool("repair", path)[0], 0)
+        self.assertFalse(os.path.exists(path + ".bak"))
+
+
+class StatsAndTailTests(ToolTestCase):
+    """C{stats} sums up; C{tail} prints the last whole records."""
+
+    def test_stats(self) -> None:
+        """Totals, share of sí, clients and per-minute counts."""
+        path = self.write(lines("aa", "ab", "aaa", client="10.0.0.1") + lines("x", client="::1"))
+        status, output = self.tool("stats", path)
+        self.assertEqual(status, 0)
+        self.assertIn("records      4\n", output)
+        self.assertIn("sí           2 (50.0%)\n", output)
+        self.assertIn("           3  10.0.0.1\n", output)
+        self.assertIn("           1  ::1\n", output)
+        self.assertRegex(output, r"per minute\n  \d{4}-\d\d-\d\d \d\d:\d\d  4\n")
+
+    def test_tail(self) -> None:
+        """The last N whole records are printed; a torn tail is not."""
+        path = self.write(lines(*[f"m{i}" for i in range(100)]) + "torn")
+        status, output = self.tool("tail", "-n", "2", path)
+        self.assertEqual(status, 0)
+        self.assertEqual([line.split("\t")[2] for line in output.splitlines()], ["m98", "m99"])
+
+    def test_tailLongerThanFile(self) -> None:
+        """Asking for more records than there are prints them all."""
+        status, output = self.tool("tail", "-n", "50", self.write(lines("a", "b")))
+        self.assertEqual(len(output.splitlines()), 2)
+
+
+class FollowTests(SynchronousTestCase):
+    """C{follow} prints appended records and carries on across a rotation."""
+
+    def test_followAcrossRotation(self) -> None:
+        """Records appended before and after a rename + new file are all printed, once; Ctrl-C exits 0."""
+        path = Path(self.mktemp())
+        path.write_text(lines("old"), encoding="utf-8")
+        process = subprocess.Popen([sys.executable, "-m", "primecount.records", "follow", "--from-start", str(path)],
+                                   stdout=subprocess.PIPE, text=True, encoding="utf-8")
+        self.printed: queue.Queue[str] = queue.Queue()
+        reader = threading.Thread(target=lambda: [self.printed.put(line) for line in process.stdout], daemon=True)
+        reader.start()
+        try:
+            self.assertEqual(self.nextMessage(process), "old")
+            with path.open("a", encoding="utf-8") as file:
+                file.write(lines("first"))
+            self.assertEqual(self.nextMessage(process), "first")
+            os.rename(path, str(path) + ".1")
+            with open(str(path) + ".1", "a", encoding="utf-8") as file:
+                file.write(lines("late in rotated file"))
+            path.write_text(lines("second"), encoding="utf-8")
+            self.assertEqual(self.nextMessage(process), "late in rotated file")
+            self.assertEqual(self.nextMessage(process), "second")
+        finally:
+            process.send_signal(signal.SIGINT)
+            process.wait(timeout=10)
+            reader.join(10)
+        self.assertEqual(process.returncode, 0)
+        self.assertTrue(self.printed.empty(), "nothing printed twice")
+
+    def nextMessage(self, process: subprocess.Popen, seconds: float = 10.0) -> str:
+        """The message of the next record C{follow} prints, failing after C{seconds}."""
+        try:
+            return self.printed.get(timeout=seconds).split("\t")[2]
+        except queue.Empty:
+            self.fail("follow printed nothing in time")
