@@ -73,12 +73,13 @@ class Baseline:
         self.process.wait(timeout=30)
 
 
-def startServer(kind: str, workdir: Path, shared: Path, core: str) -> "Baseline | ServerProcess":
-    """Start the baseline or primecount (default options, loopback only) pinned to C{core}."""
+def startServer(kind: str, workdir: Path, shared: Path, core: str, options: list[str]) -> "Baseline | ServerProcess":
+    """Start the baseline or primecount (default options plus C{options}, loopback only) pinned to C{core}."""
     if kind == "baseline":
         return Baseline(workdir, shared, core)
     return ServerProcess(
         str(workdir / "primecount-records.txt"),
+        *options,
         port=f"tcp:0:interface=127.0.0.1:backlog={BARE_PORT_BACKLOG}",
         prefix=["taskset", "-c", core],
     )
@@ -106,6 +107,9 @@ def main() -> None:
     parser.add_argument("--server-core", default="0")
     parser.add_argument("--client-core", default="1")
     parser.add_argument("--only", choices=["baseline", "primecount"], help="measure one server only")
+    parser.add_argument("--scenario", action="append", choices=list(SCENARIOS), help="run only these (repeatable)")
+    parser.add_argument("--option", action="append", default=[], metavar="OPTION",
+                        help="extra primecount option, e.g. --option=--fsync=always (repeatable)")
     args = parser.parse_args()
 
     workdir = Path(tempfile.mkdtemp(prefix="primecount-bench-"))
@@ -116,8 +120,10 @@ def main() -> None:
     try:
         for round in range(1, args.rounds + 1):
             for name, scenario in SCENARIOS.items():
+                if args.scenario and name not in args.scenario:
+                    continue
                 for kind in kinds:
-                    server = startServer(kind, workdir, args.shared, args.server_core)
+                    server = startServer(kind, workdir, args.shared, args.server_core, args.option)
                     try:
                         summary = runLoad(loadgen, server.port, scenario, args.duration, messages, args.client_core)
                     finally:
@@ -140,7 +146,9 @@ def main() -> None:
         p99 = statistics.median(r["latency_us"]["p99"] for r in done) / 1000 if done else float("nan")
         print(f"{name:<32} {kind:<10} {rps:>9.1f} {p50:>8.2f} {p99:>8.2f} "
               f"{sum(r['mismatches'] for r in runs):>8} {sum(r['errors_total'] for r in runs):>7}")
-    if len(kinds) == 2:
+    if args.option:
+        print(f"primecount options: {' '.join(args.option)}")
+    if len(kinds) == 2 and not args.scenario:
         base = medians[("50 conns", "baseline")]
         own = medians[("50 conns", "primecount")]
         hostile = medians[("50 conns + 100 idle + 20 slow", "primecount")]
