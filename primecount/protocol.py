@@ -2,17 +2,18 @@
 
 from __future__ import annotations
 
-from typing import NamedTuple, Optional
+from typing import Callable, NamedTuple, Optional
 
 from twisted.internet.defer import Deferred, succeed
-from twisted.internet.interfaces import IAddress, IDelayedCall, IHalfCloseableProtocol, IReactorTime
-from twisted.internet.protocol import Factory
+from twisted.internet.interfaces import IAddress, IDelayedCall, IHalfCloseableProtocol, IReactorTime, ITransport
+from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
 from twisted.protocols.basic import LineReceiver
 from twisted.protocols.policies import TimeoutMixin
 from zope.interface import implementer
 
 from primecount import wire
+from primecount.limits import ConnectionLimits, peerKey
 from primecount.metrics import NoMetrics
 from primecount.responder import Responder
 
@@ -25,11 +26,99 @@ class RequestLimits(NamedTuple):
     quiet: float = 0.2
     maxLine: int = 65536
     logRequests: bool = False
+    linger: float = 2.0
+
+
+# Input read and thrown away after an ERROR reply, at most, before closing regardless.
+LINGER_MAX_BYTES = 1 << 20
+# Busy connections linger too, but only this many at once: past it a flood is closed outright.
+BUSY_LINGER_MAX = 1024
 
 
 def peerHost(address: IAddress) -> str:
     """The client address as written in records and logs: the IP for TCP peers."""
     return getattr(address, "host", None) or str(address)
+
+
+class LingeringClose:
+    """Closes after an ERROR reply without losing it: half-close, read and discard, then close.
+
+    Closing a socket that still has unread input makes the kernel send a reset,
+    and a reset can make the client's kernel throw away the reply it has not read
+    yet. So, as nginx's lingering close does, the server sends FIN after the reply,
+    keeps reading (and discarding) until the client closes, C{seconds} pass or
+    C{maxBytes} arrive, and only then closes.
+    """
+
+    def __init__(self, transport: ITransport, clock: IReactorTime, seconds: float, maxBytes: int = LINGER_MAX_BYTES) -> None:
+        self._transport = transport
+        self._clock = clock
+        self._seconds = seconds
+        self._maxBytes = maxBytes
+        self._discarded = 0
+        self._call: Optional[IDelayedCall] = None
+
+    def start(self, readClosed: bool) -> None:
+        """Begin lingering; a client that has already closed its side is simply closed."""
+        halfClose = getattr(self._transport, "loseWriteConnection", None)
+        if readClosed or halfClose is None or self._seconds <= 0:
+            self._transport.loseConnection()
+            return
+        halfClose()
+        self._call = self._clock.callLater(self._seconds, self.finish)
+
+    def discard(self, data: bytes) -> None:
+        """Input that arrives while lingering is dropped, up to the byte bound."""
+        self._discarded += len(data)
+        if self._discarded > self._maxBytes:
+            self.finish()
+
+    def finish(self) -> None:
+        """Stop lingering and close."""
+        self.cancel()
+        self._transport.loseConnection()
+
+    def cancel(self) -> None:
+        """Forget the timer (the connection is gone)."""
+        if self._call is not None and self._call.active():
+            self._call.cancel()
+        self._call = None
+
+
+@implementer(IHalfCloseableProtocol)
+class BusyProtocol(Protocol):
+    """What a connection over a limit gets: C{ERROR busy}, no reading of its request, a lingering close."""
+
+    def __init__(self, clock: IReactorTime, linger: float, onClosed: Callable[[], None]) -> None:
+        self._clock = clock
+        self._linger = linger
+        self._onClosed = onClosed
+        self._closing: Optional[LingeringClose] = None
+
+    def connectionMade(self) -> None:
+        """Refuse at once."""
+        self.transport.write(wire.errorLine(wire.BUSY))
+        self._closing = LingeringClose(self.transport, self._clock, self._linger)
+        self._closing.start(readClosed=False)
+
+    def dataReceived(self, data: bytes) -> None:
+        """The request is not read, only discarded."""
+        if self._closing is not None:
+            self._closing.discard(data)
+
+    def readConnectionLost(self) -> None:
+        """The client is done: close."""
+        if self._closing is not None:
+            self._closing.finish()
+
+    def writeConnectionLost(self) -> None:
+        """Our FIN went out; wait for the client."""
+
+    def connectionLost(self, reason: object = None) -> None:
+        """Forget the linger timer and tell the factory."""
+        if self._closing is not None:
+            self._closing.cancel()
+        self._onClosed()
 
 
 @implementer(IHalfCloseableProtocol)
@@ -54,6 +143,8 @@ class PrimeCountProtocol(LineReceiver, TimeoutMixin):
         self._quietCall: Optional[IDelayedCall] = None
         self._peer = "-"
         self._connectedAt = 0.0
+        self._readClosed = False
+        self._lingering: Optional[LingeringClose] = None
 
     def callLater(self, period: float, func) -> IDelayedCall:  # type: ignore[no-untyped-def]
         """Schedule on the injected clock (used by L{TimeoutMixin})."""
@@ -71,6 +162,9 @@ class PrimeCountProtocol(LineReceiver, TimeoutMixin):
 
     def dataReceived(self, data: bytes) -> None:
         """Check the line limit before buffering; hand L{LineReceiver} the whole line once a newline is in."""
+        if self._lingering is not None:
+            self._lingering.discard(data)
+            return
         if not self._collecting:
             return  # past the request; keep reading so closing does not reset the connection
         newline = data.find(b"\n")
@@ -112,8 +206,11 @@ class PrimeCountProtocol(LineReceiver, TimeoutMixin):
         """Bytes after the request are read and discarded."""
 
     def readConnectionLost(self) -> None:
-        """The client half-closed: whatever it sent is the request."""
-        if self._collecting:
+        """The client half-closed: whatever it sent is the request (or, after an ERROR, it is done)."""
+        self._readClosed = True
+        if self._lingering is not None:
+            self._lingering.finish()
+        elif self._collecting:
             self._messageEnded(self.clearLineBuffer())
 
     def writeConnectionLost(self) -> None:
@@ -128,6 +225,8 @@ class PrimeCountProtocol(LineReceiver, TimeoutMixin):
     def connectionLost(self, reason=None) -> None:  # type: ignore[no-untyped-def]
         """Cancel timers; a reply still being prepared will find the transport closed."""
         self._stopCollecting()
+        if self._lingering is not None:
+            self._lingering.cancel()
         self.factory.connectionClosed(self)
 
     def _restartQuietGap(self) -> None:
@@ -170,39 +269,81 @@ class PrimeCountProtocol(LineReceiver, TimeoutMixin):
             )
         self.factory.metrics.requestFinished(wire.outcomeLabel(reply), self._clock.seconds() - self._connectedAt)
         self.transport.write(reply)
-        self.transport.loseConnection()
+        if reply.startswith(b"ERROR "):
+            # The client may still be sending (a long line, a trickle): make sure it reads the reply.
+            self._lingering = LingeringClose(self.transport, self._clock, self._limits.linger)
+            self._lingering.start(self._readClosed)
+        else:
+            self.transport.loseConnection()
 
 
 class PrimeCountFactory(Factory):
-    """Builds one L{PrimeCountProtocol} per connection and keeps track of the open ones, for draining and metrics."""
+    """Builds one L{PrimeCountProtocol} per connection within the connection limits, and keeps track of the
+    open ones, for draining and metrics."""
 
     noisy = False
+    log = Logger()
 
     def __init__(
-        self, limits: RequestLimits, clock: IReactorTime, responder: Responder, metrics: NoMetrics = NoMetrics()
+        self,
+        limits: RequestLimits,
+        clock: IReactorTime,
+        responder: Responder,
+        metrics: NoMetrics = NoMetrics(),
+        connectionLimits: Optional[ConnectionLimits] = None,
     ) -> None:
         self.limits = limits
         self.clock = clock
         self.responder = responder
         self.metrics = metrics
-        self._open: set[PrimeCountProtocol] = set()
+        self.connectionLimits = connectionLimits or ConnectionLimits(maxTotal=1 << 30, maxPerPeer=0)
+        self._open: dict[PrimeCountProtocol, str] = {}
         self._idleWaiters: list[Deferred[None]] = []
+        self.busyLingering = 0
+        self._lastBusyLog = float("-inf")
+        self._refusedSinceLog = 0
 
-    def buildProtocol(self, addr: IAddress) -> PrimeCountProtocol:
-        """A protocol for the connection from C{addr}."""
+    def buildProtocol(self, addr: IAddress) -> Protocol:
+        """A protocol for the connection from C{addr}, or a L{BusyProtocol} if it is over a limit."""
+        key = peerKey(peerHost(addr))
+        if not self.connectionLimits.acquire(key):
+            return self._busy(key)
         protocol = PrimeCountProtocol(self.limits, self.clock, self.responder)
         protocol.factory = self
+        protocol.limitKey = key
         return protocol
+
+    def _busy(self, key: str) -> Protocol:
+        self.metrics.requestFinished("busy", 0.0)
+        lingering = self.busyLingering < BUSY_LINGER_MAX
+        if lingering:
+            self.busyLingering += 1
+        self._refusedSinceLog += 1
+        now = self.clock.seconds()
+        if now - self._lastBusyLog >= 1.0:  # at most one line a second, however hard the flood
+            self.log.warn(
+                "answered ERROR busy to {refused} connections (last from {peer}); {total} open, "
+                "limits {maxTotal} in all and {maxPerPeer} per address",
+                refused=self._refusedSinceLog, peer=key, total=self.connectionLimits.total,
+                maxTotal=self.connectionLimits.maxTotal, maxPerPeer=self.connectionLimits.maxPerPeer or "no",
+            )
+            self._lastBusyLog, self._refusedSinceLog = now, 0
+
+        def closed() -> None:
+            if lingering:
+                self.busyLingering -= 1
+
+        return BusyProtocol(self.clock, self.limits.linger if lingering else 0.0, closed)
 
     def connectionOpened(self, protocol: PrimeCountProtocol) -> None:
         """Count C{protocol} as open."""
-        self._open.add(protocol)
+        self._open[protocol] = protocol.limitKey
         self.metrics.connectionOpened()
 
     def connectionClosed(self, protocol: PrimeCountProtocol) -> None:
         """C{protocol}'s connection is gone; wake those waiting for none to be open."""
         if protocol in self._open:
-            self._open.discard(protocol)
+            self.connectionLimits.release(self._open.pop(protocol))
             self.metrics.connectionClosed()
         if not self._open:
             waiters, self._idleWaiters = self._idleWaiters, []

@@ -12,8 +12,10 @@ from twisted.application.service import IService
 from twisted.internet.endpoints import serverFromString
 from twisted.internet.testing import MemoryReactor
 from twisted.internet.threads import deferToThreadPool
+from twisted.logger import Logger
 from twisted.python import usage
 
+from primecount.limits import ConnectionLimits, raiseFileLimit
 from primecount.lifecycle import Drain, ProcessSignals, SequentialMultiService
 from primecount.metrics import NoMetrics, PrometheusMetrics, metricsSite
 from primecount.protocol import PrimeCountFactory, RequestLimits
@@ -22,6 +24,7 @@ from primecount.responder import Responder
 from primecount.storage import FSYNC_POLICIES, RecordsService, openRecordsFile
 
 DEFAULTS = RequestLimits()
+log = Logger()
 # Twisted listens with a backlog of 50; a burst of new clients beyond that waits
 # a full second for the SYN retry. Load tests open hundreds of connections at once.
 BARE_PORT_BACKLOG = 1024
@@ -119,6 +122,11 @@ class Options(usage.Options):
          _choice("records-format", sorted(FORMATS))],
         ["fsync", None, "everysec", "When records are fsynced: always (before each reply), everysec "
          "(at most once a second) or never (left to the OS).", _choice("fsync", FSYNC_POLICIES)],
+        ["max-connections", None, None, "Most client connections open at once; more get ERROR busy "
+         "(default: the descriptor limit, raised to its hard limit, less 128).",
+         _number("max-connections", int, 1, strict=False)],
+        ["max-per-ip", None, 64, "Most connections open at once from one address; more get ERROR busy "
+         "(0: no per-address limit).", _number("max-per-ip", int, 0, strict=False)],
         ["metrics", None, None, "Serve Prometheus metrics at /metrics on this endpoint (a bare port "
          "listens on 127.0.0.1 only); off by default.", metricsEndpointDescription],
     ]
@@ -148,6 +156,17 @@ def makeService(options: Options, reactor: Optional[Any] = None) -> IService:
         from twisted.internet import reactor as globalReactor
 
         reactor = globalReactor
+    fileLimit = raiseFileLimit()
+    maxConnections = options["max-connections"] or fileLimit.defaultMaxConnections
+    log.info(
+        "descriptor limit (RLIMIT_NOFILE): soft {before} raised to {soft}, hard {hard}; "
+        "at most {maxConnections} connections, {perIP} per address",
+        before=fileLimit.softBefore, soft=fileLimit.soft, hard=fileLimit.hard,
+        maxConnections=maxConnections, perIP=options["max-per-ip"] or "no limit",
+    )
+    if maxConnections > fileLimit.defaultMaxConnections:
+        log.warn("--max-connections {maxConnections} exceeds what the descriptor limit {soft} leaves for clients",
+                 maxConnections=maxConnections, soft=fileLimit.soft)
     reactor.suggestThreadPoolSize(options["threads"])
     threadPool = reactor.getThreadPool()
     runInThread = partial(deferToThreadPool, reactor, threadPool)
@@ -163,7 +182,10 @@ def makeService(options: Options, reactor: Optional[Any] = None) -> IService:
     limits = RequestLimits(
         options["timeout"], options["quiet"], options["max-line"], bool(options["log-requests"])
     )
-    factory = PrimeCountFactory(limits, reactor, Responder(reactor, runInThread, records), metrics)
+    factory = PrimeCountFactory(
+        limits, reactor, Responder(reactor, runInThread, records), metrics,
+        ConnectionLimits(maxConnections, options["max-per-ip"]),
+    )
     # Every request ends within --timeout of its connect; the extra second covers analysis and the record.
     Drain(factory, reactor, grace=options["timeout"] + 1).setServiceParent(top)
     strports.service(options["port"], factory, reactor=reactor).setServiceParent(top)

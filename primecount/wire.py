@@ -11,6 +11,7 @@ INVALID_UTF8 = "invalid UTF-8"
 TIMEOUT = "timeout"
 STORAGE_UNAVAILABLE = "storage unavailable"
 INTERNAL_ERROR = "internal error"
+BUSY = "busy"
 
 
 def lineTooLong(maxLine: int) -> str:

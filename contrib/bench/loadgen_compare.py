@@ -74,11 +74,13 @@ class Baseline:
 
 
 def startServer(kind: str, workdir: Path, shared: Path, core: str, options: list[str]) -> "Baseline | ServerProcess":
-    """Start the baseline or primecount (default options plus C{options}, loopback only) pinned to C{core}."""
+    """Start the baseline or primecount (defaults but no per-address limit, plus C{options}) pinned to C{core}."""
     if kind == "baseline":
         return Baseline(workdir, shared, core)
     return ServerProcess(
         str(workdir / "primecount-records.txt"),
+        # Every loadgen connection comes from 127.0.0.1: lift the per-address limit (default 64).
+        "--max-per-ip", "0",
         *options,
         port=f"tcp:0:interface=127.0.0.1:backlog={BARE_PORT_BACKLOG}",
         prefix=["taskset", "-c", core],
