@@ -65,18 +65,31 @@ class RecordingMetrics:
         return lambda *args: self.events.append((name, *args))
 
 
+class HalfCloseTransport(StringTransport):
+    """A L{StringTransport} that can also close only its writing side, as TCP can."""
+
+    writeClosed = False
+
+    def loseWriteConnection(self) -> None:
+        """Remember that FIN was sent."""
+        self.writeClosed = True
+
+
 class ProtocolHarness:
     """One protocol on a L{StringTransport}, with a L{Clock}, inline threads and in-memory records."""
 
-    def __init__(self, limits: RequestLimits = RequestLimits(), records: Any = None, peer: str = "192.0.2.7") -> None:
+    def __init__(
+        self, limits: RequestLimits = RequestLimits(), records: Any = None, peer: str = "192.0.2.7",
+        factory: Any = None,
+    ) -> None:
         self.clock = Clock()
         self.threads = InlineThreads()
         self.records = records if records is not None else MemoryRecords()
         self.metrics = RecordingMetrics()
-        self.factory = PrimeCountFactory(
+        self.factory = factory or PrimeCountFactory(
             limits, self.clock, Responder(self.clock, self.threads, self.records), self.metrics
         )
-        self.transport = StringTransport(peerAddress=_tcpAddress(peer))
+        self.transport = HalfCloseTransport(peerAddress=_tcpAddress(peer))
         self.protocol: PrimeCountProtocol = self.factory.buildProtocol(self.transport.getPeer())
         self.protocol.makeConnection(self.transport)
 
@@ -97,8 +110,8 @@ class ProtocolHarness:
 
     @property
     def closed(self) -> bool:
-        """Whether the server has asked to close the connection."""
-        return bool(self.transport.disconnecting)
+        """Whether the server has closed the connection or, lingering after an error, its writing side."""
+        return bool(self.transport.disconnecting or self.transport.writeClosed)
 
 
 def _tcpAddress(host: str) -> Any:

@@ -313,3 +313,57 @@ class ConnectionTrackingTests(SynchronousTestCase):
             harness.metrics.events,
             [("connectionOpened",), ("requestFinished", "invalid_utf8", 0.25), ("connectionClosed",)],
         )
+
+
+class LingeringCloseTests(SynchronousTestCase):
+    """After an ERROR the server half-closes and discards input for a bounded time, so the reply is not lost."""
+
+    def test_errorHalfCloses(self) -> None:
+        """An ERROR reply is followed by FIN only; the connection stays open for reading."""
+        harness = ProtocolHarness(RequestLimits(maxLine=4, linger=2))
+        harness.send(b"toolong")
+        self.assertEqual(harness.reply(), b"ERROR line too long (max 4 bytes)\n")
+        self.assertTrue(harness.transport.writeClosed)
+        self.assertFalse(harness.transport.disconnecting)
+
+    def test_inputDiscardedThenClosedWhenClientCloses(self) -> None:
+        """Input after the ERROR is read and dropped; the client's own close ends the linger."""
+        harness = ProtocolHarness(RequestLimits(maxLine=4, linger=2))
+        harness.send(b"toolong", b"more\n", b"and more")
+        self.assertEqual(harness.reply(), b"ERROR line too long (max 4 bytes)\n")
+        harness.endOfInput()
+        self.assertTrue(harness.transport.disconnecting)
+
+    def test_lingerBoundedInTime(self) -> None:
+        """A client that never closes is closed after the linger time."""
+        harness = ProtocolHarness(RequestLimits(timeout=5, linger=2))
+        harness.clock.advance(5)
+        self.assertEqual(harness.reply(), b"ERROR timeout\n")
+        harness.clock.advance(1.9)
+        self.assertFalse(harness.transport.disconnecting)
+        harness.clock.advance(0.2)
+        self.assertTrue(harness.transport.disconnecting)
+
+    def test_lingerBoundedInBytes(self) -> None:
+        """A client that keeps sending is closed once a megabyte has been thrown away."""
+        harness = ProtocolHarness(RequestLimits(maxLine=4, linger=60))
+        harness.send(b"toolong")
+        for _ in range(16):
+            harness.send(b"x" * 65536)
+        self.assertFalse(harness.transport.disconnecting)
+        harness.send(b"x")
+        self.assertTrue(harness.transport.disconnecting)
+
+    def test_noLingerAfterClientEOF(self) -> None:
+        """If the client has already half-closed, the server closes at once after its ERROR."""
+        harness = ProtocolHarness()
+        harness.endOfInput()
+        self.assertEqual(harness.reply(), b"ERROR empty message\n")
+        self.assertTrue(harness.transport.disconnecting)
+
+    def test_answersCloseAtOnce(self) -> None:
+        """A normal answer closes the connection outright, without lingering."""
+        harness = ProtocolHarness()
+        harness.send(b"abc2a\n")
+        self.assertTrue(harness.transport.disconnecting)
+        self.assertFalse(harness.transport.writeClosed)

@@ -77,7 +77,8 @@ def runOnce(
         records = out / "records.txt"
         if records.exists():
             records.unlink()
-        server = ServerProcess(str(records), *serverOptions, prefix=_pinning("0") if pin else ())
+        # All of JMeter's threads connect from 127.0.0.1: lift the per-address limit unless told otherwise.
+        server = ServerProcess(str(records), "--max-per-ip", "0", *serverOptions, prefix=_pinning("0") if pin else ())
         properties = {**properties, "host": "127.0.0.1", "port": server.port}
     try:
         status = runPlan(install, plan, results, out / "jmeter.log", properties, output=jmeterOutput,

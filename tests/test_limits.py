@@ -1,0 +1,136 @@
+"""Tests for L{primecount.limits} and the factory's use of them: ERROR busy over a limit, IPv6 included."""
+
+from __future__ import annotations
+
+import resource
+
+from twisted.internet.address import IPv4Address, IPv6Address
+from twisted.internet.task import Clock
+from twisted.trial.unittest import SynchronousTestCase
+
+from primecount.limits import FD_HEADROOM, ConnectionLimits, FileLimit, peerKey, raiseFileLimit
+from primecount.protocol import BusyProtocol, PrimeCountFactory, PrimeCountProtocol, RequestLimits
+from primecount.responder import Responder
+from tests.helpers import HalfCloseTransport, InlineThreads, MemoryRecords
+
+
+class PeerKeyTests(SynchronousTestCase):
+    """Addresses are counted by their canonical text."""
+
+    def test_keys(self) -> None:
+        """IPv4 stays, IPv6 is compressed, IPv4-mapped IPv6 counts as IPv4, a scope is dropped."""
+        self.assertEqual(peerKey("127.0.0.1"), "127.0.0.1")
+        self.assertEqual(peerKey("2001:0db8:0000::0001"), "2001:db8::1")
+        self.assertEqual(peerKey("::ffff:192.0.2.1"), "192.0.2.1")
+        self.assertEqual(peerKey("fe80::1%eth0"), "fe80::1")
+        self.assertEqual(peerKey("not-an-ip"), "not-an-ip")
+
+
+class ConnectionLimitsTests(SynchronousTestCase):
+    """Both limits hold, and closing frees a place."""
+
+    def test_perPeer(self) -> None:
+        """The third connection from one address is refused; another address still gets in."""
+        limits = ConnectionLimits(maxTotal=10, maxPerPeer=2)
+        self.assertEqual([limits.acquire("a"), limits.acquire("a"), limits.acquire("a")], [True, True, False])
+        self.assertTrue(limits.acquire("b"))
+        limits.release("a")
+        self.assertTrue(limits.acquire("a"))
+        self.assertEqual((limits.total, limits.openFrom("a"), limits.openFrom("b")), (3, 2, 1))
+
+    def test_total(self) -> None:
+        """Past the total, every address is refused."""
+        limits = ConnectionLimits(maxTotal=2, maxPerPeer=0)
+        self.assertEqual([limits.acquire(k) for k in "abc"], [True, True, False])
+
+    def test_noPerPeerLimit(self) -> None:
+        """A per-address limit of 0 means none."""
+        limits = ConnectionLimits(maxTotal=1000, maxPerPeer=0)
+        self.assertTrue(all(limits.acquire("a") for _ in range(500)))
+
+
+class FileLimitTests(SynchronousTestCase):
+    """The soft descriptor limit is raised to the hard one."""
+
+    def test_raise(self) -> None:
+        """From a lowered soft limit, C{raiseFileLimit} goes up to the hard limit and says so."""
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        self.addCleanup(resource.setrlimit, resource.RLIMIT_NOFILE, (soft, hard))
+        resource.setrlimit(resource.RLIMIT_NOFILE, (256, hard))
+        raised = raiseFileLimit()
+        self.assertEqual(raised.softBefore, 256)
+        expected = hard if hard != resource.RLIM_INFINITY else 1 << 20
+        self.assertEqual((raised.soft, resource.getrlimit(resource.RLIMIT_NOFILE)[0]), (expected, expected))
+
+    def test_defaultMaxConnections(self) -> None:
+        """Clients may use the soft limit less the headroom, and at least one."""
+        self.assertEqual(FileLimit(1024, 4096, 4096).defaultMaxConnections, 4096 - FD_HEADROOM)
+        self.assertEqual(FileLimit(10, 10, 10).defaultMaxConnections, 1)
+
+
+def connect(factory: PrimeCountFactory, address: object) -> tuple[object, HalfCloseTransport]:
+    """Build and connect a protocol for C{address}; return it with its transport."""
+    protocol = factory.buildProtocol(address)
+    transport = HalfCloseTransport(peerAddress=address)
+    protocol.makeConnection(transport)
+    return protocol, transport
+
+
+class FactoryLimitTests(SynchronousTestCase):
+    """Connections over a limit get C{ERROR busy} at once and their input is never read."""
+
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.factory = PrimeCountFactory(
+            RequestLimits(), self.clock, Responder(self.clock, InlineThreads(), MemoryRecords()),
+            connectionLimits=ConnectionLimits(maxTotal=5, maxPerPeer=2),
+        )
+
+    def test_perIPv4(self) -> None:
+        """From one IPv4 address the third connection is busy; 127.0.0.2 is still served."""
+        first = [connect(self.factory, IPv4Address("TCP", "127.0.0.1", p)) for p in (1, 2)]
+        busy, busyTransport = connect(self.factory, IPv4Address("TCP", "127.0.0.1", 3))
+        self.assertIsInstance(busy, BusyProtocol)
+        self.assertEqual(busyTransport.value(), b"ERROR busy\n")
+        self.assertTrue(busyTransport.writeClosed)
+        other, _ = connect(self.factory, IPv4Address("TCP", "127.0.0.2", 4))
+        self.assertIsInstance(other, PrimeCountProtocol)
+        self.assertTrue(all(isinstance(p, PrimeCountProtocol) for p, _ in first))
+
+    def test_perIPv6(self) -> None:
+        """IPv6 peers are limited per address too, and an IPv4-mapped peer counts with its IPv4 address."""
+        for port in (1, 2):
+            connect(self.factory, IPv6Address("TCP", "2001:db8::7", port))
+        self.assertIsInstance(connect(self.factory, IPv6Address("TCP", "2001:db8::7", 3))[0], BusyProtocol)
+        connect(self.factory, IPv4Address("TCP", "192.0.2.1", 4))
+        connect(self.factory, IPv6Address("TCP", "::ffff:192.0.2.1", 5))
+        self.assertIsInstance(connect(self.factory, IPv4Address("TCP", "192.0.2.1", 6))[0], BusyProtocol)
+
+    def test_closingFreesAPlace(self) -> None:
+        """When a counted connection closes, its address may connect again."""
+        protocols = [connect(self.factory, IPv4Address("TCP", "10.1.1.1", p))[0] for p in (1, 2)]
+        protocols[0].connectionLost(None)
+        self.assertIsInstance(connect(self.factory, IPv4Address("TCP", "10.1.1.1", 3))[0], PrimeCountProtocol)
+
+    def test_totalLimit(self) -> None:
+        """Past the total every address is busy, and busy connections are not counted."""
+        for n in range(5):
+            connect(self.factory, IPv4Address("TCP", f"10.0.0.{n}", 1))
+        busy, transport = connect(self.factory, IPv4Address("TCP", "10.0.0.99", 1))
+        self.assertIsInstance(busy, BusyProtocol)
+        busy.dataReceived(b"abc2a\n")
+        self.assertEqual(transport.value(), b"ERROR busy\n")
+        busy.connectionLost(None)
+        self.assertEqual(self.factory.connectionLimits.total, 5)
+
+    def test_busyLingerEnds(self) -> None:
+        """A busy connection closes when the client closes, or after the linger time."""
+        for n in range(5):
+            connect(self.factory, IPv4Address("TCP", f"10.0.0.{n}", 1))
+        busy, transport = connect(self.factory, IPv4Address("TCP", "10.0.0.99", 1))
+        self.assertFalse(transport.disconnecting)
+        self.clock.advance(RequestLimits().linger)
+        self.assertTrue(transport.disconnecting)
+        busy, transport = connect(self.factory, IPv4Address("TCP", "10.0.0.98", 1))
+        busy.readConnectionLost()
+        self.assertTrue(transport.disconnecting)
