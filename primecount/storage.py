@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import errno
 import os
+import stat
 from typing import Any, Callable, Optional
 
 from twisted.application.service import Service
@@ -23,7 +24,8 @@ from twisted.python.failure import Failure
 from primecount.metrics import NoMetrics
 from primecount.records import TSV, Record, RecordFormat
 
-_OPEN_FLAGS = os.O_WRONLY | os.O_APPEND | os.O_CREAT | getattr(os, "O_CLOEXEC", 0)
+# Read as well as write: a torn last line left by a crash is looked for at start.
+_OPEN_FLAGS = os.O_RDWR | os.O_APPEND | os.O_CREAT | getattr(os, "O_CLOEXEC", 0)
 FSYNC_POLICIES = ("always", "everysec", "never")
 RunInThread = Callable[..., Deferred]
 
@@ -109,6 +111,7 @@ class RecordsService(Service):
     def startService(self) -> None:
         """Open the records file; an unusable path raises here, before any listener starts."""
         self._file = _OpenFile(openRecordsFile(self.path))
+        self._cutTornTail(self._file.fd)
         super().startService()
         if self._fsyncPolicy == "everysec":
             self._syncTimer = LoopingCall(self._syncIfNeeded)
@@ -126,6 +129,36 @@ class RecordsService(Service):
         if current is None:
             return succeed(None)
         return self._sync(current).addBoth(lambda _: current.close())
+
+    def _cutTornTail(self, fd: int) -> None:
+        """Move an unfinished last line (left by a crash in the middle of a write) out of the way.
+
+        Records are written before their replies, so a write that never finished
+        was never answered: nothing acknowledged is lost. The bytes are kept in
+        C{<path>.torn-<time>} for inspection, and new records start on a clean line
+        (as Redis does with a truncated AOF).
+        """
+        status = os.fstat(fd)
+        if not stat.S_ISREG(status.st_mode) or status.st_size == 0:
+            return
+        if os.pread(fd, 1, status.st_size - 1) == b"\n":
+            return
+        end, tail = status.st_size, b""
+        while end > 0 and b"\n" not in tail:
+            step = min(65536, end)
+            end -= step
+            tail = os.pread(fd, step, end) + tail
+        keep = end + tail.rfind(b"\n") + 1 if b"\n" in tail else 0
+        torn = tail[tail.rfind(b"\n") + 1:] if b"\n" in tail else tail
+        aside = f"{self.path}.torn-{int(self._clock.seconds())}"
+        with open(aside, "ab") as file:
+            file.write(torn)
+        os.ftruncate(fd, keep)
+        self.log.warn(
+            "records file {path} ended in an unfinished line ({size} bytes at offset {offset}), left by a crash "
+            "during a write; moved it to {aside}",
+            path=self.path, size=len(torn), offset=keep, aside=aside,
+        )
 
     def reopen(self) -> None:
         """Flush, then continue in a newly opened file at the same path (after logrotate renamed the old one).

@@ -10,7 +10,7 @@ from twisted.logger import LogLevel, globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase
 
 from primecount import storage
-from primecount.records import Record, parseRecords
+from primecount.records import Record, formatRecord, parseRecords
 from primecount.storage import RecordsService, StorageUnavailable
 
 
@@ -314,3 +314,46 @@ class ReopenTests(SynchronousTestCase):
         self.successResultOf(acknowledged)
         with open(os.path.join(directory + ".moved", "records.txt"), encoding="utf-8") as file:
             self.assertEqual([r.message for r in parseRecords(file)], ["still"])
+
+
+class TornTailTests(SynchronousTestCase):
+    """A records file left with an unfinished last line starts clean: the fragment is moved aside."""
+
+    def test_tornTailMovedAside(self) -> None:
+        """The unfinished line goes to <path>.torn-<time>, whole records stay, new ones start on a fresh line."""
+        path, clock = self.mktemp(), Clock()
+        clock.advance(1_795_000_000)
+        whole = "".join(formatRecord(record(m)) for m in ("one", "two"))
+        with open(path, "w", encoding="utf-8") as file:
+            file.write(whole + "2026-11-26 10:00:00\t127.0.0.1\tthr")
+        service = RecordsService(path, clock, fsync="never")
+        service.startService()
+        self.addCleanup(service.stopService)
+        service.append(record("three"))
+        clock.advance(0)
+        with open(path, encoding="utf-8") as file:
+            self.assertEqual([r.message for r in parseRecords(file)], ["one", "two", "three"])
+        with open(f"{path}.torn-1795000000", encoding="utf-8") as file:
+            self.assertEqual(file.read(), "2026-11-26 10:00:00\t127.0.0.1\tthr")
+
+    def test_onlyFragment(self) -> None:
+        """A file holding nothing but a fragment becomes empty."""
+        path = self.mktemp()
+        with open(path, "wb") as file:
+            file.write(b"\xc3")
+        service = RecordsService(path, Clock(), fsync="never")
+        service.startService()
+        self.addCleanup(service.stopService)
+        self.assertEqual(os.path.getsize(path), 0)
+
+    def test_cleanFileUntouched(self) -> None:
+        """A file ending in a newline is left as it is and nothing is moved aside."""
+        path = self.mktemp()
+        with open(path, "w", encoding="utf-8") as file:
+            file.write(formatRecord(record("one")))
+        service = RecordsService(path, Clock(), fsync="never")
+        service.startService()
+        self.addCleanup(service.stopService)
+        self.assertEqual(os.path.getsize(path), len(formatRecord(record("one")).encode()))
+        self.assertFalse(any(name.startswith(os.path.basename(path) + ".torn")
+                             for name in os.listdir(os.path.dirname(os.path.abspath(path)))))
