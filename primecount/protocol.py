@@ -165,7 +165,7 @@ class PrimeCountProtocol(LineReceiver, TimeoutMixin):
         if self._lingering is not None:
             self._lingering.discard(data)
             return
-        if not self._collecting:
+        if not self._collecting or not data:
             return  # past the request; keep reading so closing does not reset the connection
         newline = data.find(b"\n")
         lineLength = self._buffered + (len(data) if newline < 0 else newline)
