@@ -1,0 +1,321 @@
+"""Hostile clients and faults against a real twistd: slowloris, long lines, 10,000 idle connections,
+per-address caps, a failing records device, and kill -9 under load."""
+
+from __future__ import annotations
+
+import os
+import random
+import resource
+import selectors
+import signal
+import socket
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+from twisted.trial.unittest import SynchronousTestCase
+
+from primecount.records import parseRecords
+from primecount.recordstool import scan
+from primecount.serverprocess import TWISTD, ServerProcess
+from tests.helpers import ask, expectedReply, slow
+
+LOOPBACK_BACKLOG = "tcp:0:interface=127.0.0.1:backlog=1024"
+
+
+def serverRSS(pid: int) -> int:
+    """Resident memory of process C{pid}, in bytes."""
+    with open(f"/proc/{pid}/status") as status:
+        for line in status:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    raise AssertionError("no VmRSS")
+
+
+def realClients(port: int, threads: int, requests: int, prefix: str) -> tuple[list[str], list[str]]:
+    """Run C{threads} clients of C{requests} sequential requests each; return (answered, wrong or failed)."""
+    answered: list[str] = []
+    wrong: list[str] = []
+
+    def client(number: int) -> None:
+        for i in range(requests):
+            message = f"{prefix} {number}-{i}"
+            try:
+                reply = ask(port, message.encode() + b"\n")
+            except OSError as error:
+                wrong.append(f"{message}: {error}")
+                continue
+            (answered if reply == expectedReply(message) else wrong).append(message)
+
+    workers = [threading.Thread(target=client, args=(n,)) for n in range(threads)]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join(120)
+    return answered, wrong
+
+
+class HostileClients:
+    """Silent and trickling connections driven by one thread: what each received and when it ended."""
+
+    def __init__(self, port: int, silent: int, tricklers: int, every: float = 0.1) -> None:
+        self.every = every
+        self.selector = selectors.DefaultSelector()
+        self.results: dict[int, dict] = {}
+        for n in range(silent + tricklers):
+            connection = socket.create_connection(("127.0.0.1", port))
+            connection.setblocking(False)
+            self.results[n] = {"trickle": n >= silent, "start": time.monotonic(), "received": b"", "end": None,
+                               "socket": connection}
+            self.selector.register(connection, selectors.EVENT_READ, n)
+        self.thread = threading.Thread(target=self._run)
+        self.thread.start()
+
+    def _run(self) -> None:
+        deadline = time.monotonic() + 30
+        nextTrickle = time.monotonic()
+        while time.monotonic() < deadline and any(r["end"] is None for r in self.results.values()):
+            now = time.monotonic()
+            if now >= nextTrickle:
+                for result in self.results.values():
+                    if result["trickle"] and result["end"] is None and not result["received"]:
+                        try:
+                            result["socket"].send(b"x")
+                        except OSError:
+                            pass
+                nextTrickle = now + self.every
+            for key, _ in self.selector.select(max(0.0, nextTrickle - time.monotonic())):
+                result = self.results[key.data]
+                try:
+                    chunk = result["socket"].recv(4096)
+                except OSError:
+                    chunk = b""
+                if chunk:
+                    result["received"] += chunk
+                    result.setdefault("replyAt", time.monotonic())
+                else:
+                    result["end"] = time.monotonic()
+                    self.selector.unregister(result["socket"])
+                    result["socket"].close()
+
+    def join(self) -> dict[int, dict]:
+        """Wait for every hostile connection to be closed by the server."""
+        self.thread.join(40)
+        return self.results
+
+
+class SlowlorisTests(SynchronousTestCase):
+    """Silent and trickling clients cost the real ones nothing and are cut off at the deadline."""
+
+    @slow
+    def test_slowloris(self) -> None:
+        """100 silent + 20 tricklers (a byte every 0.1 s) beside 50 real clients: all real requests answered,
+        each hostile connection answered ERROR timeout at --timeout (±0.5 s)."""
+        server = ServerProcess(os.path.abspath(self.mktemp()), "--timeout", "3", "--max-per-ip", "0",
+                               port=LOOPBACK_BACKLOG)
+        try:
+            hostile = HostileClients(server.port, silent=100, tricklers=20)
+            answered, wrong = realClients(server.port, threads=50, requests=10, prefix="real")
+            results = hostile.join()
+        finally:
+            self.assertEqual(server.stop(), 0)
+        self.assertEqual((len(answered), wrong), (500, []))
+        for n, result in results.items():
+            self.assertEqual(result["received"], b"ERROR timeout\n", n)
+            self.assertLess(abs(result["replyAt"] - result["start"] - 3.0), 0.5, n)
+            self.assertIsNotNone(result["end"], n)
+
+
+class LingeringTests(SynchronousTestCase):
+    """An ERROR reaches a client that is still sending."""
+
+    @slow
+    def test_megabyteLine(self) -> None:
+        """A client sending a 1 MB line without reading gets ERROR line too long, not a reset."""
+        server = ServerProcess(os.path.abspath(self.mktemp()), "--max-line", "65536", port=LOOPBACK_BACKLOG)
+        try:
+            for _ in range(5):
+                with socket.create_connection(("127.0.0.1", server.port), timeout=10) as client:
+                    sender = threading.Thread(target=self.sendIgnoringErrors, args=(client, b"y" * 1_000_000))
+                    sender.start()
+                    received = b""
+                    while chunk := client.recv(4096):
+                        received += chunk
+                    sender.join(10)
+                self.assertEqual(received, b"ERROR line too long (max 65536 bytes)\n")
+        finally:
+            self.assertEqual(server.stop(), 0)
+
+    @staticmethod
+    def sendIgnoringErrors(client: socket.socket, data: bytes) -> None:
+        """Send C{data}; the server may stop reading first."""
+        try:
+            client.sendall(data)
+            client.shutdown(socket.SHUT_WR)
+        except OSError:
+            pass
+
+
+class IdleConnectionTests(SynchronousTestCase):
+    """Ten thousand idle connections cost descriptors and a little memory, never threads or service."""
+
+    @slow
+    def test_tenThousandIdle(self) -> None:
+        """With 10,000 idle connections open, real requests are answered and the server stays under 150 MB."""
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        if hard != resource.RLIM_INFINITY and hard < 10_500:
+            raise self.skipTest(f"the descriptor hard limit {hard} is below 10,500")
+        resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, 10_500), hard))
+        self.addCleanup(resource.setrlimit, resource.RLIMIT_NOFILE, (soft, hard))
+        server = ServerProcess(os.path.abspath(self.mktemp()), "--timeout", "120", "--max-per-ip", "0",
+                               port=LOOPBACK_BACKLOG)
+        idle: list[socket.socket] = []
+        try:
+            rssBefore = serverRSS(server.process.pid)
+            for _ in range(10_000):
+                idle.append(socket.create_connection(("127.0.0.1", server.port)))
+            answered, wrong = realClients(server.port, threads=10, requests=20, prefix="beside idle")
+            self.assertEqual((len(answered), wrong), (200, []))
+            rss = serverRSS(server.process.pid)
+            threads = len(os.listdir(f"/proc/{server.process.pid}/task"))
+            for connection in idle[:100]:
+                connection.setblocking(False)
+                with self.assertRaises(BlockingIOError, msg="idle connections are still open, unanswered"):
+                    connection.recv(1)
+        finally:
+            for connection in idle:
+                connection.close()
+            self.assertEqual(server.stop(), 0)
+        print(f"\n    server RSS {rssBefore / 2**20:.1f} MB idle, {rss / 2**20:.1f} MB with 10,000 idle "
+              f"connections ({(rss - rssBefore) / 10_000:.0f} bytes each); {threads} threads")
+        self.assertLess(rss, 150 * 2**20)
+        self.assertLessEqual(threads, 1 + 10 + 1, "the reactor, at most 10 pool threads, nothing per connection")
+
+
+class PerAddressCapTests(SynchronousTestCase):
+    """--max-per-ip over real sockets: the next connection from that address is busy, others are served."""
+
+    @slow
+    def test_cap(self) -> None:
+        """With --max-per-ip 5, the sixth connection from 127.0.0.1 gets ERROR busy; 127.0.0.2 is served."""
+        server = ServerProcess(os.path.abspath(self.mktemp()), "--max-per-ip", "5", "--timeout", "10",
+                               port="tcp:0:interface=0.0.0.0")
+        held = []
+        try:
+            for _ in range(5):
+                held.append(socket.create_connection(("127.0.0.1", server.port)))
+            server.waitFor(rb"PrimeCountFactory starting on")
+            self.assertEqual(ask(server.port, b"abc2a\n"), b"ERROR busy\n")
+            with socket.socket() as other:
+                other.bind(("127.0.0.2", 0))
+                other.settimeout(10)
+                other.connect(("127.0.0.1", server.port))
+                other.sendall(b"abc2a\n")
+                self.assertEqual(other.recv(100), "2 sí\n".encode())
+            held.pop().close()
+            time.sleep(0.2)  # let the server see the close before the next connect
+            self.assertEqual(ask(server.port, b"abc2a\n"), "2 sí\n".encode())
+        finally:
+            for connection in held:
+                connection.close()
+            self.assertEqual(server.stop(), 0)
+        self.assertIn("answered ERROR busy to 1 connections (last from 127.0.0.1)", server.log)
+
+
+class StorageFaultTests(SynchronousTestCase):
+    """A failing records device gets ERROR storage unavailable, one log line, and recovers after SIGHUP."""
+
+    @slow
+    def test_failingDeviceThenReopen(self) -> None:
+        """Records on /dev/full: every request is refused, logged once; repointed and reopened, service resumes."""
+        folder = Path(os.path.abspath(self.mktemp()))
+        folder.mkdir()
+        records, good = folder / "records.txt", folder / "good.txt"
+        records.symlink_to("/dev/full")
+        server = ServerProcess(str(records), "--fsync", "always")
+        try:
+            refused = [ask(server.port, f"lost {i}\n".encode()) for i in range(20)]
+            self.assertEqual(set(refused), {b"ERROR storage unavailable\n"})
+            (folder / "next").symlink_to(good)
+            os.replace(folder / "next", records)
+            server.process.send_signal(signal.SIGHUP)
+            server.waitFor(rb"reopened records file")
+            self.assertEqual(ask(server.port, b"abc2a\n"), "2 sí\n".encode())
+            server.waitFor(rb"works again after \d+ failures")
+        finally:
+            self.assertEqual(server.stop(), 0)
+        self.assertEqual(server.log.count("cannot write records file"), 1, server.log)
+        with good.open(encoding="utf-8") as file:
+            self.assertEqual([r.message for r in parseRecords(file)], ["abc2a"])
+
+
+class KillTests(SynchronousTestCase):
+    """kill -9 at random moments under load never loses an answered request or leaves a malformed line."""
+
+    @slow
+    def test_killNineRounds(self) -> None:
+        """Ten rounds of load and SIGKILL on one records file: every answered message is recorded, no damage."""
+        records = os.path.abspath(self.mktemp())
+        answeredAll: list[str] = []
+        rng = random.Random(20261126)
+        for round in range(10):
+            server = ServerProcess(records, "--max-per-ip", "0", port=LOOPBACK_BACKLOG)
+            stop = threading.Event()
+            answered: list[str] = []
+
+            def client(number: int) -> None:
+                for i in range(1_000_000):
+                    if stop.is_set():
+                        return
+                    message = f"kill {round}-{number}-{i}"
+                    try:
+                        if ask(server.port, message.encode() + b"\n", timeout=5) == expectedReply(message):
+                            answered.append(message)
+                    except OSError:
+                        return
+
+            workers = [threading.Thread(target=client, args=(n,)) for n in range(4)]
+            for worker in workers:
+                worker.start()
+            time.sleep(rng.uniform(0.2, 0.8))  # a random moment under load
+            server.process.send_signal(signal.SIGKILL)
+            server.process.wait(10)
+            stop.set()
+            for worker in workers:
+                worker.join(10)
+            result = scan(records)
+            self.assertEqual(result.malformed, [], f"round {round}")
+            recorded = {r.message for r in result.records}
+            answeredAll += answered
+            self.assertEqual([m for m in answered if m not in recorded], [], f"round {round}: answered, not recorded")
+        self.assertGreater(len(answeredAll), 1000)
+        print(f"\n    10 kill -9 rounds: {len(answeredAll)} answered requests, all recorded; "
+              f"{len(scan(records).records)} records, file clean")
+
+
+class StartupFailureTests(SynchronousTestCase):
+    """Bad options and unusable paths stop twistd before it listens, naming what is wrong."""
+
+    def twistd(self, *options: str) -> subprocess.CompletedProcess:
+        """Run twistd primecount with C{options} and return how it ended."""
+        return subprocess.run([*TWISTD, "-n", "--pidfile=", "primecount", "--port", "tcp:0:interface=127.0.0.1",
+                               *options], capture_output=True, text=True, timeout=60)
+
+    def test_recordsIsADirectory(self) -> None:
+        """A directory as the records file is refused, naming it."""
+        folder = os.path.abspath(self.mktemp())
+        os.mkdir(folder)
+        result = self.twistd("--records", folder)
+        self.assertNotEqual(result.returncode, 0)
+        self.assertIn(f"--records: cannot append to '{folder}': Is a directory", result.stderr + result.stdout)
+        self.assertNotIn("starting on", result.stdout)
+
+    def test_badOptionNamed(self) -> None:
+        """A bad value names its option and nothing listens."""
+        for option, value in [("--max-connections", "0"), ("--max-per-ip", "many"), ("--fsync", "often"),
+                              ("--metrics", "nonsense:1")]:
+            result = self.twistd("--records", os.path.abspath(self.mktemp()), option, value)
+            self.assertNotEqual(result.returncode, 0)
+            self.assertIn(option, result.stderr + result.stdout)
+            self.assertNotIn("starting on", result.stdout)
