@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 PORT   ?= 5050
 
-.PHONY: run test bench bench-loadgen clean
+.PHONY: run test bench bench-loadgen bench-hostile clean
 
 # The service alone, for `make run`.
 $(VENV)/.installed: setup.cfg pyproject.toml
@@ -31,6 +31,10 @@ bench: $(VENV)/.installed-test
 # Side-by-side figures against the original server, with the loadgen from ../shared/tools.
 bench-loadgen: $(VENV)/.installed-test
 	$(BIN)/python contrib/bench/loadgen_compare.py
+
+# Real clients with and without slowloris-style and 10,000 idle clients, and the server's memory.
+bench-hostile: $(VENV)/.installed-test
+	$(BIN)/python contrib/bench/hostile.py
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info _trial_temp twisted/plugins/dropin.cache jmeter-results

@@ -87,6 +87,12 @@ def startServer(kind: str, workdir: Path, shared: Path, core: str, options: list
     )
 
 
+def buildLoadgen(shared: Path, workdir: Path) -> tuple[Path, Path]:
+    """Build the load generator from C{shared} into C{workdir}; return it and its messages file."""
+    subprocess.run(["make", "--quiet", "-C", str(shared / "tools/loadgen"), f"OUT={workdir}"], check=True)
+    return workdir / "loadgen", shared / "tools/loadgen/messages.txt"
+
+
 def runLoad(loadgen: Path, port: int, scenario: list[str], duration: float, messages: Path, clientCore: str) -> dict:
     """One loadgen run; returns its JSON summary (rps 0 when nothing completed)."""
     result = subprocess.run(
@@ -115,8 +121,7 @@ def main() -> None:
     args = parser.parse_args()
 
     workdir = Path(tempfile.mkdtemp(prefix="primecount-bench-"))
-    subprocess.run(["make", "--quiet", "-C", str(args.shared / "tools/loadgen"), f"OUT={workdir}"], check=True)
-    loadgen, messages = workdir / "loadgen", args.shared / "tools/loadgen/messages.txt"
+    loadgen, messages = buildLoadgen(args.shared, workdir)
     kinds = [args.only] if args.only else ["baseline", "primecount"]
     results: dict[tuple[str, str], list[dict]] = {}
     try:
