@@ -83,13 +83,33 @@ class Drain(Service):
         open = self._connections.openCount
         if open:
             self.log.info("waiting up to {grace} s for {open} open connections", grace=self._grace, open=open)
-        idle = self._connections.whenIdle()
-        if idle.called:
-            return idle
+        self._idle: Deferred[None] = Deferred()
+        self._connections.whenIdle().addCallback(self._becameIdle)
+        if self._idle.called:
+            return self._idle
         deadline: IDelayedCall = self._clock.callLater(self._grace, self._abortRemaining)
-        return idle.addBoth(lambda result: (deadline.active() and deadline.cancel(), result)[1])
+        result: Deferred[None] = Deferred()
+
+        def finished(_: object) -> None:
+            if deadline.active():
+                deadline.cancel()
+            result.callback(None)
+
+        self._idle.addBoth(finished)
+        return result
+
+    def _becameIdle(self, _: object) -> None:
+        if not self._idle.called:  # it may have been given up on already
+            self._idle.callback(None)
 
     def _abortRemaining(self) -> None:
         self.log.warn("aborting {open} connections still open after {grace} s",
                       open=self._connections.openCount, grace=self._grace)
         self._connections.abortAll()
+        # Aborted connections report their loss on the next turns; do not wait for them forever.
+        self._clock.callLater(1.0, self._giveUp)
+
+    def _giveUp(self) -> None:
+        if not self._idle.called:
+            self.log.warn("stopping with {open} connections not yet closed", open=self._connections.openCount)
+            self._idle.callback(None)

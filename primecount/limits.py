@@ -19,6 +19,8 @@ FD_HEADROOM = 128
 
 def peerKey(host: str) -> str:
     """The address a per-client limit counts under: IPv4-mapped IPv6 (C{::ffff:a.b.c.d}) counts as IPv4."""
+    if ":" not in host:
+        return host  # Twisted reports IPv4 peers as canonical dotted quads already
     try:
         address = ipaddress.ip_address(host.split("%", 1)[0])
     except ValueError:

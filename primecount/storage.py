@@ -108,10 +108,15 @@ class RecordsService(Service):
         self._syncTimer: Optional[LoopingCall] = None
         self._failures = {"write": 0, "fsync": 0}
 
+    def privilegedStartService(self) -> None:
+        """Open the records file before any listener binds (twistd binds ports in this phase too)."""
+        self._open()
+        super().privilegedStartService()
+
     def startService(self) -> None:
-        """Open the records file; an unusable path raises here, before any listener starts."""
-        self._file = _OpenFile(openRecordsFile(self.path))
-        self._cutTornTail(self._file.fd)
+        """Open the records file if not yet open, and start the fsync timer."""
+        if self._file is None:
+            self._open()
         super().startService()
         if self._fsyncPolicy == "everysec":
             self._syncTimer = LoopingCall(self._syncIfNeeded)
@@ -129,6 +134,11 @@ class RecordsService(Service):
         if current is None:
             return succeed(None)
         return self._sync(current).addBoth(lambda _: current.close())
+
+    def _open(self) -> None:
+        """Open the file; an unusable path raises here."""
+        self._file = _OpenFile(openRecordsFile(self.path))
+        self._cutTornTail(self._file.fd)
 
     def _cutTornTail(self, fd: int) -> None:
         """Move an unfinished last line (left by a crash in the middle of a write) out of the way.

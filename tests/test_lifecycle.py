@@ -153,3 +153,26 @@ class DrainTests(SynchronousTestCase):
         clock.advance(6)
         self.assertTrue(connections.aborted)
         self.successResultOf(stopped)
+
+
+class StuckConnections(FakeConnections):
+    """Connections that do not report their close even when aborted."""
+
+    def abortAll(self) -> None:
+        """Abort, but never become idle."""
+        self.aborted = True
+
+
+class DrainGivesUpTests(SynchronousTestCase):
+    """A drain never hangs the stop."""
+
+    def test_givesUpAfterAbort(self) -> None:
+        """If aborted connections never report their close, the stop still completes a second later."""
+        clock, connections = Clock(), StuckConnections(2)
+        stopped = Drain(connections, clock, grace=6).stopService()
+        clock.advance(6)
+        self.assertTrue(connections.aborted)
+        self.assertNoResult(stopped)
+        clock.advance(1)
+        self.successResultOf(stopped)
+        connections.idle.callback(None)  # a late close changes nothing
