@@ -259,17 +259,13 @@ class PrimeCountProtocol(LineReceiver, TimeoutMixin):
         self._sendAndClose(wire.errorLine(reason))
 
     def _sendAndClose(self, reply: bytes) -> None:
-        if reply.startswith(b"ERROR "):
-            self.log.info(
-                "{reply} to {peer}", reply=reply.rstrip(b"\n").decode("utf-8"), peer=self._peer
-            )
-        elif self._limits.logRequests:
-            self.log.info(
-                "reply {reply} to {peer}", reply=reply.rstrip(b"\n").decode("utf-8"), peer=self._peer
-            )
+        isError = reply.startswith(b"ERROR ")
+        if isError or self._limits.logRequests:
+            self.log.info("{kind}{reply} to {peer}", kind="" if isError else "reply ",
+                          reply=reply.rstrip(b"\n").decode("utf-8"), peer=self._peer)
         self.factory.metrics.requestFinished(wire.outcomeLabel(reply), self._clock.seconds() - self._connectedAt)
         self.transport.write(reply)
-        if reply.startswith(b"ERROR "):
+        if isError:
             # The client may still be sending (a long line, a trickle): make sure it reads the reply.
             self._lingering = LingeringClose(self.transport, self._clock, self._limits.linger)
             self._lingering.start(self._readClosed)
