@@ -159,9 +159,6 @@ TSV = RecordFormat("tsv", formatTSV, parseTSV)
 JSONL = RecordFormat("jsonl", formatJSONL, parseJSONL)
 FORMATS = {f.name: f for f in (TSV, JSONL)}
 
-# The default format, under the names used before there was a choice.
-formatRecord = formatTSV
-
 
 def parseRecord(line: str) -> Record:
     """Parse a line of either format (a JSON line starts with C{{})."""

@@ -11,9 +11,8 @@ from twisted.python.failure import Failure
 
 from primecount import wire
 from primecount.records import Record
-from primecount.storage import StorageUnavailable
+from primecount.storage import RunInThread, StorageUnavailable
 
-RunInThread = Callable[..., "Deferred[list[wire.Outcome]]"]
 
 
 class RecordSink(Protocol):

@@ -27,6 +27,7 @@ from primecount.records import TSV, Record, RecordFormat
 # Read as well as write: a torn last line left by a crash is looked for at start.
 _OPEN_FLAGS = os.O_RDWR | os.O_APPEND | os.O_CREAT | getattr(os, "O_CLOEXEC", 0)
 FSYNC_POLICIES = ("always", "everysec", "never")
+# Runs a blocking call off the reactor thread: deferToThreadPool bound to a reactor and pool.
 RunInThread = Callable[..., Deferred]
 
 

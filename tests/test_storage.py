@@ -10,7 +10,7 @@ from twisted.logger import LogLevel, globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase
 
 from primecount import storage
-from primecount.records import Record, formatRecord, parseRecords
+from primecount.records import Record, formatTSV, parseRecords
 from primecount.storage import RecordsService, StorageUnavailable
 
 
@@ -323,7 +323,7 @@ class TornTailTests(SynchronousTestCase):
         """The unfinished line goes to <path>.torn-<time>, whole records stay, new ones start on a fresh line."""
         path, clock = self.mktemp(), Clock()
         clock.advance(1_795_000_000)
-        whole = "".join(formatRecord(record(m)) for m in ("one", "two"))
+        whole = "".join(formatTSV(record(m)) for m in ("one", "two"))
         with open(path, "w", encoding="utf-8") as file:
             file.write(whole + "2026-11-26 10:00:00\t127.0.0.1\tthr")
         service = RecordsService(path, clock, fsync="never")
@@ -350,10 +350,10 @@ class TornTailTests(SynchronousTestCase):
         """A file ending in a newline is left as it is and nothing is moved aside."""
         path = self.mktemp()
         with open(path, "w", encoding="utf-8") as file:
-            file.write(formatRecord(record("one")))
+            file.write(formatTSV(record("one")))
         service = RecordsService(path, Clock(), fsync="never")
         service.startService()
         self.addCleanup(service.stopService)
-        self.assertEqual(os.path.getsize(path), len(formatRecord(record("one")).encode()))
+        self.assertEqual(os.path.getsize(path), len(formatTSV(record("one")).encode()))
         self.assertFalse(any(name.startswith(os.path.basename(path) + ".torn")
                              for name in os.listdir(os.path.dirname(os.path.abspath(path)))))
