@@ -186,7 +186,8 @@ def makeService(options: Options, reactor: Optional[Any] = None) -> IService:
         limits, reactor, Responder(reactor, runInThread, records), metrics,
         ConnectionLimits(maxConnections, options["max-per-ip"]),
     )
-    # Every request ends within --timeout of its connect; the extra second covers analysis and the record.
-    Drain(factory, reactor, grace=options["timeout"] + 1).setServiceParent(top)
+    # Every request ends within --timeout of its connect, an ERROR's lingering close within
+    # limits.linger after that; the extra second covers analysis and the record.
+    Drain(factory, reactor, grace=options["timeout"] + limits.linger + 1).setServiceParent(top)
     strports.service(options["port"], factory, reactor=reactor).setServiceParent(top)
     return top
