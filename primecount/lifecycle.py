@@ -113,3 +113,77 @@ class Drain(Service):
         if not self._idle.called:
             self.log.warn("stopping with {open} connections not yet closed", open=self._connections.openCount)
             self._idle.callback(None)
+
+
+class Listener(Service):
+    """Listens on an endpoint; on stop, first takes in the connections the kernel has already completed.
+
+    Twisted accepts only a few queued connections per reactor turn, and
+    closing a listening socket leaves clients whose handshake had completed
+    without any reply. Their connect succeeded, so they are served (and then
+    drained) like the others.
+    """
+
+    log = Logger()
+
+    def __init__(self, endpoint: Any, factory: Any) -> None:
+        self._endpoint = endpoint
+        self._factory = factory
+        self._listening: Optional[Deferred[Any]] = None
+        self._port: Any = None
+
+    def privilegedStartService(self) -> None:
+        """Listen now (before privileges are dropped); a failure to listen is raised here."""
+        super().privilegedStartService()
+        self._listen()
+
+    def startService(self) -> None:
+        """Listen if not done yet."""
+        super().startService()
+        self._listen()
+
+    def _listen(self) -> None:
+        if self._listening is not None:
+            return
+        self._listening = self._endpoint.listen(self._factory)
+        failures: list[Any] = []
+        returned = False
+
+        def failed(failure: Any) -> None:
+            if returned:  # an endpoint that fails later: nothing to raise into, so say it loudly
+                self.log.failure("cannot listen on {endpoint}", failure, endpoint=self._endpoint)
+            failures.append(failure)
+
+        self._listening.addCallbacks(self._listened, failed)
+        returned = True
+        if failures:
+            failures[0].raiseException()
+
+    def _listened(self, port: Any) -> Any:
+        self._port = port
+        return port
+
+    def stopService(self) -> Deferred[None]:
+        """Accept what the kernel has queued, then stop listening."""
+        super().stopService()
+        port, self._port = self._port, None
+        if port is None:
+            return succeed(None)
+        accepted = _acceptQueued(port)
+        if accepted:
+            self.log.info("took in {count} connections queued before the listener closed", count=accepted)
+        return maybeDeferred(port.stopListening)
+
+
+def _acceptQueued(port: Any) -> int:
+    """Accept every connection waiting in C{port}'s queue; return how many (TCP ports only)."""
+    doRead = getattr(port, "doRead", None)
+    if doRead is None or not hasattr(port, "numberAccepts"):
+        return 0
+    before = getattr(port, "sessionno", 0)
+    while True:
+        allowed = port.numberAccepts
+        doRead()
+        # The port raises its batch size when a batch filled up; otherwise the queue is empty.
+        if port.numberAccepts <= allowed:
+            return getattr(port, "sessionno", before) - before

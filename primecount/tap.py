@@ -16,7 +16,7 @@ from twisted.logger import Logger
 from twisted.python import usage
 
 from primecount.limits import ConnectionLimits, raiseFileLimit
-from primecount.lifecycle import Drain, ProcessSignals, SequentialMultiService
+from primecount.lifecycle import Drain, Listener, ProcessSignals, SequentialMultiService
 from primecount.metrics import NoMetrics, PrometheusMetrics, metricsSite
 from primecount.protocol import PrimeCountFactory, RequestLimits
 from primecount.records import FORMATS
@@ -189,5 +189,5 @@ def makeService(options: Options, reactor: Optional[Any] = None) -> IService:
     # Every request ends within --timeout of its connect, an ERROR's lingering close within
     # limits.linger after that; the extra second covers analysis and the record.
     Drain(factory, reactor, grace=options["timeout"] + limits.linger + 1).setServiceParent(top)
-    strports.service(options["port"], factory, reactor=reactor).setServiceParent(top)
+    Listener(serverFromString(reactor, options["port"]), factory).setServiceParent(top)
     return top

@@ -10,7 +10,7 @@ from twisted.internet.task import Clock
 from twisted.internet.testing import MemoryReactorClock
 from twisted.trial.unittest import SynchronousTestCase
 
-from primecount.lifecycle import Drain, ProcessSignals, SequentialMultiService
+from primecount.lifecycle import Drain, Listener, ProcessSignals, SequentialMultiService
 
 
 class CallRecordingReactor(MemoryReactorClock):
@@ -176,3 +176,57 @@ class DrainGivesUpTests(SynchronousTestCase):
         clock.advance(1)
         self.successResultOf(stopped)
         connections.idle.callback(None)  # a late close changes nothing
+
+
+class QueuedPort:
+    """A listening port with C{queued} connections waiting, accepting in batches as Twisted's TCP port does."""
+
+    def __init__(self, queued: int) -> None:
+        self.queued = queued
+        self.numberAccepts = 1
+        self.sessionno = 0
+        self.listening = True
+
+    def doRead(self) -> None:
+        """Accept up to C{numberAccepts}; grow the batch when it filled up, shrink it otherwise."""
+        accepted = min(self.numberAccepts, self.queued)
+        self.queued -= accepted
+        self.sessionno += accepted
+        self.numberAccepts = self.numberAccepts + 20 if accepted == self.numberAccepts else max(1, accepted)
+
+    def stopListening(self) -> None:
+        """Close."""
+        self.listening = False
+
+
+class FakeEndpoint:
+    """An endpoint whose listen gives C{port}, or fails with C{error}."""
+
+    def __init__(self, port: object = None, error: Exception | None = None) -> None:
+        self.port, self.error = port, error
+
+    def listen(self, factory: object) -> Deferred:
+        """The port, or the error."""
+        from twisted.internet.defer import fail
+
+        return fail(self.error) if self.error else succeed(self.port)
+
+
+class ListenerTests(SynchronousTestCase):
+    """The listener takes in queued connections before it closes, and reports a failure to listen at once."""
+
+    def test_acceptsQueuedBeforeClosing(self) -> None:
+        """57 connections waiting in the kernel's queue are all accepted, then the port closes."""
+        port = QueuedPort(57)
+        listener = Listener(FakeEndpoint(port), factory=None)
+        listener.privilegedStartService()
+        listener.startService()
+        self.successResultOf(listener.stopService())
+        self.assertEqual((port.queued, port.sessionno, port.listening), (0, 57, False))
+
+    def test_listenFailureRaises(self) -> None:
+        """A port that cannot be bound fails the start, before the service runs."""
+        from twisted.internet.error import CannotListenError
+
+        listener = Listener(FakeEndpoint(error=CannotListenError("", 5050, OSError("in use"))), factory=None)
+        self.assertRaises(CannotListenError, listener.privilegedStartService)

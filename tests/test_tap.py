@@ -124,7 +124,7 @@ class MakeServiceTests(SynchronousTestCase):
         children = list(service)
         self.assertEqual(
             [type(child).__name__ for child in children],
-            ["ProcessSignals", RecordsService.__name__, "Drain", "StreamServerEndpointService"],
+            ["ProcessSignals", RecordsService.__name__, "Drain", "Listener"],
         )
         service.startService()
         self.addCleanup(service.stopService)
