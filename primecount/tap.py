@@ -30,22 +30,23 @@ log = Logger()
 BARE_PORT_BACKLOG = 1024
 
 
+def _barePort(option: str, value: str, template: str) -> str:
+    """C{template} filled with a bare port number, or an endpoint description as written."""
+    if not value.isdigit():
+        return value
+    if int(value) > 65535:
+        raise usage.UsageError(f"--{option}: {value} is not a TCP port number (0-65535)")
+    return template.format(port=value)
+
+
 def endpointDescription(value: str) -> str:
     """Turn a bare port number into C{tcp:N:backlog=1024}; pass any endpoint description through unchanged."""
-    if value.isdigit():
-        if int(value) > 65535:
-            raise usage.UsageError(f"--port: {value} is not a TCP port number (0-65535)")
-        return f"tcp:{value}:backlog={BARE_PORT_BACKLOG}"
-    return value
+    return _barePort("port", value, "tcp:{port}:backlog=" + str(BARE_PORT_BACKLOG))
 
 
 def metricsEndpointDescription(value: str) -> str:
     """A bare port number for metrics listens on loopback only; an endpoint description is used as written."""
-    if value.isdigit():
-        if int(value) > 65535:
-            raise usage.UsageError(f"--metrics: {value} is not a TCP port number (0-65535)")
-        return f"tcp:{value}:interface=127.0.0.1"
-    return value
+    return _barePort("metrics", value, "tcp:{port}:interface=127.0.0.1")
 
 
 def _choice(option: str, choices: Sequence[str]) -> Callable[[str], str]:

@@ -6,7 +6,6 @@ C{PRIMECOUNT_REQUIRE_JMETER=1} (set by CI) turns that into a failure.
 
 from __future__ import annotations
 
-import contextlib
 import io
 import os
 from pathlib import Path
@@ -57,9 +56,8 @@ class JMeterPlanTests(SynchronousTestCase):
         requireJMeter(self)
         out = Path(self.mktemp())
         printed = io.StringIO()
-        with contextlib.redirect_stdout(printed):
-            status = main(["run", "--start-server", "--server-option=--max-line=8", "--threads", "2",
-                           "--loops", "55", "--rampup", "0", "--quiet", "--out", str(out)])
+        status = main(["run", "--start-server", "--server-option=--max-line=8", "--threads", "2",
+                       "--loops", "55", "--rampup", "0", "--quiet", "--out", str(out)], out=printed)
         self.assertEqual(status, 1, printed.getvalue())
         self.assertIn("errors       11  (10.00%)", printed.getvalue())
         self.assertIn("x Test failed: text expected to match", printed.getvalue())

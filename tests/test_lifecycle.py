@@ -77,15 +77,19 @@ class SlowStop(Service):
 class SequentialMultiServiceTests(SynchronousTestCase):
     """Children stop last first, each only after the one before it has finished."""
 
-    def test_oneAtATime(self) -> None:
-        """The second-to-last child is not asked to stop while the last one is still stopping."""
+    def stopTwo(self) -> tuple[list[str], SlowStop, SlowStop, Deferred[None]]:
+        """Start a parent of two slow children and ask it to stop: (log, first, last, stopped)."""
         log: list[str] = []
         parent = SequentialMultiService()
         first, last = SlowStop("first", log), SlowStop("last", log)
         first.setServiceParent(parent)
         last.setServiceParent(parent)
         parent.startService()
-        stopped = parent.stopService()
+        return log, first, last, parent.stopService()
+
+    def test_oneAtATime(self) -> None:
+        """The second-to-last child is not asked to stop while the last one is still stopping."""
+        log, first, last, stopped = self.stopTwo()
         self.assertEqual(log, ["last"])
         last.stopping.callback(None)
         self.assertEqual(log, ["last", "first"])
@@ -95,13 +99,7 @@ class SequentialMultiServiceTests(SynchronousTestCase):
 
     def test_failureDoesNotBlock(self) -> None:
         """A child whose stop fails does not keep the others from stopping."""
-        log: list[str] = []
-        parent = SequentialMultiService()
-        first, last = SlowStop("first", log), SlowStop("last", log)
-        first.setServiceParent(parent)
-        last.setServiceParent(parent)
-        parent.startService()
-        stopped = parent.stopService()
+        log, first, last, stopped = self.stopTwo()
         last.stopping.errback(RuntimeError("port would not close"))
         first.stopping.callback(None)
         self.successResultOf(stopped)

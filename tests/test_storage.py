@@ -112,14 +112,19 @@ class WriteFailureTests(SynchronousTestCase):
         """The error events logged by the records service."""
         return [e for e in self.events if e.get("log_level") == LogLevel.error]
 
+    def startService(self, path: str) -> tuple[RecordsService, Clock]:
+        """A started records service on C{path}, stopped at the end of the test."""
+        clock = Clock()
+        service = RecordsService(path, clock)
+        service.startService()
+        self.addCleanup(service.stopService)
+        return service, clock
+
     def test_deviceFull(self) -> None:
         """On C{/dev/full} every append fails with L{StorageUnavailable}, logged once."""
         if not os.path.exists("/dev/full"):
             raise self.skipTest("no /dev/full on this system")
-        clock = Clock()
-        service = RecordsService("/dev/full", clock)
-        service.startService()
-        self.addCleanup(service.stopService)
+        service, clock = self.startService("/dev/full")
         first = [service.append(record("a")), service.append(record("b"))]
         clock.advance(0)
         second = service.append(record("c"))
@@ -132,10 +137,7 @@ class WriteFailureTests(SynchronousTestCase):
     def test_partialWriteIsCutBack(self) -> None:
         """A write that fails half-way leaves no torn record: the file is cut back to the last whole batch."""
         path = self.mktemp()
-        clock = Clock()
-        service = RecordsService(path, clock)
-        service.startService()
-        self.addCleanup(service.stopService)
+        service, clock = self.startService(path)
         service.append(record("kept"))
         clock.advance(0)
         realWrite = os.write
@@ -156,11 +158,7 @@ class WriteFailureTests(SynchronousTestCase):
 
     def test_recoveryIsLogged(self) -> None:
         """When writes succeed again the service says so and acknowledges records normally."""
-        path = self.mktemp()
-        clock = Clock()
-        service = RecordsService(path, clock)
-        service.startService()
-        self.addCleanup(service.stopService)
+        service, clock = self.startService(self.mktemp())
 
         def failingWrite(fd: int, data: bytes) -> int:
             raise OSError(5, "Input/output error")

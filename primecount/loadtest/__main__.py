@@ -16,7 +16,7 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Optional, Sequence, TextIO
 
 from primecount.loadtest.crosscheck import crossCheck
 from primecount.loadtest.jmeter import (
@@ -112,7 +112,7 @@ def _properties(args: argparse.Namespace) -> dict[str, object]:
     }
 
 
-def commandRun(args: argparse.Namespace, install: JMeterInstall) -> int:
+def commandRun(args: argparse.Namespace, install: JMeterInstall, out: TextIO) -> int:
     """C{run}: one run, summary printed, exit status 1 on any failed sample or check."""
     if args.quiet:
         args.out.mkdir(parents=True, exist_ok=True)
@@ -120,17 +120,17 @@ def commandRun(args: argparse.Namespace, install: JMeterInstall) -> int:
     with console if args.quiet else contextlib.nullcontext() as console:
         result = runOnce(install, args.out, _properties(args), args.plan, args.start_server,
                          args.server_option, pin=False, jmeterOutput=console.fileno() if console else None)
-    print(formatSummary(result.summary))
+    out.write(f"{formatSummary(result.summary)}\n")
     for problem in result.problems:
-        print(f"PROBLEM: {problem}")
+        out.write(f"PROBLEM: {problem}\n")
     if args.start_server and not result.problems:
         every = ", every message present" if not result.summary.errors else ""
-        print(f"records      match: one correct record per successful sample{every}")
-    print(f"report       {result.out / 'report.html'}")
+        out.write(f"records      match: one correct record per successful sample{every}\n")
+    out.write(f"report       {result.out / 'report.html'}\n")
     return EXIT_OK if result.passed else EXIT_FAILED
 
 
-def commandBench(args: argparse.Namespace, install: JMeterInstall) -> int:
+def commandBench(args: argparse.Namespace, install: JMeterInstall, out: TextIO) -> int:
     """C{bench}: fresh server per thread count, server and JMeter pinned to different cores, one table."""
     rows, failed = [], False
     for threads in args.threads_list:
@@ -141,21 +141,21 @@ def commandBench(args: argparse.Namespace, install: JMeterInstall) -> int:
                              startServer=True, pin=True, jmeterOutput=devnull.fileno())
         failed |= not result.passed
         rows.append((threads, result))
-        print(f"  {threads} threads done: {result.summary.samples} samples", file=sys.stderr, flush=True)
+        sys.stderr.write(f"  {threads} threads done: {result.summary.samples} samples\n")
     where = "server on core 0, JMeter on core 1" if _pinning("0") else "no pinning (taskset or a second core missing)"
-    print(f"JMeter {install.version}; fresh server per row; {where}")
-    print(f"{'threads':>7} {'samples':>8} {'samples/s':>10} {'p50 ms':>7} {'p99 ms':>7} {'errors':>7}")
+    out.write(f"JMeter {install.version}; fresh server per row; {where}\n")
+    out.write(f"{'threads':>7} {'samples':>8} {'samples/s':>10} {'p50 ms':>7} {'p99 ms':>7} {'errors':>7}\n")
     for threads, result in rows:
         s = result.summary
-        print(f"{threads:>7} {s.samples:>8} {s.throughput:>10.1f} {s.latency['p50']:>7g} "
-              f"{s.latency['p99']:>7g} {s.errors:>7}")
+        out.write(f"{threads:>7} {s.samples:>8} {s.throughput:>10.1f} {s.latency['p50']:>7g} "
+                  f"{s.latency['p99']:>7g} {s.errors:>7}\n")
         for problem in result.problems:
-            print(f"        PROBLEM: {problem}")
-    print(f"\nNote: {SHARED_CORES_NOTE}")
+            out.write(f"        PROBLEM: {problem}\n")
+    out.write(f"\nNote: {SHARED_CORES_NOTE}\n")
     return EXIT_FAILED if failed else EXIT_OK
 
 
-def commandGui(args: argparse.Namespace, install: JMeterInstall) -> int:
+def commandGui(args: argparse.Namespace, install: JMeterInstall, out: TextIO) -> int:
     """C{gui}: open the plan in JMeter's GUI, through the 2.13 launcher where needed."""
     return subprocess.run([*launcherCommand(install), "-t", str(args.plan)]).returncode
 
@@ -203,22 +203,23 @@ def parser() -> argparse.ArgumentParser:
     return top
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
+def main(argv: Optional[Sequence[str]] = None, out: Optional[TextIO] = None) -> int:
     """Entry point; returns the exit status (0 passed, 1 failures, 2 set-up problem)."""
+    out = out or sys.stdout
     args = parser().parse_args(argv)
     try:
         install = findJMeter()
     except JMeterMissing as error:
-        print(f"primecount-loadtest: {error}", file=sys.stderr)
+        sys.stderr.write(f"primecount-loadtest: {error}\n")
         return EXIT_SETUP
     if not args.plan.exists():
-        print(f"primecount-loadtest: no plan at {args.plan} (give --plan)", file=sys.stderr)
+        sys.stderr.write(f"primecount-loadtest: no plan at {args.plan} (give --plan)\n")
         return EXIT_SETUP
     try:
         command = {"run": commandRun, "bench": commandBench, "gui": commandGui}[args.command]
-        return command(args, install)
+        return command(args, install, out)
     except (subprocess.CalledProcessError, RuntimeError) as error:
-        print(f"primecount-loadtest: {error}", file=sys.stderr)
+        sys.stderr.write(f"primecount-loadtest: {error}\n")
         return EXIT_SETUP
 
 
