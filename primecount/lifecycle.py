@@ -84,35 +84,29 @@ class Drain(Service):
         if open:
             self.log.info("waiting up to {grace} s for {open} open connections", grace=self._grace, open=open)
         self._idle: Deferred[None] = Deferred()
-        self._connections.whenIdle().addCallback(self._becameIdle)
-        if self._idle.called:
-            return self._idle
-        deadline: IDelayedCall = self._clock.callLater(self._grace, self._abortRemaining)
-        result: Deferred[None] = Deferred()
+        self._timer: Optional[IDelayedCall] = None
+        self._connections.whenIdle().addCallback(self._finish)
+        if not self._idle.called:
+            self._timer = self._clock.callLater(self._grace, self._abortRemaining)
+        return self._idle
 
-        def finished(_: object) -> None:
-            if deadline.active():
-                deadline.cancel()
-            result.callback(None)
-
-        self._idle.addBoth(finished)
-        return result
-
-    def _becameIdle(self, _: object) -> None:
-        if not self._idle.called:  # it may have been given up on already
+    def _finish(self, _: object = None) -> None:
+        """Stop waiting: cancel the pending timer and fire the stop, once."""
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+        if not self._idle.called:
             self._idle.callback(None)
 
     def _abortRemaining(self) -> None:
         self.log.warn("aborting {open} connections still open after {grace} s",
                       open=self._connections.openCount, grace=self._grace)
-        self._connections.abortAll()
         # Aborted connections report their loss on the next turns; do not wait for them forever.
-        self._clock.callLater(1.0, self._giveUp)
+        self._timer = self._clock.callLater(1.0, self._giveUp)
+        self._connections.abortAll()
 
     def _giveUp(self) -> None:
-        if not self._idle.called:
-            self.log.warn("stopping with {open} connections not yet closed", open=self._connections.openCount)
-            self._idle.callback(None)
+        self.log.warn("stopping with {open} connections not yet closed", open=self._connections.openCount)
+        self._finish()
 
 
 class Listener(Service):
