@@ -68,7 +68,8 @@ class SequentialMultiService(MultiService):
 
 
 class Drain(Service):
-    """On stop, waits for the connections already open to finish, then aborts any left after C{grace} seconds."""
+    """On stop, closes kept connections between requests, waits for the others to answer their current
+    request, then aborts any left after C{grace} seconds."""
 
     log = Logger()
 
@@ -80,6 +81,7 @@ class Drain(Service):
     def stopService(self) -> Deferred[None]:
         """Fire once no connection is open (every request answered or closed)."""
         super().stopService()
+        self._connections.stopTakingRequests()
         open = self._connections.openCount
         if open:
             self.log.info("waiting up to {grace} s for {open} open connections", grace=self._grace, open=open)

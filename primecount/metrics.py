@@ -21,11 +21,11 @@ class NoMetrics:
     def connectionOpened(self) -> None:
         """A client connected."""
 
-    def connectionClosed(self) -> None:
-        """A client connection is gone."""
+    def connectionClosed(self, requests: int) -> None:
+        """A client connection that carried C{requests} requests is gone."""
 
     def requestFinished(self, outcome: str, seconds: float) -> None:
-        """A reply went out: C{ok} or an error reason, C{seconds} after connect."""
+        """A reply went out: C{ok} or an error reason, C{seconds} after the request began."""
 
     def recordsWritten(self, count: int) -> None:
         """C{count} records reached the records file."""
@@ -45,11 +45,17 @@ class PrometheusMetrics(NoMetrics):
         self._requests = Counter("primecount_requests", "Requests answered, by outcome (ok or the ERROR reason).",
                                  ["outcome"], registry=self.registry)
         self._duration = Histogram(
-            "primecount_request_duration_seconds", "Time from connect to reply.",
+            "primecount_request_duration_seconds",
+            "Time from a request's first byte (a connection's first request: from connect) to its reply.",
             buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
             registry=self.registry)
         self._connections = Gauge("primecount_open_connections", "Client connections open now.",
                                   registry=self.registry)
+        self._connectionsTotal = Counter("primecount_connections", "Client connections accepted and served "
+                                         "(not those refused with ERROR busy).", registry=self.registry)
+        self._requestsPerConnection = Histogram(
+            "primecount_connection_requests", "Requests carried by each closed connection (1 in one-shot mode).",
+            buckets=(0, 1, 2, 5, 10, 100, 1000, 10000, 100000), registry=self.registry)
         self._written = Counter("primecount_records_written", "Records appended to the records file.",
                                 registry=self.registry)
         self._writeErrors = Counter("primecount_record_write_errors",
@@ -64,10 +70,12 @@ class PrometheusMetrics(NoMetrics):
     def connectionOpened(self) -> None:
         """A client connected."""
         self._connections.inc()
+        self._connectionsTotal.inc()
 
-    def connectionClosed(self) -> None:
+    def connectionClosed(self, requests: int) -> None:
         """A client connection is gone."""
         self._connections.dec()
+        self._requestsPerConnection.observe(requests)
 
     def requestFinished(self, outcome: str, seconds: float) -> None:
         """A reply went out."""

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+from collections import deque
 from typing import Callable, NamedTuple, Optional
 
 from twisted.internet.defer import Deferred, succeed
-from twisted.internet.interfaces import IAddress, IDelayedCall, IHalfCloseableProtocol, IReactorTime, ITransport
+from twisted.internet.interfaces import (
+    IAddress, IDelayedCall, IHalfCloseableProtocol, IPushProducer, IReactorTime, ITransport,
+)
 from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
 from twisted.protocols.basic import LineReceiver
@@ -19,14 +22,18 @@ from primecount.responder import Responder
 
 
 class RequestLimits(NamedTuple):
-    """How a request may arrive (deadline from connect, quiet gap that ends it or 0, maximum line bytes), and
-    whether each connection and reply is logged, not only errors."""
+    """How requests may arrive (deadline from their first byte, quiet gap that ends one or 0, maximum line
+    bytes), whether each connection and reply is logged, and whether a connection carries more than one request
+    (how many unanswered at most, how long it may wait idle for the next)."""
 
     timeout: float = 5.0
     quiet: float = 0.2
     maxLine: int = 65536
     logRequests: bool = False
     linger: float = 2.0
+    keepAlive: bool = False
+    pipeline: int = 64
+    idleTimeout: float = 30.0
 
 
 # Input read and thrown away after an ERROR reply, at most, before closing regardless.
@@ -121,12 +128,28 @@ class BusyProtocol(Protocol):
         self._onClosed()
 
 
-@implementer(IHalfCloseableProtocol)
-class PrimeCountProtocol(LineReceiver, TimeoutMixin):
-    """One connection, one request: collects bytes, hands the message to the responder, writes the reply, closes.
+class _Pending:
+    """One request of a connection, from its end until its reply is written: when it began, and its reply once known."""
 
-    The deadline (L{TimeoutMixin}) runs from connect and is never reset by
-    incoming bytes, so a trickling client cannot hold the connection longer.
+    __slots__ = ("startedAt", "reply")
+
+    def __init__(self, startedAt: float, reply: Optional[wire.Reply] = None) -> None:
+        self.startedAt = startedAt
+        self.reply = reply
+
+
+@implementer(IHalfCloseableProtocol, IPushProducer)
+class PrimeCountProtocol(LineReceiver, TimeoutMixin):
+    """One connection: reads requests, hands each to the responder, writes the replies in request order.
+
+    One-shot (the default): the first request is the only one, and the
+    connection closes after its reply. Keep-alive: any number of requests,
+    at most C{pipeline} of them unanswered; past that, and while the
+    transport's write buffer is full, the connection is not read. A request
+    ends at a newline, a quiet gap or the client's half-close; C{timeout}
+    bounds it from its first byte (the first one from connect) and trickled
+    bytes never extend it; C{idleTimeout} closes a kept connection that
+    waits too long for its next request.
     """
 
     delimiter = b"\n"
@@ -137,60 +160,74 @@ class PrimeCountProtocol(LineReceiver, TimeoutMixin):
         self._limits = limits
         self._clock = clock
         self._responder = responder
-        self._collecting = False
+        self._unanswered: deque[_Pending] = deque()
+        self._chunks: list[bytes] = []  # the partial line, unjoined until its newline (joining per chunk is quadratic)
         self._buffered = 0
-        self._chunks: list[bytes] = []
         self._quietCall: Optional[IDelayedCall] = None
-        self._peer = "-"
-        self._connectedAt = 0.0
+        self._startedAt: Optional[float] = None  # when the request being read began; None between requests
+        self._reading = True  # whether further requests are taken
         self._readClosed = False
+        self._writesBlocked = False
+        self._draining = False
         self._lingering: Optional[LingeringClose] = None
+        self._peer = "-"
+        self.requests = 0
 
     def callLater(self, period: float, func) -> IDelayedCall:  # type: ignore[no-untyped-def]
         """Schedule on the injected clock (used by L{TimeoutMixin})."""
         return self._clock.callLater(period, func)
 
     def connectionMade(self) -> None:
-        """Start the request deadline."""
+        """The first request's deadline runs from connect."""
         self._peer = peerHost(self.transport.getPeer())
-        self._connectedAt = self._clock.seconds()
         self.factory.connectionOpened(self)
-        self._collecting = True
-        self.setTimeout(self._limits.timeout)
+        self._requestBegins()
+        if self._limits.keepAlive:
+            self.transport.registerProducer(self, True)
         if self._limits.logRequests:
             self.log.info("connection from {peer}", peer=self._peer)
 
+    # Reading requests.
+
     def dataReceived(self, data: bytes) -> None:
-        """Check the line limit before buffering; hand L{LineReceiver} the whole line once a newline is in."""
+        """Check the line limit before buffering; hand L{LineReceiver} whole lines only."""
         if self._lingering is not None:
             self._lingering.discard(data)
             return
-        if not self._collecting or not data:
-            return  # past the request; keep reading so closing does not reset the connection
-        newline = data.find(b"\n")
-        lineLength = self._buffered + (len(data) if newline < 0 else newline)
-        if lineLength > self.MAX_LENGTH:
-            self.clearLineBuffer()
-            self._reject(wire.lineTooLong(self.MAX_LENGTH))
+        if not self._reading:
+            return  # past the last request: read and discard, so that closing does not reset the connection
+        if b"\n" not in data and not self._buffer:
+            if data:
+                self._partialLine(data)
             return
-        if newline < 0:
-            # LineReceiver would copy and rescan its whole buffer for every chunk, which is
-            # quadratic for a client sending a long line a few bytes at a time; keep the
-            # chunks until the newline arrives instead.
-            self._chunks.append(data)
-            self._buffered = lineLength
-            if self._limits.quiet:
-                self._restartQuietGap()
-            return
-        if self._chunks:
-            data = self.clearLineBuffer() + data
-        super().dataReceived(data)
+        if self._startedAt is None:
+            self._startedAt = self._clock.seconds()  # whole lines end at once: no deadline to arm
+        LineReceiver.dataReceived(self, self._takeLine() + data)
+        if self._reading and not self.paused:
+            rest, self._buffer = self._buffer, b""
+            if rest:
+                self._partialLine(rest)
+            if self._readClosed and self._reading:
+                self._endOfInput()
 
-    def clearLineBuffer(self) -> bytes:
-        """Take every byte held for the current line, clearing the buffer."""
-        held = b"".join(self._chunks) + super().clearLineBuffer()
-        self._chunks = []
-        self._buffered = 0
+    def _partialLine(self, data: bytes) -> None:
+        self._buffered += len(data)
+        if self._buffered > self.MAX_LENGTH:
+            self._refuse(wire.lineTooLong(self.MAX_LENGTH))
+            return
+        if self._startedAt is None:
+            self._requestBegins()
+        self._chunks.append(data)
+        if self._limits.quiet:
+            if self._quietCall is not None and self._quietCall.active():
+                self._quietCall.reset(self._limits.quiet)
+            else:
+                self._quietCall = self._clock.callLater(self._limits.quiet, self._quietGapPassed)
+
+    def _takeLine(self) -> bytes:
+        """Take every byte held for the current line."""
+        held = b"".join(self._chunks)
+        self._chunks, self._buffered = [], 0
         return held
 
     @property
@@ -199,78 +236,174 @@ class PrimeCountProtocol(LineReceiver, TimeoutMixin):
         return self._buffered
 
     def lineReceived(self, line: bytes) -> None:
-        """A newline ended the request; a CR right before it is dropped."""
-        self._messageEnded(line[:-1] if line.endswith(b"\r") else line)
+        """A newline ended a request; a CR right before it is dropped."""
+        self._requestEnded(line[:-1] if line.endswith(b"\r") else line)
+
+    def lineLengthExceeded(self, line: bytes) -> None:
+        """A complete line over the limit: refused, and the connection closes after the replies before it."""
+        self._refuse(wire.lineTooLong(self.MAX_LENGTH))
 
     def rawDataReceived(self, data: bytes) -> None:
-        """Bytes after the request are read and discarded."""
-
-    def readConnectionLost(self) -> None:
-        """The client half-closed: whatever it sent is the request (or, after an ERROR, it is done)."""
-        self._readClosed = True
-        if self._lingering is not None:
-            self._lingering.finish()
-        elif self._collecting:
-            self._messageEnded(self.clearLineBuffer())
-
-    def writeConnectionLost(self) -> None:
-        """Our side finished writing; nothing more to do until the connection is gone."""
-
-    def timeoutConnection(self) -> None:
-        """The deadline passed before the request ended."""
-        if self._collecting:
-            self.clearLineBuffer()
-            self._reject(wire.TIMEOUT)
-
-    def connectionLost(self, reason=None) -> None:  # type: ignore[no-untyped-def]
-        """Cancel timers; a reply still being prepared will find the transport closed."""
-        self._stopCollecting()
-        if self._lingering is not None:
-            self._lingering.cancel()
-        self.factory.connectionClosed(self)
-
-    def _restartQuietGap(self) -> None:
-        if self._quietCall is not None and self._quietCall.active():
-            self._quietCall.reset(self._limits.quiet)
-        else:
-            self._quietCall = self._clock.callLater(self._limits.quiet, self._quietGapPassed)
+        """Bytes after the last request are read and discarded."""
 
     def _quietGapPassed(self) -> None:
         self._quietCall = None
-        if self._collecting:
-            self._messageEnded(self.clearLineBuffer())
+        if self._reading and self._chunks:
+            self._requestEnded(self._takeLine())
 
-    def _stopCollecting(self) -> None:
-        self._collecting = False
-        self.setRawMode()
-        self.setTimeout(None)
+    def readConnectionLost(self) -> None:
+        """The client half-closed: what it sent is answered, then the connection closes."""
+        self._readClosed = True
+        if self._lingering is not None:
+            self._lingering.finish()
+        elif self._reading and not self.paused:
+            self._endOfInput()
+
+    def writeConnectionLost(self) -> None:
+        """Our side finished writing (lingering after an ERROR); nothing to do until the client closes."""
+
+    def _endOfInput(self) -> None:
+        partial = self._takeLine()
+        if partial or not self.requests:
+            self._requestEnded(partial)  # a connection that sent nothing at all asked an empty question
+        self._stopReading()
+        if not self._unanswered:
+            self._close()
+
+    def timeoutConnection(self) -> None:
+        """A request passed its deadline (C{ERROR timeout}), or a kept connection was idle too long (closed)."""
+        if self._startedAt is not None:
+            self._takeLine()
+            self._refuse(wire.TIMEOUT)
+        elif self._unanswered:
+            self.setTimeout(self._limits.timeout)  # waiting for our own replies, not for the client
+        else:
+            self._stopReading()
+            self._close()
+
+    def _requestBegins(self) -> None:
+        self._startedAt = self._clock.seconds()
+        self.setTimeout(self._limits.timeout)
+
+    def _requestEnded(self, raw: bytes) -> None:
+        pending = self._queue(None)
+        self.requests += 1
+        self._responder.respond(raw, self._peer).addCallback(self._replyReady, pending)
+        if not self._limits.keepAlive or self._draining:
+            self._stopReading()
+        else:
+            self._updateReading()
+
+    def _refuse(self, reason: str) -> None:
+        """A framing error: answered in order, after which the connection closes."""
+        self._stopReading()
+        self._queue(wire.errorReply(reason, closes=True))
+        self._writeReady()
+
+    def _queue(self, reply: Optional[wire.Reply]) -> _Pending:
+        # The deadline timer is left armed: re-arming it for the next request or the idle wait is a cheap reset.
         if self._quietCall is not None:
             if self._quietCall.active():
                 self._quietCall.cancel()
             self._quietCall = None
+        pending = _Pending(self._clock.seconds() if self._startedAt is None else self._startedAt, reply)
+        self._startedAt = None
+        self._unanswered.append(pending)
+        return pending
 
-    def _messageEnded(self, raw: bytes) -> None:
-        self._stopCollecting()
-        reply: Deferred[bytes] = self._responder.respond(raw, self._peer)
-        reply.addCallback(self._sendAndClose)
+    def _stopReading(self) -> None:
+        self._reading = False
+        self.setRawMode()
+        self._takeLine()
+        self.setTimeout(None)
+        if self._quietCall is not None and self._quietCall.active():
+            self._quietCall.cancel()
 
-    def _reject(self, reason: str) -> None:
-        self._stopCollecting()
-        self._sendAndClose(wire.errorLine(reason))
+    # Writing replies, in request order.
 
-    def _sendAndClose(self, reply: bytes) -> None:
-        isError = reply.startswith(b"ERROR ")
-        if isError or self._limits.logRequests:
-            self.log.info("{kind}{reply} to {peer}", kind="" if isError else "reply ",
-                          reply=reply.rstrip(b"\n").decode("utf-8"), peer=self._peer)
-        self.factory.metrics.requestFinished(wire.outcomeLabel(reply), self._clock.seconds() - self._connectedAt)
-        self.transport.write(reply)
-        if isError:
+    def _replyReady(self, reply: wire.Reply, pending: _Pending) -> None:
+        pending.reply = reply
+        self._writeReady()
+
+    def _writeReady(self) -> None:
+        while self._unanswered and self._unanswered[0].reply is not None:
+            pending = self._unanswered.popleft()
+            reply: wire.Reply = pending.reply  # type: ignore[assignment]
+            if reply.isError or self._limits.logRequests:
+                self.log.info("{kind}{reply} to {peer}", kind="" if reply.isError else "reply ",
+                              reply=reply.text, peer=self._peer)
+            self.factory.metrics.requestFinished(reply.outcome, self._clock.seconds() - pending.startedAt)
+            self.transport.write(reply.data)
+            if reply.closes or not self._limits.keepAlive:
+                self._stopReading()
+                self._close(lingering=reply.isError)
+                return
+        if self._unanswered:
+            self._updateReading()
+        elif not self._reading:
+            self._close()
+        else:
+            self._updateReading()
+            if self._startedAt is None:
+                self.setTimeout(self._limits.idleTimeout or None)
+
+    def _close(self, lingering: bool = False) -> None:
+        if self._lingering is not None or self.transport.disconnecting:
+            return
+        if self._limits.keepAlive:
+            self.transport.unregisterProducer()
+            self.transport.resumeProducing()  # lingering and a clean close both read until the client is done
+        if lingering:
             # The client may still be sending (a long line, a trickle): make sure it reads the reply.
             self._lingering = LingeringClose(self.transport, self._clock, self._limits.linger)
             self._lingering.start(self._readClosed)
         else:
             self.transport.loseConnection()
+
+    # Flow control: the pipeline bound and the transport's write buffer both pause reading.
+
+    def pauseProducing(self) -> None:
+        """The transport's write buffer is full (the client is not reading its replies)."""
+        self._writesBlocked = True
+        self._updateReading()
+
+    def resumeProducing(self) -> None:
+        """The transport's write buffer has drained."""
+        self._writesBlocked = False
+        self._updateReading()
+
+    def stopProducing(self) -> None:
+        """The connection is going away."""
+        self._reading = False
+
+    def _updateReading(self) -> None:
+        hold = self._writesBlocked or len(self._unanswered) >= self._limits.pipeline
+        if hold and not self.paused:
+            self.paused = True
+            self.transport.pauseProducing()
+        elif not hold and self.paused and self._reading:
+            self.paused = False
+            self.transport.resumeProducing()
+            self.dataReceived(b"")
+            if self._readClosed and self._reading and not self.paused:
+                self._endOfInput()
+
+    # Stopping.
+
+    def stopTakingRequests(self) -> None:
+        """The service is stopping: a kept connection between requests closes now; others after their request."""
+        self._draining = True
+        if self._reading and self.requests and not self._chunks and not self._buffer:
+            self._stopReading()
+            if not self._unanswered:
+                self._close()
+
+    def connectionLost(self, reason=None) -> None:  # type: ignore[no-untyped-def]
+        """Cancel timers; replies still being prepared will find the transport closed."""
+        self._stopReading()
+        if self._lingering is not None:
+            self._lingering.cancel()
+        self.factory.connectionClosed(self)
 
 
 class PrimeCountFactory(Factory):
@@ -340,7 +473,7 @@ class PrimeCountFactory(Factory):
         """C{protocol}'s connection is gone; wake those waiting for none to be open."""
         if protocol in self._open:
             self.connectionLimits.release(self._open.pop(protocol))
-            self.metrics.connectionClosed()
+            self.metrics.connectionClosed(protocol.requests)
         if not self._open:
             waiters, self._idleWaiters = self._idleWaiters, []
             for waiter in waiters:
@@ -358,6 +491,11 @@ class PrimeCountFactory(Factory):
         waiter: Deferred[None] = Deferred()
         self._idleWaiters.append(waiter)
         return waiter
+
+    def stopTakingRequests(self) -> None:
+        """Close kept connections that wait between requests; every other one closes after its current request."""
+        for protocol in list(self._open):
+            protocol.stopTakingRequests()
 
     def abortAll(self) -> None:
         """Close every open connection at once, without waiting for replies."""

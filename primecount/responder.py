@@ -1,8 +1,14 @@
-"""Turns a finished request into its reply: batched analysis on the thread pool, then the record, then the reply bytes."""
+"""Turns finished requests into typed replies, one reactor turn's requests at a time.
+
+One step per turn: the turn's requests are analysed with a single thread-pool
+call, their records are appended with a single write, and only then are the
+replies released. One C{deferToThread} per request would cost more than the
+analysis itself; one per turn keeps the pool busy without paying that per request.
+"""
 
 from __future__ import annotations
 
-from typing import Callable, Optional, Protocol
+from typing import Optional, Protocol, Sequence
 
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
@@ -14,89 +20,74 @@ from primecount.records import Record
 from primecount.storage import RunInThread, StorageUnavailable
 
 
-
 class RecordSink(Protocol):
-    """Where records go: anything with the records service's C{append} and C{flush}."""
+    """Where records go: anything with the records service's C{write}."""
 
-    def append(self, record: Record) -> Deferred[None]:
-        """Store C{record}; fire once stored, fail with L{StorageUnavailable} otherwise."""
-
-    def flush(self) -> None:
-        """Store what was appended so far without waiting for the end of the turn."""
-
-
-class AnalysisBatcher:
-    """Gathers the requests that end within one reactor turn and evaluates them with a single thread-pool call.
-
-    One C{deferToThread} per request costs more than the analysis itself;
-    one per turn keeps the thread pool in use without paying that per request.
-    """
-
-    def __init__(
-        self, clock: IReactorTime, runInThread: RunInThread, afterBatch: Callable[[], None] = lambda: None
-    ) -> None:
-        self._clock = clock
-        self._runInThread = runInThread
-        self._afterBatch = afterBatch
-        self._pending: list[tuple[bytes, Deferred[wire.Outcome]]] = []
-        self._dispatchCall: Optional[IDelayedCall] = None
-
-    def submit(self, raw: bytes) -> Deferred[wire.Outcome]:
-        """Queue C{raw} for evaluation at the end of this turn; the result fires with its outcome."""
-        outcome: Deferred[wire.Outcome] = Deferred()
-        self._pending.append((raw, outcome))
-        if self._dispatchCall is None:
-            self._dispatchCall = self._clock.callLater(0, self._dispatch)
-        return outcome
-
-    def _dispatch(self) -> None:
-        self._dispatchCall = None
-        pending, self._pending = self._pending, []
-        evaluated = self._runInThread(wire.evaluateAll, [raw for raw, _ in pending])
-
-        def deliver(outcomes: list[wire.Outcome]) -> None:
-            for (_, outcome), result in zip(pending, outcomes):
-                outcome.callback(result)
-            self._afterBatch()
-
-        def failAll(failure: Failure) -> None:
-            for _, outcome in pending:
-                outcome.errback(failure)
-
-        evaluated.addCallbacks(deliver, failAll)
+    def write(self, records: Sequence[Record]) -> Deferred[None]:
+        """Store C{records} together; fire once stored, fail with L{StorageUnavailable} otherwise."""
 
 
 class Responder:
-    """Answers finished requests: analysis off the reactor thread, the record written, then the reply."""
+    """Answers finished requests: analysis off the reactor thread, every record written, then the replies."""
 
     log = Logger()
 
     def __init__(self, clock: IReactorTime, runInThread: RunInThread, records: RecordSink) -> None:
-        # Every answer of a batch has appended its record once the batch is delivered.
-        self._batcher = AnalysisBatcher(clock, runInThread, afterBatch=records.flush)
         self._clock = clock
+        self._runInThread = runInThread
         self._records = records
+        self._pending: list[tuple[bytes, str, Deferred[wire.Reply]]] = []
+        self._dispatchCall: Optional[IDelayedCall] = None
 
-    def respond(self, raw: bytes, client: str) -> Deferred[bytes]:
-        """Reply bytes for the request C{raw} from C{client}; an answer is recorded before it is returned."""
-        reply = self._batcher.submit(raw)
-        reply.addCallback(self._recordAnswer, client)
-        reply.addErrback(self._internalError, client)
+    def respond(self, raw: bytes, client: str) -> Deferred[wire.Reply]:
+        """The reply to the request C{raw} from C{client}, at the end of this turn; an answer is recorded first."""
+        reply: Deferred[wire.Reply] = Deferred()
+        self._pending.append((raw, client, reply))
+        if self._dispatchCall is None:
+            self._dispatchCall = self._clock.callLater(0, self._dispatch)
         return reply
 
-    def _recordAnswer(self, outcome: wire.Outcome, client: str) -> bytes | Deferred[bytes]:
-        if isinstance(outcome, wire.Rejection):
-            return wire.errorLine(outcome.reason)
-        record = Record(int(self._clock.seconds()), client, outcome.message, outcome.count, outcome.isPrime)
-        stored = self._records.append(record)
-        stored.addCallbacks(lambda _: wire.replyLine(outcome), self._storageFailed)
-        return stored
+    def _dispatch(self) -> None:
+        self._dispatchCall = None
+        batch, self._pending = self._pending, []
+        evaluated: Deferred[list[wire.Outcome]] = self._runInThread(wire.evaluateAll, [raw for raw, _, _ in batch])
+        evaluated.addCallback(self._record, batch)
+        evaluated.addErrback(self._internalError, len(batch))
+        evaluated.addCallback(self._release, batch)
+
+    def _record(self, outcomes: list[wire.Outcome], batch: list) -> Deferred[list[wire.Reply]] | list[wire.Reply]:
+        """Append the answers' records in one write; answers whose records failed become C{storage unavailable}."""
+        now = int(self._clock.seconds())
+        records = [
+            Record(now, client, outcome.message, outcome.count, outcome.isPrime)
+            for outcome, (_, client, _) in zip(outcomes, batch)
+            if isinstance(outcome, wire.Answer)
+        ]
+        if not records:
+            return [wire.errorReply(outcome.reason) for outcome in outcomes]  # type: ignore[union-attr]
+        stored = self._records.write(records)
+        return stored.addCallbacks(
+            lambda _: [_replyTo(outcome) for outcome in outcomes],
+            lambda failure: _storageFailed(failure, outcomes),
+        )
+
+    def _internalError(self, failure: Failure, size: int) -> list[wire.Reply]:
+        self.log.failure("analysing a batch of {size} requests failed", failure, size=size)
+        return [wire.errorReply(wire.INTERNAL_ERROR, closes=True)] * size
 
     @staticmethod
-    def _storageFailed(failure: Failure) -> bytes:
-        failure.trap(StorageUnavailable)
-        return wire.errorLine(wire.STORAGE_UNAVAILABLE)
+    def _release(replies: list[wire.Reply], batch: list) -> None:
+        for reply, (_, _, waiting) in zip(replies, batch):
+            waiting.callback(reply)
 
-    def _internalError(self, failure: Failure, client: str) -> bytes:
-        self.log.failure("analysing a request from {client} failed", failure, client=client)
-        return wire.errorLine(wire.INTERNAL_ERROR)
+
+def _replyTo(outcome: wire.Outcome) -> wire.Reply:
+    if isinstance(outcome, wire.Answer):
+        return wire.answerReply(outcome)
+    return wire.errorReply(outcome.reason)
+
+
+def _storageFailed(failure: Failure, outcomes: list[wire.Outcome]) -> list[wire.Reply]:
+    failure.trap(StorageUnavailable)
+    unavailable = wire.errorReply(wire.STORAGE_UNAVAILABLE)
+    return [unavailable if isinstance(outcome, wire.Answer) else _replyTo(outcome) for outcome in outcomes]

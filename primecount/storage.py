@@ -12,11 +12,11 @@ from __future__ import annotations
 import errno
 import os
 import stat
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Sequence
 
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred, fail, succeed
-from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -75,9 +75,9 @@ class _OpenFile:
 
 
 class RecordsService(Service):
-    """Appends records to a file, log-observer style: one write(2) per batch, each record acknowledged.
+    """Appends records to a file, log-observer style: one write(2) per batch, each batch acknowledged.
 
-    L{append} returns a L{Deferred} that fires once the record is written (and,
+    L{write} returns a L{Deferred} that fires once the batch is written (and,
     with C{fsync="always"}, synced), or fails with L{StorageUnavailable};
     callers reply to their client only after that, so every answered request
     has a record.
@@ -103,8 +103,6 @@ class RecordsService(Service):
         self._runInThread = runInThread
         self._metrics = metrics
         self._file: Optional[_OpenFile] = None
-        self._pending: list[tuple[Record, Deferred[None]]] = []
-        self._flushCall: Optional[IDelayedCall] = None
         self._unsynced = False
         self._syncTimer: Optional[LoopingCall] = None
         self._failures = {"write": 0, "fsync": 0}
@@ -130,7 +128,6 @@ class RecordsService(Service):
         super().stopService()
         if self._syncTimer is not None and self._syncTimer.running:
             self._syncTimer.stop()
-        self.flush()
         current, self._file = self._file, None
         if current is None:
             return succeed(None)
@@ -172,11 +169,10 @@ class RecordsService(Service):
         )
 
     def reopen(self) -> None:
-        """Flush, then continue in a newly opened file at the same path (after logrotate renamed the old one).
+        """Continue in a newly opened file at the same path (after logrotate renamed the old one).
 
         If the path cannot be opened the current file is kept and the error logged.
         """
-        self.flush()
         try:
             fresh = _OpenFile(openRecordsFile(self.path))
         except OSError as error:
@@ -189,50 +185,26 @@ class RecordsService(Service):
             (self._sync(old) if self._fsyncPolicy != "never" else succeed(None)).addBoth(lambda _: old.close())
         self.log.info("reopened records file {path}", path=self.path)
 
-    def append(self, record: Record) -> Deferred[None]:
-        """Queue C{record} for this turn's write; the result fires when it is stored."""
+    def write(self, records: Sequence[Record]) -> Deferred[None]:
+        """Append C{records} with one write now; the result fires once they are stored (and, with
+        C{fsync="always"}, synced), or fails with L{StorageUnavailable}."""
         if self._file is None:
             return fail(StorageUnavailable(f"records file {self.path} is not open"))
-        acknowledged: Deferred[None] = Deferred()
-        self._pending.append((record, acknowledged))
-        if self._flushCall is None:
-            self._flushCall = self._clock.callLater(0, self.flush)
-        return acknowledged
-
-    def flush(self) -> None:
-        """Write everything appended so far now, with one write, instead of at the end of the turn.
-
-        A caller that knows a batch of appends is complete (the responder, after
-        a thread-pool batch) calls this to release the replies one turn sooner.
-        """
-        if self._flushCall is not None:
-            if self._flushCall.active():
-                self._flushCall.cancel()
-            self._flushCall = None
-        pending, self._pending = self._pending, []
-        if not pending:
-            return
-        acknowledgements = [acknowledged for _, acknowledged in pending]
-        batch = "".join([self._format(record) for record, _ in pending]).encode("utf-8")
+        batch = "".join([self._format(record) for record in records]).encode("utf-8")
         try:
             self._writeAll(batch)
         except OSError as error:
-            self._failed("write", error, len(pending))
-            self._metrics.recordWriteFailed(len(pending))
-            for acknowledged in acknowledgements:
-                acknowledged.errback(StorageUnavailable(f"cannot write {self.path}: {error.strerror}"))
-            return
+            self._failed("write", error, len(records))
+            self._metrics.recordWriteFailed(len(records))
+            return fail(StorageUnavailable(f"cannot write {self.path}: {error.strerror}"))
         self._recovered("write")
-        self._metrics.recordsWritten(len(pending))
+        self._metrics.recordsWritten(len(records))
         self._unsynced = True
-        if self._fsyncPolicy == "always" and self._file is not None:
-            self._sync(self._file).addCallbacks(
-                lambda _: _fireAll(acknowledgements),
-                lambda failure: _failAll(acknowledgements, StorageUnavailable(
-                    f"cannot fsync {self.path}: {failure.getErrorMessage()}")),
-            )
-        else:
-            _fireAll(acknowledgements)
+        if self._fsyncPolicy != "always":
+            return succeed(None)
+        return self._sync(self._file).addErrback(
+            lambda failure: fail(StorageUnavailable(f"cannot fsync {self.path}: {failure.getErrorMessage()}"))
+        )
 
     def _writeAll(self, data: bytes) -> None:
         """Write all of C{data}, or, on failure, remove any part of it that reached the file."""
@@ -291,12 +263,3 @@ class RecordsService(Service):
             )
             self._failures[operation] = 0
 
-
-def _fireAll(acknowledgements: list[Deferred[None]]) -> None:
-    for acknowledged in acknowledgements:
-        acknowledged.callback(None)
-
-
-def _failAll(acknowledgements: list[Deferred[None]], error: Exception) -> None:
-    for acknowledged in acknowledgements:
-        acknowledged.errback(error)

@@ -104,6 +104,8 @@ class Options(usage.Options):
     )
     optFlags = [
         ["log-requests", None, "Log every connection and reply, not only errors (costly under load)."],
+        ["keep-alive", None, "Let a connection carry any number of requests, pipelined or one by one, "
+         "instead of closing after the first reply."],
     ]
     optParameters = [
         ["port", "p", endpointDescription("5050"), "Endpoint to listen on: a port number N (all IPv4 interfaces, "
@@ -118,6 +120,10 @@ class Options(usage.Options):
          "sent without a newline (0 disables).", _number("quiet", float, 0, strict=False)],
         ["max-line", None, DEFAULTS.maxLine, "Longest request accepted, in bytes.",
          _number("max-line", int, 1, strict=False)],
+        ["pipeline", None, DEFAULTS.pipeline, "With --keep-alive: most unanswered requests per connection; "
+         "past it the connection is not read until replies go out.", _number("pipeline", int, 1, strict=False)],
+        ["idle-timeout", None, DEFAULTS.idleTimeout, "With --keep-alive: seconds a kept connection may wait for "
+         "its next request before it is closed (0: no limit).", _number("idle-timeout", float, 0, strict=False)],
         ["records", "r", "server_log.txt", "File the records are appended to (SIGHUP reopens it)."],
         ["records-format", None, "tsv", "Records file format: tsv (the original columns) or jsonl.",
          _choice("records-format", sorted(FORMATS))],
@@ -135,6 +141,10 @@ class Options(usage.Options):
     def postOptions(self) -> None:
         """Check what needs the options together: the endpoints parse, the records file can be opened."""
         _checkEndpoint("port", self["port"])
+        if not self["keep-alive"]:
+            for option, default in (("pipeline", DEFAULTS.pipeline), ("idle-timeout", DEFAULTS.idleTimeout)):
+                if self[option] != default:
+                    raise usage.UsageError(f"--{option}: only applies with --keep-alive")
         if self["metrics"] is not None:
             _checkEndpoint("metrics", self["metrics"])
         try:
@@ -181,7 +191,8 @@ def makeService(options: Options, reactor: Optional[Any] = None) -> IService:
     if isinstance(metrics, PrometheusMetrics):
         strports.service(options["metrics"], metricsSite(metrics.registry), reactor=reactor).setServiceParent(top)
     limits = RequestLimits(
-        options["timeout"], options["quiet"], options["max-line"], bool(options["log-requests"])
+        options["timeout"], options["quiet"], options["max-line"], bool(options["log-requests"]),
+        keepAlive=bool(options["keep-alive"]), pipeline=options["pipeline"], idleTimeout=options["idle-timeout"],
     )
     factory = PrimeCountFactory(
         limits, reactor, Responder(reactor, runInThread, records), metrics,

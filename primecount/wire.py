@@ -53,6 +53,21 @@ def evaluateAll(raws: list[bytes]) -> list[Outcome]:
     return [evaluate(raw) for raw in raws]
 
 
+class Reply(NamedTuple):
+    """What goes back for one request: the line itself, a short outcome name for metrics, and whether it is an
+    C{ERROR} that also ends the connection (the framing errors: a line too long, a timeout, busy)."""
+
+    data: bytes
+    outcome: str
+    isError: bool = False
+    closes: bool = False
+
+    @property
+    def text(self) -> str:
+        """The line without its newline, for logs."""
+        return self.data.decode("utf-8").rstrip("\n")
+
+
 def replyLine(answer: Answer) -> bytes:
     """The reply to an answered request: C{"<count> sí\\n"} or C{"<count> no\\n"}, UTF-8 encoded."""
     return f"{answer.count} {'sí' if answer.isPrime else 'no'}\n".encode("utf-8")
@@ -63,9 +78,16 @@ def errorLine(reason: str) -> bytes:
     return f"ERROR {reason}\n".encode("utf-8")
 
 
-def outcomeLabel(reply: bytes) -> str:
-    """A short name for how a request ended, for metrics: C{ok} or the ERROR reason (C{line_too_long}, ...)."""
-    if not reply.startswith(b"ERROR "):
-        return "ok"
-    reason = reply[len(b"ERROR "):].decode("utf-8", errors="replace").strip().split(" (")[0]
-    return reason.replace(" ", "_").replace("-", "").lower()
+def answerReply(answer: Answer) -> Reply:
+    """The typed reply to an answered request."""
+    return Reply(replyLine(answer), "ok")
+
+
+def errorReply(reason: str, closes: bool = False) -> Reply:
+    """The typed reply C{ERROR <reason>}; C{closes} when the connection cannot carry another request after it."""
+    return Reply(errorLine(reason), outcomeLabel(reason), isError=True, closes=closes)
+
+
+def outcomeLabel(reason: str) -> str:
+    """A short metrics name for an ERROR reason: C{line_too_long}, C{invalid_utf8}, ..."""
+    return reason.split(" (")[0].replace(" ", "_").replace("-", "").lower()

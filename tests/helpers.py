@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.task import Clock
@@ -26,17 +26,18 @@ class InlineThreads:
 
 
 class MemoryRecords:
-    """A records sink that keeps records in a list; C{hold} makes appends wait until released."""
+    """A records sink that keeps records in a list; C{hold} makes writes wait until released."""
 
     def __init__(self) -> None:
         self.records: list[Record] = []
+        self.batches: list[int] = []
         self.hold = False
         self.waiting: list[Deferred[None]] = []
-        self.flushes = 0
 
-    def append(self, record: Record) -> Deferred[None]:
-        """Store C{record} now, or queue its acknowledgement while held."""
-        self.records.append(record)
+    def write(self, records: Sequence[Record]) -> Deferred[None]:
+        """Store C{records} now, or queue their acknowledgement while held."""
+        self.records.extend(records)
+        self.batches.append(len(records))
         acknowledged: Deferred[None] = Deferred()
         if self.hold:
             self.waiting.append(acknowledged)
@@ -44,12 +45,8 @@ class MemoryRecords:
             acknowledged.callback(None)
         return acknowledged
 
-    def flush(self) -> None:
-        """Nothing to write: records are kept as they are appended."""
-        self.flushes += 1
-
     def release(self) -> None:
-        """Acknowledge every held record."""
+        """Acknowledge every held batch."""
         waiting, self.waiting = self.waiting, []
         for acknowledged in waiting:
             acknowledged.callback(None)

@@ -113,6 +113,11 @@ class FakeConnections:
         self.openCount = openCount
         self.idle: Deferred[None] = Deferred()
         self.aborted = False
+        self.told = False
+
+    def stopTakingRequests(self) -> None:
+        """Remember that the drain asked connections to finish."""
+        self.told = True
 
     def whenIdle(self) -> Deferred[None]:
         """Fires when the test closes them all."""

@@ -311,7 +311,7 @@ class ConnectionTrackingTests(SynchronousTestCase):
         harness.protocol.connectionLost(None)
         self.assertEqual(
             harness.metrics.events,
-            [("connectionOpened",), ("requestFinished", "invalid_utf8", 0.25), ("connectionClosed",)],
+            [("connectionOpened",), ("requestFinished", "invalid_utf8", 0.25), ("connectionClosed", 1)],
         )
 
 

@@ -1,4 +1,4 @@
-"""Tests for L{primecount.storage.RecordsService}: batched appends, acknowledgement, failure and shutdown."""
+"""Tests for L{primecount.storage.RecordsService}: batches in one write, acknowledgement, failure and shutdown."""
 
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ def record(message: str) -> Record:
 
 
 class RecordsServiceTests(SynchronousTestCase):
-    """The records service appends whole batches and acknowledges each record."""
+    """The records service appends whole batches and acknowledges each."""
 
     def setUp(self) -> None:
         self.path = self.mktemp()
@@ -43,59 +43,34 @@ class RecordsServiceTests(SynchronousTestCase):
             return list(parseRecords(file))
 
     def test_batchIsOneWrite(self) -> None:
-        """Records appended in one reactor turn reach the file with a single write(2)."""
-        acknowledged = [self.service.append(record(f"m{i}")) for i in range(100)]
-        self.assertEqual(self.writes, [])
-        self.clock.advance(0)
+        """A batch of a hundred records reaches the file with a single write(2), at once, and is acknowledged."""
+        acknowledged = self.service.write([record(f"m{i}") for i in range(100)])
         self.assertEqual(len(self.writes), 1)
         self.assertEqual([r.message for r in self.lines()], [f"m{i}" for i in range(100)])
-        for each in acknowledged:
-            self.assertIsNone(self.successResultOf(each))
-
-    def test_acknowledgedOnlyAfterWrite(self) -> None:
-        """The acknowledgement fires only once the batch has been written."""
-        acknowledged = self.service.append(record("x"))
-        self.assertNoResult(acknowledged)
-        self.assertEqual(self.lines(), [])
-        self.clock.advance(0)
-        self.successResultOf(acknowledged)
-        self.assertEqual(len(self.lines()), 1)
-
-    def test_flushWritesNow(self) -> None:
-        """An explicit flush writes at once, in one write, and nothing is written again at the end of the turn."""
-        acknowledged = [self.service.append(record("a")), self.service.append(record("b"))]
-        self.service.flush()
-        for each in acknowledged:
-            self.successResultOf(each)
-        self.assertEqual(len(self.writes), 1)
+        self.assertIsNone(self.successResultOf(acknowledged))
         self.assertEqual(self.clock.getDelayedCalls(), [])
-        self.clock.advance(0)
-        self.assertEqual(len(self.writes), 1)
 
-    def test_laterTurnsAppend(self) -> None:
-        """Each turn's batch is appended after the previous one."""
-        self.service.append(record("first"))
-        self.clock.advance(0)
-        self.service.append(record("second"))
-        self.clock.advance(0)
+    def test_laterBatchesAppend(self) -> None:
+        """Each batch is appended after the previous one."""
+        self.service.write([record("first")])
+        self.service.write([record("second")])
         self.assertEqual([r.message for r in self.lines()], ["first", "second"])
         self.assertEqual(len(self.writes), 2)
 
-    def test_stopWritesPending(self) -> None:
-        """Stopping the service writes what is pending and closes the file; later appends fail."""
-        acknowledged = self.service.append(record("pending"))
+    def test_writeAfterStopFails(self) -> None:
+        """Once the service has stopped and closed its file, writes fail with L{StorageUnavailable}."""
+        self.service.write([record("kept")])
         self.service.stopService()
-        self.successResultOf(acknowledged)
-        self.assertEqual([r.message for r in self.lines()], ["pending"])
-        self.failureResultOf(self.service.append(record("late")), StorageUnavailable)
+        self.assertEqual([r.message for r in self.lines()], ["kept"])
+        self.failureResultOf(self.service.write([record("late")]), StorageUnavailable)
 
     def test_appendsToExistingFile(self) -> None:
         """Starting on an existing file keeps its records."""
-        self.service.append(record("one"))
+        self.service.write([record("one")])
         self.service.stopService()
         again = RecordsService(self.path, self.clock, fsync="never")
         again.startService()
-        again.append(record("two"))
+        again.write([record("two")])
         again.stopService()
         self.assertEqual([r.message for r in self.lines()], ["one", "two"])
 
@@ -121,13 +96,12 @@ class WriteFailureTests(SynchronousTestCase):
         return service, clock
 
     def test_deviceFull(self) -> None:
-        """On C{/dev/full} every append fails with L{StorageUnavailable}, logged once."""
+        """On C{/dev/full} every write fails with L{StorageUnavailable}, logged once."""
         if not os.path.exists("/dev/full"):
             raise self.skipTest("no /dev/full on this system")
         service, clock = self.startService("/dev/full")
-        first = [service.append(record("a")), service.append(record("b"))]
-        clock.advance(0)
-        second = service.append(record("c"))
+        first = [service.write([record("a"), record("b")])]
+        second = service.write([record("c")])
         clock.advance(0)
         for acknowledged in first + [second]:
             self.failureResultOf(acknowledged, StorageUnavailable)
@@ -138,7 +112,7 @@ class WriteFailureTests(SynchronousTestCase):
         """A write that fails half-way leaves no torn record: the file is cut back to the last whole batch."""
         path = self.mktemp()
         service, clock = self.startService(path)
-        service.append(record("kept"))
+        service.write([record("kept")])
         clock.advance(0)
         realWrite = os.write
         calls = []
@@ -150,7 +124,7 @@ class WriteFailureTests(SynchronousTestCase):
             raise OSError(28, "No space left on device")
 
         self.patch(storage.os, "write", halfThenFail)
-        failed = service.append(record("lost" * 10))
+        failed = service.write([record("lost" * 10)])
         clock.advance(0)
         self.failureResultOf(failed, StorageUnavailable)
         with open(path, encoding="utf-8") as file:
@@ -164,11 +138,11 @@ class WriteFailureTests(SynchronousTestCase):
             raise OSError(5, "Input/output error")
 
         brokenDisk = self.patch(storage.os, "write", failingWrite)
-        failed = service.append(record("x"))
+        failed = service.write([record("x")])
         clock.advance(0)
         brokenDisk.restore()
         self.failureResultOf(failed, StorageUnavailable)
-        acknowledged = service.append(record("y"))
+        acknowledged = service.write([record("y")])
         clock.advance(0)
         self.successResultOf(acknowledged)
         self.assertTrue(any("works again" in e.get("log_format", "") for e in self.events))
@@ -216,7 +190,7 @@ class FsyncPolicyTests(SynchronousTestCase):
     def test_always(self) -> None:
         """With C{always} a record is acknowledged only after the fsync of its batch finished."""
         service, clock, threads = self.start("always")
-        acknowledged = service.append(record("a"))
+        acknowledged = service.write([record("a")])
         clock.advance(0)
         self.assertEqual([(f, a[0]) for f, a, _ in threads.calls], [(os.fsync, service._file.fd)])
         self.assertNoResult(acknowledged)
@@ -231,7 +205,7 @@ class FsyncPolicyTests(SynchronousTestCase):
             raise OSError(5, "Input/output error")
 
         self.patch(storage.os, "fsync", brokenFsync)
-        acknowledged = service.append(record("a"))
+        acknowledged = service.write([record("a")])
         clock.advance(0)
         threads.runAll()
         self.failureResultOf(acknowledged, StorageUnavailable)
@@ -239,8 +213,7 @@ class FsyncPolicyTests(SynchronousTestCase):
     def test_everysec(self) -> None:
         """With C{everysec} writes are acknowledged at once and one fsync follows within a second."""
         service, clock, threads = self.start("everysec")
-        first = [service.append(record("a")), service.append(record("b"))]
-        clock.advance(0)
+        first = [service.write([record("a")]), service.write([record("b")])]
         for acknowledged in first:
             self.successResultOf(acknowledged)
         self.assertEqual(threads.calls, [])
@@ -253,7 +226,7 @@ class FsyncPolicyTests(SynchronousTestCase):
     def test_never(self) -> None:
         """With C{never} no fsync runs while serving, one runs at stop."""
         service, clock, threads = self.start("never")
-        service.append(record("a"))
+        service.write([record("a")])
         clock.advance(5)
         self.assertEqual(threads.calls, [])
         stopped = service.stopService()
@@ -264,7 +237,7 @@ class FsyncPolicyTests(SynchronousTestCase):
     def test_closeWaitsForFsync(self) -> None:
         """Stopping while an fsync runs closes the file only after it finished."""
         service, clock, threads = self.start("always")
-        service.append(record("a"))
+        service.write([record("a")])
         clock.advance(0)
         stopped = service.stopService()
         self.assertNoResult(stopped)
@@ -286,12 +259,12 @@ class ReopenTests(SynchronousTestCase):
         service = RecordsService(path, clock, fsync="never")
         service.startService()
         self.addCleanup(service.stopService)
-        service.append(record("before"))
-        pending = service.append(record("pending"))
+        service.write([record("before")])
+        written = service.write([record("pending")])
         os.rename(path, path + ".1")
         service.reopen()
-        self.successResultOf(pending)
-        service.append(record("after"))
+        self.successResultOf(written)
+        service.write([record("after")])
         clock.advance(0)
         with open(path + ".1", encoding="utf-8") as old, open(path, encoding="utf-8") as new:
             self.assertEqual([r.message for r in parseRecords(old)], ["before", "pending"])
@@ -307,7 +280,7 @@ class ReopenTests(SynchronousTestCase):
         self.addCleanup(service.stopService)
         os.rename(directory, directory + ".moved")
         service.reopen()
-        acknowledged = service.append(record("still"))
+        acknowledged = service.write([record("still")])
         clock.advance(0)
         self.successResultOf(acknowledged)
         with open(os.path.join(directory + ".moved", "records.txt"), encoding="utf-8") as file:
@@ -327,7 +300,7 @@ class TornTailTests(SynchronousTestCase):
         service = RecordsService(path, clock, fsync="never")
         service.startService()
         self.addCleanup(service.stopService)
-        service.append(record("three"))
+        service.write([record("three")])
         clock.advance(0)
         with open(path, encoding="utf-8") as file:
             self.assertEqual([r.message for r in parseRecords(file)], ["one", "two", "three"])

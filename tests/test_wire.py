@@ -46,12 +46,21 @@ class ReplyTests(SynchronousTestCase):
         self.assertEqual(wire.errorLine(wire.lineTooLong(10)), b"ERROR line too long (max 10 bytes)\n")
 
 
-class OutcomeLabelTests(SynchronousTestCase):
-    """Replies map to short metric labels."""
+class TypedReplyTests(SynchronousTestCase):
+    """Replies carry their bytes, a short metrics label, and whether they are errors that end the connection."""
+
+    def test_answer(self) -> None:
+        """An answer is labelled C{ok} and is not an error."""
+        self.assertEqual(wire.answerReply(wire.Answer("aa", 2, True)), wire.Reply("2 sí\n".encode(), "ok", False, False))
 
     def test_labels(self) -> None:
-        """An answer is C{ok}; each ERROR reason becomes a lower-case word joined by underscores."""
-        self.assertEqual(wire.outcomeLabel("2 sí\n".encode()), "ok")
-        self.assertEqual(wire.outcomeLabel(wire.errorLine(wire.lineTooLong(9))), "line_too_long")
-        self.assertEqual(wire.outcomeLabel(wire.errorLine(wire.INVALID_UTF8)), "invalid_utf8")
-        self.assertEqual(wire.outcomeLabel(wire.errorLine(wire.STORAGE_UNAVAILABLE)), "storage_unavailable")
+        """Each ERROR reason becomes a lower-case word joined by underscores, the limit in brackets left out."""
+        self.assertEqual(wire.errorReply(wire.lineTooLong(9), closes=True),
+                         wire.Reply(b"ERROR line too long (max 9 bytes)\n", "line_too_long", True, True))
+        self.assertEqual(wire.errorReply(wire.INVALID_UTF8).outcome, "invalid_utf8")
+        self.assertEqual(wire.errorReply(wire.STORAGE_UNAVAILABLE).outcome, "storage_unavailable")
+        self.assertFalse(wire.errorReply(wire.EMPTY_MESSAGE).closes)
+
+    def test_text(self) -> None:
+        """The text of a reply, for logs, is the line without its newline."""
+        self.assertEqual(wire.errorReply(wire.TIMEOUT).text, "ERROR timeout")
