@@ -80,6 +80,28 @@ class OptionsTests(SynchronousTestCase):
                 self.parse(option, value)
             self.assertIn(option, str(caught.exception))
 
+    def test_keepAlive(self) -> None:
+        """One request per connection is the default; --keep-alive turns keep-alive on with its two limits."""
+        self.assertEqual({k: self.parse()[k] for k in ("keep-alive", "pipeline", "idle-timeout")},
+                         {"keep-alive": 0, "pipeline": 64, "idle-timeout": 30.0})
+        options = self.parse("--keep-alive", "--pipeline", "8", "--idle-timeout", "0")
+        self.assertEqual({k: options[k] for k in ("keep-alive", "pipeline", "idle-timeout")},
+                         {"keep-alive": 1, "pipeline": 8, "idle-timeout": 0.0})
+
+    def test_keepAliveLimitsNeedKeepAlive(self) -> None:
+        """--pipeline or --idle-timeout without --keep-alive is a mistake, named as such."""
+        for option in ("--pipeline", "--idle-timeout"):
+            with self.assertRaises(UsageError) as caught:
+                self.parse(option, "7")
+            self.assertEqual(str(caught.exception), f"{option}: only applies with --keep-alive")
+
+    def test_badKeepAliveLimits(self) -> None:
+        """A pipeline under 1 or a negative idle timeout is refused, naming the option."""
+        for argv, named in ((["--pipeline", "0"], "--pipeline:"), (["--idle-timeout", "-1"], "--idle-timeout:")):
+            with self.assertRaises(UsageError) as caught:
+                self.parse("--keep-alive", *argv)
+            self.assertTrue(str(caught.exception).startswith(named), str(caught.exception))
+
     def test_unwritableRecords(self) -> None:
         """A records path that cannot be opened is a UsageError naming the option and the path."""
         path = os.path.join(self.mktemp(), "no-such-dir", "records.txt")
@@ -134,6 +156,19 @@ class MakeServiceTests(SynchronousTestCase):
         self.assertEqual((port, interface), (5151, "127.0.0.1"))
         self.assertIsInstance(factory, PrimeCountFactory)
         self.assertEqual(factory.limits.maxLine, 65536)
+        self.assertFalse(factory.limits.keepAlive)
+
+    def test_keepAliveReachesTheFactory(self) -> None:
+        """--keep-alive and its limits reach the protocol factory."""
+        options = Options()
+        options.parseOptions(["--port", "tcp:5151", "--records", self.mktemp(), "--keep-alive", "--pipeline", "5",
+                              "--idle-timeout", "9"])
+        reactor = ThreadedMemoryReactor()
+        service = makeService(options, reactor)
+        service.startService()
+        self.addCleanup(service.stopService)
+        [(_, factory, _, _)] = reactor.tcpServers
+        self.assertEqual(factory.limits[-3:], (True, 5, 9.0))
 
     def test_metricsListener(self) -> None:
         """With --metrics a web site listens there, started before the request listener and stopped after it."""
