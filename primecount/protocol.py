@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections import deque
 from typing import Callable, NamedTuple, Optional
 
+from twisted.internet import tcp
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import (
     IAddress, IDelayedCall, IHalfCloseableProtocol, IPushProducer, IReactorTime, ITransport,
@@ -45,6 +46,33 @@ BUSY_LINGER_MAX = 1024
 def peerHost(address: IAddress) -> str:
     """The client address as written in records and logs: the IP for TCP peers."""
     return getattr(address, "host", None) or str(address)
+
+
+def sendNow(transport: ITransport, data: bytes) -> None:
+    """Write C{data} to C{transport}, sending it in this call when nothing is queued before it.
+
+    C{transport.write} only queues: the bytes go out on the reactor's next
+    turn, after registering for writability and being told of it, two
+    C{epoll_ctl} calls and a poll per reply. For a TCP connection with an
+    empty write buffer this sends at once with the transport's own
+    C{writeSomeData}; anything the kernel does not take, and every other
+    transport (TLS, tests), goes through C{write} as usual, so the buffer
+    limits and producer pausing still apply.
+    """
+    if (
+        isinstance(transport, tcp.Connection)
+        and not transport.dataBuffer
+        and not transport._tempDataBuffer
+        and transport.connected
+        and not transport.disconnecting
+        and not transport._writeDisconnecting
+    ):
+        sent = transport.writeSomeData(data)
+        if isinstance(sent, int) and sent >= 0:
+            data = data[sent:]
+        if not data:
+            return
+    transport.write(data)
 
 
 class LingeringClose:
@@ -333,11 +361,13 @@ class PrimeCountProtocol(LineReceiver, TimeoutMixin):
                 self.log.info("{kind}{reply} to {peer}", kind="" if reply.isError else "reply ",
                               reply=reply.text, peer=self._peer)
             self.factory.metrics.requestFinished(reply.outcome, self._clock.seconds() - pending.startedAt)
-            self.transport.write(reply.data)
             if reply.closes or not self._limits.keepAlive:
+                # The reply and the close go out together on the next turn, in one write and a FIN.
+                self.transport.write(reply.data)
                 self._stopReading()
                 self._close(lingering=reply.isError)
                 return
+            sendNow(self.transport, reply.data)
         if self._unanswered:
             self._updateReading()
         elif not self._reading:
