@@ -28,9 +28,11 @@ test: $(VENV)/.installed-test
 bench: $(VENV)/.installed-test
 	$(BIN)/python -m primecount.loadtest bench --out jmeter-results/bench
 
-# Side-by-side figures against the original server, with the loadgen from ../shared/tools.
+# Side-by-side figures against the original server, with the loadgen from ../shared/tools:
+# pinned (server on core 0, load on core 1: cost per core), then unpinned (as deployed).
 bench-loadgen: $(VENV)/.installed-test
 	$(BIN)/python contrib/bench/loadgen_compare.py
+	$(BIN)/python contrib/bench/loadgen_compare.py --unpinned
 
 # Real clients with and without slowloris-style and 10,000 idle clients, and the server's memory.
 bench-hostile: $(VENV)/.installed-test

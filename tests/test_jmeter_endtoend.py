@@ -51,6 +51,24 @@ class JMeterPlanTests(SynchronousTestCase):
         self.assertIn("<h2>Latency histogram</h2>", (out / "report.html").read_text(encoding="utf-8"))
 
     @slow
+    def test_keepAliveGroupAgainstKeepAliveServer(self) -> None:
+        """C{run --start-server --keep-alive}: 5 users keep one connection each for 100 samples, the quiet
+        group still passes, and the server saw 15 connections for 510 requests."""
+        requireJMeter(self)
+        out = Path(self.mktemp())
+        printed = io.StringIO()
+        status = main(["run", "--start-server", "--keep-alive", "--server-option=--log-requests", "--threads", "5",
+                       "--loops", "100", "--quiet-threads", "2", "--quiet-loops", "5", "--rampup", "0", "--quiet",
+                       "--out", str(out)], out=printed)
+        self.assertEqual(status, 0, printed.getvalue())
+        self.assertIn("samples      510  (kept line 500, no newline 10)", printed.getvalue())
+        self.assertIn("records      match", printed.getvalue())
+        log = (out / "twistd.log").read_text(encoding="utf-8")
+        self.assertEqual(log.count("connection from 127.0.0.1"), 15, log[-2000:])
+        with (out / "records.txt").open(encoding="utf-8") as file:
+            self.assertIn("kept500k500", {r.message for r in parseRecords(file)})
+
+    @slow
     def test_errorRepliesFailSamples(self) -> None:
         """ERROR replies fail their samples and the runner exits 1: 'abc100a100' and up exceed --max-line 8."""
         requireJMeter(self)

@@ -9,7 +9,7 @@ from pathlib import Path
 from twisted.trial.unittest import SynchronousTestCase
 
 from primecount.loadtest import jmeter
-from primecount.loadtest.crosscheck import crossCheck, lineMessage, quietMessage
+from primecount.loadtest.crosscheck import crossCheck, keptMessage, lineMessage, quietMessage
 from primecount.loadtest.jtl import Sample, formatSummary, percentile, readSamples, summarise
 from primecount.loadtest.report import renderReport
 from primecount.records import Record
@@ -79,6 +79,12 @@ class CrossCheckTests(SynchronousTestCase):
         samples = [sample("line")] * 3 + [sample("no newline")]
         records = [record(lineMessage(n)) for n in (1, 2, 3)] + [record(quietMessage(1))]
         self.assertEqual(crossCheck(samples, records), [])
+
+    def test_keptLines(self) -> None:
+        """Keep-alive samples are matched with their own messages; one missing is reported by its text."""
+        self.assertEqual(crossCheck([sample("kept line")] * 2, [record(keptMessage(n)) for n in (1, 2)]), [])
+        problems = crossCheck([sample("kept line")] * 2, [record(keptMessage(2)), record(lineMessage(1))])
+        self.assertIn("kept1k1", " ".join(problems))
 
     def test_missingRecord(self) -> None:
         """A successful sample without a record is reported."""

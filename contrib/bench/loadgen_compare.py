@@ -19,15 +19,20 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Optional
 
 from primecount.serverprocess import ServerProcess
 from primecount.tap import BARE_PORT_BACKLOG
 
 ROOT = Path(__file__).resolve().parents[2]
+# name: (loadgen arguments, primecount options, whether the original server runs it too). The original
+# server closes after every reply, so the keep-alive scenarios are compared with its one-shot figures.
 SCENARIOS = {
-    "50 conns": ["--conns", "50"],
-    "1 conn": ["--conns", "1"],
-    "50 conns + 100 idle + 20 slow": ["--conns", "50", "--idle", "100", "--slow", "20"],
+    "one-shot 50 conns": (["--conns", "50"], [], True),
+    "one-shot 1 conn": (["--conns", "1"], [], True),
+    "one-shot 50 conns + 100 idle + 20 slow": (["--conns", "50", "--idle", "100", "--slow", "20"], [], True),
+    "keep-alive 50 conns": (["--conns", "50", "--keepalive"], ["--keep-alive"], False),
+    "keep-alive 1 conn": (["--conns", "1", "--keepalive"], ["--keep-alive"], False),
 }
 
 
@@ -55,10 +60,10 @@ def waitForPort(port: int, process: subprocess.Popen, seconds: float = 20.0) -> 
 class Baseline:
     """The original thread-pool server on a free port, pinned to C{core}."""
 
-    def __init__(self, workdir: Path, shared: Path, core: str) -> None:
+    def __init__(self, workdir: Path, shared: Path, core: Optional[str]) -> None:
         self.port = freePort()
         self.process = subprocess.Popen(
-            ["taskset", "-c", core, sys.executable, str(shared / "tools/baseline/seed_server.py"),
+            [*pinned(core), sys.executable, str(shared / "tools/baseline/seed_server.py"),
              str(self.port), str(workdir / "baseline-records.txt")],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=workdir,
         )
@@ -72,8 +77,13 @@ class Baseline:
         self.process.wait(timeout=30)
 
 
-def startServer(kind: str, workdir: Path, shared: Path, core: str, options: list[str]) -> "Baseline | ServerProcess":
-    """Start the baseline or primecount (defaults but no per-address limit, plus C{options}) pinned to C{core}."""
+def pinned(core: Optional[str]) -> list[str]:
+    """The command prefix that runs on C{core}, or nothing when unpinned."""
+    return ["taskset", "-c", core] if core is not None else []
+
+
+def startServer(kind: str, workdir: Path, shared: Path, core: Optional[str], options: list[str]) -> "Baseline | ServerProcess":
+    """Start the baseline or primecount (defaults but no per-address limit, plus C{options}), pinned to C{core}."""
     if kind == "baseline":
         return Baseline(workdir, shared, core)
     return ServerProcess(
@@ -82,7 +92,7 @@ def startServer(kind: str, workdir: Path, shared: Path, core: str, options: list
         "--max-per-ip", "0",
         *options,
         port=f"tcp:0:interface=127.0.0.1:backlog={BARE_PORT_BACKLOG}",
-        prefix=["taskset", "-c", core],
+        prefix=pinned(core),
     )
 
 
@@ -92,10 +102,11 @@ def buildLoadgen(shared: Path, workdir: Path) -> tuple[Path, Path]:
     return workdir / "loadgen", shared / "tools/loadgen/messages.txt"
 
 
-def runLoad(loadgen: Path, port: int, scenario: list[str], duration: float, messages: Path, clientCore: str) -> dict:
+def runLoad(loadgen: Path, port: int, scenario: list[str], duration: float, messages: Path,
+            clientCore: Optional[str]) -> dict:
     """One loadgen run; returns its JSON summary (rps 0 when nothing completed)."""
     result = subprocess.run(
-        ["taskset", "-c", clientCore, str(loadgen), "--port", str(port), "--duration", str(duration),
+        [*pinned(clientCore), str(loadgen), "--port", str(port), "--duration", str(duration),
          "--verify", "--json", "--messages", str(messages), *scenario],
         capture_output=True, text=True, timeout=duration + 60,
     )
@@ -106,18 +117,21 @@ def runLoad(loadgen: Path, port: int, scenario: list[str], duration: float, mess
 
 
 def main() -> None:
-    """Parse arguments, run every scenario for both servers, print the table."""
+    """Parse arguments, run every scenario for both servers, print the table and the ratios."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--shared", type=Path, default=ROOT.parent / "shared", help="the shared/ folder")
     parser.add_argument("--rounds", type=int, default=3, help="runs per scenario and server (median taken)")
     parser.add_argument("--duration", type=float, default=5.0, help="seconds per run")
     parser.add_argument("--server-core", default="0")
     parser.add_argument("--client-core", default="1")
+    parser.add_argument("--unpinned", action="store_true",
+                        help="no taskset: servers and loadgen share both cores, as deployed")
     parser.add_argument("--only", choices=["baseline", "primecount"], help="measure one server only")
     parser.add_argument("--scenario", action="append", choices=list(SCENARIOS), help="run only these (repeatable)")
     parser.add_argument("--option", action="append", default=[], metavar="OPTION",
                         help="extra primecount option, e.g. --option=--fsync=always (repeatable)")
     args = parser.parse_args()
+    serverCore, clientCore = (None, None) if args.unpinned else (args.server_core, args.client_core)
 
     workdir = Path(tempfile.mkdtemp(prefix="primecount-bench-"))
     loadgen, messages = buildLoadgen(args.shared, workdir)
@@ -125,41 +139,62 @@ def main() -> None:
     results: dict[tuple[str, str], list[dict]] = {}
     try:
         for round in range(1, args.rounds + 1):
-            for name, scenario in SCENARIOS.items():
+            for name, (loadArgs, options, baselineToo) in SCENARIOS.items():
                 if args.scenario and name not in args.scenario:
                     continue
                 for kind in kinds:
-                    server = startServer(kind, workdir, args.shared, args.server_core, args.option)
+                    if kind == "baseline" and not baselineToo:
+                        continue
+                    server = startServer(kind, workdir, args.shared, serverCore, options + args.option)
                     try:
-                        summary = runLoad(loadgen, server.port, scenario, args.duration, messages, args.client_core)
+                        summary = runLoad(loadgen, server.port, loadArgs, args.duration, messages, clientCore)
                     finally:
                         server.stop()
                     results.setdefault((name, kind), []).append(summary)
-                    print(f"round {round} {name:<32} {kind:<10} rps {summary['rps']:>9.1f}  "
+                    print(f"round {round} {name:<40} {kind:<10} rps {summary['rps']:>9.1f}  "
                           f"mismatches {summary['mismatches']}", file=sys.stderr, flush=True)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
 
-    print(f"\nmedians of {args.rounds} runs, {args.duration:g} s each; server on core {args.server_core}, "
-          f"loadgen on core {args.client_core}; --verify on")
-    print(f"{'scenario':<32} {'server':<10} {'req/s':>9} {'p50 ms':>8} {'p99 ms':>8} {'mismatch':>8} {'errors':>7}")
-    medians: dict[tuple[str, str], float] = {}
+    placement = ("unpinned: servers and loadgen share every core" if args.unpinned else
+                 f"server on core {args.server_core}, loadgen on core {args.client_core}")
+    print(f"\nmedians of {args.rounds} runs, {args.duration:g} s each; {placement}; --verify on")
+    print(f"{'scenario':<40} {'server':<10} {'req/s':>9} {'p50 ms':>8} {'p99 ms':>8} {'mismatch':>8} {'errors':>7}")
+    medians: dict[tuple[str, str], dict[str, float]] = {}
     for (name, kind), runs in results.items():
-        rps = statistics.median(r["rps"] for r in runs)
-        medians[(name, kind)] = rps
         done = [r for r in runs if r["completed"]]
-        p50 = statistics.median(r["latency_us"]["p50"] for r in done) / 1000 if done else float("nan")
-        p99 = statistics.median(r["latency_us"]["p99"] for r in done) / 1000 if done else float("nan")
-        print(f"{name:<32} {kind:<10} {rps:>9.1f} {p50:>8.2f} {p99:>8.2f} "
+        figures = {
+            "rps": statistics.median(r["rps"] for r in runs),
+            "p50": statistics.median(r["latency_us"]["p50"] for r in done) / 1000 if done else float("nan"),
+            "p99": statistics.median(r["latency_us"]["p99"] for r in done) / 1000 if done else float("nan"),
+        }
+        medians[(name, kind)] = figures
+        print(f"{name:<40} {kind:<10} {figures['rps']:>9.1f} {figures['p50']:>8.3f} {figures['p99']:>8.3f} "
               f"{sum(r['mismatches'] for r in runs):>8} {sum(r['errors_total'] for r in runs):>7}")
     if args.option:
         print(f"primecount options: {' '.join(args.option)}")
-    if len(kinds) == 2 and not args.scenario:
-        base = medians[("50 conns", "baseline")]
-        own = medians[("50 conns", "primecount")]
-        hostile = medians[("50 conns + 100 idle + 20 slow", "primecount")]
-        print(f"\nprimecount / baseline at 50 conns: {own / base:.2f}x")
-        print(f"primecount with idle+slow clients / without: {hostile / own:.2f}x")
+    printRatios(medians)
+
+
+def printRatios(medians: dict[tuple[str, str], dict[str, float]]) -> None:
+    """The ratios the targets are stated in, for those scenarios that ran."""
+    ratios = [
+        ("one-shot 50 conns: primecount / baseline req/s", "one-shot 50 conns", "rps", "one-shot 50 conns", "rps"),
+        ("keep-alive 50 conns / baseline one-shot 50 conns req/s", "keep-alive 50 conns", "rps",
+         "one-shot 50 conns", "rps"),
+        ("keep-alive 50 conns / baseline one-shot 50 conns p99", "keep-alive 50 conns", "p99",
+         "one-shot 50 conns", "p99"),
+        ("keep-alive 1 conn / baseline one-shot 1 conn p50", "keep-alive 1 conn", "p50", "one-shot 1 conn", "p50"),
+    ]
+    print()
+    for label, ours, ourFigure, theirs, theirFigure in ratios:
+        own, base = medians.get((ours, "primecount")), medians.get((theirs, "baseline"))
+        if own and base and base[theirFigure]:
+            print(f"{label}: {own[ourFigure] / base[theirFigure]:.2f}x")
+    own = medians.get(("one-shot 50 conns", "primecount"))
+    hostile = medians.get(("one-shot 50 conns + 100 idle + 20 slow", "primecount"))
+    if own and hostile:
+        print(f"primecount one-shot with idle+slow clients / without: {hostile['rps'] / own['rps']:.2f}x")
 
 
 if __name__ == "__main__":

@@ -106,10 +106,21 @@ def runOnce(
 
 def _properties(args: argparse.Namespace) -> dict[str, object]:
     return {
-        "threads": args.threads, "loops": args.loops, "rampup": args.rampup,
+        **_groups(args.threads, args.loops, args.keep_alive), "rampup": args.rampup,
         "quiet_threads": args.quiet_threads, "quiet_loops": args.quiet_loops,
         "host": args.host, "port": args.port,
     }
+
+
+def _groups(threads: int, loops: int, keepAlive: bool) -> dict[str, object]:
+    """The users go to the one-request-per-connection group, or with C{keepAlive} to the keep-alive group."""
+    if keepAlive:
+        return {"threads": 0, "loops": 0, "keepalive_threads": threads, "keepalive_loops": loops}
+    return {"threads": threads, "loops": loops, "keepalive_threads": 0, "keepalive_loops": 0}
+
+
+def _serverOptions(options: Sequence[str], keepAlive: bool) -> list[str]:
+    return ["--keep-alive", *options] if keepAlive and "--keep-alive" not in options else list(options)
 
 
 def commandRun(args: argparse.Namespace, install: JMeterInstall, out: TextIO) -> int:
@@ -119,7 +130,7 @@ def commandRun(args: argparse.Namespace, install: JMeterInstall, out: TextIO) ->
         console = open(args.out / "jmeter-console.txt", "wb")
     with console if args.quiet else contextlib.nullcontext() as console:
         result = runOnce(install, args.out, _properties(args), args.plan, args.start_server,
-                         args.server_option, pin=False, jmeterOutput=console.fileno() if console else None)
+                         _serverOptions(args.server_option, args.keep_alive), pin=False, jmeterOutput=console.fileno() if console else None)
     out.write(f"{formatSummary(result.summary)}\n")
     for problem in result.problems:
         out.write(f"PROBLEM: {problem}\n")
@@ -131,23 +142,27 @@ def commandRun(args: argparse.Namespace, install: JMeterInstall, out: TextIO) ->
 
 
 def commandBench(args: argparse.Namespace, install: JMeterInstall, out: TextIO) -> int:
-    """C{bench}: fresh server per thread count, server and JMeter pinned to different cores, one table."""
+    """C{bench}: both modes at each thread count, a fresh server per row, server and JMeter pinned apart."""
     rows, failed = [], False
-    for threads in args.threads_list:
-        loops = max(1, args.samples // threads)
-        properties = {"threads": threads, "loops": loops, "rampup": 0, "quiet_threads": 0, "quiet_loops": 0}
-        with open(os.devnull, "wb") as devnull:
-            result = runOnce(install, args.out / f"threads-{threads}", properties, args.plan,
-                             startServer=True, pin=True, jmeterOutput=devnull.fileno())
-        failed |= not result.passed
-        rows.append((threads, result))
-        sys.stderr.write(f"  {threads} threads done: {result.summary.samples} samples\n")
+    for mode in ("one-shot", "keep-alive"):
+        keepAlive = mode == "keep-alive"
+        for threads in args.threads_list:
+            loops = max(1, args.samples // threads)
+            properties = {**_groups(threads, loops, keepAlive), "rampup": 0, "quiet_threads": 0, "quiet_loops": 0}
+            with open(os.devnull, "wb") as devnull:
+                result = runOnce(install, args.out / f"{mode}-threads-{threads}", properties, args.plan,
+                                 startServer=True, serverOptions=_serverOptions([], keepAlive), pin=True,
+                                 jmeterOutput=devnull.fileno())
+            failed |= not result.passed
+            rows.append((mode, threads, result))
+            sys.stderr.write(f"  {mode} {threads} threads done: {result.summary.samples} samples\n")
     where = "server on core 0, JMeter on core 1" if _pinning("0") else "no pinning (taskset or a second core missing)"
     out.write(f"JMeter {install.version}; fresh server per row; {where}\n")
-    out.write(f"{'threads':>7} {'samples':>8} {'samples/s':>10} {'p50 ms':>7} {'p99 ms':>7} {'errors':>7}\n")
-    for threads, result in rows:
+    out.write(f"{'mode':<10} {'threads':>7} {'samples':>8} {'samples/s':>10} {'p50 ms':>7} {'p99 ms':>7} "
+              f"{'errors':>7}\n")
+    for mode, threads, result in rows:
         s = result.summary
-        out.write(f"{threads:>7} {s.samples:>8} {s.throughput:>10.1f} {s.latency['p50']:>7g} "
+        out.write(f"{mode:<10} {threads:>7} {s.samples:>8} {s.throughput:>10.1f} {s.latency['p50']:>7g} "
                   f"{s.latency['p99']:>7g} {s.errors:>7}\n")
         for problem in result.problems:
             out.write(f"        PROBLEM: {problem}\n")
@@ -178,7 +193,11 @@ def parser() -> argparse.ArgumentParser:
     )
     commands = top.add_subparsers(dest="command", required=True)
     run = commands.add_parser("run", help="run the JMeter plan once")
-    run.add_argument("--threads", type=int, default=10, help="virtual users of the newline group (default 10)")
+    run.add_argument("--threads", type=int, default=10,
+                     help="virtual users of the newline group, or with --keep-alive of the keep-alive group (default 10)")
+    run.add_argument("--keep-alive", action="store_true",
+                     help="use the keep-alive group (one kept connection per user); with --start-server the "
+                          "server gets --keep-alive")
     run.add_argument("--loops", type=int, default=100, help="requests per virtual user (default 100)")
     run.add_argument("--rampup", type=int, default=1, help="seconds to start all users (default 1)")
     run.add_argument("--quiet-threads", type=int, default=0, help="users sending without newline (default 0: off)")

@@ -11,6 +11,7 @@ from primecount.records import Record
 # Sampler names and request texts in jmeter/primecount.jmx; the counters start at 1 in each JMeter run.
 LINE_LABEL = "line"
 QUIET_LABEL = "no newline"
+KEPT_LABEL = "kept line"
 
 
 def lineMessage(n: int) -> str:
@@ -21,6 +22,11 @@ def lineMessage(n: int) -> str:
 def quietMessage(n: int) -> str:
     """The message the plan's no-newline sampler sends for counter value C{n}."""
     return f"quiet{n}q{n}"
+
+
+def keptMessage(n: int) -> str:
+    """The message the plan's keep-alive sampler sends for counter value C{n}."""
+    return f"kept{n}k{n}"
 
 
 def expectedVerdict(message: str) -> tuple[int, bool]:
@@ -38,6 +44,7 @@ def crossCheck(samples: Iterable[Sample], records: Iterable[Record]) -> list[str
     failures = len(samples) - successes
     universe = {lineMessage(n) for n in range(1, sent[LINE_LABEL] + 1)}
     universe |= {quietMessage(n) for n in range(1, sent[QUIET_LABEL] + 1)}
+    universe |= {keptMessage(n) for n in range(1, sent[KEPT_LABEL] + 1)}
     messages = Counter(r.message for r in records)
     if len(records) != successes:
         problems.append(f"{len(records)} records for {successes} successful samples")
