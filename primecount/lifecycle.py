@@ -18,6 +18,9 @@ from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 
 
+LISTENING_EVENT = "primecount listening on"
+
+
 class ProcessSignals(Service):
     """Once the reactor runs: SIGTERM and SIGINT stop the reactor (so every service stops), SIGHUP calls C{onHangUp}."""
 
@@ -157,6 +160,10 @@ class Listener(Service):
 
     def _listened(self, port: Any) -> Any:
         self._port = port
+        address = port.getHost()
+        # Tools and tests find the bound port from this event (its text is stable), not from Twisted's wording.
+        self.log.info("{event} {host} port {port}", event=LISTENING_EVENT, host=getattr(address, "host", address),
+                      port=getattr(address, "port", None))
         return port
 
     def stopService(self) -> Deferred[None]:

@@ -27,6 +27,10 @@ class NoMetrics:
     def requestFinished(self, outcome: str, seconds: float) -> None:
         """A reply went out: C{ok} or an error reason, C{seconds} after the request began."""
 
+    def connectionWithoutRequest(self, reason: str) -> None:
+        """A connection closed before sending a request: C{empty} (connect and close), or, behind a proxy,
+        C{health_check}, C{untrusted}, C{malformed}, C{incomplete}, C{timeout} (its PROXY header)."""
+
     def recordsWritten(self, count: int) -> None:
         """C{count} records reached the records file."""
 
@@ -56,6 +60,10 @@ class PrometheusMetrics(NoMetrics):
         self._requestsPerConnection = Histogram(
             "primecount_connection_requests", "Requests carried by each closed connection (1 in one-shot mode).",
             buckets=(0, 1, 2, 5, 10, 100, 1000, 10000, 100000), registry=self.registry)
+        self._withoutRequest = Counter(
+            "primecount_connections_without_request", "Connections closed before sending a request, by reason "
+            "(empty: connect and close; behind a proxy: health_check, untrusted, malformed, incomplete, timeout).",
+            ["reason"], registry=self.registry)
         self._written = Counter("primecount_records_written", "Records appended to the records file.",
                                 registry=self.registry)
         self._writeErrors = Counter("primecount_record_write_errors",
@@ -81,6 +89,10 @@ class PrometheusMetrics(NoMetrics):
         """A reply went out."""
         self._requests.labels(outcome).inc()
         self._duration.observe(seconds)
+
+    def connectionWithoutRequest(self, reason: str) -> None:
+        """A connection closed without a request."""
+        self._withoutRequest.labels(reason).inc()
 
     def recordsWritten(self, count: int) -> None:
         """Records reached the file."""

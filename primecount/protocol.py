@@ -199,6 +199,8 @@ class PrimeCountProtocol(LineReceiver, TimeoutMixin):
         self._draining = False
         self._lingering: Optional[LingeringClose] = None
         self._peer = "-"
+        self._heard = False  # whether any byte arrived
+        self._replied = False
         self.requests = 0
 
     def callLater(self, period: float, func) -> IDelayedCall:  # type: ignore[no-untyped-def]
@@ -219,6 +221,7 @@ class PrimeCountProtocol(LineReceiver, TimeoutMixin):
 
     def dataReceived(self, data: bytes) -> None:
         """Check the line limit before buffering; hand L{LineReceiver} whole lines only."""
+        self._heard = self._heard or bool(data)
         if self._lingering is not None:
             self._lingering.discard(data)
             return
@@ -357,10 +360,12 @@ class PrimeCountProtocol(LineReceiver, TimeoutMixin):
         while self._unanswered and self._unanswered[0].reply is not None:
             pending = self._unanswered.popleft()
             reply: wire.Reply = pending.reply  # type: ignore[assignment]
-            if reply.isError or self._limits.logRequests:
-                self.log.info("{kind}{reply} to {peer}", kind="" if reply.isError else "reply ",
-                              reply=reply.text, peer=self._peer)
-            self.factory.metrics.requestFinished(reply.outcome, self._clock.seconds() - pending.startedAt)
+            if self._heard or not self._readClosed:  # a connect and close is counted when gone, not logged
+                if reply.isError or self._limits.logRequests:
+                    self.log.info("{kind}{reply} to {peer}", kind="" if reply.isError else "reply ",
+                                  reply=reply.text, peer=self._peer)
+                self.factory.metrics.requestFinished(reply.outcome, self._clock.seconds() - pending.startedAt)
+                self._replied = True
             if reply.closes or not self._limits.keepAlive:
                 # The reply and the close go out together on the next turn, in one write and a FIN.
                 self.transport.write(reply.data)
@@ -433,6 +438,8 @@ class PrimeCountProtocol(LineReceiver, TimeoutMixin):
         self._stopReading()
         if self._lingering is not None:
             self._lingering.cancel()
+        if not self._heard and not self._replied:
+            self.factory.metrics.connectionWithoutRequest("empty")
         self.factory.connectionClosed(self)
 
 

@@ -11,7 +11,13 @@ import time
 from typing import Optional, Sequence
 
 TWISTD = [sys.executable, "-c", "from twisted.scripts.twistd import run; run()"]
-_LISTENING = re.compile(rb"PrimeCountFactory starting on (\d+)")
+_LISTENING = re.compile(rb"primecount listening on \S+ port (\d+)")
+
+
+def listeningPort(log: str) -> Optional[int]:
+    """The port of the first "primecount listening on HOST port N" event in a twistd log, if any."""
+    match = _LISTENING.search(log.encode("utf-8"))
+    return int(match.group(1)) if match else None
 
 
 class ServerProcess:

@@ -19,11 +19,13 @@ from primecount.limits import ConnectionLimits, raiseFileLimit
 from primecount.lifecycle import Drain, Listener, ProcessSignals, SequentialMultiService
 from primecount.metrics import NoMetrics, PrometheusMetrics, metricsSite
 from primecount.protocol import PrimeCountFactory, RequestLimits
+from primecount.proxied import LOOPBACK, ProxiedFactory, listensBeyondLoopback, parseNetworks
 from primecount.records import FORMATS
 from primecount.responder import Responder
 from primecount.storage import FSYNC_POLICIES, RecordsService, openRecordsFile
 
 DEFAULTS = RequestLimits()
+PROXIED_PREFIX = "haproxy:"
 log = Logger()
 # Twisted listens with a backlog of 50; a burst of new clients beyond that waits
 # a full second for the SYN retry. Load tests open hundreds of connections at once.
@@ -75,6 +77,17 @@ def _checkEndpoint(option: str, description: str) -> None:
         raise usage.UsageError(f"--{option}: cannot use {description!r}: {error}") from None
 
 
+def _networks(value: str) -> tuple:
+    """A coercer for C{--proxy-from}: comma-separated addresses or CIDR networks."""
+    try:
+        return parseNetworks(value)
+    except ValueError as error:
+        raise usage.UsageError(f"--proxy-from: not a list of addresses or networks (CIDR): {value!r} ({error})")
+
+
+_networks.coerceDoc = "Addresses or networks, comma-separated."  # type: ignore[attr-defined]
+
+
 def _number(option: str, kind: Callable[[str], Any], minimum: float, strict: bool) -> Callable[[str], Any]:
     """A coercer for C{--option} that names the option in its L{usage.UsageError}."""
     noun = "a whole number" if kind is int else "a number"
@@ -124,6 +137,8 @@ class Options(usage.Options):
          "past it the connection is not read until replies go out.", _number("pipeline", int, 1, strict=False)],
         ["idle-timeout", None, DEFAULTS.idleTimeout, "With --keep-alive: seconds a kept connection may wait for "
          "its next request before it is closed (0: no limit).", _number("idle-timeout", float, 0, strict=False)],
+        ["proxy-from", None, LOOPBACK, "With a haproxy: --port, the proxies allowed to send PROXY headers, as "
+         "CIDR[,CIDR...]; connections from anywhere else are closed unread.", _networks],
         ["records", "r", "server_log.txt", "File the records are appended to (SIGHUP reopens it)."],
         ["records-format", None, "tsv", "Records file format: tsv (the original columns) or jsonl.",
          _choice("records-format", sorted(FORMATS))],
@@ -141,6 +156,10 @@ class Options(usage.Options):
     def postOptions(self) -> None:
         """Check what needs the options together: the endpoints parse, the records file can be opened."""
         _checkEndpoint("port", self["port"])
+        if isinstance(self["proxy-from"], str):  # the default is not passed through its coercer
+            self["proxy-from"] = parseNetworks(self["proxy-from"])
+        if self["proxy-from"] != parseNetworks(LOOPBACK) and not self["port"].startswith(PROXIED_PREFIX):
+            raise usage.UsageError("--proxy-from: only applies with a haproxy: --port (e.g. haproxy:tcp:5050)")
         if not self["keep-alive"]:
             for option, default in (("pipeline", DEFAULTS.pipeline), ("idle-timeout", DEFAULTS.idleTimeout)):
                 if self[option] != default:
@@ -201,5 +220,22 @@ def makeService(options: Options, reactor: Optional[Any] = None) -> IService:
     # Every request ends within --timeout of its connect, an ERROR's lingering close within
     # limits.linger after that; the extra second covers analysis and the record.
     Drain(factory, reactor, grace=options["timeout"] + limits.linger + 1).setServiceParent(top)
-    Listener(serverFromString(reactor, options["port"]), factory).setServiceParent(top)
+    Listener(*_listening(options, reactor, factory, metrics)).setServiceParent(top)
     return top
+
+
+def _listening(options: Options, reactor: Any, factory: PrimeCountFactory, metrics: NoMetrics) -> tuple[Any, Any]:
+    """The endpoint to listen on and the factory for it: behind a C{haproxy:} prefix, the PROXY-header reader
+    (trusting only C{--proxy-from}) in front of the request factory."""
+    description = options["port"]
+    if not description.startswith(PROXIED_PREFIX):
+        return serverFromString(reactor, description), factory
+    endpoint = serverFromString(reactor, description[len(PROXIED_PREFIX):])
+    trusted = options["proxy-from"]
+    if trusted == parseNetworks(LOOPBACK) and listensBeyondLoopback(getattr(endpoint, "_interface", "")):
+        log.warn(
+            "--port {port} takes PROXY headers on every interface, but only proxies on this host are trusted "
+            "(--proxy-from {trusted}); connections from proxies elsewhere will be refused: list them with "
+            "--proxy-from", port=description, trusted=LOOPBACK,
+        )
+    return endpoint, ProxiedFactory(factory, trusted, reactor, options["timeout"], metrics)

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import os
+import shutil
+import time
 from typing import Any, Callable, Sequence
 
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
+from twisted.trial.unittest import SkipTest, SynchronousTestCase
 
 from primecount.protocol import PrimeCountFactory, PrimeCountProtocol, RequestLimits
 from primecount.records import Record
@@ -159,3 +163,22 @@ def slow(test: Callable[..., Any]) -> Callable[..., Any]:
 
     run.slow = True  # type: ignore[attr-defined]
     return run
+
+
+def requireTool(test: SynchronousTestCase, name: str) -> str:
+    """The path of C{name}; skip without it, or fail where C{PRIMECOUNT_REQUIRE_SYSTEM_TOOLS=1} (CI)."""
+    path = shutil.which(name)
+    if path is None:
+        if os.environ.get("PRIMECOUNT_REQUIRE_SYSTEM_TOOLS") == "1":
+            test.fail(f"{name} is required here (PRIMECOUNT_REQUIRE_SYSTEM_TOOLS=1)")
+        raise SkipTest(f"{name} is not installed")
+    return path
+
+
+def waitUntil(condition, seconds: float = 20.0, what: str = "condition") -> None:  # type: ignore[no-untyped-def]
+    """Poll C{condition} until true; fail after C{seconds}."""
+    deadline = time.monotonic() + seconds
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.02)

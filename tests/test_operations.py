@@ -4,12 +4,10 @@ the systemd units, metrics over HTTP and the bounded log file; all with real pro
 from __future__ import annotations
 
 import os
-import shutil
 import signal
 import socket
 import subprocess
 import threading
-import time
 import urllib.request
 from collections import Counter
 from pathlib import Path
@@ -17,8 +15,8 @@ from pathlib import Path
 from twisted.trial.unittest import SkipTest, SynchronousTestCase
 
 from primecount.records import parseRecords
-from primecount.serverprocess import TWISTD, ServerProcess
-from tests.helpers import ask, expectedReply, slow
+from primecount.serverprocess import TWISTD, ServerProcess, listeningPort
+from tests.helpers import ask, expectedReply, requireTool, slow, waitUntil
 
 UNITS = Path(__file__).resolve().parents[1] / "contrib" / "systemd"
 LOGROTATE = Path(__file__).resolve().parents[1] / "contrib" / "logrotate" / "primecount"
@@ -31,25 +29,6 @@ def readRecords(*paths: str) -> list:
         with open(path, encoding="utf-8", newline="\n") as file:
             records += list(parseRecords(file))
     return records
-
-
-def requireTool(test: SynchronousTestCase, name: str) -> str:
-    """The path of C{name}; skip without it, or fail where C{PRIMECOUNT_REQUIRE_SYSTEM_TOOLS=1} (CI)."""
-    path = shutil.which(name)
-    if path is None:
-        if os.environ.get("PRIMECOUNT_REQUIRE_SYSTEM_TOOLS") == "1":
-            test.fail(f"{name} is required here (PRIMECOUNT_REQUIRE_SYSTEM_TOOLS=1)")
-        raise SkipTest(f"{name} is not installed")
-    return path
-
-
-def waitUntil(condition, seconds: float = 20.0, what: str = "condition") -> None:  # type: ignore[no-untyped-def]
-    """Poll C{condition} until true; fail after C{seconds}."""
-    deadline = time.monotonic() + seconds
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.02)
 
 
 class DrainTests(SynchronousTestCase):
@@ -185,9 +164,9 @@ class DaemonTests(SynchronousTestCase):
         )
         self.assertEqual(started.returncode, 0, started.stdout + started.stderr)
         waitUntil(lambda: pidfile.exists() and logfile.exists()
-                  and b"PrimeCountFactory starting on" in logfile.read_bytes(), what="the daemon to listen")
+                  and listeningPort(logfile.read_text()) is not None, what="the daemon to listen")
         pid = int(pidfile.read_text())
-        port = int(logfile.read_text().split("PrimeCountFactory starting on ")[1].split()[0])
+        port = listeningPort(logfile.read_text())
         self.assertEqual(ask(port, b"abc2a\n"), "2 sí\n".encode())
         self.assertEqual(ask(port, "日本日\n".encode()), "2 sí\n".encode())
         os.kill(pid, signal.SIGTERM)
@@ -218,9 +197,8 @@ class DaemonTests(SynchronousTestCase):
         )
         try:
             log = base / "twistd.log"
-            waitUntil(lambda: log.exists() and b"PrimeCountFactory starting on" in log.read_bytes(),
-                      what="the server to listen")
-            port = int(log.read_text().split("PrimeCountFactory starting on ")[1].split()[0])
+            waitUntil(lambda: log.exists() and listeningPort(log.read_text()) is not None, what="the server to listen")
+            port = listeningPort(log.read_text())
             for i in range(60):
                 ask(port, f"log line {i}\n".encode())
         finally:

@@ -367,3 +367,35 @@ class LingeringCloseTests(SynchronousTestCase):
         harness.send(b"abc2a\n")
         self.assertTrue(harness.transport.disconnecting)
         self.assertFalse(harness.transport.writeClosed)
+
+
+class EmptyConnectionTests(SynchronousTestCase):
+    """A client that connects and closes without sending anything is counted, not logged."""
+
+    def test_connectAndClose(self) -> None:
+        """EOF with nothing sent: the empty-message reply still goes out, no log line, one 'empty' count."""
+        harness = ProtocolHarness()
+        events: list[dict] = []
+        harness.protocol.log = Logger(observer=events.append)
+        harness.endOfInput()
+        harness.protocol.connectionLost(None)
+        self.assertEqual(harness.reply(), b"ERROR empty message\n")
+        self.assertEqual(events, [])
+        self.assertEqual(harness.metrics.events,
+                         [("connectionOpened",), ("connectionWithoutRequest", "empty"), ("connectionClosed", 1)])
+
+    def test_resetBeforeAnything(self) -> None:
+        """A connection lost without a byte or an EOF is counted as empty too."""
+        harness = ProtocolHarness()
+        harness.protocol.connectionLost(None)
+        self.assertIn(("connectionWithoutRequest", "empty"), harness.metrics.events)
+
+    def test_silentClientTimeoutIsLogged(self) -> None:
+        """A client that stays silent until the deadline is still logged and counted as a timeout."""
+        harness = ProtocolHarness(RequestLimits(timeout=1))
+        events: list[dict] = []
+        harness.protocol.log = Logger(observer=events.append)
+        harness.clock.advance(1.1)
+        self.assertEqual([e["reply"] for e in events], ["ERROR timeout"])
+        self.assertIn(("requestFinished", "timeout", 1.1), [e[:2] + (round(e[2], 3),) if len(e) == 3 else e
+                                                           for e in harness.metrics.events])

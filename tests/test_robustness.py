@@ -205,7 +205,6 @@ class PerAddressCapTests(SynchronousTestCase):
         try:
             for _ in range(5):
                 held.append(socket.create_connection(("127.0.0.1", server.port)))
-            server.waitFor(rb"PrimeCountFactory starting on")
             self.assertEqual(ask(server.port, b"abc2a\n"), b"ERROR busy\n")
             with socket.socket() as other:
                 other.bind(("127.0.0.2", 0))

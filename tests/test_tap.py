@@ -102,6 +102,19 @@ class OptionsTests(SynchronousTestCase):
                 self.parse("--keep-alive", *argv)
             self.assertTrue(str(caught.exception).startswith(named), str(caught.exception))
 
+    def test_proxyFrom(self) -> None:
+        """--proxy-from takes addresses and networks with a haproxy: port, names itself when wrong or misplaced."""
+        options = self.parse("--port", "haproxy:tcp:5050", "--proxy-from", "192.0.2.7,2001:db8::/32")
+        self.assertEqual([str(n) for n in options["proxy-from"]], ["192.0.2.7/32", "2001:db8::/32"])
+        self.assertEqual([str(n) for n in self.parse()["proxy-from"]], ["127.0.0.0/8", "::1/128"])
+        for argv, message in (
+            (["--port", "haproxy:tcp:5050", "--proxy-from", "proxy.example"], "--proxy-from: not a list"),
+            (["--proxy-from", "192.0.2.7"], "--proxy-from: only applies with a haproxy: --port"),
+        ):
+            with self.assertRaises(UsageError) as caught:
+                self.parse(*argv)
+            self.assertTrue(str(caught.exception).startswith(message), str(caught.exception))
+
     def test_unwritableRecords(self) -> None:
         """A records path that cannot be opened is a UsageError naming the option and the path."""
         path = os.path.join(self.mktemp(), "no-such-dir", "records.txt")
@@ -157,6 +170,30 @@ class MakeServiceTests(SynchronousTestCase):
         self.assertIsInstance(factory, PrimeCountFactory)
         self.assertEqual(factory.limits.maxLine, 65536)
         self.assertFalse(factory.limits.keepAlive)
+
+    def test_haproxyPortReadsHeadersFirst(self) -> None:
+        """A haproxy: port listens with the PROXY-header reader in front; beyond loopback with the default
+        trust it warns once."""
+        from twisted.logger import globalLogPublisher
+
+        from primecount.proxied import ProxiedFactory
+
+        events: list[dict] = []
+        globalLogPublisher.addObserver(events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, events.append)
+        for port, warned in (("haproxy:tcp:5151:interface=127.0.0.1", False), ("haproxy:tcp:5152", True)):
+            del events[:]
+            options = Options()
+            options.parseOptions(["--port", port, "--records", self.mktemp()])
+            reactor = ThreadedMemoryReactor()
+            service = makeService(options, reactor)
+            service.startService()
+            self.addCleanup(service.stopService)
+            [(_, factory, _, _)] = reactor.tcpServers
+            self.assertIsInstance(factory, ProxiedFactory)
+            self.assertIsInstance(factory.wrappedFactory, PrimeCountFactory)
+            warnings = [e for e in events if "takes PROXY headers on every interface" in e.get("log_format", "")]
+            self.assertEqual(len(warnings), int(warned), port)
 
     def test_keepAliveReachesTheFactory(self) -> None:
         """--keep-alive and its limits reach the protocol factory."""

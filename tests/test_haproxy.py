@@ -1,0 +1,166 @@
+"""Real HAProxy (Debian's package, with the shipped contrib/haproxy/primecount.cfg) in front of two real
+primecount instances on loopback, with clients from several loopback source addresses."""
+
+from __future__ import annotations
+
+import re
+import socket
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+from twisted.trial.unittest import SynchronousTestCase
+
+from primecount.records import parseRecords
+from primecount.serverprocess import ServerProcess
+from tests.helpers import expectedReply, requireTool, slow, waitUntil
+
+CONFIG = Path(__file__).resolve().parents[1] / "contrib" / "haproxy" / "primecount.cfg"
+
+
+def freePort() -> int:
+    """A free loopback port."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+class HAProxy:
+    """HAProxy in the foreground with the shipped configuration, bound to loopback, in front of C{ports}."""
+
+    def __init__(self, test: SynchronousTestCase, ports: list[int]) -> None:
+        text = CONFIG.read_text(encoding="utf-8")
+        self.port = freePort()
+        text = re.sub(r"(?m)^    bind .*$", f"    bind 127.0.0.1:{self.port}", text)
+        text = re.sub(r"(?m)^    server .*\n", "", text)
+        text += "".join(f"    server primecount{n} 127.0.0.1:{port}\n" for n, port in enumerate(ports, 1))
+        config = Path(test.mktemp())
+        config.write_text(text, encoding="utf-8")
+        self.logPath = Path(test.mktemp())
+        self.process = subprocess.Popen([requireTool(test, "haproxy"), "-db", "-f", str(config)],
+                                        stdout=self.logPath.open("wb"), stderr=subprocess.STDOUT)
+        waitUntil(self._accepts, what="HAProxy to listen")
+        test.addCleanup(self.stop)
+
+    def _accepts(self) -> bool:
+        if self.process.poll() is not None:
+            raise AssertionError(f"haproxy exited: {self.logPath.read_text()}")
+        try:
+            socket.create_connection(("127.0.0.1", self.port), timeout=1).close()
+            return True
+        except OSError:
+            return False
+
+    def stop(self) -> None:
+        """Stop it."""
+        if self.process.poll() is None:
+            self.process.terminate()
+            self.process.wait(timeout=30)
+
+
+def askFrom(source: str, port: int, payload: bytes, timeout: float = 10.0) -> bytes:
+    """Send C{payload} from the loopback address C{source}; return all the server sends before closing."""
+    with socket.socket() as connection:
+        connection.settimeout(timeout)
+        connection.bind((source, 0))
+        connection.connect(("127.0.0.1", port))
+        connection.sendall(payload)
+        received = b""
+        while chunk := connection.recv(65536):
+            received += chunk
+        return received
+
+
+class BehindHAProxyTests(SynchronousTestCase):
+    """Records, limits and failover with the real proxy sending PROXY v2 headers."""
+
+    def instance(self, *options: str) -> ServerProcess:
+        """A primecount instance reading PROXY headers on a loopback port, stopped after the test."""
+        server = ServerProcess(self.mktemp(), *options, port="haproxy:tcp:0:interface=127.0.0.1")
+        self.addCleanup(server.stop)
+        return server
+
+    def recorded(self, *servers: ServerProcess) -> list[tuple[str, str]]:
+        """(client, message) of every record the instances wrote."""
+        pairs = []
+        for server in servers:
+            with open(server.records, encoding="utf-8") as file:
+                pairs += [(r.client, r.message) for r in parseRecords(file)]
+        return pairs
+
+    @slow
+    def test_clientAddressesReachTheRecords(self) -> None:
+        """Clients from 127.0.0.2-5 through HAProxy are recorded with their own addresses on both instances."""
+        first, second = self.instance("--log-requests"), self.instance("--log-requests")
+        proxy = HAProxy(self, [first.port, second.port])
+        sent = []
+        for n in range(40):
+            source = f"127.0.0.{2 + n % 4}"
+            message = f"from {source} #{n}"
+            self.assertEqual(askFrom(source, proxy.port, message.encode() + b"\n"), expectedReply(message))
+            sent.append((source, message))
+        for server in (first, second):
+            self.assertEqual(server.stop(), 0, server.log)
+        self.assertEqual(sorted(self.recorded(first, second)), sorted(sent))
+        self.assertTrue(self.recorded(first) and self.recorded(second), "both instances served")
+        peers = re.findall(r"connection from (\S+)", first.log + second.log)
+        # 127.0.0.1 is HAProxy's own readiness probe from this test, sent through it once.
+        self.assertEqual(sorted(set(peers) - {"127.0.0.1"}), ["127.0.0.2", "127.0.0.3", "127.0.0.4", "127.0.0.5"])
+
+    @slow
+    def test_perAddressLimitHitsOnlyThatAddress(self) -> None:
+        """With --max-per-ip 2, a third connection from 127.0.0.5 is busy; 127.0.0.6 is still answered."""
+        server = self.instance("--max-per-ip", "2", "--timeout", "30", "--quiet", "0", "--log-requests")
+        proxy = HAProxy(self, [server.port])
+        held = []
+        for _ in range(2):
+            connection = socket.socket()
+            connection.bind(("127.0.0.5", 0))
+            connection.connect(("127.0.0.1", proxy.port))
+            connection.sendall(b"hel")  # a request begun, not ended: the connection stays open
+            held.append(connection)
+            self.addCleanup(connection.close)
+        server.waitFor(rb"connection from 127\.0\.0\.5[^\n]*\n(.*\n)*.*connection from 127\.0\.0\.5")
+        self.assertEqual(askFrom("127.0.0.5", proxy.port, b"third\n"), b"ERROR busy\n")
+        self.assertEqual(askFrom("127.0.0.6", proxy.port, b"other\n"), expectedReply("other"))
+        held[0].sendall(b"d\n")
+        self.assertEqual(held[0].recv(100), expectedReply("held"))
+        for connection in held:
+            connection.close()
+        self.assertEqual(server.stop(), 0, server.log)
+        # The second held connection's close ends its "hel" as a request (EOF ends a message).
+        self.assertEqual(sorted(self.recorded(server)),
+                         [("127.0.0.5", "hel"), ("127.0.0.5", "held"), ("127.0.0.6", "other")])
+
+    @slow
+    def test_instanceKilledMidLoad(self) -> None:
+        """kill -9 of one instance under load: every request that got an answer is in some records file."""
+        first, second = self.instance(), self.instance()
+        proxy = HAProxy(self, [first.port, second.port])
+        answered: list[str] = []
+        stop = time.monotonic() + 3
+
+        def client(source: str) -> None:
+            n = 0
+            while time.monotonic() < stop:
+                message = f"{source} {n}"
+                n += 1
+                try:
+                    reply = askFrom(source, proxy.port, message.encode() + b"\n", timeout=5)
+                except OSError:
+                    continue
+                if reply == expectedReply(message):
+                    answered.append(message)
+
+        threads = [threading.Thread(target=client, args=(f"127.0.0.{n}",)) for n in range(2, 6)]
+        for thread in threads:
+            thread.start()
+        time.sleep(1)
+        first.process.kill()
+        for thread in threads:
+            thread.join()
+        self.assertEqual(second.stop(), 0, second.log)
+        recorded = {message for _, message in self.recorded(first, second)}
+        self.assertGreater(len(answered), 100)
+        self.assertEqual(sorted(set(answered) - recorded), [])
