@@ -1,4 +1,5 @@
-"""A bounded log file for twistd: C{twistd --logger=primecount.logs.rotatingLogObserver ...}.
+"""Log observers for twistd: a bounded log file (C{twistd --logger=primecount.logs.rotatingLogObserver ...}),
+and a worker's log for its supervisor to relay.
 
 twistd's own C{--logfile} rotates at 1 MB and keeps every rotated file, so a
 busy daemon fills its disk in the end. This observer rotates at
@@ -11,7 +12,9 @@ from __future__ import annotations
 import os
 from typing import Mapping
 
-from twisted.logger import ILogObserver, textFileLogObserver
+import sys
+
+from twisted.logger import FileLogObserver, ILogObserver, eventAsText, textFileLogObserver
 from twisted.python.logfile import LogFile
 
 
@@ -23,3 +26,14 @@ def rotatingLogObserver(environ: Mapping[str, str] = os.environ) -> ILogObserver
     if maxBytes < 1 or keep < 1:
         raise ValueError("PRIMECOUNT_LOG_MAX_BYTES and PRIMECOUNT_LOG_KEEP must be at least 1")
     return textFileLogObserver(LogFile.fromFullPath(path, rotateLength=maxBytes, maxRotatedFiles=keep))
+
+
+def workerLogObserver() -> ILogObserver:
+    """A worker's log for its supervisor to relay: C{<level> <message>} lines on stdout, no timestamp
+    (the supervisor's own log adds it). C{twistd --logger=primecount.logs.workerLogObserver}."""
+
+    def format(event: dict) -> str:
+        text = eventAsText(event, includeTimestamp=False, includeSystem=False)
+        return "".join(f"{event['log_level'].name} {line}\n" for line in text.splitlines())
+
+    return FileLogObserver(sys.stdout, format)

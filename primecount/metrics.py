@@ -44,7 +44,9 @@ class NoMetrics:
 class PrometheusMetrics(NoMetrics):
     """Keeps the metrics in a private Prometheus registry, including the thread pool's state at scrape time."""
 
-    def __init__(self, threadPool: Any = None) -> None:
+    def __init__(self, threadPool: Any = None, worker: bool = False) -> None:
+        """With C{worker}, values go to C{PROMETHEUS_MULTIPROC_DIR} for the supervisor to sum; the thread pool
+        gauges, read at scrape time in this process, are then left out."""
         self.registry = CollectorRegistry()
         self._requests = Counter("primecount_requests", "Requests answered, by outcome (ok or the ERROR reason).",
                                  ["outcome"], registry=self.registry)
@@ -54,7 +56,7 @@ class PrometheusMetrics(NoMetrics):
             buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
             registry=self.registry)
         self._connections = Gauge("primecount_open_connections", "Client connections open now.",
-                                  registry=self.registry)
+                                  multiprocess_mode="livesum", registry=self.registry)
         self._connectionsTotal = Counter("primecount_connections", "Client connections accepted and served "
                                          "(not those refused with ERROR busy).", registry=self.registry)
         self._requestsPerConnection = Histogram(
@@ -72,7 +74,7 @@ class PrometheusMetrics(NoMetrics):
         self._fsync = Histogram("primecount_fsync_duration_seconds", "Duration of fsyncs of the records file.",
                                 buckets=(0.0001, 0.0005, 0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1, 5),
                                 registry=self.registry)
-        if threadPool is not None:
+        if threadPool is not None and not worker:
             self.registry.register(_ThreadPoolCollector(threadPool))
 
     def connectionOpened(self) -> None:
@@ -134,6 +136,15 @@ class MetricsPage(Resource):
         """The metrics, in Prometheus text format."""
         request.setHeader(b"Content-Type", CONTENT_TYPE_LATEST.encode("ascii"))
         return generate_latest(self._registry)
+
+
+def workersRegistry(path: str) -> CollectorRegistry:
+    """A registry that sums the metrics every worker wrote under C{path} (the supervisor's C{/metrics})."""
+    from prometheus_client import multiprocess
+
+    registry = CollectorRegistry()
+    multiprocess.MultiProcessCollector(registry, path=path)
+    return registry
 
 
 def metricsSite(registry: CollectorRegistry) -> Site:

@@ -9,7 +9,7 @@ from typing import Any, Callable, Optional, Sequence
 
 from twisted.application import strports
 from twisted.application.service import IService
-from twisted.internet.endpoints import serverFromString
+from twisted.internet.endpoints import AdoptedStreamServerEndpoint, serverFromString
 from twisted.internet.testing import MemoryReactor
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
@@ -17,7 +17,8 @@ from twisted.python import usage
 
 from primecount.limits import ConnectionLimits, raiseFileLimit
 from primecount.lifecycle import Drain, Listener, ProcessSignals, SequentialMultiService
-from primecount.metrics import NoMetrics, PrometheusMetrics, metricsSite
+from primecount.metrics import NoMetrics, PrometheusMetrics, metricsSite, workersRegistry
+from primecount.workers import WORKER_FD, MetricsDirectory, SharedSocket, WorkerPool, cpuCount, socketFamily
 from primecount.protocol import PrimeCountFactory, RequestLimits
 from primecount.proxied import LOOPBACK, ProxiedFactory, listensBeyondLoopback, parseNetworks
 from primecount.records import FORMATS
@@ -77,6 +78,16 @@ def _checkEndpoint(option: str, description: str) -> None:
         raise usage.UsageError(f"--{option}: cannot use {description!r}: {error}") from None
 
 
+def _workers(value: str) -> int:
+    """A coercer for C{--workers}: a whole number at least 1, or C{auto} for one per CPU."""
+    if value == "auto":
+        return cpuCount()
+    return _number("workers", int, 1, strict=False)(value)
+
+
+_workers.coerceDoc = "A whole number at least 1, or auto (one per CPU)."  # type: ignore[attr-defined]
+
+
 def _networks(value: str) -> tuple:
     """A coercer for C{--proxy-from}: comma-separated addresses or CIDR networks."""
     try:
@@ -116,6 +127,7 @@ class Options(usage.Options):
         "appends a record and closes the connection."
     )
     optFlags = [
+        ["worker-metrics", None, "Internal, set by --workers: keep metrics for the supervisor to sum."],
         ["log-requests", None, "Log every connection and reply, not only errors (costly under load)."],
         ["keep-alive", None, "Let a connection carry any number of requests, pipelined or one by one, "
          "instead of closing after the first reply."],
@@ -125,6 +137,10 @@ class Options(usage.Options):
          "tcp:N:backlog=1024) or an endpoint description (tcp:5050:interface=127.0.0.1, "
          "tcp6:5050, systemd:domain=INET:index=0, ssl:...).",
          endpointDescription],
+        ["workers", "w", 1, "Worker processes, each a whole server on the one listening socket, supervised by "
+         "this process ('auto': one per CPU).", _workers],
+        ["worker-fd", None, None, "Internal, set by --workers: the inherited listening socket.",
+         _number("worker-fd", int, 0, strict=False)],
         ["threads", "t", 10, "Size of the thread pool that runs the analysis.",
          _number("threads", int, 1, strict=False)],
         ["timeout", None, DEFAULTS.timeout, "Seconds from connect until the request must have ended.",
@@ -155,7 +171,13 @@ class Options(usage.Options):
 
     def postOptions(self) -> None:
         """Check what needs the options together: the endpoints parse, the records file can be opened."""
-        _checkEndpoint("port", self["port"])
+        if self["worker-fd"] is None:  # a worker is handed its socket; the description only says if it is proxied
+            _checkEndpoint("port", self["port"])
+        if self["workers"] > 1:
+            inner = self["port"][len(PROXIED_PREFIX):] if self["port"].startswith(PROXIED_PREFIX) else self["port"]
+            if inner.split(":", 1)[0] not in ("tcp", "tcp6", "systemd"):
+                raise usage.UsageError(f"--workers: needs a TCP --port (a port number, tcp:, tcp6:, systemd:, or "
+                                       f"haproxy: in front of one), not {self['port']!r}")
         if isinstance(self["proxy-from"], str):  # the default is not passed through its coercer
             self["proxy-from"] = parseNetworks(self["proxy-from"])
         if self["proxy-from"] != parseNetworks(LOOPBACK) and not self["port"].startswith(PROXIED_PREFIX):
@@ -186,6 +208,8 @@ def makeService(options: Options, reactor: Optional[Any] = None) -> IService:
         from twisted.internet import reactor as globalReactor
 
         reactor = globalReactor
+    if options["workers"] > 1:
+        return _supervisor(options, reactor)
     fileLimit = raiseFileLimit()
     maxConnections = options["max-connections"] or fileLimit.defaultMaxConnections
     log.info(
@@ -200,14 +224,16 @@ def makeService(options: Options, reactor: Optional[Any] = None) -> IService:
     reactor.suggestThreadPoolSize(options["threads"])
     threadPool = reactor.getThreadPool()
     runInThread = partial(deferToThreadPool, reactor, threadPool)
-    metrics = PrometheusMetrics(threadPool) if options["metrics"] else NoMetrics()
+    metrics: NoMetrics = NoMetrics()
+    if options["metrics"] or options["worker-metrics"]:
+        metrics = PrometheusMetrics(threadPool, worker=bool(options["worker-metrics"]))
     top = SequentialMultiService()
     records = RecordsService(
         options["records"], reactor, FORMATS[options["records-format"]], options["fsync"], runInThread, metrics
     )
     ProcessSignals(reactor, onHangUp=records.reopen).setServiceParent(top)
     records.setServiceParent(top)
-    if isinstance(metrics, PrometheusMetrics):
+    if options["metrics"]:
         strports.service(options["metrics"], metricsSite(metrics.registry), reactor=reactor).setServiceParent(top)
     limits = RequestLimits(
         options["timeout"], options["quiet"], options["max-line"], bool(options["log-requests"]),
@@ -228,14 +254,78 @@ def _listening(options: Options, reactor: Any, factory: PrimeCountFactory, metri
     """The endpoint to listen on and the factory for it: behind a C{haproxy:} prefix, the PROXY-header reader
     (trusting only C{--proxy-from}) in front of the request factory."""
     description = options["port"]
-    if not description.startswith(PROXIED_PREFIX):
-        return serverFromString(reactor, description), factory
-    endpoint = serverFromString(reactor, description[len(PROXIED_PREFIX):])
-    trusted = options["proxy-from"]
-    if trusted == parseNetworks(LOOPBACK) and listensBeyondLoopback(getattr(endpoint, "_interface", "")):
+    proxied = description.startswith(PROXIED_PREFIX)
+    if options["worker-fd"] is not None:
+        fd = options["worker-fd"]
+        endpoint: Any = AdoptedStreamServerEndpoint(reactor, fd, socketFamily(fd))
+    else:
+        endpoint = serverFromString(reactor, description[len(PROXIED_PREFIX):] if proxied else description)
+        _warnIfProxiesUnlisted(options, endpoint)
+    if not proxied:
+        return endpoint, factory
+    return endpoint, ProxiedFactory(factory, options["proxy-from"], reactor, options["timeout"], metrics)
+
+
+def _warnIfProxiesUnlisted(options: Options, endpoint: Any) -> None:
+    """A PROXY-protocol port reachable from other hosts that trusts only loopback proxies is likely a mistake."""
+    if not options["port"].startswith(PROXIED_PREFIX) or options["proxy-from"] != parseNetworks(LOOPBACK):
+        return
+    if listensBeyondLoopback(getattr(endpoint, "_interface", "")):
         log.warn(
             "--port {port} takes PROXY headers on every interface, but only proxies on this host are trusted "
             "(--proxy-from {trusted}); connections from proxies elsewhere will be refused: list them with "
-            "--proxy-from", port=description, trusted=LOOPBACK,
+            "--proxy-from", port=options["port"], trusted=LOOPBACK,
         )
-    return endpoint, ProxiedFactory(factory, trusted, reactor, options["timeout"], metrics)
+
+
+def _supervisor(options: Options, reactor: Any) -> IService:
+    """C{--workers N}: the shared socket, N supervised workers, and the summed metrics; see L{primecount.workers}.
+
+    Stops in reverse order: every worker drains and exits, then the socket
+    closes, then the metrics endpoint.
+    """
+    count = options["workers"]
+    description = options["port"]
+    inner = description[len(PROXIED_PREFIX):] if description.startswith(PROXIED_PREFIX) else description
+    endpoint = serverFromString(reactor, inner)
+    _warnIfProxiesUnlisted(options, endpoint)
+    environ = dict(os.environ)
+    folder = MetricsDirectory() if options["metrics"] else None
+    if folder is not None:
+        environ["PROMETHEUS_MULTIPROC_DIR"] = folder.path
+    shared = SharedSocket(endpoint)
+    # Each worker drains within its own grace (--timeout, the linger, a second); then it is killed.
+    pool = WorkerPool(reactor, count, partial(workerArguments, options), shared, environ,
+                      grace=options["timeout"] + DEFAULTS.linger + 5,
+                      onEnded=folder.workerEnded if folder is not None else lambda pid: None)
+    top = SequentialMultiService()
+    ProcessSignals(reactor, onHangUp=pool.hangUp).setServiceParent(top)
+    if folder is not None:
+        folder.setServiceParent(top)
+        strports.service(options["metrics"], metricsSite(workersRegistry(folder.path)), reactor=reactor
+                         ).setServiceParent(top)
+    shared.setServiceParent(top)
+    pool.setServiceParent(top)
+    log.info("supervising {count} workers on one listening socket", count=count)
+    return top
+
+
+def workerArguments(options: Options) -> list[str]:
+    """The C{twistd primecount} options of one worker: the supervisor's own, less those it keeps for itself,
+    with its share of C{--max-connections}."""
+    count = options["workers"]
+    arguments = []
+    for name, *_ in Options.optParameters:
+        value = options[name]
+        if name in ("workers", "worker-fd", "metrics") or value is None:
+            continue
+        if name == "max-connections":
+            value = -(-value // count)
+        elif name == "proxy-from":
+            value = ",".join(str(network) for network in value)
+        arguments.append(f"--{name}={value}")
+    arguments += [f"--{name}" for name, *_ in Options.optFlags if options[name]]
+    arguments.append(f"--worker-fd={WORKER_FD}")
+    if options["metrics"]:
+        arguments.append("--worker-metrics")
+    return arguments

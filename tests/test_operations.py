@@ -232,6 +232,15 @@ class SystemdTests(SynchronousTestCase):
     @slow
     def test_socketActivation(self) -> None:
         """systemd-socket-activate holds the port; twistd adopts it via --port systemd:domain=INET:index=0."""
+        self.socketActivation()
+
+    @slow
+    def test_socketActivationWithWorkers(self) -> None:
+        """With --workers 2 the supervisor adopts systemd's socket and both workers accept from it."""
+        self.socketActivation("--workers", "2")
+
+    def socketActivation(self, *options: str) -> None:
+        """Serve two requests on a socket handed over by systemd-socket-activate, then stop with SIGTERM."""
         activate = requireTool(self, "systemd-socket-activate")
         with socket.socket() as probe:
             probe.bind(("127.0.0.1", 0))
@@ -239,7 +248,8 @@ class SystemdTests(SynchronousTestCase):
         records = os.path.abspath(self.mktemp())
         process = subprocess.Popen(
             [activate, "--fdname=primecount", "-l", f"127.0.0.1:{port}",
-             *TWISTD, "-n", "--pidfile=", "primecount", "--port", "systemd:domain=INET:index=0", "--records", records],
+             *TWISTD, "-n", "--pidfile=", "primecount", "--port", "systemd:domain=INET:index=0", "--records", records,
+             *options],
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
         )
         try:

@@ -1,0 +1,253 @@
+"""C{--workers N}: the twistd process supervises N worker processes, each a whole primecount server.
+
+The supervisor binds (or adopts from systemd) the one listening socket and
+never accepts on it; every worker inherits it as descriptor 3 and accepts from
+the same queue, so a connection the kernel has queued is taken by whichever
+worker is free, and one queued for a worker that dies is not lost (with
+C{SO_REUSEPORT} each worker would have its own queue, reset with it). Each
+worker runs its own reactor, thread pool and records writer on the shared
+records file (one C{write(2)} per batch on an C{O_APPEND} file, so lines never
+interleave). The supervisor relays the workers' logs, forwards SIGHUP, drains
+them all on SIGTERM, restarts one that dies with a growing delay, and serves
+C{/metrics} summed over all of them (C{prometheus_client}'s multiprocess mode).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import sys
+import tempfile
+from typing import Any, Callable, Optional, Sequence
+
+from twisted.application.service import Service
+from twisted.internet.defer import Deferred, DeferredList, succeed
+from twisted.internet.error import ProcessExitedAlready
+from twisted.internet.interfaces import IDelayedCall
+from twisted.internet.protocol import Factory, ProcessProtocol, Protocol
+from twisted.logger import Logger, LogLevel
+from twisted.python.failure import Failure
+
+from primecount.lifecycle import LISTENING_EVENT
+
+TWISTD = [sys.executable, "-c", "from twisted.scripts.twistd import run; run()"]
+# The inherited listening socket's descriptor number in every worker.
+WORKER_FD = 3
+# A worker that ran this long before dying is restarted at once; one that died sooner waits, longer each time.
+STABLE_SECONDS = 10.0
+FIRST_DELAY, MAX_DELAY = 0.5, 30.0
+# Variables a worker must not inherit: the socket is handed over as descriptor 3, not by systemd.
+_NOT_INHERITED = ("LISTEN_FDS", "LISTEN_PID", "LISTEN_FDNAMES", "NOTIFY_SOCKET")
+_LEVELS = {level.name: level for level in LogLevel.iterconstants()}
+
+
+def cpuCount() -> int:
+    """The CPUs this process may run on (its affinity), for C{--workers auto}."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
+def socketFamily(fd: int) -> int:
+    """The address family of the listening socket at C{fd}."""
+    probe = socket.socket(fileno=os.dup(fd))
+    try:
+        return probe.family
+    finally:
+        probe.close()
+
+
+class _Refuse(Protocol):
+    """Never built: the supervisor does not accept on the shared socket."""
+
+
+class SharedSocket(Service):
+    """Binds the listening socket (or adopts systemd's) before privileges are dropped, and never accepts on it."""
+
+    log = Logger()
+
+    def __init__(self, endpoint: Any) -> None:
+        self._endpoint = endpoint
+        self._port: Any = None
+
+    def privilegedStartService(self) -> None:
+        """Listen now, then stop reading at once: only the workers accept."""
+        super().privilegedStartService()
+        if self._port is not None:
+            return
+        refuse = Factory.forProtocol(_Refuse)
+        refuse.noisy = False
+        listening = self._endpoint.listen(refuse)
+        failures: list[Failure] = []
+        listening.addCallbacks(self._listened, failures.append)
+        if failures:
+            failures[0].raiseException()
+
+    def _listened(self, port: Any) -> None:
+        port.stopReading()
+        self._port = port
+        address = port.getHost()
+        self.log.info("{event} {host} port {port}", event=LISTENING_EVENT, host=address.host, port=address.port)
+
+    @property
+    def fileno(self) -> int:
+        """The listening socket's descriptor."""
+        return self._port.fileno()
+
+    def stopService(self) -> Any:
+        """Close the socket (after the workers have stopped: this service starts before them)."""
+        super().stopService()
+        port, self._port = self._port, None
+        return port.stopListening() if port is not None else None
+
+
+class _WorkerProcess(ProcessProtocol):
+    """One worker: relays its log lines into the supervisor's log and reports its exit."""
+
+    def __init__(self, pool: "WorkerPool", number: int) -> None:
+        self._pool = pool
+        self.number = number
+        self.exited: Deferred[None] = Deferred()
+        self._partial = {1: b"", 2: b""}
+        self.pid = 0
+        self.startedAt = pool.clock.seconds()
+
+    def childDataReceived(self, childFD: int, data: bytes) -> None:
+        """Complete lines of the worker's log (stdout) or of a crash (stderr), each re-logged at its level."""
+        lines = (self._partial.get(childFD, b"") + data).split(b"\n")
+        self._partial[childFD] = lines.pop()
+        for line in lines:
+            self._relay(line)
+
+    def _relay(self, raw: bytes) -> None:
+        text = raw.decode("utf-8", errors="replace")
+        name, _, message = text.partition(" ")
+        level = _LEVELS.get(name)
+        if level is None:
+            level, message = LogLevel.info, text
+        self._pool.log.emit(level, "worker {number}: {message}", number=self.number, message=message)
+
+    def processEnded(self, reason: Failure) -> None:
+        """Tell the pool, then anyone waiting for this worker to be gone."""
+        for rest in self._partial.values():
+            if rest:
+                self._relay(rest)
+        self._pool.workerEnded(self, reason)
+        self.exited.callback(None)
+
+
+class WorkerPool(Service):
+    """Starts C{count} workers, restarts those that die, forwards SIGHUP, and stops them all on stop."""
+
+    log = Logger()
+
+    def __init__(
+        self, reactor: Any, count: int, arguments: Callable[[], Sequence[str]], listening: SharedSocket,
+        environ: Optional[dict[str, str]] = None, grace: float = 10.0,
+        onEnded: Callable[[int], None] = lambda pid: None,
+    ) -> None:
+        self.reactor = reactor
+        self.clock = reactor
+        self._count = count
+        self._arguments = arguments
+        self._listening = listening
+        self._environ = {k: v for k, v in (environ if environ is not None else os.environ).items()
+                         if k not in _NOT_INHERITED}
+        self._grace = grace
+        self._onEnded = onEnded
+        self.workers: dict[int, Any] = {}  # number -> process transport
+        self._delays: dict[int, float] = {}
+        self._restarts: dict[int, IDelayedCall] = {}
+        self._protocols: dict[int, _WorkerProcess] = {}
+
+    def startService(self) -> None:
+        """Start every worker."""
+        super().startService()
+        for number in range(1, self._count + 1):
+            self._start(number)
+
+    def _start(self, number: int) -> None:
+        self._restarts.pop(number, None)
+        protocol = _WorkerProcess(self, number)
+        argv = [*TWISTD, "-n", "--pidfile=", "--logger=primecount.logs.workerLogObserver", "primecount",
+                *self._arguments()]
+        transport = self.reactor.spawnProcess(
+            protocol, argv[0], argv, env=self._environ,
+            childFDs={0: "w", 1: "r", 2: "r", WORKER_FD: self._listening.fileno},
+        )
+        protocol.pid = transport.pid  # the transport forgets it once the process has ended
+        self.workers[number] = transport
+        self._protocols[number] = protocol
+        self.log.info("started worker {number} (pid {pid})", number=number, pid=transport.pid)
+
+    def workerEnded(self, protocol: _WorkerProcess, reason: Failure) -> None:
+        """A worker is gone: forget it and, unless stopping, start another in its place after a delay."""
+        number, pid = protocol.number, protocol.pid
+        self.workers.pop(number, None)
+        self._protocols.pop(number, None)
+        self._onEnded(pid)
+        if not self.running:
+            return
+        ranFor = self.clock.seconds() - protocol.startedAt
+        delay = 0.0 if ranFor >= STABLE_SECONDS else self._delays.get(number, FIRST_DELAY)
+        self._delays[number] = FIRST_DELAY if ranFor >= STABLE_SECONDS else min(delay * 2, MAX_DELAY)
+        self.log.error("worker {number} (pid {pid}) died after {ranFor:.1f} s: {reason}; restarting it in "
+                       "{delay:g} s", number=number, pid=pid, ranFor=ranFor, reason=reason.getErrorMessage(),
+                       delay=delay)
+        self._restarts[number] = self.clock.callLater(delay, self._start, number)
+
+    def signalAll(self, name: str) -> None:
+        """Send signal C{name} (C{"HUP"}, C{"TERM"}) to every running worker."""
+        for transport in list(self.workers.values()):
+            try:
+                transport.signalProcess(name)
+            except ProcessExitedAlready:
+                pass
+
+    def hangUp(self) -> None:
+        """Every worker reopens its records file."""
+        self.log.info("asking {count} workers to reopen the records file", count=len(self.workers))
+        self.signalAll("HUP")
+
+    def stopService(self) -> Deferred[Any]:
+        """SIGTERM every worker (each drains), SIGKILL any still running after the grace; fire once all are gone."""
+        super().stopService()
+        for call in self._restarts.values():
+            if call.active():
+                call.cancel()
+        self._restarts.clear()
+        if not self._protocols:
+            return succeed(None)
+        waiting = [protocol.exited for protocol in self._protocols.values()]
+        self.signalAll("TERM")
+        killer = self.clock.callLater(self._grace, self._killRemaining)
+        done = DeferredList(waiting)
+        done.addBoth(lambda result: killer.cancel() if killer.active() else None)
+        return done
+
+    def _killRemaining(self) -> None:
+        self.log.warn("killing {count} workers still running after {grace} s", count=len(self.workers),
+                      grace=self._grace)
+        self.signalAll("KILL")
+
+
+class MetricsDirectory(Service):
+    """The folder where the workers' metrics live (C{PROMETHEUS_MULTIPROC_DIR}), emptied at start, removed at stop."""
+
+    def __init__(self) -> None:
+        self.path = tempfile.mkdtemp(prefix="primecount-metrics-")
+
+    def workerEnded(self, pid: int) -> None:
+        """Drop the live gauges of a worker that is gone."""
+        from prometheus_client import multiprocess
+
+        if pid:
+            multiprocess.mark_process_dead(pid, self.path)
+
+    def stopService(self) -> None:
+        """Remove the folder."""
+        super().stopService()
+        shutil.rmtree(self.path, ignore_errors=True)
+

@@ -1,0 +1,277 @@
+"""Tests for C{--workers}: the supervisor's pieces with a fake reactor, then a real C{twistd --workers}."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from typing import Any
+
+from twisted.internet.error import ProcessDone, ProcessTerminated
+from twisted.internet.task import Clock
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.python.usage import UsageError
+from twisted.trial.unittest import SynchronousTestCase
+
+from primecount.records import parseRecords
+from primecount.serverprocess import ServerProcess
+from primecount.tap import Options, workerArguments
+from primecount.workers import FIRST_DELAY, WORKER_FD, WorkerPool
+from tests.helpers import ask, expectedReply, slow, waitUntil
+
+
+class FakeProcess:
+    """A spawned process as the pool sees it: a pid and the signals it was sent."""
+
+    def __init__(self, protocol: Any, pid: int) -> None:
+        self.protocol = protocol
+        self.pid = pid
+        self.signals: list[str] = []
+
+    def signalProcess(self, name: str) -> None:
+        """Remember the signal."""
+        self.signals.append(name)
+
+
+class SpawningClock(Clock):
+    """A clock that also records C{spawnProcess} calls."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.spawned: list[tuple[FakeProcess, list[str], dict]] = []
+
+    def spawnProcess(self, protocol: Any, executable: str, args: list[str], env: dict, childFDs: dict) -> FakeProcess:
+        """Make a fake process and connect C{protocol} to it."""
+        process = FakeProcess(protocol, 1000 + len(self.spawned))
+        protocol.makeConnection(process)
+        self.spawned.append((process, args, childFDs))
+        return process
+
+
+class FakeSocket:
+    """The shared listening socket, by its descriptor only."""
+
+    fileno = 42
+
+
+class WorkerPoolTests(SynchronousTestCase):
+    """The pool starts, restarts with a growing delay, forwards SIGHUP and stops its workers."""
+
+    def setUp(self) -> None:
+        self.reactor = SpawningClock()
+        self.ended: list[int] = []
+        self.pool = WorkerPool(self.reactor, 2, lambda: ["--records=x"], FakeSocket(), {"LISTEN_FDS": "1", "A": "b"},
+                               grace=5, onEnded=self.ended.append)
+        self.pool.startService()
+
+    def die(self, number: int, reason: Failure = Failure(ProcessTerminated(signal=9))) -> None:
+        """Worker C{number} exits."""
+        process = self.pool.workers[number]
+        process.protocol.processEnded(reason)
+
+    def test_startsEachWithTheSocketAsDescriptor3(self) -> None:
+        """Two workers run twistd primecount with the socket as descriptor 3 and without systemd's variables."""
+        self.assertEqual(len(self.reactor.spawned), 2)
+        for process, args, childFDs in self.reactor.spawned:
+            self.assertEqual(childFDs[WORKER_FD], 42)
+            self.assertEqual(args[-2:], ["primecount", "--records=x"])
+        self.assertNotIn("LISTEN_FDS", self.pool._environ)
+
+    def test_restartWithGrowingDelay(self) -> None:
+        """A worker that dies soon after its start is restarted after 0.5 s, then 1 s, then 2 s."""
+        delays = []
+        for _ in range(3):
+            before = len(self.reactor.spawned)
+            self.die(1)
+            waited = 0.0
+            while len(self.reactor.spawned) == before:
+                self.reactor.advance(0.25)
+                waited += 0.25
+            delays.append(waited)
+        self.assertEqual(delays, [FIRST_DELAY, 2 * FIRST_DELAY, 4 * FIRST_DELAY])
+        self.assertEqual(self.ended, [1000, 1002, 1003])
+
+    def test_stableWorkerRestartsAtOnce(self) -> None:
+        """A worker that had run for a while is replaced at once, and its delay starts over."""
+        self.reactor.advance(60)
+        self.die(2)
+        self.reactor.advance(0)
+        self.assertEqual(len(self.reactor.spawned), 3)
+
+    def test_hangUpReachesEveryWorker(self) -> None:
+        """SIGHUP to the supervisor becomes SIGHUP to each worker."""
+        self.pool.hangUp()
+        self.assertEqual([p.signals for p, _, _ in self.reactor.spawned], [["HUP"], ["HUP"]])
+
+    def test_stopWaitsForEveryWorker(self) -> None:
+        """Stopping sends SIGTERM to each and fires only once all have exited; nothing is restarted."""
+        stopped = self.pool.stopService()
+        self.assertEqual([p.signals for p, _, _ in self.reactor.spawned], [["TERM"], ["TERM"]])
+        self.die(1, Failure(ProcessDone(0)))
+        self.assertNoResult(stopped)
+        self.die(2, Failure(ProcessDone(0)))
+        self.successResultOf(stopped)
+        self.reactor.advance(60)
+        self.assertEqual(len(self.reactor.spawned), 2)
+
+    def test_stopKillsAfterGrace(self) -> None:
+        """A worker still running after the grace is killed."""
+        self.pool.stopService()
+        self.reactor.advance(5)
+        self.assertEqual([p.signals for p, _, _ in self.reactor.spawned], [["TERM", "KILL"], ["TERM", "KILL"]])
+
+    def test_logLinesRelayedAtTheirLevel(self) -> None:
+        """A worker's 'error ...' line is logged by the supervisor at error level, naming the worker."""
+        events: list[dict] = []
+        self.pool.log = Logger(observer=events.append)  # type: ignore[misc]
+        process = self.pool.workers[2]
+        process.protocol.childDataReceived(1, b"info hello\nerror cannot wri")
+        process.protocol.childDataReceived(1, b"te\n")
+        self.assertEqual([(e["log_level"].name, e["number"], e["message"]) for e in events],
+                         [("info", 2, "hello"), ("error", 2, "cannot write")])
+
+
+class WorkerOptionsTests(SynchronousTestCase):
+    """C{--workers} parses, refuses what it cannot serve, and hands each worker its options."""
+
+    def parse(self, *argv: str) -> Options:
+        """Parsed options with a temporary records file."""
+        options = Options()
+        options.parseOptions([*argv, "--records", self.mktemp()])
+        return options
+
+    def test_values(self) -> None:
+        """A number, or auto for the CPUs this process may use; 0 and words are refused."""
+        self.assertEqual(self.parse()["workers"], 1)
+        self.assertEqual(self.parse("--workers", "3")["workers"], 3)
+        self.assertEqual(self.parse("--workers", "auto")["workers"], len(os.sched_getaffinity(0)))
+        for bad in ("0", "many"):
+            with self.assertRaises(UsageError) as caught:
+                self.parse("--workers", bad)
+            self.assertTrue(str(caught.exception).startswith("--workers:"))
+
+    def test_needsTCP(self) -> None:
+        """Workers share a TCP socket; a UNIX or TLS port is refused with a reason."""
+        with self.assertRaises(UsageError) as caught:
+            self.parse("--workers", "2", "--port", "unix:/tmp/primecount.sock")
+        self.assertIn("--workers: needs a TCP --port", str(caught.exception))
+
+    def test_workerArguments(self) -> None:
+        """Each worker gets the same options, its share of --max-connections, the socket, and no --metrics."""
+        options = self.parse("--workers", "3", "--max-connections", "100", "--keep-alive", "--metrics", "9100",
+                             "--port", "haproxy:tcp:5050", "--proxy-from", "192.0.2.7")
+        arguments = workerArguments(options)
+        self.assertIn("--max-connections=34", arguments)
+        self.assertIn("--keep-alive", arguments)
+        self.assertIn("--port=haproxy:tcp:5050", arguments)
+        self.assertIn("--proxy-from=192.0.2.7/32", arguments)
+        self.assertEqual(arguments[-2:], ["--worker-fd=3", "--worker-metrics"])
+        self.assertFalse([a for a in arguments if a.startswith(("--metrics", "--workers"))])
+        again = Options()
+        again.parseOptions(arguments)
+        self.assertEqual((again["max-connections"], again["worker-fd"], again["worker-metrics"]), (34, 3, 1))
+
+
+class TwistdWorkersTests(SynchronousTestCase):
+    """A real C{twistd primecount --workers}: one records file, kill -9, SIGHUP, SIGTERM, summed metrics."""
+
+    def start(self, *options: str) -> ServerProcess:
+        """A supervisor with C{options} on a free loopback port, its workers up."""
+        server = ServerProcess(os.path.abspath(self.mktemp()), "--max-per-ip", "0", *options)
+        count = int(options[options.index("--workers") + 1])
+        server.waitFor(re.compile(rb"(?s)(?:.*?worker \d+: primecount listening on){%d}" % count))
+        self.addCleanup(lambda: server.process.poll() is None and server.stop())
+        return server
+
+    def workerPids(self, server: ServerProcess) -> dict[int, int]:
+        """Worker number to pid, latest start of each."""
+        return {int(n): int(pid) for n, pid in re.findall(r"started worker (\d+) \(pid (\d+)\)", server.log)}
+
+    def load(self, port: int, seconds: float, clients: int = 8) -> list[str]:
+        """Requests from C{clients} threads for C{seconds}; the messages that were answered correctly."""
+        answered: list[str] = []
+        stop = time.monotonic() + seconds
+
+        def client(n: int) -> None:
+            i = 0
+            while time.monotonic() < stop:
+                message = f"client {n} request {i}"
+                i += 1
+                try:
+                    if ask(port, message.encode() + b"\n", timeout=5) == expectedReply(message):
+                        answered.append(message)
+                except OSError:
+                    pass
+
+        threads = [threading.Thread(target=client, args=(n,)) for n in range(clients)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        return answered
+
+    def recorded(self, path: str) -> list[str]:
+        """Messages in a records file; the file must parse whole."""
+        with open(path, encoding="utf-8") as file:
+            return [r.message for r in parseRecords(file)]
+
+    @slow
+    def test_fourWorkersOneCleanRecordsFile(self) -> None:
+        """Four workers under load write one records file that the records tool finds clean, one line per
+        answer; SIGTERM drains them all and the supervisor exits 0."""
+        server = self.start("--workers", "4")
+        answered = self.load(server.port, 3)
+        self.assertEqual(server.stop(), 0, server.log)
+        self.assertGreater(len(answered), 500)
+        check = subprocess.run([sys.executable, "-m", "primecount.records", "check", server.records],
+                               capture_output=True, text=True)
+        self.assertEqual(check.returncode, 0, check.stdout + check.stderr)
+        self.assertEqual(sorted(self.recorded(server.records)), sorted(answered))
+        self.assertEqual(server.log.count("Server Shut Down"), 5, "four workers and the supervisor")
+
+    @slow
+    def test_killedWorkerIsRestartedAndNothingAnsweredIsLost(self) -> None:
+        """kill -9 of a worker mid-load: logged, restarted, the other keeps serving, every answer recorded."""
+        server = self.start("--workers", "2")
+        victim = self.workerPids(server)[1]
+        threading.Timer(1.0, os.kill, (victim, signal.SIGKILL)).start()
+        answered = self.load(server.port, 3)
+        server.waitFor(rb"worker 1 \(pid \d+\) died")
+        waitUntil(lambda: self.workerPids(server)[1] != victim, what="worker 1 to be started again")
+        self.assertEqual(ask(server.port, b"after\n"), expectedReply("after"))
+        self.assertEqual(server.stop(), 0, server.log)
+        self.assertEqual(set(answered) - set(self.recorded(server.records)), set())
+        self.assertGreater(len(answered), 200)
+
+    @slow
+    def test_hangUpReopensInEveryWorker(self) -> None:
+        """After a rename and SIGHUP, every worker writes to the new file at the path."""
+        server = self.start("--workers", "2")
+        before = self.load(server.port, 0.5, clients=4)
+        os.rename(server.records, server.records + ".1")
+        server.process.send_signal(signal.SIGHUP)
+        server.waitFor(re.compile(rb"(?s)(?:.*?worker \d+: reopened records file){2}"))
+        after = self.load(server.port, 1, clients=4)
+        self.assertEqual(server.stop(), 0, server.log)
+        self.assertEqual(sorted(self.recorded(server.records + ".1")), sorted(before))
+        self.assertEqual(sorted(self.recorded(server.records)), sorted(after))
+
+    @slow
+    def test_metricsSummedOverWorkers(self) -> None:
+        """The supervisor's /metrics counts every worker's requests."""
+        server = self.start("--workers", "2", "--metrics", "tcp:0:interface=127.0.0.1")
+        metricsPort = int(server.waitFor(rb"Site starting on (\d+)").group(1))
+        answered = self.load(server.port, 1, clients=4)
+        text = urllib.request.urlopen(f"http://127.0.0.1:{metricsPort}/metrics", timeout=10).read().decode()
+        self.assertEqual(server.stop(), 0, server.log)
+        ok = float(re.search(r'^primecount_requests_total\{outcome="ok"\} (\S+)$', text, re.M).group(1))
+        self.assertEqual(ok, len(answered))
+        self.assertRegex(text, r"(?m)^primecount_open_connections 0\.0$")
+
+
