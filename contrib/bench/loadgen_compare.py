@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import shutil
 import socket
 import statistics
@@ -86,7 +87,7 @@ def startServer(kind: str, workdir: Path, shared: Path, core: Optional[str], opt
     """Start the baseline or primecount (defaults but no per-address limit, plus C{options}), pinned to C{core}."""
     if kind == "baseline":
         return Baseline(workdir, shared, core)
-    return ServerProcess(
+    server = ServerProcess(
         str(workdir / "primecount-records.txt"),
         # Every loadgen connection comes from 127.0.0.1: lift the per-address limit (default 64).
         "--max-per-ip", "0",
@@ -94,6 +95,11 @@ def startServer(kind: str, workdir: Path, shared: Path, core: Optional[str], opt
         port=f"tcp:0:interface=127.0.0.1:backlog={BARE_PORT_BACKLOG}",
         prefix=pinned(core),
     )
+    if "--workers" in options:  # the supervisor listens first; measure once every worker accepts too
+        count = int(options[options.index("--workers") + 1])
+        if count > 1:
+            server.waitFor(re.compile(rb"(?s)(?:.*?worker \d+: primecount listening on){%d}" % count))
+    return server
 
 
 def buildLoadgen(shared: Path, workdir: Path) -> tuple[Path, Path]:
