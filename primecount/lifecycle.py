@@ -14,6 +14,7 @@ from typing import Any, Callable, Optional
 
 from twisted.application.service import MultiService, Service
 from twisted.internet.defer import Deferred, maybeDeferred, succeed
+from twisted.internet.error import CannotListenError
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 
@@ -156,7 +157,7 @@ class Listener(Service):
         self._listening.addCallbacks(self._listened, failed)
         returned = True
         if failures:
-            failures[0].raiseException()
+            raise listenFailed(failures[0])
 
     def _listened(self, port: Any) -> Any:
         self._port = port
@@ -176,6 +177,13 @@ class Listener(Service):
         if accepted:
             self.log.info("took in {count} connections queued before the listener closed", count=accepted)
         return maybeDeferred(port.stopListening)
+
+
+def listenFailed(failure: Any) -> BaseException:
+    """What to raise when listening failed: a port in use or not allowed stops twistd with one line, no traceback."""
+    if failure.check(CannotListenError):
+        return SystemExit(f"primecount: {failure.getErrorMessage()}")
+    return failure.value
 
 
 def _acceptQueued(port: Any) -> int:

@@ -44,8 +44,24 @@ class StorageUnavailable(Exception):
 
 
 def openRecordsFile(path: str) -> int:
-    """Open (creating if needed) the records file at C{path} for appending; return its descriptor."""
-    return os.open(path, _OPEN_FLAGS, 0o644)
+    """Open (creating if needed, with the mode the umask leaves of 0666) the records file at C{path} for
+    appending; return its descriptor."""
+    return os.open(path, _OPEN_FLAGS, 0o666)
+
+
+def recordsPathProblem(path: str) -> Optional[str]:
+    """Why the records file at C{path} could not be appended to (as C{strerror} words it), or C{None}; creates
+    nothing."""
+    if os.path.isdir(path):
+        return os.strerror(errno.EISDIR)
+    if os.path.exists(path):
+        return None if os.access(path, os.W_OK) else os.strerror(errno.EACCES)
+    directory = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(directory):
+        return f"{os.strerror(errno.ENOENT)}: {directory}"
+    if not os.access(directory, os.W_OK | os.X_OK):
+        return f"{os.strerror(errno.EACCES)}: cannot create a file in {directory}"
+    return None
 
 
 class _OpenFile:
@@ -107,15 +123,20 @@ class RecordsService(Service):
         self._syncTimer: Optional[LoopingCall] = None
         self._failures = {"write": 0, "fsync": 0}
 
-    def privilegedStartService(self) -> None:
-        """Open the records file before any listener binds (twistd binds ports in this phase too)."""
-        self._open()
-        super().privilegedStartService()
-
     def startService(self) -> None:
-        """Open the records file if not yet open, and start the fsync timer."""
+        """Open the records file and start the fsync timer.
+
+        The file is opened here, after twistd has applied C{--umask} and
+        switched to C{--uid}/C{--gid}, so a new file gets the service user's
+        owner and the umask's mode, like every later one after a rename and
+        SIGHUP. A file that cannot be opened stops the process with a one-line
+        message (C{Options} already checked the path before anything listened).
+        """
         if self._file is None:
-            self._open()
+            try:
+                self._open()
+            except OSError as error:
+                raise SystemExit(f"primecount: cannot open records file {self.path}: {error.strerror}") from None
         super().startService()
         if self._fsyncPolicy == "everysec":
             self._syncTimer = LoopingCall(self._syncIfNeeded)

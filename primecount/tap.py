@@ -7,6 +7,7 @@ import os
 from functools import partial
 from typing import Any, Callable, Optional, Sequence
 
+import twisted
 from twisted.application import strports
 from twisted.application.service import IService
 from twisted.internet.endpoints import AdoptedStreamServerEndpoint, serverFromString
@@ -15,15 +16,17 @@ from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.python import usage
 
+from primecount import __version__
 from primecount.limits import ConnectionLimits, raiseFileLimit
 from primecount.lifecycle import Drain, Listener, ProcessSignals, SequentialMultiService
 from primecount.metrics import NoMetrics, PrometheusMetrics, metricsSite, workersRegistry
 from primecount.workers import WORKER_FD, MetricsDirectory, SharedSocket, WorkerPool, cpuCount, socketFamily
 from primecount.protocol import PrimeCountFactory, RequestLimits
 from primecount.proxied import LOOPBACK, ProxiedFactory, listensBeyondLoopback, parseNetworks
+from primecount.readiness import Readiness
 from primecount.records import FORMATS
 from primecount.responder import Responder
-from primecount.storage import FSYNC_POLICIES, RecordsService, openRecordsFile
+from primecount.storage import FSYNC_POLICIES, RecordsService, recordsPathProblem
 
 DEFAULTS = RequestLimits()
 PROXIED_PREFIX = "haproxy:"
@@ -188,12 +191,15 @@ class Options(usage.Options):
                     raise usage.UsageError(f"--{option}: only applies with --keep-alive")
         if self["metrics"] is not None:
             _checkEndpoint("metrics", self["metrics"])
-        try:
-            os.close(openRecordsFile(self["records"]))
-        except OSError as error:
-            raise usage.UsageError(
-                f"--records: cannot append to {self['records']!r}: {error.strerror}"
-            ) from None
+        # Checked without creating the file: twistd applies --umask and --uid later, and the file must get them.
+        problem = recordsPathProblem(self["records"])
+        if problem is not None:
+            raise usage.UsageError(f"--records: cannot append to {self['records']!r}: {problem}")
+
+    def opt_version(self) -> None:
+        """Print primecount's version (and Twisted's) and exit."""
+        print(f"primecount {__version__} (Twisted {twisted.__version__})")
+        raise SystemExit(0)
 
 
 def makeService(options: Options, reactor: Optional[Any] = None) -> IService:
@@ -247,6 +253,8 @@ def makeService(options: Options, reactor: Optional[Any] = None) -> IService:
     # limits.linger after that; the extra second covers analysis and the record.
     Drain(factory, reactor, grace=options["timeout"] + limits.linger + 1).setServiceParent(top)
     Listener(*_listening(options, reactor, factory, metrics)).setServiceParent(top)
+    if options["worker-fd"] is None:  # a worker's readiness is its supervisor's business
+        Readiness(reactor).setServiceParent(top)
     return top
 
 
@@ -306,6 +314,7 @@ def _supervisor(options: Options, reactor: Any) -> IService:
                          ).setServiceParent(top)
     shared.setServiceParent(top)
     pool.setServiceParent(top)
+    Readiness(reactor, pool.allListening).setServiceParent(top)
     log.info("supervising {count} workers on one listening socket", count=count)
     return top
 

@@ -29,7 +29,7 @@ from twisted.internet.protocol import Factory, ProcessProtocol, Protocol
 from twisted.logger import Logger, LogLevel
 from twisted.python.failure import Failure
 
-from primecount.lifecycle import LISTENING_EVENT
+from primecount.lifecycle import LISTENING_EVENT, listenFailed
 
 TWISTD = [sys.executable, "-c", "from twisted.scripts.twistd import run; run()"]
 # The inherited listening socket's descriptor number in every worker.
@@ -83,7 +83,7 @@ class SharedSocket(Service):
         failures: list[Failure] = []
         listening.addCallbacks(self._listened, failures.append)
         if failures:
-            failures[0].raiseException()
+            raise listenFailed(failures[0])
 
     def _listened(self, port: Any) -> None:
         port.stopReading()
@@ -128,6 +128,8 @@ class _WorkerProcess(ProcessProtocol):
         if level is None:
             level, message = LogLevel.info, text
         self._pool.log.emit(level, "worker {number}: {message}", number=self.number, message=message)
+        if message.startswith(LISTENING_EVENT):
+            self._pool.workerListening(self.number)
 
     def processEnded(self, reason: Failure) -> None:
         """Tell the pool, then anyone waiting for this worker to be gone."""
@@ -161,6 +163,8 @@ class WorkerPool(Service):
         self._delays: dict[int, float] = {}
         self._restarts: dict[int, IDelayedCall] = {}
         self._protocols: dict[int, _WorkerProcess] = {}
+        self._listeningWorkers: set[int] = set()
+        self.allListening: Deferred[None] = Deferred()
 
     def startService(self) -> None:
         """Start every worker."""
@@ -181,6 +185,12 @@ class WorkerPool(Service):
         self.workers[number] = transport
         self._protocols[number] = protocol
         self.log.info("started worker {number} (pid {pid})", number=number, pid=transport.pid)
+
+    def workerListening(self, number: int) -> None:
+        """Worker C{number} accepts on the shared socket; once all have, C{allListening} fires."""
+        self._listeningWorkers.add(number)
+        if len(self._listeningWorkers) == self._count and not self.allListening.called:
+            self.allListening.callback(None)
 
     def workerEnded(self, protocol: _WorkerProcess, reason: Failure) -> None:
         """A worker is gone: forget it and, unless stopping, start another in its place after a delay."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import subprocess
 from functools import partial
 
 from twisted.internet import reactor
@@ -154,3 +155,55 @@ class TwistdTests(SynchronousTestCase):
             self.assertEqual(server.stop(), 0)
         with open(records, encoding="utf-8") as file:
             self.assertEqual([(r.client, r.message) for r in parseRecords(file)], [("::1", "abc2a")])
+
+
+class StartupErrorTests(SynchronousTestCase):
+    """What a user sees when twistd primecount cannot start: one clear line, no traceback, a non-zero exit."""
+
+    def twistd(self, *arguments: str, **kwargs: object) -> "subprocess.CompletedProcess[str]":
+        """twistd with C{arguments}; its exit status and output."""
+        return subprocess.run([*TWISTD, *arguments], capture_output=True, text=True, timeout=60, **kwargs)
+
+    def test_portInUse(self) -> None:
+        """A port already in use names itself in one line and exits 1."""
+        import socket
+
+        with socket.socket() as taken:
+            taken.bind(("127.0.0.1", 0))
+            taken.listen(1)
+            port = taken.getsockname()[1]
+            result = self.twistd("-n", "--pidfile=", "primecount", "--port", f"tcp:{port}:interface=127.0.0.1",
+                              "--records", os.path.abspath(self.mktemp()))
+        output = result.stdout + result.stderr
+        self.assertEqual(result.returncode, 1, output)
+        self.assertIn(f"primecount: Couldn't listen on 127.0.0.1:{port}: [Errno 98] Address already in use.", output)
+        self.assertNotIn("Traceback", output)
+
+    def test_version(self) -> None:
+        """C{twistd primecount --version} prints primecount's version, not only Twisted's."""
+        from primecount import __version__
+
+        result = self.twistd("primecount", "--version")
+        self.assertEqual(result.returncode, 0, result.stderr)
+        self.assertTrue(result.stdout.startswith(f"primecount {__version__} (Twisted "), result.stdout)
+
+    def test_recordsFileHonoursUmask(self) -> None:
+        """A records file created by a daemon with twistd's default umask (0077) is private: mode 0600."""
+        import signal
+        import stat
+        import time
+
+        base = os.path.abspath(self.mktemp())
+        os.mkdir(base)
+        records, pidfile = os.path.join(base, "records.txt"), os.path.join(base, "twistd.pid")
+        result = self.twistd(f"--pidfile={pidfile}", f"--logfile={base}/twistd.log", "primecount",
+                          "--port", "tcp:0:interface=127.0.0.1", "--records", records)
+        self.assertEqual(result.returncode, 0, result.stdout + result.stderr)
+        deadline = time.monotonic() + 20
+        while not (os.path.exists(records) and os.path.exists(pidfile)) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        pid = int(open(pidfile).read())
+        os.kill(pid, signal.SIGTERM)
+        while os.path.exists(pidfile) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        self.assertEqual(stat.S_IMODE(os.stat(records).st_mode), 0o600)

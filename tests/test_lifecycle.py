@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from twisted.internet.address import IPv4Address
+
 import signal
 
 from twisted.application.service import Service
@@ -190,6 +192,10 @@ class QueuedPort:
         self.sessionno = 0
         self.listening = True
 
+    def getHost(self) -> IPv4Address:
+        """Where it listens."""
+        return IPv4Address("TCP", "127.0.0.1", 5050)
+
     def doRead(self) -> None:
         """Accept up to C{numberAccepts}; grow the batch when it filled up, shrink it otherwise."""
         accepted = min(self.numberAccepts, self.queued)
@@ -228,8 +234,9 @@ class ListenerTests(SynchronousTestCase):
         self.assertEqual((port.queued, port.sessionno, port.listening), (0, 57, False))
 
     def test_listenFailureRaises(self) -> None:
-        """A port that cannot be bound fails the start, before the service runs."""
+        """A port that cannot be bound stops the start with one line naming it, before the service runs."""
         from twisted.internet.error import CannotListenError
 
         listener = Listener(FakeEndpoint(error=CannotListenError("", 5050, OSError("in use"))), factory=None)
-        self.assertRaises(CannotListenError, listener.privilegedStartService)
+        stopped = self.assertRaises(SystemExit, listener.privilegedStartService)
+        self.assertEqual(str(stopped), "primecount: Couldn't listen on any:5050: in use.")

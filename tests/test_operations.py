@@ -231,7 +231,7 @@ class SystemdTests(SynchronousTestCase):
 
     @slow
     def test_socketActivation(self) -> None:
-        """systemd-socket-activate holds the port; twistd adopts it via --port systemd:domain=INET:index=0."""
+        """systemd-socket-activate holds the port; twistd adopts it via --port systemd:domain=INET:name=primecount."""
         self.socketActivation()
 
     @slow
@@ -248,7 +248,7 @@ class SystemdTests(SynchronousTestCase):
         records = os.path.abspath(self.mktemp())
         process = subprocess.Popen(
             [activate, "--fdname=primecount", "-l", f"127.0.0.1:{port}",
-             *TWISTD, "-n", "--pidfile=", "primecount", "--port", "systemd:domain=INET:index=0", "--records", records,
+             *TWISTD, "-n", "--pidfile=", "primecount", "--port", "systemd:domain=INET:name=primecount", "--records", records,
              *options],
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
         )

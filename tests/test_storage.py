@@ -148,9 +148,11 @@ class WriteFailureTests(SynchronousTestCase):
         self.assertTrue(any("works again" in e.get("log_format", "") for e in self.events))
 
     def test_unwritablePathFailsAtStart(self) -> None:
-        """A path in a missing directory fails when the service starts, which then is not running."""
+        """A path in a missing directory stops the process with one line when the service starts."""
         service = RecordsService(os.path.join(self.mktemp(), "missing", "records.txt"), Clock())
-        self.assertRaises(OSError, service.startService)
+        stopped = self.assertRaises(SystemExit, service.startService)
+        self.assertIn("cannot open records file", str(stopped))
+        self.assertIn("No such file or directory", str(stopped))
         self.assertFalse(service.running)
 
 

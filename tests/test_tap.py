@@ -122,6 +122,13 @@ class OptionsTests(SynchronousTestCase):
             self.parse("--records", path)
         self.assertIn("--records", str(caught.exception))
         self.assertIn(path, str(caught.exception))
+        self.assertFalse(os.path.exists(path))
+
+    def test_recordsNotCreatedByParsing(self) -> None:
+        """Parsing checks a new records path but leaves creating it to the service, after twistd's --umask."""
+        path = self.mktemp()
+        self.parse("--records", path)
+        self.assertFalse(os.path.exists(path))
 
     def test_endpointDescriptionHelper(self) -> None:
         """Only an all-digit value is taken as a port number."""
@@ -159,7 +166,7 @@ class MakeServiceTests(SynchronousTestCase):
         children = list(service)
         self.assertEqual(
             [type(child).__name__ for child in children],
-            ["ProcessSignals", RecordsService.__name__, "Drain", "Listener"],
+            ["ProcessSignals", RecordsService.__name__, "Drain", "Listener", "Readiness"],
         )
         service.startService()
         self.addCleanup(service.stopService)
