@@ -10,7 +10,7 @@ from __future__ import annotations
 import ipaddress
 import resource
 from collections import Counter
-from typing import NamedTuple
+from typing import NamedTuple, Optional
 
 # Descriptors kept free for everything that is not a client: listeners, the records file,
 # logs, the thread pool's wake-up pipe, metrics, imports.
@@ -42,11 +42,17 @@ class ConnectionLimits:
 
     def acquire(self, key: str) -> bool:
         """Count a new connection from C{key} if both limits allow it; say whether they did."""
-        if self.total >= self.maxTotal or (self.maxPerPeer and self._perPeer[key] >= self.maxPerPeer):
-            return False
+        return self.tryAcquire(key) is None
+
+    def tryAcquire(self, key: str) -> Optional[str]:
+        """Count a new connection from C{key}, or name the limit it is over: C{total} or C{per_address}."""
+        if self.total >= self.maxTotal:
+            return "total"
+        if self.maxPerPeer and self._perPeer[key] >= self.maxPerPeer:
+            return "per_address"
         self.total += 1
         self._perPeer[key] += 1
-        return True
+        return None
 
     def release(self, key: str) -> None:
         """A connection counted under C{key} has closed."""

@@ -6,11 +6,17 @@ them at no cost, L{PrometheusMetrics} keeps them in its own registry.
 
 from __future__ import annotations
 
-from typing import Any, Iterator
+from typing import Any, Iterator, Mapping
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, PlatformCollector, ProcessCollector
 from prometheus_client.core import GaugeMetricFamily
-from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client.exposition import choose_encoder
+
+from primecount import __version__
+
+OUTCOMES = ("ok", "empty_message", "invalid_utf8", "line_too_long", "timeout", "storage_unavailable",
+            "internal_error", "busy")
+WITHOUT_REQUEST = ("empty", "health_check", "untrusted", "malformed", "incomplete", "timeout")
 from twisted.web.resource import Resource
 from twisted.web.server import Request, Site
 
@@ -31,6 +37,9 @@ class NoMetrics:
         """A connection closed before sending a request: C{empty} (connect and close), or, behind a proxy,
         C{health_check}, C{untrusted}, C{malformed}, C{incomplete}, C{timeout} (its PROXY header)."""
 
+    def busyRefusal(self, limit: str) -> None:
+        """A connection got C{ERROR busy} for being over C{limit} (C{total} or C{per_address})."""
+
     def recordsWritten(self, count: int) -> None:
         """C{count} records reached the records file."""
 
@@ -44,9 +53,9 @@ class NoMetrics:
 class PrometheusMetrics(NoMetrics):
     """Keeps the metrics in a private Prometheus registry, including the thread pool's state at scrape time."""
 
-    def __init__(self, threadPool: Any = None, worker: bool = False) -> None:
-        """With C{worker}, values go to C{PROMETHEUS_MULTIPROC_DIR} for the supervisor to sum; the thread pool
-        gauges, read at scrape time in this process, are then left out."""
+    def __init__(self, threadPool: Any = None, worker: bool = False, limits: Mapping[str, float] = {}) -> None:
+        """With C{worker}, values go to C{PROMETHEUS_MULTIPROC_DIR} for the supervisor to sum; the gauges read
+        from this process at scrape time (thread pool, process, build, limits) are then the supervisor's."""
         self.registry = CollectorRegistry()
         self._requests = Counter("primecount_requests", "Requests answered, by outcome (ok or the ERROR reason).",
                                  ["outcome"], registry=self.registry)
@@ -62,6 +71,9 @@ class PrometheusMetrics(NoMetrics):
         self._requestsPerConnection = Histogram(
             "primecount_connection_requests", "Requests carried by each closed connection (1 in one-shot mode).",
             buckets=(0, 1, 2, 5, 10, 100, 1000, 10000, 100000), registry=self.registry)
+        self._busy = Counter("primecount_busy_refusals", "Connections answered ERROR busy, by the limit they were "
+                             "over (total: --max-connections, per_address: --max-per-ip).", ["limit"],
+                             registry=self.registry)
         self._withoutRequest = Counter(
             "primecount_connections_without_request", "Connections closed before sending a request, by reason "
             "(empty: connect and close; behind a proxy: health_check, untrusted, malformed, incomplete, timeout).",
@@ -74,8 +86,17 @@ class PrometheusMetrics(NoMetrics):
         self._fsync = Histogram("primecount_fsync_duration_seconds", "Duration of fsyncs of the records file.",
                                 buckets=(0.0001, 0.0005, 0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1, 5),
                                 registry=self.registry)
-        if threadPool is not None and not worker:
-            self.registry.register(_ThreadPoolCollector(threadPool))
+        # Every series exists from the start, at 0, so rates and alerts work before the first such event.
+        for outcome in OUTCOMES:
+            self._requests.labels(outcome)
+        for limit in ("total", "per_address"):
+            self._busy.labels(limit)
+        for reason in WITHOUT_REQUEST:
+            self._withoutRequest.labels(reason)
+        if not worker:
+            registerProcessCollectors(self.registry, limits)
+            if threadPool is not None:
+                self.registry.register(_ThreadPoolCollector(threadPool))
 
     def connectionOpened(self) -> None:
         """A client connected."""
@@ -95,6 +116,10 @@ class PrometheusMetrics(NoMetrics):
     def connectionWithoutRequest(self, reason: str) -> None:
         """A connection closed without a request."""
         self._withoutRequest.labels(reason).inc()
+
+    def busyRefusal(self, limit: str) -> None:
+        """A connection was refused with ERROR busy."""
+        self._busy.labels(limit).inc()
 
     def recordsWritten(self, count: int) -> None:
         """Records reached the file."""
@@ -133,25 +158,61 @@ class MetricsPage(Resource):
         self._registry = registry
 
     def render_GET(self, request: Request) -> bytes:
-        """The metrics, in Prometheus text format."""
-        request.setHeader(b"Content-Type", CONTENT_TYPE_LATEST.encode("ascii"))
-        return generate_latest(self._registry)
+        """The metrics, in the Prometheus text format or, when the scraper asks for it, OpenMetrics."""
+        accept = (request.getHeader(b"accept") or b"").decode("latin-1")
+        encode, contentType = choose_encoder(accept)
+        request.setHeader(b"Content-Type", contentType.encode("ascii"))
+        return encode(self._registry)
 
 
-def workersRegistry(path: str) -> CollectorRegistry:
+def registerProcessCollectors(registry: CollectorRegistry, limits: Mapping[str, float]) -> None:
+    """The conventional process and platform metrics, the build, and the configured limits."""
+    ProcessCollector(registry=registry)
+    PlatformCollector(registry=registry)
+    registry.register(_ConstantCollector(limits))
+
+
+def workersRegistry(path: str, limits: Mapping[str, float] = {}) -> CollectorRegistry:
     """A registry that sums the metrics every worker wrote under C{path} (the supervisor's C{/metrics})."""
     from prometheus_client import multiprocess
 
     registry = CollectorRegistry()
     multiprocess.MultiProcessCollector(registry, path=path)
+    registerProcessCollectors(registry, limits)
     return registry
+
+
+class _ConstantCollector:
+    """C{primecount_build_info{version=...} 1} and one C{primecount_limit{name=...}} gauge per configured limit."""
+
+    def __init__(self, limits: Mapping[str, float]) -> None:
+        self._limits = dict(limits)
+
+    def collect(self) -> Iterator[Any]:
+        """The two families."""
+        build = GaugeMetricFamily("primecount_build_info", "The running primecount's version (value 1).",
+                                  labels=["version"])
+        build.add_metric([__version__], 1)
+        yield build
+        limits = GaugeMetricFamily("primecount_limit", "Configured limits: max_connections, max_per_ip (0: none), "
+                                   "timeout_seconds, threads, workers, ...", labels=["name"])
+        for name, value in sorted(self._limits.items()):
+            limits.add_metric([name], value)
+        yield limits
+
+
+class _QuietSite(Site):
+    """A site that writes no access-log line: a scrape every few seconds would fill the log."""
+
+    def log(self, request: Request) -> None:
+        """Nothing."""
 
 
 def metricsSite(registry: CollectorRegistry) -> Site:
     """A web site serving the registry at C{/metrics} (and nothing else)."""
     root = Resource()
     root.putChild(b"metrics", MetricsPage(registry))
-    site = Site(root)
+    site = _QuietSite(root)
     site.displayTracebacks = False
     site.noisy = False
     return site

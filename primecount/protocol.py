@@ -472,15 +472,17 @@ class PrimeCountFactory(Factory):
     def buildProtocol(self, addr: IAddress) -> Protocol:
         """A protocol for the connection from C{addr}, or a L{BusyProtocol} if it is over a limit."""
         key = peerKey(peerHost(addr))
-        if not self.connectionLimits.acquire(key):
-            return self._busy(key)
+        over = self.connectionLimits.tryAcquire(key)
+        if over is not None:
+            return self._busy(key, over)
         protocol = PrimeCountProtocol(self.limits, self.clock, self.responder)
         protocol.factory = self
         protocol.limitKey = key
         return protocol
 
-    def _busy(self, key: str) -> Protocol:
+    def _busy(self, key: str, limit: str) -> Protocol:
         self.metrics.requestFinished("busy", 0.0)
+        self.metrics.busyRefusal(limit)
         lingering = self.busyLingering < BUSY_LINGER_MAX
         if lingering:
             self.busyLingering += 1

@@ -232,7 +232,8 @@ def makeService(options: Options, reactor: Optional[Any] = None) -> IService:
     runInThread = partial(deferToThreadPool, reactor, threadPool)
     metrics: NoMetrics = NoMetrics()
     if options["metrics"] or options["worker-metrics"]:
-        metrics = PrometheusMetrics(threadPool, worker=bool(options["worker-metrics"]))
+        metrics = PrometheusMetrics(threadPool, worker=bool(options["worker-metrics"]),
+                                    limits=configuredLimits(options, maxConnections))
     top = SequentialMultiService()
     records = RecordsService(
         options["records"], reactor, FORMATS[options["records-format"]], options["fsync"], runInThread, metrics
@@ -310,13 +311,25 @@ def _supervisor(options: Options, reactor: Any) -> IService:
     ProcessSignals(reactor, onHangUp=pool.hangUp).setServiceParent(top)
     if folder is not None:
         folder.setServiceParent(top)
-        strports.service(options["metrics"], metricsSite(workersRegistry(folder.path)), reactor=reactor
+        limits = configuredLimits(options, options["max-connections"] or raiseFileLimit().defaultMaxConnections * count)
+        strports.service(options["metrics"], metricsSite(workersRegistry(folder.path, limits)), reactor=reactor
                          ).setServiceParent(top)
     shared.setServiceParent(top)
     pool.setServiceParent(top)
     Readiness(reactor, pool.allListening).setServiceParent(top)
     log.info("supervising {count} workers on one listening socket", count=count)
     return top
+
+
+def configuredLimits(options: Options, maxConnections: int) -> dict[str, float]:
+    """The limits in force, for the C{primecount_limit} gauges (0 where a limit is off)."""
+    return {
+        "max_connections": maxConnections, "max_per_ip": options["max-per-ip"], "max_line_bytes": options["max-line"],
+        "timeout_seconds": options["timeout"], "quiet_seconds": options["quiet"], "threads": options["threads"],
+        "workers": options["workers"], "keep_alive": int(bool(options["keep-alive"])),
+        "pipeline": options["pipeline"] if options["keep-alive"] else 0,
+        "idle_timeout_seconds": options["idle-timeout"] if options["keep-alive"] else 0,
+    }
 
 
 def workerArguments(options: Options) -> list[str]:

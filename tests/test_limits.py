@@ -11,7 +11,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from primecount.limits import FD_HEADROOM, ConnectionLimits, FileLimit, peerKey, raiseFileLimit
 from primecount.protocol import BusyProtocol, PrimeCountFactory, PrimeCountProtocol, RequestLimits
 from primecount.responder import Responder
-from tests.helpers import HalfCloseTransport, InlineThreads, MemoryRecords
+from tests.helpers import HalfCloseTransport, InlineThreads, MemoryRecords, RecordingMetrics
 
 
 class PeerKeyTests(SynchronousTestCase):
@@ -81,9 +81,10 @@ class FactoryLimitTests(SynchronousTestCase):
 
     def setUp(self) -> None:
         self.clock = Clock()
+        self.metrics = RecordingMetrics()
         self.factory = PrimeCountFactory(
             RequestLimits(), self.clock, Responder(self.clock, InlineThreads(), MemoryRecords()),
-            connectionLimits=ConnectionLimits(maxTotal=5, maxPerPeer=2),
+            metrics=self.metrics, connectionLimits=ConnectionLimits(maxTotal=5, maxPerPeer=2),
         )
 
     def test_perIPv4(self) -> None:
@@ -95,6 +96,7 @@ class FactoryLimitTests(SynchronousTestCase):
         self.assertTrue(busyTransport.writeClosed)
         other, _ = connect(self.factory, IPv4Address("TCP", "127.0.0.2", 4))
         self.assertIsInstance(other, PrimeCountProtocol)
+        self.assertIn(("busyRefusal", "per_address"), self.metrics.events)
         self.assertTrue(all(isinstance(p, PrimeCountProtocol) for p, _ in first))
 
     def test_perIPv6(self) -> None:
@@ -122,6 +124,7 @@ class FactoryLimitTests(SynchronousTestCase):
         self.assertEqual(transport.value(), b"ERROR busy\n")
         busy.connectionLost(None)
         self.assertEqual(self.factory.connectionLimits.total, 5)
+        self.assertEqual([e for e in self.metrics.events if e[0] == "busyRefusal"], [("busyRefusal", "total")])
 
     def test_busyLingerEnds(self) -> None:
         """A busy connection closes when the client closes, or after the linger time."""

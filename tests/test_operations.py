@@ -288,7 +288,21 @@ class MetricsTests(SynchronousTestCase):
             after = scrape(metricsPort)
         finally:
             self.assertEqual(server.stop(), 0)
-        self.assertEqual(before.get('primecount_requests_total{outcome="ok"}', 0.0), 0.0)
+        from primecount import __version__
+
+        # Every outcome and reason is there from the start, at 0; the process and build are described.
+        for outcome in ("ok", "empty_message", "invalid_utf8", "line_too_long", "timeout", "storage_unavailable",
+                        "internal_error", "busy"):
+            self.assertEqual(before[f'primecount_requests_total{{outcome="{outcome}"}}'], 0.0, outcome)
+        self.assertEqual(before['primecount_busy_refusals_total{limit="per_address"}'], 0.0)
+        self.assertEqual(before['primecount_connections_without_request_total{reason="health_check"}'], 0.0)
+        self.assertEqual(before[f'primecount_build_info{{version="{__version__}"}}'], 1.0)
+        self.assertEqual(before['primecount_limit{name="max_per_ip"}'], 64.0)
+        self.assertEqual(before['primecount_limit{name="timeout_seconds"}'], 5.0)
+        self.assertGreater(before["process_open_fds"], 5)
+        self.assertGreater(before["process_max_fds"], 1000)
+        self.assertIn("python_info", " ".join(before))
+        self.assertNotIn("/metrics", server.log, "no access-log line per scrape")
         self.assertEqual(after['primecount_requests_total{outcome="ok"}'], 3.0)
         self.assertEqual(after['primecount_requests_total{outcome="invalid_utf8"}'], 1.0)
         self.assertEqual(after['primecount_requests_total{outcome="empty_message"}'], 1.0)
@@ -299,6 +313,21 @@ class MetricsTests(SynchronousTestCase):
         self.assertEqual(after["primecount_open_connections"], 0.0)
         self.assertEqual(after["primecount_threadpool_queue_depth"], 0.0)
         self.assertIn("primecount_threadpool_busy_threads", after)
+
+    @slow
+    def test_openMetricsWhenAsked(self) -> None:
+        """A scraper that accepts OpenMetrics gets it (with its EOF marker); others get the Prometheus text."""
+        server = ServerProcess(os.path.abspath(self.mktemp()), "--metrics", "tcp:0:interface=127.0.0.1")
+        try:
+            metricsPort = int(server.waitFor(rb"Site starting on (\d+)").group(1))
+            request = urllib.request.Request(f"http://127.0.0.1:{metricsPort}/metrics", headers={
+                "Accept": "application/openmetrics-text; version=1.0.0,text/plain;version=0.0.4;q=0.5"})
+            with urllib.request.urlopen(request, timeout=10) as response:
+                contentType, body = response.headers["Content-Type"], response.read().decode()
+        finally:
+            self.assertEqual(server.stop(), 0)
+        self.assertTrue(contentType.startswith("application/openmetrics-text"), contentType)
+        self.assertTrue(body.endswith("# EOF\n"))
 
 
 def scrape(port: int) -> dict[str, float]:
