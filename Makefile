@@ -22,7 +22,7 @@ run: $(VENV)/.installed
 	$(BIN)/twistd -n --pidfile= primecount --port $(PORT)
 
 test: $(VENV)/.installed-test
-	$(BIN)/trial tests
+	$(BIN)/trial -j2 tests
 
 # The JMeter plan at 1, 10 and 50 threads against a fresh server each time (needs JMeter).
 bench: $(VENV)/.installed-test

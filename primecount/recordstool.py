@@ -1,4 +1,4 @@
-"""The records tool: C{python -m primecount.records check|repair|stats|tail|follow FILE} (also C{primecount-records}).
+"""The records tool: C{python -m primecount.records check|repair|stats|tail|follow FILE...} (also C{primecount-records}).
 
 Exit statuses scripts can rely on: 0 all well; 1 the file cannot be read or
 written; 2 bad usage; 3 the last line is torn (a write cut short, e.g. by power
@@ -31,9 +31,9 @@ class Problem(NamedTuple):
 
 
 class Scan(NamedTuple):
-    """The result of reading a whole records file."""
+    """What reading a whole records file found, without keeping its records: how many, and the bad lines."""
 
-    records: list[Record]
+    records: int
     malformed: list[Problem]
     torn: Optional[Problem]
     size: int
@@ -48,38 +48,42 @@ def _lines(path: str) -> Iterator[tuple[int, bytes]]:
             offset += len(line)
 
 
-def scan(path: str) -> Scan:
-    """Parse every line; a bad last line (or one without its newline) is torn, any other bad line malformed."""
-    records: list[Record] = []
-    problems: list[Problem] = []
-    size, lastOk = 0, True
+def _parsed(path: str, problems: list[Problem]) -> Iterator[Record]:
+    """Stream the records of C{path}; each line that is not one goes to C{problems} (the last one may be torn)."""
     for number, (offset, raw) in enumerate(_lines(path), 1):
-        size = offset + len(raw)
         try:
             if not raw.endswith(b"\n"):
                 raise MalformedRecord("no newline at the end")
-            records.append(parseRecord(raw.decode("utf-8")))
-            lastOk = True
+            yield parseRecord(raw.decode("utf-8"))
         except (MalformedRecord, UnicodeDecodeError) as error:
             problems.append(Problem(number, offset, len(raw), str(error)))
-            lastOk = False
-    torn = problems.pop() if problems and not lastOk else None
-    return Scan(records, problems, torn, size)
 
 
-def check(path: str, out: TextIO) -> int:
-    """Report on C{path}; exit status per the module docstring."""
-    result = scan(path)
-    for problem in result.malformed:
-        out.write(f"{path}: line {problem.line} (byte {problem.offset}): malformed: {problem.reason}\n")
-    if result.torn:
-        out.write(f"{path}: torn last line {result.torn.line} at byte offset {result.torn.offset} "
-                  f"({result.torn.length} bytes): {result.torn.reason}\n")
-    out.write(f"{path}: {len(result.records)} records, {len(result.malformed)} malformed lines, "
-              f"{'a torn last line' if result.torn else 'no torn last line'}\n")
-    if result.malformed:
-        return EXIT_MALFORMED
-    return EXIT_TORN if result.torn else EXIT_OK
+def scan(path: str) -> Scan:
+    """Parse every line, in constant memory; a bad last line (or one without its newline) is torn, any other bad
+    line malformed."""
+    problems: list[Problem] = []
+    count = sum(1 for _ in _parsed(path, problems))
+    size = os.path.getsize(path)
+    torn = problems.pop() if problems and problems[-1].offset + problems[-1].length == size else None
+    return Scan(count, problems, torn, size)
+
+
+def check(paths: Sequence[str], out: TextIO) -> int:
+    """Report on each file; the worst exit status of them, per the module docstring."""
+    worst = EXIT_OK
+    for path in paths:
+        result = scan(path)
+        for problem in result.malformed:
+            out.write(f"{path}: line {problem.line} (byte {problem.offset}): malformed: {problem.reason}\n")
+        if result.torn:
+            out.write(f"{path}: torn last line {result.torn.line} at byte offset {result.torn.offset} "
+                      f"({result.torn.length} bytes): {result.torn.reason}\n")
+        out.write(f"{path}: {result.records} records, {len(result.malformed)} malformed lines, "
+                  f"{'a torn last line' if result.torn else 'no torn last line'}\n")
+        status = EXIT_MALFORMED if result.malformed else EXIT_TORN if result.torn else EXIT_OK
+        worst = max(worst, status)
+    return worst
 
 
 def repair(path: str, out: TextIO) -> int:
@@ -90,7 +94,7 @@ def repair(path: str, out: TextIO) -> int:
                   f"(first at line {result.malformed[0].line}); see `check`\n")
         return EXIT_MALFORMED
     if result.torn is None:
-        out.write(f"{path}: nothing to repair ({len(result.records)} records)\n")
+        out.write(f"{path}: nothing to repair ({result.records} records)\n")
         return EXIT_OK
     backup = f"{path}.bak"
     number = 1
@@ -107,27 +111,56 @@ def repair(path: str, out: TextIO) -> int:
     return EXIT_OK
 
 
-def stats(path: str, out: TextIO, top: int) -> int:
-    """Totals, share of prime counts, requests per client IP and per minute."""
-    result = scan(path)
-    records = result.records
-    prime = sum(r.isPrime for r in records)
-    out.write(f"records      {len(records)}\n")
-    if records:
-        out.write(f"sí           {prime} ({prime / len(records):.1%})\n")
-        out.write(f"no           {len(records) - prime} ({(len(records) - prime) / len(records):.1%})\n")
-        out.write(f"first        {formatTimestamp(min(r.seconds for r in records))}\n")
-        out.write(f"last         {formatTimestamp(max(r.seconds for r in records))}\n")
-    clients = Counter(r.client for r in records)
+def stats(paths: Sequence[str], out: TextIO, top: int, since: Optional[int] = None,
+          until: Optional[int] = None) -> int:
+    """Totals, share of prime counts, requests per client IP and per minute, over every file, streaming: memory
+    grows with the number of clients and minutes, not of records. C{since}/C{until} keep records in
+    [since, until)."""
+    total = prime = skipped = 0
+    first: Optional[int] = None
+    last: Optional[int] = None
+    clients: Counter[str] = Counter()
+    minutes: Counter[int] = Counter()
+    for path in paths:
+        problems: list[Problem] = []
+        for record in _parsed(path, problems):
+            if (since is not None and record.seconds < since) or (until is not None and record.seconds >= until):
+                continue
+            total += 1
+            prime += record.isPrime
+            first = record.seconds if first is None else min(first, record.seconds)
+            last = record.seconds if last is None else max(last, record.seconds)
+            clients[record.client] += 1
+            minutes[record.seconds // 60] += 1
+        skipped += len(problems)
+    out.write(f"records      {total}\n")
+    if total:
+        out.write(f"sí           {prime} ({prime / total:.1%})\n")
+        out.write(f"no           {total - prime} ({(total - prime) / total:.1%})\n")
+        out.write(f"first        {formatTimestamp(first)}\n")  # type: ignore[arg-type]
+        out.write(f"last         {formatTimestamp(last)}\n")  # type: ignore[arg-type]
     out.write(f"clients      {len(clients)}\n")
     for client, count in clients.most_common(top):
         out.write(f"  {count:>10}  {client}\n")
     out.write("per minute\n")
-    for minute, count in sorted(Counter(formatTimestamp(r.seconds)[:16] for r in records).items()):
-        out.write(f"  {minute}  {count}\n")
-    if result.malformed or result.torn:
-        out.write(f"(skipped {len(result.malformed) + (result.torn is not None)} lines that are not records)\n")
+    for minute, count in sorted(minutes.items()):
+        out.write(f"  {formatTimestamp(minute * 60)[:16]}  {count}\n")
+    if skipped:
+        out.write(f"(skipped {skipped} lines that are not records)\n")
     return EXIT_OK
+
+
+def moment(value: str) -> int:
+    """A point in time for C{--since}/C{--until}: local C{YYYY-MM-DD[ HH:MM[:SS]]} (as records show time) or
+    POSIX seconds."""
+    if value.isdigit():
+        return int(value)
+    for layout in ("%Y-%m-%d %H:%M:%S", "%Y-%m-%d %H:%M", "%Y-%m-%d", "%Y-%m-%dT%H:%M:%S", "%Y-%m-%dT%H:%M"):
+        try:
+            return int(time.mktime(time.strptime(value, layout)))
+        except ValueError:
+            continue
+    raise argparse.ArgumentTypeError(f"not a time: {value!r} (use 'YYYY-MM-DD HH:MM[:SS]' or POSIX seconds)")
 
 
 def tail(path: str, out: TextIO, count: int) -> int:
@@ -189,15 +222,21 @@ def parser() -> argparse.ArgumentParser:
         epilog="Exit status: 0 ok, 1 I/O error, 2 usage, 3 torn last line, 4 malformed line before the end.",
     )
     commands = top.add_subparsers(dest="command", required=True)
-    commands.add_parser("check", help="verify every line; report a torn last line with its offset")
-    commands.add_parser("repair", help="cut off a torn last line, keeping a backup (stop the server first)")
-    statsParser = commands.add_parser("stats", help="totals, share of sí, per client IP, per minute")
+    checkParser = commands.add_parser("check", help="verify every line of each file; report a torn last line")
+    repairParser = commands.add_parser("repair", help="cut off a torn last line, keeping a backup (stop the "
+                                                      "server first)")
+    statsParser = commands.add_parser("stats", help="totals, share of sí, per client IP, per minute, over every "
+                                                    "file given (workers, hosts, rotated files)")
     statsParser.add_argument("--top", type=int, default=20, help="client addresses to list (default 20)")
+    statsParser.add_argument("--since", type=moment, help="only records at or after this local time")
+    statsParser.add_argument("--until", type=moment, help="only records before this local time")
     tailParser = commands.add_parser("tail", help="print the last records")
     tailParser.add_argument("-n", "--lines", type=int, default=10, help="how many (default 10)")
     followParser = commands.add_parser("follow", help="print records as they are appended (Ctrl-C to stop)")
     followParser.add_argument("--from-start", action="store_true", help="print the existing records first")
-    for command in commands.choices.values():
+    for command in (checkParser, statsParser):
+        command.add_argument("files", nargs="+", metavar="file", help="records files")
+    for command in (repairParser, tailParser, followParser):
         command.add_argument("file", help="the records file")
     return top
 
@@ -207,14 +246,19 @@ def main(argv: Optional[Sequence[str]] = None, out: TextIO = sys.stdout) -> int:
     args = parser().parse_args(argv)
     try:
         if args.command == "check":
-            return check(args.file, out)
+            return check(args.files, out)
         if args.command == "repair":
             return repair(args.file, out)
         if args.command == "stats":
-            return stats(args.file, out, args.top)
+            return stats(args.files, out, args.top, args.since, args.until)
         if args.command == "tail":
             return tail(args.file, out, args.lines)
         return follow(args.file, out, fromEnd=not args.from_start)
+    except BrokenPipeError:
+        # The reader went away (`... | head`): that is how pipelines end, not an error. Point stdout at
+        # /dev/null so that the interpreter's own final flush does not fail again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_OK
     except OSError as error:
         sys.stderr.write(f"primecount-records: {error}\n")
         return EXIT_IO

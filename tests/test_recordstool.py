@@ -15,6 +15,7 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from primecount.records import JSONL, TSV, Record
 from primecount.recordstool import main
+from tests.helpers import slow
 
 T0 = 1_795_687_200
 
@@ -116,6 +117,61 @@ class StatsAndTailTests(ToolTestCase):
         self.assertIn("           3  10.0.0.1\n", output)
         self.assertIn("           1  ::1\n", output)
         self.assertRegex(output, r"per minute\n  \d{4}-\d\d-\d\d \d\d:\d\d  4\n")
+
+    def test_severalFiles(self) -> None:
+        """stats sums several files (workers, hosts, rotated files); check reports each and exits with the worst."""
+        one = self.write(lines("aa", "ab", client="10.0.0.1"))
+        two = self.write(lines("x", client="10.0.0.2") + "2026-11-26 10:00:00\t127.0.0.1\tthr")
+        status, output = self.tool("stats", one, two)
+        self.assertEqual(status, 0)
+        self.assertIn("records      3\n", output)
+        self.assertIn("clients      2\n", output)
+        self.assertIn("(skipped 1 lines that are not records)", output)
+        status, output = self.tool("check", one, two)
+        self.assertEqual(status, 3)
+        self.assertIn(f"{one}: 2 records, 0 malformed lines, no torn last line", output)
+        self.assertIn(f"{two}: torn last line 2", output)
+
+    def test_sinceUntil(self) -> None:
+        """--since keeps records at or after a time, --until those before it; both take local time or seconds."""
+        import time
+
+        path = self.write(lines("a", "b", "c", "d"))  # at T0, T0+1, T0+2, T0+3
+        since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(T0 + 1))
+        status, output = self.tool("stats", "--since", since, "--until", str(T0 + 3), path)
+        self.assertEqual(status, 0)
+        self.assertIn("records      2\n", output)
+        with self.assertRaises(SystemExit):
+            self.tool("stats", "--since", "yesterday", path)
+
+    def test_closedPipeIsQuiet(self) -> None:
+        """`stats FILE | head -1` ends quietly with status 0, not a broken-pipe error."""
+        path = self.write(lines(*[f"m{i}" for i in range(3000)], client="10.0.0.1")
+                          + lines(*[f"n{i}" for i in range(3000)], client="10.0.0.2"))
+        result = subprocess.run(f"{sys.executable} -m primecount.records stats --top 5000 {path} | head -1",
+                                shell=True, capture_output=True, text=True, executable="/bin/bash",
+                                env={**os.environ, "PYTHONWARNINGS": "error"})
+        self.assertEqual(result.stdout, "records      6000\n")
+        self.assertEqual(result.stderr, "")
+        piped = subprocess.run(
+            ["bash", "-o", "pipefail", "-c", f"{sys.executable} -m primecount.records tail -n 5000 {path} | head -1"],
+            capture_output=True, text=True)
+        self.assertEqual((piped.returncode, piped.stderr), (0, ""))
+
+    @slow
+    def test_statsStreamsAMillionRecords(self) -> None:
+        """stats over a million records stays within a few tens of MB (loading them all would take hundreds)."""
+        path = self.mktemp()
+        with open(path, "w", encoding="utf-8") as file:
+            block = lines(*[f"message number {i} with some text" for i in range(1000)], client="10.0.0.1")
+            for _ in range(1000):
+                file.write(block)
+        probe = ("import resource, sys; from primecount.recordstool import main; status = main(sys.argv[1:]); "
+                 "sys.stderr.write(str(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)); sys.exit(status)")
+        result = subprocess.run([sys.executable, "-c", probe, "stats", path], capture_output=True, text=True)
+        self.assertEqual(result.returncode, 0, result.stderr)
+        self.assertIn("records      1000000\n", result.stdout)
+        self.assertLess(int(result.stderr), 60_000, "peak resident KiB")
 
     def test_tail(self) -> None:
         """The last N whole records are printed; a torn tail is not."""
