@@ -79,6 +79,11 @@ def _checkEndpoint(option: str, description: str) -> None:
         ) from None
     except (ValueError, TypeError, KeyError, OSError) as error:
         raise usage.UsageError(f"--{option}: cannot use {description!r}: {error}") from None
+    except ImportError as error:  # ssl: without pyOpenSSL
+        raise usage.UsageError(
+            f"--{option}: {description!r} needs TLS support, which is not installed ({error}): "
+            "pip install 'primecount[tls]'"
+        ) from None
 
 
 def _workers(value: str) -> int:
