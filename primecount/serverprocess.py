@@ -30,10 +30,12 @@ class ServerProcess:
         port: str = "tcp:0:interface=127.0.0.1",
         prefix: Sequence[str] = (),
         startupSeconds: float = 30.0,
+        twistdOptions: Sequence[str] = (),
     ) -> None:
         self.records = records
         self.process = subprocess.Popen(
-            [*prefix, *TWISTD, "-n", "--pidfile=", "primecount", "--port", port, "--records", records, *options],
+            [*prefix, *TWISTD, "-n", "--pidfile=", *twistdOptions, "primecount", "--port", port, "--records", records,
+             *options],
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
         )

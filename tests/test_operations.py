@@ -341,3 +341,38 @@ def scrape(port: int) -> dict[str, float]:
             name, value = line.rsplit(" ", 1)
             samples[name] = float(value)
     return samples
+
+
+class ServiceUserTests(SynchronousTestCase):
+    """With twistd's --uid/--gid the records file belongs to the service user, before and after a rotation."""
+
+    @slow
+    def test_serviceUserCreatesAndReopens(self) -> None:
+        """Run as nobody with --umask 0077: the file is nobody's and 0600; after rename + SIGHUP the new one too."""
+        import pwd
+        import stat
+
+        if os.geteuid() != 0:
+            raise SkipTest("needs root to switch to another user")
+        nobody = pwd.getpwnam("nobody")
+        import shutil
+        import tempfile
+
+        folder = tempfile.mkdtemp(prefix="primecount-user-")  # in /tmp: every parent is searchable by nobody
+        self.addCleanup(shutil.rmtree, folder, True)
+        os.chown(folder, nobody.pw_uid, nobody.pw_gid)  # the service user must be able to create files here
+        records = os.path.join(folder, "records.txt")
+        server = ServerProcess(records, twistdOptions=["--uid", str(nobody.pw_uid), "--gid", str(nobody.pw_gid),
+                                                       "--umask", "0077"])
+        try:
+            self.assertEqual(ask(server.port, b"before\n"), expectedReply("before"))
+            os.rename(records, records + ".1")
+            server.process.send_signal(signal.SIGHUP)
+            server.waitFor(rb"reopened records file")
+            self.assertEqual(ask(server.port, b"after\n"), expectedReply("after"))
+        finally:
+            self.assertEqual(server.stop(), 0, server.log)
+        for path, message in ((records + ".1", "before"), (records, "after")):
+            status = os.stat(path)
+            self.assertEqual((status.st_uid, stat.S_IMODE(status.st_mode)), (nobody.pw_uid, 0o600), path)
+            self.assertEqual([r.message for r in readRecords(path)], [message])
