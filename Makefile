@@ -26,7 +26,7 @@ test: $(VENV)/.installed-test
 
 # The JMeter plan at 1, 10 and 50 threads against a fresh server each time (needs JMeter).
 bench: $(VENV)/.installed-test
-	$(BIN)/python -m primecount.loadtest bench --out jmeter-results/bench
+	$(BIN)/python -m primecount.tools.loadtest bench --out jmeter-results/bench
 
 # Side-by-side figures against the original server, with the loadgen from ../shared/tools:
 # pinned (server on core 0, load on core 1: cost per core), then unpinned (as deployed).

@@ -177,6 +177,6 @@ def parseRecords(lines: Iterable[str]) -> Iterator[Record]:
 if __name__ == "__main__":
     import sys
 
-    from primecount.recordstool import main
+    from primecount.tools.records import main
 
     sys.exit(main())

@@ -18,7 +18,7 @@ from primecount.protocol import PrimeCountFactory, RequestLimits
 from primecount.records import parseRecords
 from primecount.responder import Responder
 from primecount.storage import RecordsService
-from primecount.serverprocess import TWISTD, ServerProcess
+from primecount.tools.serverprocess import TWISTD, ServerProcess
 from tests.helpers import ask, expectedReply
 
 MESSAGES = ["abc2a", "añoñ", "ñandú ú", "日本日", "hello world", "x", "a\\b\tb", "zzzzzzz"]

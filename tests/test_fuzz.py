@@ -16,7 +16,7 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 from twisted.trial.unittest import SynchronousTestCase
 
 from primecount.protocol import RequestLimits
-from primecount.serverprocess import ServerProcess
+from primecount.tools.serverprocess import ServerProcess
 from tests.helpers import ProtocolHarness, slow
 
 Event = Union[bytes, float, None]  # bytes: data; float: a pause in seconds; None: the client half-closes

@@ -13,7 +13,7 @@ from pathlib import Path
 from twisted.trial.unittest import SynchronousTestCase
 
 from primecount.records import parseRecords
-from primecount.serverprocess import ServerProcess
+from primecount.tools.serverprocess import ServerProcess
 from tests.helpers import expectedReply, requireTool, slow, waitUntil
 
 CONFIG = Path(__file__).resolve().parents[1] / "contrib" / "haproxy" / "primecount.cfg"

@@ -12,8 +12,8 @@ from pathlib import Path
 
 from twisted.trial.unittest import SkipTest, SynchronousTestCase
 
-from primecount.loadtest.__main__ import main, runOnce
-from primecount.loadtest.jmeter import JMeterInstall, JMeterMissing, findJMeter
+from primecount.tools.loadtest.__main__ import main, runOnce
+from primecount.tools.loadtest.jmeter import JMeterInstall, JMeterMissing, findJMeter
 from primecount.records import parseRecords
 from tests.helpers import slow
 

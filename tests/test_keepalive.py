@@ -12,7 +12,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from primecount import wire
 from primecount.protocol import RequestLimits
 from primecount.records import parseRecords
-from primecount.serverprocess import ServerProcess
+from primecount.tools.serverprocess import ServerProcess
 from primecount.storage import StorageUnavailable
 from tests.helpers import ProtocolHarness, expectedReply, slow
 from tests.test_endtoend import MESSAGES

@@ -1,4 +1,4 @@
-"""Unit tests for L{primecount.loadtest}: JTL summary, records cross-check, JMeter discovery, report."""
+"""Unit tests for L{primecount.tools.loadtest}: JTL summary, records cross-check, JMeter discovery, report."""
 
 from __future__ import annotations
 
@@ -8,10 +8,10 @@ from pathlib import Path
 
 from twisted.trial.unittest import SynchronousTestCase
 
-from primecount.loadtest import jmeter
-from primecount.loadtest.crosscheck import crossCheck, keptMessage, lineMessage, quietMessage
-from primecount.loadtest.jtl import Sample, formatSummary, percentile, readSamples, summarise
-from primecount.loadtest.report import renderReport
+from primecount.tools.loadtest import jmeter
+from primecount.tools.loadtest.crosscheck import crossCheck, keptMessage, lineMessage, quietMessage
+from primecount.tools.loadtest.jtl import Sample, formatSummary, percentile, readSamples, summarise
+from primecount.tools.loadtest.report import renderReport
 from primecount.records import Record
 
 SAMPLE_JTL = Path(__file__).parent / "data" / "sample.jtl"

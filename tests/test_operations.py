@@ -15,7 +15,7 @@ from pathlib import Path
 from twisted.trial.unittest import SkipTest, SynchronousTestCase
 
 from primecount.records import parseRecords
-from primecount.serverprocess import TWISTD, ServerProcess, listeningPort
+from primecount.tools.serverprocess import TWISTD, ServerProcess, listeningPort
 from tests.helpers import ask, expectedReply, requireTool, slow, waitUntil
 
 UNITS = Path(__file__).resolve().parents[1] / "contrib" / "systemd"

@@ -12,7 +12,7 @@ import tempfile
 from twisted.trial.unittest import SynchronousTestCase
 
 from primecount.readiness import Readiness, notify
-from primecount.serverprocess import TWISTD
+from primecount.tools.serverprocess import TWISTD
 from tests.helpers import ask, expectedReply, slow
 
 

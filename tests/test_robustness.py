@@ -17,8 +17,8 @@ from pathlib import Path
 from twisted.trial.unittest import SynchronousTestCase
 
 from primecount.records import parseRecords
-from primecount.recordstool import scan
-from primecount.serverprocess import TWISTD, ServerProcess
+from primecount.tools.records import scan
+from primecount.tools.serverprocess import TWISTD, ServerProcess
 from tests.helpers import ask, expectedReply, slow
 
 LOOPBACK_BACKLOG = "tcp:0:interface=127.0.0.1:backlog=1024"
@@ -288,12 +288,13 @@ class KillTests(SynchronousTestCase):
                 worker.join(10)
             result = scan(records)
             self.assertEqual(result.malformed, [], f"round {round}")
-            recorded = {r.message for r in result.records}
+            with open(records, encoding="utf-8", newline="\n") as file:
+                recorded = {r.message for r in parseRecords(file)}
             answeredAll += answered
             self.assertEqual([m for m in answered if m not in recorded], [], f"round {round}: answered, not recorded")
         self.assertGreater(len(answeredAll), 1000)
         print(f"\n    10 kill -9 rounds: {len(answeredAll)} answered requests, all recorded; "
-              f"{len(scan(records).records)} records, file clean")
+              f"{scan(records).records} records, file clean")
 
 
 class StartupFailureTests(SynchronousTestCase):

@@ -14,7 +14,7 @@ import time
 
 from twisted.trial.unittest import SynchronousTestCase
 
-from primecount.serverprocess import ServerProcess
+from primecount.tools.serverprocess import ServerProcess
 from tests.helpers import expectedReply
 
 

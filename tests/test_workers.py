@@ -20,7 +20,7 @@ from twisted.python.usage import UsageError
 from twisted.trial.unittest import SynchronousTestCase
 
 from primecount.records import parseRecords
-from primecount.serverprocess import ServerProcess
+from primecount.tools.serverprocess import ServerProcess
 from primecount.tap import Options, workerArguments
 from primecount.workers import FIRST_DELAY, WORKER_FD, WorkerPool
 from tests.helpers import ask, expectedReply, slow, waitUntil

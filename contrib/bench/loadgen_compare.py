@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 from typing import Optional
 
-from primecount.serverprocess import ServerProcess
+from primecount.tools.serverprocess import ServerProcess
 from primecount.tap import BARE_PORT_BACKLOG
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections import Counter
 from typing import Iterable
 
-from primecount.loadtest.jtl import Sample
+from primecount.tools.loadtest.jtl import Sample
 from primecount.records import Record
 
 # Sampler names and request texts in jmeter/primecount.jmx; the counters start at 1 in each JMeter run.

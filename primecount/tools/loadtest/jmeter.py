@@ -7,12 +7,15 @@ import re
 import shutil
 import subprocess
 import zipfile
+from importlib.resources import files
 from pathlib import Path
 from typing import Mapping, NamedTuple, Optional, Sequence
 
-REPOSITORY = Path(__file__).resolve().parents[2]
-DEFAULT_PLAN = REPOSITORY / "jmeter" / "primecount.jmx"
-LAUNCHER_SOURCE = REPOSITORY / "jmeter" / "launcher" / "PermissiveJMeter.java"
+# Package data, so that an installed primecount finds them from any folder (installs are plain folders,
+# so the resources are real files JMeter and javac can be given).
+_PLAN_FILES = files("primecount.tools.loadtest.plan")
+DEFAULT_PLAN = Path(str(_PLAN_FILES / "primecount.jmx"))
+LAUNCHER_SOURCE = Path(str(_PLAN_FILES / "PermissiveJMeter.java"))
 LAUNCHER_CLASS = "PermissiveJMeter"
 # Result-file settings the summary relies on, whatever the installation's defaults.
 SAVE_SETTINGS = {

@@ -12,7 +12,7 @@ import io
 from pathlib import Path
 from typing import Optional, Sequence
 
-from primecount.loadtest.jtl import Sample, Summary
+from primecount.tools.loadtest.jtl import Sample, Summary
 
 
 def _charts(samples: Sequence[Sample]) -> Optional[list[tuple[str, str]]]:

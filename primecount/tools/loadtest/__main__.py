@@ -1,4 +1,4 @@
-"""Command line: C{python -m primecount.loadtest run|bench|gui} (also C{jmeter/run}, C{make bench}).
+"""Command line: C{python -m primecount.tools.loadtest run|bench|gui} (also C{jmeter/run}, C{make bench}).
 
 C{run} runs the JMeter plan headless against a server it is given or one it
 starts itself, prints a summary, writes an HTML report and, when it started the
@@ -18,8 +18,8 @@ import sys
 from pathlib import Path
 from typing import Optional, Sequence, TextIO
 
-from primecount.loadtest.crosscheck import crossCheck
-from primecount.loadtest.jmeter import (
+from primecount.tools.loadtest.crosscheck import crossCheck
+from primecount.tools.loadtest.jmeter import (
     DEFAULT_PLAN,
     JMeterInstall,
     JMeterMissing,
@@ -27,10 +27,10 @@ from primecount.loadtest.jmeter import (
     launcherCommand,
     runPlan,
 )
-from primecount.loadtest.jtl import Summary, formatSummary, readSamples, summarise
-from primecount.loadtest.report import writeReport
+from primecount.tools.loadtest.jtl import Summary, formatSummary, readSamples, summarise
+from primecount.tools.loadtest.report import writeReport
 from primecount.records import parseRecords
-from primecount.serverprocess import ServerProcess
+from primecount.tools.serverprocess import ServerProcess
 
 EXIT_OK, EXIT_FAILED, EXIT_SETUP = 0, 1, 2
 SHARED_CORES_NOTE = (
