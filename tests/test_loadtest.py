@@ -179,5 +179,28 @@ class ReportTests(SynchronousTestCase):
         except ImportError:
             self.assertIn("pip install &#x27;primecount[report]&#x27;", page)
         else:
-            self.assertEqual(page.count('src="data:image/png;base64,'), 2)
-            self.assertIn("Latency histogram", page)
+            self.assertEqual(page.count('src="data:image/png;base64,'), 5)
+            for title in ("Throughput over time", "Latency percentiles over time", "Latency over time",
+                          "Latency histogram", "Errors by kind"):
+                self.assertIn(f"<h2>{title}</h2>", page)
+
+    def test_intervals(self) -> None:
+        """Samples are cut into slices: per-second rates of passed and failed, and latency percentiles."""
+        from primecount.tools.loadtest.report import Interval, intervals
+
+        samples = [Sample(1000 + t, elapsed, "line", ok, "" if ok else "x")
+                   for t, elapsed, ok in ((0, 1, True), (100, 3, True), (900, 5, False), (1500, 7, True))]
+        self.assertEqual(intervals(samples, shortest=1000),
+                         [Interval(0.0, 2.0, 1.0, 3, 5, 5), Interval(1.0, 1.0, 0.0, 7, 7, 7)])
+        self.assertEqual(len(intervals(samples)), 16, "a short run is cut into tenths of a second")
+        self.assertEqual(intervals([]), [])
+
+    def test_errorsByKind(self) -> None:
+        """Alike failures group whatever their numbers; assertion failures (ERROR replies) are one kind."""
+        from primecount.tools.loadtest.report import errorsByKind
+
+        failures = ["Connection refused (port 5050)", "Connection refused (port 6060)",
+                    "Test failed: text expected to match /[0-9]+ (sí|no)\\n?/", "Read timed out after 10000 ms"]
+        kinds = errorsByKind([Sample(0, 1, "line", False, f) for f in failures] + [Sample(0, 1, "line", True, "")])
+        self.assertEqual(kinds[0], ("Connection refused (port N)", 2))
+        self.assertEqual(len(kinds), 3)

@@ -1,4 +1,5 @@
-"""A small self-contained HTML report of a JMeter run: the summary, latency over time and a latency histogram.
+"""A small self-contained HTML report of a JMeter run: the summary, throughput and latency percentiles over
+time, latency over time and as a histogram, and errors by kind.
 
 The charts are drawn with matplotlib when it is installed (C{pip install
 'primecount[report]'}); without it the report holds the figures only.
@@ -10,9 +11,57 @@ import base64
 import html
 import io
 from pathlib import Path
-from typing import Optional, Sequence
+import re
+from collections import Counter
+from typing import NamedTuple, Optional, Sequence
 
-from primecount.tools.loadtest.jtl import Sample, Summary
+from primecount.tools.loadtest.jtl import Sample, Summary, percentile
+
+
+class Interval(NamedTuple):
+    """Figures for one slice of a run: its start (s since the first sample), samples/s passed and failed, and the
+    p50, p90 and p99 latency (ms) of the samples that started in it."""
+
+    start: float
+    passedPerSecond: float
+    failedPerSecond: float
+    p50: float
+    p90: float
+    p99: float
+
+
+def intervals(samples: Sequence[Sample], count: int = 60, shortest: int = 100) -> list[Interval]:
+    """The run cut into about C{count} slices, each a whole number of tenths of a second and at least
+    C{shortest} milliseconds."""
+    if not samples:
+        return []
+    start = min(s.start for s in samples)
+    span = max(s.start for s in samples) - start
+    width = max(shortest, -(-span // count // 100) * 100)  # milliseconds
+    slices: dict[int, list[Sample]] = {}
+    for sample in samples:
+        slices.setdefault((sample.start - start) // width, []).append(sample)
+    result = []
+    for index in range(span // width + 1):
+        chosen = slices.get(index, [])
+        latencies = sorted(s.elapsed for s in chosen)
+        passed = sum(s.success for s in chosen)
+        result.append(Interval(index * width / 1000, passed * 1000 / width, (len(chosen) - passed) * 1000 / width,
+                               percentile(latencies, 0.5), percentile(latencies, 0.9), percentile(latencies, 0.99)))
+    return result
+
+
+def errorKind(failure: str) -> str:
+    """A failure message with its variable parts (numbers, addresses) taken out, so that alike errors group."""
+    if failure.startswith("Test failed"):
+        return "wrong reply (not <digits> sí|no: an ERROR line)"
+    text = re.sub(r"\d+(\.\d+)*", "N", failure.strip())
+    return text[:80] or "(no message)"
+
+
+def errorsByKind(samples: Sequence[Sample]) -> list[tuple[str, int]]:
+    """Failed samples counted by kind of error, most frequent first."""
+    return Counter(errorKind(s.failure) for s in samples if not s.success).most_common()
 
 
 def _charts(samples: Sequence[Sample]) -> Optional[list[tuple[str, str]]]:
@@ -28,6 +77,25 @@ def _charts(samples: Sequence[Sample]) -> Optional[list[tuple[str, str]]]:
         return []
     start = min(s.start for s in samples)
     charts = []
+    slices = intervals(samples)
+    starts = [i.start for i in slices]
+    figure, axes = pyplot.subplots(figsize=(9, 3.5))
+    axes.step(starts, [i.passedPerSecond for i in slices], where="post", color="tab:blue", label="passed")
+    if any(i.failedPerSecond for i in slices):
+        axes.step(starts, [i.failedPerSecond for i in slices], where="post", color="tab:red", label="failed")
+    axes.set_xlabel("seconds since the first sample")
+    axes.set_ylabel("samples/s")
+    axes.legend(loc="upper right")
+    axes.grid(alpha=0.3)
+    charts.append(("Throughput over time", _png(figure, pyplot)))
+    figure, axes = pyplot.subplots(figsize=(9, 3.5))
+    for name, colour in (("p50", "tab:green"), ("p90", "tab:orange"), ("p99", "tab:red")):
+        axes.plot(starts, [getattr(i, name) for i in slices], marker=".", color=colour, label=name)
+    axes.set_xlabel("seconds since the first sample")
+    axes.set_ylabel("latency (ms)")
+    axes.legend(loc="upper right")
+    axes.grid(alpha=0.3)
+    charts.append(("Latency percentiles over time", _png(figure, pyplot)))
     figure, axes = pyplot.subplots(figsize=(9, 3.5))
     for success, colour, name in ((True, "tab:blue", "passed"), (False, "tab:red", "failed")):
         chosen = [s for s in samples if s.success is success]
@@ -47,6 +115,14 @@ def _charts(samples: Sequence[Sample]) -> Optional[list[tuple[str, str]]]:
     axes.set_yscale("log")
     axes.grid(alpha=0.3)
     charts.append(("Latency histogram", _png(figure, pyplot)))
+    kinds = errorsByKind(samples)
+    if kinds:
+        figure, axes = pyplot.subplots(figsize=(9, 1 + 0.4 * len(kinds[:12])))
+        shown = list(reversed(kinds[:12]))
+        axes.barh([kind[:60] for kind, _ in shown], [count for _, count in shown], color="tab:red")
+        axes.set_xlabel("failed samples")
+        axes.grid(alpha=0.3, axis="x")
+        charts.append(("Errors by kind", _png(figure, pyplot)))
     return charts
 
 
