@@ -182,3 +182,32 @@ def waitUntil(condition, seconds: float = 20.0, what: str = "condition") -> None
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out waiting for {what}")
         time.sleep(0.02)
+
+
+def answeredUnderLoad(clients: Sequence[str], seconds: float, send: Callable[[str, bytes], bytes],
+                      meanwhile: Callable[[], None] = lambda: None) -> list[str]:
+    """Each client, in its own thread, sends request after request for C{seconds} through C{send(client,
+    payload)}; C{meanwhile} runs in this thread as they do. The messages that got their correct reply."""
+    import threading
+
+    answered: list[str] = []
+    stop = time.monotonic() + seconds
+
+    def client(name: str) -> None:
+        number = 0
+        while time.monotonic() < stop:
+            message = f"{name} request {number}"
+            number += 1
+            try:
+                if send(name, message.encode() + b"\n") == expectedReply(message):
+                    answered.append(message)
+            except OSError:
+                pass
+
+    threads = [threading.Thread(target=client, args=(name,)) for name in clients]
+    for thread in threads:
+        thread.start()
+    meanwhile()
+    for thread in threads:
+        thread.join()
+    return answered

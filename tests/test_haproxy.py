@@ -6,7 +6,6 @@ from __future__ import annotations
 import re
 import socket
 import subprocess
-import threading
 import time
 from pathlib import Path
 
@@ -14,7 +13,7 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from primecount.records import parseRecords
 from primecount.tools.serverprocess import ServerProcess
-from tests.helpers import expectedReply, requireTool, slow, waitUntil
+from tests.helpers import answeredUnderLoad, expectedReply, requireTool, slow, waitUntil
 
 CONFIG = Path(__file__).resolve().parents[1] / "contrib" / "haproxy" / "primecount.cfg"
 
@@ -138,28 +137,11 @@ class BehindHAProxyTests(SynchronousTestCase):
         """kill -9 of one instance under load: every request that got an answer is in some records file."""
         first, second = self.instance(), self.instance()
         proxy = HAProxy(self, [first.port, second.port])
-        answered: list[str] = []
-        stop = time.monotonic() + 3
-
-        def client(source: str) -> None:
-            n = 0
-            while time.monotonic() < stop:
-                message = f"{source} {n}"
-                n += 1
-                try:
-                    reply = askFrom(source, proxy.port, message.encode() + b"\n", timeout=5)
-                except OSError:
-                    continue
-                if reply == expectedReply(message):
-                    answered.append(message)
-
-        threads = [threading.Thread(target=client, args=(f"127.0.0.{n}",)) for n in range(2, 6)]
-        for thread in threads:
-            thread.start()
-        time.sleep(1)
-        first.process.kill()
-        for thread in threads:
-            thread.join()
+        answered = answeredUnderLoad(
+            [f"127.0.0.{n}" for n in range(2, 6)], 3,
+            lambda source, payload: askFrom(source, proxy.port, payload, timeout=5),
+            meanwhile=lambda: (time.sleep(1), first.process.kill()),
+        )
         self.assertEqual(second.stop(), 0, second.log)
         recorded = {message for _, message in self.recorded(first, second)}
         self.assertGreater(len(answered), 100)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import signal
 import socket
 import time
+from typing import Callable
 
 from twisted.internet.defer import Deferred, fail
 from twisted.trial.unittest import SynchronousTestCase
@@ -271,14 +272,7 @@ class HalfCloseTests(SynchronousTestCase):
 
     def test_closesAfterPendingReplies(self) -> None:
         """The close waits for replies still being prepared."""
-        harness = keepAlive()
-        harness.records.hold = True
-        harness.send(b"aa\n")
-        harness.endOfInput()
-        self.assertFalse(harness.transport.disconnecting)
-        harness.records.release()
-        self.assertEqual(harness.reply(), expectedReply("aa"))
-        self.assertTrue(harness.transport.disconnecting)
+        closesOnlyAfterItsReply(self, ProtocolHarness.endOfInput)
 
     def test_silentConnection(self) -> None:
         """A connection that half-closes having sent nothing asked an empty question, as in one-shot mode."""
@@ -300,14 +294,7 @@ class DrainTests(SynchronousTestCase):
 
     def test_inFlightAnsweredThenClosed(self) -> None:
         """A request being prepared is answered, then the connection closes."""
-        harness = keepAlive()
-        harness.records.hold = True
-        harness.send(b"aa\n")
-        harness.factory.stopTakingRequests()
-        self.assertFalse(harness.transport.disconnecting)
-        harness.records.release()
-        self.assertEqual(harness.reply(), expectedReply("aa"))
-        self.assertTrue(harness.transport.disconnecting)
+        closesOnlyAfterItsReply(self, lambda harness: harness.factory.stopTakingRequests())
 
     def test_partialRequestIsTheLast(self) -> None:
         """A request half received is finished and answered; nothing after it is taken."""
@@ -342,6 +329,18 @@ class MetricsTests(SynchronousTestCase):
             ("connectionOpened",), ("requestFinished", "ok", 0), ("requestFinished", "ok", 0.5),
             ("connectionClosed", 2),
         ])
+
+
+def closesOnlyAfterItsReply(test: SynchronousTestCase, ending: Callable[[ProtocolHarness], None]) -> None:
+    """A kept connection with one reply still being prepared is told to end: it closes only after that reply."""
+    harness = keepAlive()
+    harness.records.hold = True
+    harness.send(b"aa\n")
+    ending(harness)
+    test.assertFalse(harness.transport.disconnecting)
+    harness.records.release()
+    test.assertEqual(harness.reply(), expectedReply("aa"))
+    test.assertTrue(harness.transport.disconnecting)
 
 
 class _ManualResponder:

@@ -8,7 +8,6 @@ import signal
 import subprocess
 import sys
 import threading
-import time
 import urllib.request
 from typing import Any
 
@@ -23,7 +22,7 @@ from primecount.records import parseRecords
 from primecount.tools.serverprocess import ServerProcess
 from primecount.tap import Options, workerArguments
 from primecount.workers import FIRST_DELAY, WORKER_FD, WorkerPool
-from tests.helpers import ask, expectedReply, slow, waitUntil
+from tests.helpers import answeredUnderLoad, ask, expectedReply, slow, waitUntil
 
 
 class FakeProcess:
@@ -195,26 +194,8 @@ class TwistdWorkersTests(SynchronousTestCase):
 
     def load(self, port: int, seconds: float, clients: int = 8) -> list[str]:
         """Requests from C{clients} threads for C{seconds}; the messages that were answered correctly."""
-        answered: list[str] = []
-        stop = time.monotonic() + seconds
-
-        def client(n: int) -> None:
-            i = 0
-            while time.monotonic() < stop:
-                message = f"client {n} request {i}"
-                i += 1
-                try:
-                    if ask(port, message.encode() + b"\n", timeout=5) == expectedReply(message):
-                        answered.append(message)
-                except OSError:
-                    pass
-
-        threads = [threading.Thread(target=client, args=(n,)) for n in range(clients)]
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join()
-        return answered
+        return answeredUnderLoad([f"client {n}" for n in range(clients)], seconds,
+                                 lambda name, payload: ask(port, payload, timeout=5))
 
     def recorded(self, path: str) -> list[str]:
         """Messages in a records file; the file must parse whole."""

@@ -16,13 +16,12 @@ import argparse
 import statistics
 import subprocess
 import sys
-import tempfile
 import textwrap
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from loadgen_compare import ROOT, Baseline, buildLoadgen, freePort, runLoad, waitForPort  # noqa: E402
+from loadgen_compare import ROOT, Baseline, freePort, prepare, runLoad, waitForPort  # noqa: E402
 
 SERVER = textwrap.dedent('''
     import queue, sys, threading
@@ -70,8 +69,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--duration", type=float, default=3.0)
     args = parser.parse_args()
-    workdir = Path(tempfile.mkdtemp(prefix="primecount-handoff-"))
-    loadgen, messages = buildLoadgen(args.shared, workdir)
+    workdir, loadgen, messages = prepare(args.shared, "primecount-handoff-")
     script = workdir / "minimal_server.py"
     script.write_text(SERVER, encoding="utf-8")
     p50: dict[str, list[float]] = {}

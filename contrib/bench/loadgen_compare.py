@@ -122,6 +122,22 @@ def runLoad(loadgen: Path, port: int, scenario: list[str], duration: float, mess
         raise SystemExit(f"loadgen failed ({result.returncode}): {result.stdout}{result.stderr}")
 
 
+def measure(kind: str, workdir: Path, shared: Path, serverCore: Optional[str], options: list[str], loadgen: Path,
+            loadArgs: list[str], duration: float, messages: Path, clientCore: Optional[str]) -> dict:
+    """Start a fresh server, drive it with loadgen once, stop it; loadgen's summary."""
+    server = startServer(kind, workdir, shared, serverCore, options)
+    try:
+        return runLoad(loadgen, server.port, loadArgs, duration, messages, clientCore)
+    finally:
+        server.stop()
+
+
+def prepare(shared: Path, prefix: str) -> tuple[Path, Path, Path]:
+    """A temporary folder with the load generator built in it: the folder, loadgen and its messages file."""
+    workdir = Path(tempfile.mkdtemp(prefix=prefix))
+    return (workdir, *buildLoadgen(shared, workdir))
+
+
 def main() -> None:
     """Parse arguments, run every scenario for both servers, print the table and the ratios."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -139,8 +155,7 @@ def main() -> None:
     args = parser.parse_args()
     serverCore, clientCore = (None, None) if args.unpinned else (args.server_core, args.client_core)
 
-    workdir = Path(tempfile.mkdtemp(prefix="primecount-bench-"))
-    loadgen, messages = buildLoadgen(args.shared, workdir)
+    workdir, loadgen, messages = prepare(args.shared, "primecount-bench-")
     kinds = [args.only] if args.only else ["baseline", "primecount"]
     results: dict[tuple[str, str], list[dict]] = {}
     try:
@@ -151,11 +166,8 @@ def main() -> None:
                 for kind in kinds:
                     if kind == "baseline" and not baselineToo:
                         continue
-                    server = startServer(kind, workdir, args.shared, serverCore, options + args.option)
-                    try:
-                        summary = runLoad(loadgen, server.port, loadArgs, args.duration, messages, clientCore)
-                    finally:
-                        server.stop()
+                    summary = measure(kind, workdir, args.shared, serverCore, options + args.option, loadgen,
+                                      loadArgs, args.duration, messages, clientCore)
                     results.setdefault((name, kind), []).append(summary)
                     print(f"round {round} {name:<40} {kind:<10} rps {summary['rps']:>9.1f}  "
                           f"mismatches {summary['mismatches']}", file=sys.stderr, flush=True)

@@ -24,13 +24,12 @@ import signal
 import socket
 import subprocess
 import sys
-import tempfile
 import textwrap
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from loadgen_compare import ROOT, buildLoadgen, freePort, runLoad  # noqa: E402
+from loadgen_compare import ROOT, freePort, prepare, runLoad  # noqa: E402
 
 WORKER = textwrap.dedent('''
     import signal, socket, sys
@@ -139,8 +138,7 @@ def main() -> None:
     parser.add_argument("--shared", type=Path, default=ROOT.parent / "shared")
     parser.add_argument("--duration", type=float, default=4.0)
     args = parser.parse_args()
-    workdir = Path(tempfile.mkdtemp(prefix="primecount-sockets-"))
-    loadgen, messages = buildLoadgen(args.shared, workdir)
+    workdir, loadgen, messages = prepare(args.shared, "primecount-sockets-")
     script = workdir / "worker.py"
     script.write_text(WORKER, encoding="utf-8")
     rows = []

@@ -13,11 +13,10 @@ import argparse
 import shutil
 import statistics
 import sys
-import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from loadgen_compare import ROOT, buildLoadgen, runLoad, startServer  # noqa: E402
+from loadgen_compare import ROOT, measure, prepare  # noqa: E402
 
 from primecount.workers import cpuCount  # noqa: E402
 
@@ -40,27 +39,18 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--duration", type=float, default=5.0)
     args = parser.parse_args()
-    workdir = Path(tempfile.mkdtemp(prefix="primecount-workers-"))
-    loadgen, messages = buildLoadgen(args.shared, workdir)
+    workdir, loadgen, messages = prepare(args.shared, "primecount-workers-")
     conns = ["--conns", str(args.conns)]
     rows: dict[tuple[str, int], list[dict]] = {}
     try:
         for round in range(1, args.rounds + 1):
-            server = startServer("baseline", workdir, args.shared, None, [])
-            try:
-                rows.setdefault(("original, one-shot", 0), []).append(
-                    runLoad(loadgen, server.port, conns, args.duration, messages, None))
-            finally:
-                server.stop()
+            rows.setdefault(("original, one-shot", 0), []).append(
+                measure("baseline", workdir, args.shared, None, [], loadgen, conns, args.duration, messages, None))
             for workers in workerCounts(args.max_workers):
                 for mode, options, load in (("one-shot", [], conns),
                                             ("keep-alive", ["--keep-alive"], [*conns, "--keepalive"])):
-                    server = startServer("primecount", workdir, args.shared, None,
-                                         ["--workers", str(workers), *options])
-                    try:
-                        result = runLoad(loadgen, server.port, load, args.duration, messages, None)
-                    finally:
-                        server.stop()
+                    result = measure("primecount", workdir, args.shared, None, ["--workers", str(workers), *options],
+                                     loadgen, load, args.duration, messages, None)
                     rows.setdefault((mode, workers), []).append(result)
                     print(f"round {round} {mode:<10} workers {workers:>2}  rps {result['rps']:>9.1f}  "
                           f"mismatches {result['mismatches']}", file=sys.stderr, flush=True)

@@ -13,7 +13,7 @@ import io
 from pathlib import Path
 import re
 from collections import Counter
-from typing import NamedTuple, Optional, Sequence
+from typing import Any, NamedTuple, Optional, Sequence
 
 from primecount.tools.loadtest.jtl import Sample, Summary, percentile
 
@@ -79,34 +79,33 @@ def _charts(samples: Sequence[Sample]) -> Optional[list[tuple[str, str]]]:
     charts = []
     slices = intervals(samples)
     starts = [i.start for i in slices]
-    figure, axes = pyplot.subplots(figsize=(9, 3.5))
-    axes.step(starts, [i.passedPerSecond for i in slices], where="post", color="tab:blue", label="passed")
-    if any(i.failedPerSecond for i in slices):
-        axes.step(starts, [i.failedPerSecond for i in slices], where="post", color="tab:red", label="failed")
-    axes.set_xlabel("seconds since the first sample")
-    axes.set_ylabel("samples/s")
-    axes.legend(loc="upper right")
-    axes.grid(alpha=0.3)
-    charts.append(("Throughput over time", _png(figure, pyplot)))
-    figure, axes = pyplot.subplots(figsize=(9, 3.5))
-    for name, colour in (("p50", "tab:green"), ("p90", "tab:orange"), ("p99", "tab:red")):
-        axes.plot(starts, [getattr(i, name) for i in slices], marker=".", color=colour, label=name)
-    axes.set_xlabel("seconds since the first sample")
-    axes.set_ylabel("latency (ms)")
-    axes.legend(loc="upper right")
-    axes.grid(alpha=0.3)
-    charts.append(("Latency percentiles over time", _png(figure, pyplot)))
-    figure, axes = pyplot.subplots(figsize=(9, 3.5))
-    for success, colour, name in ((True, "tab:blue", "passed"), (False, "tab:red", "failed")):
-        chosen = [s for s in samples if s.success is success]
-        if chosen:
-            axes.scatter([(s.start - start) / 1000 for s in chosen], [s.elapsed for s in chosen],
-                         s=4, alpha=0.5, color=colour, label=name)
-    axes.set_xlabel("seconds since the first sample")
-    axes.set_ylabel("latency (ms)")
-    axes.legend(loc="upper right")
-    axes.grid(alpha=0.3)
-    charts.append(("Latency over time", _png(figure, pyplot)))
+
+    def throughput(axes: Any) -> None:
+        axes.step(starts, [i.passedPerSecond for i in slices], where="post", color="tab:blue", label="passed")
+        if any(i.failedPerSecond for i in slices):
+            axes.step(starts, [i.failedPerSecond for i in slices], where="post", color="tab:red", label="failed")
+
+    def percentiles(axes: Any) -> None:
+        for name, colour in (("p50", "tab:green"), ("p90", "tab:orange"), ("p99", "tab:red")):
+            axes.plot(starts, [getattr(i, name) for i in slices], marker=".", color=colour, label=name)
+
+    def dots(axes: Any) -> None:
+        for success, colour, name in ((True, "tab:blue", "passed"), (False, "tab:red", "failed")):
+            chosen = [s for s in samples if s.success is success]
+            if chosen:
+                axes.scatter([(s.start - start) / 1000 for s in chosen], [s.elapsed for s in chosen],
+                             s=4, alpha=0.5, color=colour, label=name)
+
+    for title, ylabel, draw in (("Throughput over time", "samples/s", throughput),
+                                ("Latency percentiles over time", "latency (ms)", percentiles),
+                                ("Latency over time", "latency (ms)", dots)):
+        figure, axes = pyplot.subplots(figsize=(9, 3.5))
+        draw(axes)
+        axes.set_xlabel("seconds since the first sample")
+        axes.set_ylabel(ylabel)
+        axes.legend(loc="upper right")
+        axes.grid(alpha=0.3)
+        charts.append((title, _png(figure, pyplot)))
     figure, axes = pyplot.subplots(figsize=(9, 3.5))
     elapsed = [s.elapsed for s in samples]
     axes.hist(elapsed, bins=min(60, max(10, len(set(elapsed)))), color="tab:blue")
