@@ -12,6 +12,7 @@ any other is closed before a byte of it is read.
 from __future__ import annotations
 
 import ipaddress
+import struct
 from typing import Any, Iterable, Optional, Sequence, Union
 
 from twisted.internet.address import IPv4Address, IPv6Address
@@ -71,7 +72,7 @@ class _HeaderReader:
     """Accumulates the first bytes of a connection until they hold a whole PROXY header, v1 or v2."""
 
     def __init__(self) -> None:
-        self._held = b""
+        self._held = b""  # until the header's version is known
         self._parser: Optional[Union[V1Parser, V2Parser]] = None
 
     def feed(self, data: bytes) -> tuple[Any, bytes]:
@@ -84,15 +85,15 @@ class _HeaderReader:
             if V1_SIGNATURE.startswith(held[: len(V1_SIGNATURE)]) and len(held) < len(V1_SIGNATURE):
                 return None, b""
             if held.startswith(V2_SIGNATURE):
+                # The header says its own length; refuse one too long to be HAProxy's before buffering it.
+                if struct.unpack("!H", held[14:16])[0] + 16 > MAX_HEADER:
+                    raise InvalidProxyHeader()
                 self._parser = V2Parser()
             elif held.startswith(V1_SIGNATURE):
-                self._parser = V1Parser()
+                self._parser = V1Parser()  # it refuses a line of over 107 bytes itself
             else:
                 raise InvalidProxyHeader()
             data, self._held = held, b""
-        self._held += data
-        if len(self._held) > MAX_HEADER:
-            raise InvalidProxyHeader()
         info, rest = self._parser.feed(data)
         if info is None:
             return None, b""

@@ -58,13 +58,16 @@ class HAProxy:
             self.process.wait(timeout=30)
 
 
-def askFrom(source: str, port: int, payload: bytes, timeout: float = 10.0) -> bytes:
-    """Send C{payload} from the loopback address C{source}; return all the server sends before closing."""
+def askFrom(source: str, port: int, payload: bytes, timeout: float = 10.0, halfClose: bool = False) -> bytes:
+    """Send C{payload} from the loopback address C{source} (then half-close, if asked); return all the server
+    sends before closing."""
     with socket.socket() as connection:
         connection.settimeout(timeout)
         connection.bind((source, 0))
         connection.connect(("127.0.0.1", port))
         connection.sendall(payload)
+        if halfClose:
+            connection.shutdown(socket.SHUT_WR)
         received = b""
         while chunk := connection.recv(65536):
             received += chunk
@@ -146,3 +149,20 @@ class BehindHAProxyTests(SynchronousTestCase):
         recorded = {message for _, message in self.recorded(first, second)}
         self.assertGreater(len(answered), 100)
         self.assertEqual(sorted(set(answered) - recorded), [])
+
+
+class KeptConnectionsThroughHAProxyTests(SynchronousTestCase):
+    """--keep-alive behind the proxy: one client connection carries many pipelined requests, in order."""
+
+    @slow
+    def test_pipelinedThroughTheProxy(self) -> None:
+        """200 pipelined lines from 127.0.0.7 through HAProxy come back in order and are recorded as 127.0.0.7's."""
+        server = ServerProcess(self.mktemp(), "--keep-alive", port="haproxy:tcp:0:interface=127.0.0.1")
+        self.addCleanup(server.stop)
+        proxy = HAProxy(self, [server.port])
+        messages = [f"kept {n} through the proxy" for n in range(200)]
+        reply = askFrom("127.0.0.7", proxy.port, b"".join(m.encode() + b"\n" for m in messages), halfClose=True)
+        self.assertEqual(server.stop(), 0, server.log)
+        self.assertEqual(reply, b"".join(expectedReply(m) for m in messages))
+        with open(server.records, encoding="utf-8") as file:
+            self.assertEqual([(r.client, r.message) for r in parseRecords(file)], [("127.0.0.7", m) for m in messages])

@@ -96,6 +96,22 @@ class HeaderTests(SynchronousTestCase):
             self.assertEqual(transport.value(), expectedReply("aa"))
             self.assertEqual([r.client for r in harness.records.records], [client])
 
+    def test_headerAndManyRequestsInOneRead(self) -> None:
+        """A v2 header arriving with 5,000 bytes of pipelined requests in the same read is not taken as oversized."""
+        harness = ProxiedHarness()
+        protocol, transport = harness.connect()
+        messages = [f"request number {n}" for n in range(300)]
+        harness.send(protocol, v2("198.51.100.8") + b"".join(m.encode() + b"\n" for m in messages))
+        self.assertEqual(transport.value(), b"".join(expectedReply(m) for m in messages))
+
+    def test_oversizedV2(self) -> None:
+        """A v2 header announcing more than 4 KiB is refused at once."""
+        harness = ProxiedHarness()
+        protocol, transport = harness.connect()
+        harness.send(protocol, V2_SIGNATURE + bytes([0x21, 0x11]) + struct.pack("!H", 5000))
+        self.assertTrue(transport.disconnecting)
+        self.assertEqual(transport.value(), b"")
+
     def test_perAddressLimitCountsClients(self) -> None:
         """With C{--max-per-ip 1} two clients behind one proxy are both served; a second from one is busy."""
         harness = ProxiedHarness(maxPerPeer=1)
