@@ -172,12 +172,11 @@ def registerProcessCollectors(registry: CollectorRegistry, limits: Mapping[str, 
     registry.register(_ConstantCollector(limits))
 
 
-def workersRegistry(path: str, limits: Mapping[str, float] = {}) -> CollectorRegistry:
-    """A registry that sums the metrics every worker wrote under C{path} (the supervisor's C{/metrics})."""
-    from prometheus_client import multiprocess
-
+def workersRegistry(workers: Any, limits: Mapping[str, float] = {}) -> CollectorRegistry:
+    """The supervisor's registry: C{workers} (a collector summing what every worker wrote), this process, the
+    build and the limits."""
     registry = CollectorRegistry()
-    multiprocess.MultiProcessCollector(registry, path=path)
+    registry.register(workers)
     registerProcessCollectors(registry, limits)
     return registry
 

@@ -304,9 +304,7 @@ def _supervisor(options: Options, reactor: Any) -> IService:
     endpoint = serverFromString(reactor, inner)
     _warnIfProxiesUnlisted(options, endpoint)
     environ = dict(os.environ)
-    folder = MetricsDirectory() if options["metrics"] else None
-    if folder is not None:
-        environ["PROMETHEUS_MULTIPROC_DIR"] = folder.path
+    folder = MetricsDirectory(environ) if options["metrics"] else None
     shared = SharedSocket(endpoint)
     # Each worker drains within its own grace (--timeout, the linger, a second); then it is killed.
     pool = WorkerPool(reactor, count, partial(workerArguments, options), shared, environ,
@@ -317,7 +315,7 @@ def _supervisor(options: Options, reactor: Any) -> IService:
     if folder is not None:
         folder.setServiceParent(top)
         limits = configuredLimits(options, options["max-connections"] or raiseFileLimit().defaultMaxConnections * count)
-        strports.service(options["metrics"], metricsSite(workersRegistry(folder.path, limits)), reactor=reactor
+        strports.service(options["metrics"], metricsSite(workersRegistry(folder, limits)), reactor=reactor
                          ).setServiceParent(top)
     shared.setServiceParent(top)
     pool.setServiceParent(top)

@@ -155,8 +155,7 @@ class WorkerPool(Service):
         self._count = count
         self._arguments = arguments
         self._listening = listening
-        self._environ = {k: v for k, v in (environ if environ is not None else os.environ).items()
-                         if k not in _NOT_INHERITED}
+        self._environ = environ if environ is not None else dict(os.environ)
         self._grace = grace
         self._onEnded = onEnded
         self.workers: dict[int, Any] = {}  # number -> process transport
@@ -178,7 +177,7 @@ class WorkerPool(Service):
         argv = [*TWISTD, "-n", "--pidfile=", "--logger=primecount.logs.workerLogObserver", "primecount",
                 *self._arguments()]
         transport = self.reactor.spawnProcess(
-            protocol, argv[0], argv, env=self._environ,
+            protocol, argv[0], argv, env={k: v for k, v in self._environ.items() if k not in _NOT_INHERITED},
             childFDs={0: "w", 1: "r", 2: "r", WORKER_FD: self._listening.fileno},
         )
         protocol.pid = transport.pid  # the transport forgets it once the process has ended
@@ -244,20 +243,41 @@ class WorkerPool(Service):
 
 
 class MetricsDirectory(Service):
-    """The folder where the workers' metrics live (C{PROMETHEUS_MULTIPROC_DIR}), emptied at start, removed at stop."""
+    """The folder where the workers' metrics live (C{PROMETHEUS_MULTIPROC_DIR}), made when the service starts
+    and removed when it stops.
 
-    def __init__(self) -> None:
+    It is made in C{startService}, after twistd has switched to C{--uid}, so
+    that workers running as that user can write in it; C{environ} (the
+    workers' environment) learns its path then.
+    """
+
+    def __init__(self, environ: dict[str, str]) -> None:
+        self._environ = environ
+        self.path: Optional[str] = None
+
+    def startService(self) -> None:
+        """Make the folder and tell the workers' environment where it is."""
+        super().startService()
         self.path = tempfile.mkdtemp(prefix="primecount-metrics-")
+        self._environ["PROMETHEUS_MULTIPROC_DIR"] = self.path
+
+    def collect(self) -> Any:
+        """The metrics summed over every worker, as of now (a collector for the supervisor's registry)."""
+        from prometheus_client import multiprocess
+
+        if self.path is None:
+            return iter(())
+        return multiprocess.MultiProcessCollector(None, path=self.path).collect()
 
     def workerEnded(self, pid: int) -> None:
         """Drop the live gauges of a worker that is gone."""
         from prometheus_client import multiprocess
 
-        if pid:
+        if pid and self.path is not None:
             multiprocess.mark_process_dead(pid, self.path)
 
     def stopService(self) -> None:
         """Remove the folder."""
         super().stopService()
-        shutil.rmtree(self.path, ignore_errors=True)
-
+        if self.path is not None:
+            shutil.rmtree(self.path, ignore_errors=True)

@@ -21,7 +21,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from primecount.records import parseRecords
 from primecount.tools.serverprocess import ServerProcess
 from primecount.tap import Options, workerArguments
-from primecount.workers import FIRST_DELAY, WORKER_FD, WorkerPool
+from primecount.workers import FIRST_DELAY, WORKER_FD, MetricsDirectory, WorkerPool
 from tests.helpers import answeredUnderLoad, ask, expectedReply, slow, waitUntil
 
 
@@ -44,12 +44,14 @@ class SpawningClock(Clock):
     def __init__(self) -> None:
         super().__init__()
         self.spawned: list[tuple[FakeProcess, list[str], dict]] = []
+        self.environments: list[dict] = []
 
     def spawnProcess(self, protocol: Any, executable: str, args: list[str], env: dict, childFDs: dict) -> FakeProcess:
         """Make a fake process and connect C{protocol} to it."""
         process = FakeProcess(protocol, 1000 + len(self.spawned))
         protocol.makeConnection(process)
         self.spawned.append((process, args, childFDs))
+        self.environments.append(env)
         return process
 
 
@@ -80,7 +82,7 @@ class WorkerPoolTests(SynchronousTestCase):
         for process, args, childFDs in self.reactor.spawned:
             self.assertEqual(childFDs[WORKER_FD], 42)
             self.assertEqual(args[-2:], ["primecount", "--records=x"])
-        self.assertNotIn("LISTEN_FDS", self.pool._environ)
+        self.assertEqual(self.reactor.environments, [{"A": "b"}] * 2)
 
     def test_restartWithGrowingDelay(self) -> None:
         """A worker that dies soon after its start is restarted after 0.5 s, then 1 s, then 2 s."""
@@ -134,6 +136,22 @@ class WorkerPoolTests(SynchronousTestCase):
         process.protocol.childDataReceived(1, b"te\n")
         self.assertEqual([(e["log_level"].name, e["number"], e["message"]) for e in events],
                          [("info", 2, "hello"), ("error", 2, "cannot write")])
+
+
+class MetricsDirectoryTests(SynchronousTestCase):
+    """The workers' metrics folder is made when the service starts (after twistd's --uid), and removed at stop."""
+
+    def test_madeAtStartAndGivenToWorkers(self) -> None:
+        """Nothing exists before start; at start the folder exists and the workers' environment names it."""
+        environ: dict[str, str] = {}
+        folder = MetricsDirectory(environ)
+        self.assertEqual((folder.path, environ), (None, {}))
+        self.assertEqual(list(folder.collect()), [])
+        folder.startService()
+        self.assertTrue(os.path.isdir(folder.path))
+        self.assertEqual(environ, {"PROMETHEUS_MULTIPROC_DIR": folder.path})
+        folder.stopService()
+        self.assertFalse(os.path.exists(folder.path))
 
 
 class WorkerOptionsTests(SynchronousTestCase):
