@@ -333,10 +333,7 @@ class PrimeCountProtocol(LineReceiver, TimeoutMixin):
 
     def _queue(self, reply: Optional[wire.Reply]) -> _Pending:
         # The deadline timer is left armed: re-arming it for the next request or the idle wait is a cheap reset.
-        if self._quietCall is not None:
-            if self._quietCall.active():
-                self._quietCall.cancel()
-            self._quietCall = None
+        self._cancelQuietGap()
         pending = _Pending(self._clock.seconds() if self._startedAt is None else self._startedAt, reply)
         self._startedAt = None
         self._unanswered.append(pending)
@@ -347,8 +344,12 @@ class PrimeCountProtocol(LineReceiver, TimeoutMixin):
         self.setRawMode()
         self._takeLine()
         self.setTimeout(None)
+        self._cancelQuietGap()
+
+    def _cancelQuietGap(self) -> None:
         if self._quietCall is not None and self._quietCall.active():
             self._quietCall.cancel()
+        self._quietCall = None
 
     # Writing replies, in request order.
 
@@ -373,14 +374,12 @@ class PrimeCountProtocol(LineReceiver, TimeoutMixin):
                 self._close(lingering=reply.isError)
                 return
             sendNow(self.transport, reply.data)
-        if self._unanswered:
-            self._updateReading()
-        elif not self._reading:
+        if not self._unanswered and not self._reading:
             self._close()
-        else:
-            self._updateReading()
-            if self._startedAt is None:
-                self.setTimeout(self._limits.idleTimeout or None)
+            return
+        self._updateReading()
+        if not self._unanswered and self._startedAt is None:
+            self.setTimeout(self._limits.idleTimeout or None)
 
     def _close(self, lingering: bool = False) -> None:
         if self._lingering is not None or self.transport.disconnecting:

@@ -132,11 +132,10 @@ class RecordsService(Service):
         SIGHUP. A file that cannot be opened stops the process with a one-line
         message (C{Options} already checked the path before anything listened).
         """
-        if self._file is None:
-            try:
-                self._open()
-            except OSError as error:
-                raise SystemExit(f"primecount: cannot open records file {self.path}: {error.strerror}") from None
+        try:
+            self._open()
+        except OSError as error:
+            raise SystemExit(f"primecount: cannot open records file {self.path}: {error.strerror}") from None
         super().startService()
         if self._fsyncPolicy == "everysec":
             self._syncTimer = LoopingCall(self._syncIfNeeded)

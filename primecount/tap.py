@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import os
+import sys
 from functools import partial
 from typing import Any, Callable, Optional, Sequence
 
@@ -182,8 +183,7 @@ class Options(usage.Options):
         if self["worker-fd"] is None:  # a worker is handed its socket; the description only says if it is proxied
             _checkEndpoint("port", self["port"])
         if self["workers"] > 1:
-            inner = self["port"][len(PROXIED_PREFIX):] if self["port"].startswith(PROXIED_PREFIX) else self["port"]
-            if inner.split(":", 1)[0] not in ("tcp", "tcp6", "systemd"):
+            if withoutProxyPrefix(self["port"]).split(":", 1)[0] not in ("tcp", "tcp6", "systemd"):
                 raise usage.UsageError(f"--workers: needs a TCP --port (a port number, tcp:, tcp6:, systemd:, or "
                                        f"haproxy: in front of one), not {self['port']!r}")
         if isinstance(self["proxy-from"], str):  # the default is not passed through its coercer
@@ -203,7 +203,8 @@ class Options(usage.Options):
 
     def opt_version(self) -> None:
         """Print primecount's version (and Twisted's) and exit."""
-        print(f"primecount {__version__} (Twisted {twisted.__version__})")
+        # Command output for whoever asked, not a log event: no log observer exists while options are parsed.
+        sys.stdout.write(f"primecount {__version__} (Twisted {twisted.__version__})\n")
         raise SystemExit(0)
 
 
@@ -273,11 +274,22 @@ def _listening(options: Options, reactor: Any, factory: PrimeCountFactory, metri
         fd = options["worker-fd"]
         endpoint: Any = AdoptedStreamServerEndpoint(reactor, fd, socketFamily(fd))
     else:
-        endpoint = serverFromString(reactor, description[len(PROXIED_PREFIX):] if proxied else description)
-        _warnIfProxiesUnlisted(options, endpoint)
+        endpoint = _portEndpoint(options, reactor)
     if not proxied:
         return endpoint, factory
     return endpoint, ProxiedFactory(factory, options["proxy-from"], reactor, options["timeout"], metrics)
+
+
+def withoutProxyPrefix(description: str) -> str:
+    """The endpoint description under a C{haproxy:} prefix, or C{description} itself."""
+    return description[len(PROXIED_PREFIX):] if description.startswith(PROXIED_PREFIX) else description
+
+
+def _portEndpoint(options: Options, reactor: Any) -> Any:
+    """The endpoint C{--port} describes, under any C{haproxy:} prefix (warning if its proxies are unlisted)."""
+    endpoint = serverFromString(reactor, withoutProxyPrefix(options["port"]))
+    _warnIfProxiesUnlisted(options, endpoint)
+    return endpoint
 
 
 def _warnIfProxiesUnlisted(options: Options, endpoint: Any) -> None:
@@ -299,10 +311,7 @@ def _supervisor(options: Options, reactor: Any) -> IService:
     closes, then the metrics endpoint.
     """
     count = options["workers"]
-    description = options["port"]
-    inner = description[len(PROXIED_PREFIX):] if description.startswith(PROXIED_PREFIX) else description
-    endpoint = serverFromString(reactor, inner)
-    _warnIfProxiesUnlisted(options, endpoint)
+    endpoint = _portEndpoint(options, reactor)
     environ = dict(os.environ)
     folder = MetricsDirectory(environ) if options["metrics"] else None
     shared = SharedSocket(endpoint)

@@ -131,13 +131,17 @@ def expectedReply(message: str) -> bytes:
     return f"{count} {'sí' if prime else 'no'}\n".encode()
 
 
-def ask(port: int, payload: bytes, host: str = "127.0.0.1", halfClose: bool = False, timeout: float = 10.0) -> bytes:
-    """Send C{payload} over a real TCP connection and return everything the server sends before closing."""
+def ask(port: int, payload: bytes, host: str = "127.0.0.1", halfClose: bool = False, timeout: float = 10.0,
+        source: str = "") -> bytes:
+    """Send C{payload} over a real TCP connection (from the local address C{source}, if given) and return
+    everything the server sends before closing."""
     import socket
 
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     with socket.socket(family, socket.SOCK_STREAM) as connection:
         connection.settimeout(timeout)
+        if source:
+            connection.bind((source, 0))
         connection.connect((host, port))
         connection.sendall(payload)
         if halfClose:

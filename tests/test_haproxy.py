@@ -13,7 +13,7 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from primecount.records import parseRecords
 from primecount.tools.serverprocess import ServerProcess
-from tests.helpers import answeredUnderLoad, expectedReply, requireTool, slow, waitUntil
+from tests.helpers import answeredUnderLoad, ask, expectedReply, requireTool, slow, waitUntil
 
 CONFIG = Path(__file__).resolve().parents[1] / "contrib" / "haproxy" / "primecount.cfg"
 
@@ -61,17 +61,7 @@ class HAProxy:
 def askFrom(source: str, port: int, payload: bytes, timeout: float = 10.0, halfClose: bool = False) -> bytes:
     """Send C{payload} from the loopback address C{source} (then half-close, if asked); return all the server
     sends before closing."""
-    with socket.socket() as connection:
-        connection.settimeout(timeout)
-        connection.bind((source, 0))
-        connection.connect(("127.0.0.1", port))
-        connection.sendall(payload)
-        if halfClose:
-            connection.shutdown(socket.SHUT_WR)
-        received = b""
-        while chunk := connection.recv(65536):
-            received += chunk
-        return received
+    return ask(port, payload, halfClose=halfClose, timeout=timeout, source=source)
 
 
 class BehindHAProxyTests(SynchronousTestCase):

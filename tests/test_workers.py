@@ -202,7 +202,7 @@ class TwistdWorkersTests(SynchronousTestCase):
         """A supervisor with C{options} on a free loopback port, its workers up."""
         server = ServerProcess(os.path.abspath(self.mktemp()), "--max-per-ip", "0", *options)
         count = int(options[options.index("--workers") + 1])
-        server.waitFor(re.compile(rb"(?s)(?:.*?worker \d+: primecount listening on){%d}" % count))
+        server.waitForWorkers(count)
         self.addCleanup(lambda: server.process.poll() is None and server.stop())
         return server
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 import shutil
 import socket
 import statistics
@@ -98,7 +97,7 @@ def startServer(kind: str, workdir: Path, shared: Path, core: Optional[str], opt
     if "--workers" in options:  # the supervisor listens first; measure once every worker accepts too
         count = int(options[options.index("--workers") + 1])
         if count > 1:
-            server.waitFor(re.compile(rb"(?s)(?:.*?worker \d+: primecount listening on){%d}" % count))
+            server.waitForWorkers(count)
     return server
 
 

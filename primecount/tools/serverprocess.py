@@ -61,6 +61,10 @@ class ServerProcess:
                     raise RuntimeError(f"twistd exited before logging {compiled.pattern!r}:\n{self.log}")
                 self.output += chunk
 
+    def waitForWorkers(self, count: int, seconds: float = 20.0) -> None:
+        """With C{--workers}, wait until C{count} workers have said they listen (the supervisor listens first)."""
+        self.waitFor(re.compile(rb"(?s)(?:.*?worker \d+: primecount listening on){%d}" % count), seconds)
+
     @property
     def log(self) -> str:
         """What the child has logged so far, as text."""
