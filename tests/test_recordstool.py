@@ -97,6 +97,15 @@ class RepairTests(ToolTestCase):
         self.assertEqual(self.tool("repair", path)[0], 4)
         self.assertEqual(Path(path).read_text(encoding="utf-8"), content)
 
+    def test_completeBadLastLineIsNotTorn(self) -> None:
+        """A whole, newline-terminated last line that is not a record is malformed, not torn: refused, exit 4."""
+        content = lines("abc2a") + "2026-11-26 10:00:02\t127.0.0.1\tthree fields\n"
+        path = self.write(content)
+        status, output = self.tool("repair", path)
+        self.assertEqual(status, 4, output)
+        self.assertEqual(Path(path).read_text(encoding="utf-8"), content)
+        self.assertEqual(self.tool("check", path)[0], 4)
+
     def test_nothingToDo(self) -> None:
         """A clean file is not touched and no backup is made."""
         path = self.write(lines("abc2a"))
@@ -217,6 +226,26 @@ class FollowTests(SynchronousTestCase):
             reader.join(10)
         self.assertEqual(process.returncode, 0)
         self.assertTrue(self.printed.empty(), "nothing printed twice")
+
+    def test_missingFileIsWaitedForAndSaidSo(self) -> None:
+        """On a path that does not exist yet, C{follow} says so once on stderr, then prints the file's records
+        once it appears."""
+        path = Path(self.mktemp())
+        process = subprocess.Popen([sys.executable, "-m", "primecount.records", "follow", "--from-start", str(path)],
+                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, encoding="utf-8")
+        self.printed = queue.Queue()
+        reader = threading.Thread(target=lambda: [self.printed.put(line) for line in process.stdout], daemon=True)
+        reader.start()
+        try:
+            self.assertIn("does not exist (yet); waiting", process.stderr.readline())
+            path.write_text(lines("appeared"), encoding="utf-8")
+            self.assertEqual(self.nextMessage(process), "appeared")
+        finally:
+            process.send_signal(signal.SIGINT)
+            process.wait(timeout=10)
+            reader.join(10)
+        self.assertEqual(process.returncode, 0)
+        self.assertEqual(process.stderr.read(), "", "said once")
 
     def nextMessage(self, process: subprocess.Popen, seconds: float = 10.0) -> str:
         """The message of the next record C{follow} prints, failing after C{seconds}."""

@@ -60,13 +60,24 @@ def _parsed(path: str, problems: list[Problem]) -> Iterator[Record]:
 
 
 def scan(path: str) -> Scan:
-    """Parse every line, in constant memory; a bad last line (or one without its newline) is torn, any other bad
-    line malformed."""
+    """Parse every line, in constant memory; a last line without its newline is torn (a write cut short), any
+    other bad line, the last one included, malformed."""
     problems: list[Problem] = []
     count = sum(1 for _ in _parsed(path, problems))
     size = os.path.getsize(path)
-    torn = problems.pop() if problems and problems[-1].offset + problems[-1].length == size else None
+    torn = problems.pop() if problems and problems[-1].offset + problems[-1].length == size and not _endsInNewline(
+        path) else None
     return Scan(count, problems, torn, size)
+
+
+def _endsInNewline(path: str) -> bool:
+    """Whether the last byte of C{path} is a newline: a write cut short never leaves one, a whole record always
+    does."""
+    with open(path, "rb") as file:
+        if file.seek(0, os.SEEK_END) == 0:
+            return True
+        file.seek(-1, os.SEEK_END)
+        return file.read(1) == b"\n"
 
 
 def check(paths: Sequence[str], out: TextIO) -> int:
@@ -181,15 +192,20 @@ def tail(path: str, out: TextIO, count: int) -> int:
     return EXIT_OK
 
 
-def follow(path: str, out: TextIO, interval: float = 0.2, fromEnd: bool = True) -> int:
-    """Print records as they are appended, following rotation (a new file at the path), until interrupted."""
-    file, identity, pending = None, None, b""
+def follow(path: str, out: TextIO, interval: float = 0.2, fromEnd: bool = True, err: TextIO = sys.stderr) -> int:
+    """Print records as they are appended, following rotation (a new file at the path), until interrupted; a path
+    that does not exist yet is waited for, as C{tail -F} does, and said so once on C{err}."""
+    file, identity, pending, missingSaid = None, None, b"", False
     try:
         while True:
             try:
                 status = os.stat(path)
             except FileNotFoundError:
                 status = None
+                if file is None and not missingSaid:
+                    err.write(f"primecount-records: {path} does not exist (yet); waiting for it to appear\n")
+                    err.flush()
+                    missingSaid = True
             if status is not None and (file is None or (status.st_dev, status.st_ino) != identity
                                        or status.st_size < file.tell()):
                 if file is not None:
