@@ -138,9 +138,19 @@ class Listener(Service):
         self._listen()
 
     def startService(self) -> None:
-        """Listen if not done yet."""
+        """Listen if not done yet, and say so.
+
+        The listening line comes only now, once the services before this one
+        (signals, records) have started as the service user: a records file
+        that user cannot open stops the start before primecount ever says it
+        listens, with or without C{--uid}, and whoever waits for that line can
+        rely on the records file and the signal handlers being in place.
+        """
         super().startService()
-        self._listen()
+        listenedBefore = self._port is not None
+        self._listen()  # listening now (no privileged start) announces itself
+        if listenedBefore:
+            self._announce(self._port)
 
     def _listen(self) -> None:
         if self._listening is not None:
@@ -161,11 +171,15 @@ class Listener(Service):
 
     def _listened(self, port: Any) -> Any:
         self._port = port
+        if self.running:  # an endpoint that listens late; otherwise startService announces it
+            self._announce(port)
+        return port
+
+    def _announce(self, port: Any) -> None:
         address = port.getHost()
         # Tools and tests find the bound port from this event (its text is stable), not from Twisted's wording.
         self.log.info("{event} {host} port {port}", event=LISTENING_EVENT, host=getattr(address, "host", address),
                       port=getattr(address, "port", None))
-        return port
 
     def stopService(self) -> Deferred[None]:
         """Accept what the kernel has queued, then stop listening."""

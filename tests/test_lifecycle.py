@@ -240,3 +240,42 @@ class ListenerTests(SynchronousTestCase):
         listener = Listener(FakeEndpoint(error=CannotListenError("", 5050, OSError("in use"))), factory=None)
         stopped = self.assertRaises(SystemExit, listener.privilegedStartService)
         self.assertEqual(str(stopped), "primecount: Couldn't listen on any:5050: in use.")
+
+    def test_saysItListensOnlyOnceStarted(self) -> None:
+        """Bound before privileges drop, the listener says it listens only when started, after the services
+        before it: a records file the service user cannot open stops the start before any listening line."""
+        from twisted.logger import globalLogPublisher
+
+        events: list[dict] = []
+        globalLogPublisher.addObserver(events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, events.append)
+
+        class FailingRecords(Service):
+            """A records service whose file the service user cannot open."""
+
+            def startService(self) -> None:
+                """Stop the start as the records service does."""
+                raise SystemExit("primecount: cannot open records file r: Permission denied")
+
+        top = SequentialMultiService()
+        FailingRecords().setServiceParent(top)
+        Listener(FakeEndpoint(QueuedPort(0)), factory=None).setServiceParent(top)
+        top.privilegedStartService()
+        self.assertRaises(SystemExit, top.startService)
+        listening = [e for e in events if e.get("event") == "primecount listening on"]
+        self.assertEqual(listening, [])
+
+    def test_saysItListensOnce(self) -> None:
+        """Started with or without a privileged start, the listener says it listens exactly once."""
+        from twisted.logger import globalLogPublisher
+
+        for privileged in (True, False):
+            events: list[dict] = []
+            globalLogPublisher.addObserver(events.append)
+            listener = Listener(FakeEndpoint(QueuedPort(0)), factory=None)
+            if privileged:
+                listener.privilegedStartService()
+                self.assertEqual([e for e in events if e.get("event") == "primecount listening on"], [])
+            listener.startService()
+            globalLogPublisher.removeObserver(events.append)
+            self.assertEqual(len([e for e in events if e.get("event") == "primecount listening on"]), 1, privileged)
