@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 import sys
 from functools import partial
 from typing import Any, Callable, Optional, Sequence
@@ -37,6 +38,11 @@ log = Logger()
 BARE_PORT_BACKLOG = 1024
 
 
+def withoutProxyPrefix(description: str) -> str:
+    """The endpoint description under a C{haproxy:} prefix, or C{description} itself."""
+    return description[len(PROXIED_PREFIX):] if description.startswith(PROXIED_PREFIX) else description
+
+
 def _barePort(option: str, value: str, template: str) -> str:
     """C{template} filled with a bare port number, or an endpoint description as written."""
     if not value.isdigit():
@@ -49,6 +55,19 @@ def _barePort(option: str, value: str, template: str) -> str:
 def endpointDescription(value: str) -> str:
     """Turn a bare port number into C{tcp:N:backlog=1024}; pass any endpoint description through unchanged."""
     return _barePort("port", value, "tcp:{port}:backlog=" + str(BARE_PORT_BACKLOG))
+
+
+# Endpoint types that take a backlog= argument, and are given BARE_PORT_BACKLOG when none is written.
+_BACKLOG_TYPES = ("tcp", "tcp6", "ssl", "unix")
+
+
+def withBacklog(description: str) -> str:
+    """C{description} (under no C{haproxy:} prefix) with C{backlog=1024} added if it is a C{tcp:}, C{tcp6:},
+    C{ssl:} or C{unix:} endpoint that names no backlog of its own."""
+    kind, _, arguments = description.partition(":")
+    if kind in _BACKLOG_TYPES and not re.search(r"(?:^|(?<!\\):)backlog=", arguments):
+        return f"{description}:backlog={BARE_PORT_BACKLOG}"
+    return description
 
 
 def metricsEndpointDescription(value: str) -> str:
@@ -132,8 +151,9 @@ class Options(usage.Options):
     synopsis = "[options]"
     longdesc = (
         "Serve the primecount protocol: a client sends one line, the server replies "
-        "'<count> sí' or '<count> no' (is the count of the line's last character prime?), "
-        "appends a record and closes the connection."
+        "'<count> sí' or '<count> no' (is the count of the line's last character prime?) "
+        "after appending a record, and closes the connection; with --keep-alive a connection "
+        "carries any number of requests."
     )
     optFlags = [
         ["worker-metrics", None, "Internal, set by --workers: keep metrics for the supervisor to sum."],
@@ -142,17 +162,19 @@ class Options(usage.Options):
          "instead of closing after the first reply."],
     ]
     optParameters = [
-        ["port", "p", endpointDescription("5050"), "Endpoint to listen on: a port number N (all IPv4 interfaces, "
-         "tcp:N:backlog=1024) or an endpoint description (tcp:5050:interface=127.0.0.1, "
-         "tcp6:5050, systemd:domain=INET:index=0, ssl:...).",
+        ["port", "p", endpointDescription("5050"), "Endpoint to listen on: a port number N (all IPv4 interfaces) "
+         "or an endpoint description (tcp:5050:interface=127.0.0.1, tcp6:5050, "
+         "systemd:domain=INET:name=primecount, ssl:...), or either behind haproxy: to read a PROXY header "
+         "first (haproxy:tcp:5051); tcp, tcp6, ssl and unix listen with backlog=1024 unless given.",
          endpointDescription],
         ["workers", "w", 1, "Worker processes, each a whole server on the one listening socket, supervised by "
          "this process ('auto': one per CPU).", _workers],
-        ["worker-fd", None, None, "Internal, set by --workers: the inherited listening socket.",
+        ["worker-fd", None, None, "Internal, set by --workers: the inherited listening socket",
          _number("worker-fd", int, 0, strict=False)],
         ["threads", "t", 10, "Size of the thread pool that runs the analysis.",
          _number("threads", int, 1, strict=False)],
-        ["timeout", None, DEFAULTS.timeout, "Seconds from connect until the request must have ended.",
+        ["timeout", None, DEFAULTS.timeout, "Seconds from connect (with --keep-alive, for later requests: from "
+         "their first byte) until the request must have ended.",
          _number("timeout", float, 0, strict=True)],
         ["quiet", None, DEFAULTS.quiet, "Seconds of silence after some bytes that end a request "
          "sent without a newline (0 disables).", _number("quiet", float, 0, strict=False)],
@@ -170,7 +192,7 @@ class Options(usage.Options):
         ["fsync", None, "everysec", "When records are fsynced: always (before each reply), everysec "
          "(at most once a second) or never (left to the OS).", _choice("fsync", FSYNC_POLICIES)],
         ["max-connections", None, None, "Most client connections open at once; more get ERROR busy "
-         "(default: the descriptor limit, raised to its hard limit, less 128).",
+         "(default: the descriptor limit, raised to its hard limit, less 128)",
          _number("max-connections", int, 1, strict=False)],
         ["max-per-ip", None, 64, "Most connections open at once from one address; more get ERROR busy "
          "(0: no per-address limit).", _number("max-per-ip", int, 0, strict=False)],
@@ -200,6 +222,20 @@ class Options(usage.Options):
         problem = recordsPathProblem(self["records"])
         if problem is not None:
             raise usage.UsageError(f"--records: cannot append to {self['records']!r}: {problem}")
+
+    def parseOptions(self, options: Optional[Sequence[str]] = None) -> None:
+        """Parse C{options}; under twistd, a bad one stops the start with one line naming it.
+
+        Called directly (tests, tools) a bad option raises L{usage.UsageError}. Under
+        twistd, which prints this command's whole help before such an error, it
+        becomes that one line on stderr and exit status 1 instead.
+        """
+        try:
+            super().parseOptions(options)
+        except usage.UsageError as error:
+            if getattr(self, "parent", None) is None:
+                raise
+            raise SystemExit(f"twistd primecount: {error} (twistd primecount --help lists the options)") from None
 
     def opt_version(self) -> None:
         """Print primecount's version (and Twisted's) and exit."""
@@ -280,14 +316,9 @@ def _listening(options: Options, reactor: Any, factory: PrimeCountFactory, metri
     return endpoint, ProxiedFactory(factory, options["proxy-from"], reactor, options["timeout"], metrics)
 
 
-def withoutProxyPrefix(description: str) -> str:
-    """The endpoint description under a C{haproxy:} prefix, or C{description} itself."""
-    return description[len(PROXIED_PREFIX):] if description.startswith(PROXIED_PREFIX) else description
-
-
 def _portEndpoint(options: Options, reactor: Any) -> Any:
     """The endpoint C{--port} describes, under any C{haproxy:} prefix (warning if its proxies are unlisted)."""
-    endpoint = serverFromString(reactor, withoutProxyPrefix(options["port"]))
+    endpoint = serverFromString(reactor, withBacklog(withoutProxyPrefix(options["port"])))
     _warnIfProxiesUnlisted(options, endpoint)
     return endpoint
 

@@ -3,6 +3,7 @@ the systemd units, metrics over HTTP and the bounded log file; all with real pro
 
 from __future__ import annotations
 
+import gzip
 import os
 import signal
 import socket
@@ -120,40 +121,12 @@ class ReopenTests(SynchronousTestCase):
         self.assertEqual(stored, Counter(replied))
         self.assertTrue(all(os.path.getsize(f) for f in files), "every rotated file received records")
 
-    @slow
-    def test_logrotateCreateMode(self) -> None:
-        """The shipped logrotate rules, pointed at a test file and signalling this server, rotate without loss."""
-        logrotate = requireTool(self, "logrotate")
-        records = os.path.abspath(self.mktemp())
-        server = ServerProcess(records)
-        try:
-            for i in range(5):
-                ask(server.port, f"before {i}\n".encode())
-            config = LOGROTATE.read_text().replace("/var/lib/primecount/records.txt", records)
-            config = config.replace(
-                "systemctl reload primecount.service primecount-socket.service >/dev/null 2>&1 || true",
-                f"kill -HUP {server.process.pid}",
-            )
-            configPath = Path(self.mktemp())
-            configPath.write_text(config)
-            result = subprocess.run([logrotate, "--force", "--state", str(configPath) + ".state", str(configPath)],
-                                    capture_output=True, text=True)
-            self.assertEqual(result.returncode, 0, result.stderr)
-            server.waitFor(rb"reopened records file")
-            for i in range(5):
-                ask(server.port, f"after {i}\n".encode())
-        finally:
-            self.assertEqual(server.stop(), 0)
-        self.assertEqual([r.message for r in readRecords(records + ".1")], [f"before {i}" for i in range(5)])
-        self.assertEqual([r.message for r in readRecords(records)], [f"after {i}" for i in range(5)])
-
 
 class DaemonTests(SynchronousTestCase):
     """Classic daemon mode: twistd forks, writes its pidfile, and removes it on SIGTERM."""
 
-    @slow
-    def test_daemonLifecycle(self) -> None:
-        """The daemon answers, stops on SIGTERM, removes its pidfile and keeps its records."""
+    def startDaemon(self) -> tuple[Path, int, int]:
+        """A classic twistd daemon (no C{-n}) in a fresh folder: the folder, its pid (from its pidfile) and port."""
         base = Path(os.path.abspath(self.mktemp()))
         base.mkdir()
         pidfile, logfile, records = base / "primecount.pid", base / "twistd.log", base / "records.txt"
@@ -165,10 +138,10 @@ class DaemonTests(SynchronousTestCase):
         self.assertEqual(started.returncode, 0, started.stdout + started.stderr)
         waitUntil(lambda: pidfile.exists() and logfile.exists()
                   and listeningPort(logfile.read_text()) is not None, what="the daemon to listen")
-        pid = int(pidfile.read_text())
-        port = listeningPort(logfile.read_text())
-        self.assertEqual(ask(port, b"abc2a\n"), "2 sí\n".encode())
-        self.assertEqual(ask(port, "日本日\n".encode()), "2 sí\n".encode())
+        return base, int(pidfile.read_text()), listeningPort(logfile.read_text())  # type: ignore[return-value]
+
+    def stopDaemon(self, pid: int) -> None:
+        """SIGTERM the daemon and wait until it is gone."""
         os.kill(pid, signal.SIGTERM)
 
         def gone() -> bool:
@@ -179,9 +152,54 @@ class DaemonTests(SynchronousTestCase):
             return False
 
         waitUntil(gone, what="the daemon to exit")
-        self.assertFalse(pidfile.exists(), "the pidfile is removed")
-        self.assertIn("Server Shut Down.", logfile.read_text())
-        self.assertEqual([r.message for r in readRecords(str(records))], ["abc2a", "日本日"])
+
+    @slow
+    def test_daemonLifecycle(self) -> None:
+        """The daemon answers, stops on SIGTERM, removes its pidfile and keeps its records."""
+        base, pid, port = self.startDaemon()
+        self.assertEqual(ask(port, b"abc2a\n"), "2 sí\n".encode())
+        self.assertEqual(ask(port, "日本日\n".encode()), "2 sí\n".encode())
+        self.stopDaemon(pid)
+        self.assertFalse((base / "primecount.pid").exists(), "the pidfile is removed")
+        self.assertIn("Server Shut Down.", (base / "twistd.log").read_text())
+        self.assertEqual([r.message for r in readRecords(str(base / "records.txt"))], ["abc2a", "日本日"])
+
+    @slow
+    def test_logrotateReopensTheDaemonTwice(self) -> None:
+        """The shipped logrotate rules, run by the real logrotate against a real daemon found by its pidfile,
+        rotate twice without loss (the second rotation too, which notifempty would skip had the first not
+        reopened); with no primecount running, logrotate fails and says why."""
+        logrotate = requireTool(self, "logrotate")
+        base, pid, port = self.startDaemon()
+        records = base / "records.txt"
+        config = LOGROTATE.read_text().replace("/var/lib/primecount/records.txt", str(records))
+        config = config.replace("/run/primecount/primecount.pid", str(base / "primecount.pid"))
+        configPath = base / "logrotate.conf"
+        configPath.write_text(config)
+
+        def rotate() -> subprocess.CompletedProcess:
+            return subprocess.run([logrotate, "--force", "--state", str(base / "logrotate.state"), str(configPath)],
+                                  capture_output=True, text=True, timeout=60)
+
+        try:
+            for rotation, phase in enumerate(("before", "between"), 1):
+                for i in range(5):
+                    self.assertEqual(ask(port, f"{phase} {i}\n".encode()), expectedReply(f"{phase} {i}"))
+                result = rotate()
+                self.assertEqual(result.returncode, 0, result.stderr)
+                waitUntil(lambda: (base / "twistd.log").read_text().count("reopened records file") == rotation,
+                          what=f"reopen {rotation}")
+            for i in range(5):
+                ask(port, f"after {i}\n".encode())
+        finally:
+            self.stopDaemon(pid)
+        with gzip.open(f"{records}.2.gz", "rt", encoding="utf-8", newline="\n") as file:
+            self.assertEqual([r.message for r in parseRecords(file)], [f"before {i}" for i in range(5)])
+        self.assertEqual([r.message for r in readRecords(f"{records}.1")], [f"between {i}" for i in range(5)])
+        self.assertEqual([r.message for r in readRecords(str(records))], [f"after {i}" for i in range(5)])
+        result = rotate()
+        self.assertNotEqual(result.returncode, 0)
+        self.assertIn("no running primecount to reopen its records file", result.stderr)
 
     @slow
     def test_boundedLogFile(self) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import subprocess
 
 from twisted.application.service import IServiceMaker
 from twisted.internet.testing import MemoryReactorClock
@@ -14,7 +15,8 @@ from twisted.web.server import Site
 
 from primecount.protocol import PrimeCountFactory
 from primecount.storage import RecordsService
-from primecount.tap import Options, endpointDescription, makeService
+from primecount.tap import Options, endpointDescription, makeService, withBacklog
+from primecount.tools.serverprocess import TWISTD
 
 
 class OptionsTests(SynchronousTestCase):
@@ -237,6 +239,40 @@ class MakeServiceTests(SynchronousTestCase):
         self.addCleanup(service.stopService)
         [(port, factory, backlog, interface)] = reactor.tcpServers
         self.assertEqual((port, backlog, interface), (5152, 1024, ""))
+
+    def test_everyDescriptionListensWithDeepBacklog(self) -> None:
+        """Endpoint descriptions, behind haproxy: too, get the same backlog of 1024 unless they name one."""
+        for description, expected in (("tcp:5153:interface=127.0.0.1", 1024), ("haproxy:tcp:5154", 1024),
+                                      ("tcp6:5155", 1024), ("tcp:5156:backlog=7", 7),
+                                      ("haproxy:tcp:5157:backlog=9", 9)):
+            options = Options()
+            options.parseOptions(["--port", description, "--records", self.mktemp()])
+            self.assertEqual(options["port"], description, "the option keeps what was written")
+            reactor = ThreadedMemoryReactor()
+            service = makeService(options, reactor)
+            service.startService()
+            self.addCleanup(service.stopService)
+            [(_, _, backlog, _)] = reactor.tcpServers
+            self.assertEqual(backlog, expected, description)
+
+    def test_backlogAddedOnlyWhereItApplies(self) -> None:
+        """C{withBacklog} leaves systemd: sockets and an escaped colon's C{backlog=} inside a value alone."""
+        self.assertEqual(withBacklog("systemd:domain=INET:name=primecount"), "systemd:domain=INET:name=primecount")
+        self.assertEqual(withBacklog("unix:/tmp/s"), "unix:/tmp/s:backlog=1024")
+        self.assertEqual(withBacklog("ssl:5051:privateKey=k.pem"), "ssl:5051:privateKey=k.pem:backlog=1024")
+        self.assertEqual(withBacklog(r"tcp:5050:interface=a\:backlog=3"), r"tcp:5050:interface=a\:backlog=3:backlog=1024")
+
+
+class TwistdUsageErrorTests(SynchronousTestCase):
+    """Under a real twistd a bad option is one line on stderr, not the whole help and then the error."""
+
+    def test_oneLine(self) -> None:
+        """C{twistd primecount --threads 0} prints one line naming the option and exits 1."""
+        result = subprocess.run([*TWISTD, "primecount", "--threads", "0"], capture_output=True, text=True, timeout=60)
+        self.assertEqual(result.returncode, 1)
+        self.assertEqual(result.stdout, "")
+        self.assertEqual(result.stderr, "twistd primecount: --threads: must be a whole number at least 1, not '0' "
+                                        "(twistd primecount --help lists the options)\n")
 
 
 class PluginTests(SynchronousTestCase):
