@@ -204,3 +204,25 @@ class ReportTests(SynchronousTestCase):
         kinds = errorsByKind([Sample(0, 1, "line", False, f) for f in failures] + [Sample(0, 1, "line", True, "")])
         self.assertEqual(kinds[0], ("Connection refused (port N)", 2))
         self.assertEqual(len(kinds), 3)
+
+
+class RunScriptTests(SynchronousTestCase):
+    """C{jmeter/run} in a clone where primecount is not installed yet says what to do instead of a traceback."""
+
+    def test_freshClone(self) -> None:
+        """With a Python that cannot import Twisted, the script exits 2 and says to run C{make test}."""
+        import shutil
+        import subprocess
+
+        clone = Path(self.mktemp())
+        (clone / "jmeter").mkdir(parents=True)
+        shutil.copy(Path(__file__).resolve().parents[1] / "jmeter" / "run", clone / "jmeter" / "run")
+        bare = clone / ".venv" / "bin" / "python"
+        bare.parent.mkdir(parents=True)
+        bare.write_text('#!/bin/sh\nexec python3 -S -I "$@"\n')  # no site-packages: nothing installed
+        bare.chmod(0o755)
+        result = subprocess.run(["sh", str(clone / "jmeter" / "run"), "--threads", "1"], capture_output=True,
+                                text=True, timeout=60)
+        self.assertEqual(result.returncode, 2, result.stderr)
+        self.assertIn("run 'make test'", result.stderr)
+        self.assertNotIn("Traceback", result.stderr)
