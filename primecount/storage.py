@@ -5,18 +5,30 @@ its replies are released, C{everysec} fsyncs at most once a second from a
 timer, C{never} leaves it to the operating system. In every policy a record is
 written (C{write(2)}) before its reply. fsync runs on the thread pool, so a slow
 disk delays the replies that wait for it, not the reactor.
+
+Several processes may append to one file (C{--workers}, or two instances on
+one host): every batch is appended under an exclusive C{flock} on the file,
+and under that lock the writer first looks at the file's last byte. All
+writers write only under the lock, so a last line without its newline can
+only be what a writer left when it died in the middle of its write (never
+answered, since records are written before replies): it is moved aside, and
+nothing another live writer is writing is ever touched. The lock is only
+tried, never waited for on the reactor thread: a writer that finds it held
+retries on a short timer, and after L{LOCK_WAIT_SECONDS} answers C{ERROR
+storage unavailable}.
 """
 
 from __future__ import annotations
 
 import errno
+import fcntl
 import os
 import stat
 from typing import Any, Callable, Optional, Sequence
 
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred, fail, succeed
-from twisted.internet.interfaces import IReactorTime
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -29,6 +41,11 @@ _OPEN_FLAGS = os.O_RDWR | os.O_APPEND | os.O_CREAT | getattr(os, "O_CLOEXEC", 0)
 FSYNC_POLICIES = ("always", "everysec", "never")
 # Runs a blocking call off the reactor thread: deferToThreadPool bound to a reactor and pool.
 RunInThread = Callable[..., Deferred]
+# How long a batch may wait for another process to release the records file's lock before its clients are
+# answered ERROR storage unavailable; a live writer holds it for one write(2), microseconds to milliseconds.
+LOCK_WAIT_SECONDS = 1.0
+# The first retry comes this soon; each later one waits twice as long, up to LOCK_RETRY_MAX.
+LOCK_RETRY_FIRST, LOCK_RETRY_MAX = 0.001, 0.05
 
 
 def _inline(function: Callable[..., Any], *args: Any) -> Deferred:
@@ -64,11 +81,62 @@ def recordsPathProblem(path: str) -> Optional[str]:
     return None
 
 
+def _createAside(path: str, mode: int) -> tuple[str, int]:
+    """Create a new file at C{path} (or C{path.2}, C{path.3}, … if taken: each torn tail gets its own), with
+    C{mode} or narrower; its path and descriptor."""
+    candidate, number = path, 1
+    while True:
+        try:
+            return candidate, os.open(candidate, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0),
+                                      mode & 0o666)
+        except FileExistsError:
+            number += 1
+            candidate = f"{path}.{number}"
+
+
+class LockBusy(Exception):
+    """Another process holds the records file's lock: try again soon."""
+
+
+class FileOperations:
+    """The system calls the records writer makes on its file, one method each, so that tests can run other
+    writers between any two of them."""
+
+    def fstat(self, fd: int) -> os.stat_result:
+        """C{os.fstat}."""
+        return os.fstat(fd)
+
+    def pread(self, fd: int, size: int, offset: int) -> bytes:
+        """C{os.pread}."""
+        return os.pread(fd, size, offset)
+
+    def write(self, fd: int, data: bytes) -> int:
+        """C{os.write}."""
+        return os.write(fd, data)
+
+    def ftruncate(self, fd: int, size: int) -> None:
+        """C{os.ftruncate}."""
+        os.ftruncate(fd, size)
+
+    def tryLock(self, fd: int) -> None:
+        """Take the exclusive lock on C{fd}'s file without waiting; L{LockBusy} if another holder has it."""
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise LockBusy() from None
+
+    def unlock(self, fd: int) -> None:
+        """Release the lock."""
+        fcntl.flock(fd, fcntl.LOCK_UN)
+
+
 class _OpenFile:
     """A records file descriptor that is closed only once no fsync is running on it."""
 
     def __init__(self, fd: int) -> None:
         self.fd = fd
+        self.regular = stat.S_ISREG(os.fstat(fd).st_mode)  # a device or pipe is shared with nobody: no lock
+        self.end = -1  # where this writer's own last append ended: a file still that long ends in its newline
         self.syncing = 0
         self.closing = False
         self.closed: Deferred[None] = Deferred()
@@ -109,6 +177,8 @@ class RecordsService(Service):
         fsync: str = "everysec",
         runInThread: RunInThread = _inline,
         metrics: NoMetrics = NoMetrics(),
+        shared: bool = True,
+        operations: Optional[FileOperations] = None,
     ) -> None:
         if fsync not in FSYNC_POLICIES:
             raise ValueError(f"fsync policy must be one of {', '.join(FSYNC_POLICIES)}, not {fsync!r}")
@@ -121,7 +191,13 @@ class RecordsService(Service):
         self._file: Optional[_OpenFile] = None
         self._unsynced = False
         self._syncTimer: Optional[LoopingCall] = None
-        self._failures = {"write": 0, "fsync": 0}
+        self._failures = {"write": 0, "fsync": 0, "lock": 0}
+        self._shared = shared  # False only for the benchmark that measures what the lock costs
+        self._ops = operations or FileOperations()
+        self._waiting: list[tuple[bytes, int, Deferred[None]]] = []  # batches waiting for the lock, in order
+        self._waitingSince = 0.0
+        self._retryCall: Optional[IDelayedCall] = None
+        self._retryDelay = LOCK_RETRY_FIRST
 
     def startService(self) -> None:
         """Open the records file and start the fsync timer.
@@ -148,45 +224,25 @@ class RecordsService(Service):
         super().stopService()
         if self._syncTimer is not None and self._syncTimer.running:
             self._syncTimer.stop()
+        if self._waiting:
+            self._retryWaiting(lastTry=True)
         current, self._file = self._file, None
         if current is None:
             return succeed(None)
         return self._sync(current).addBoth(lambda _: current.close())
 
     def _open(self) -> None:
-        """Open the file; an unusable path raises here."""
+        """Open the file; an unusable path raises here. A torn tail is looked for now if no other writer
+        holds the lock (otherwise the first append looks, under the lock)."""
         self._file = _OpenFile(openRecordsFile(self.path))
-        self._cutTornTail(self._file.fd)
-
-    def _cutTornTail(self, fd: int) -> None:
-        """Move an unfinished last line (left by a crash in the middle of a write) out of the way.
-
-        Records are written before their replies, so a write that never finished
-        was never answered: nothing acknowledged is lost. The bytes are kept in
-        C{<path>.torn-<time>} for inspection, and new records start on a clean line
-        (as Redis does with a truncated AOF).
-        """
-        status = os.fstat(fd)
-        if not stat.S_ISREG(status.st_mode) or status.st_size == 0:
+        opened = self._file
+        if not self._shared:
+            self._cutTornTail(opened.fd, self._ops.fstat(opened.fd))
             return
-        if os.pread(fd, 1, status.st_size - 1) == b"\n":
-            return
-        end, tail = status.st_size, b""
-        while end > 0 and b"\n" not in tail:
-            step = min(65536, end)
-            end -= step
-            tail = os.pread(fd, step, end) + tail
-        keep = end + tail.rfind(b"\n") + 1 if b"\n" in tail else 0
-        torn = tail[tail.rfind(b"\n") + 1:] if b"\n" in tail else tail
-        aside = f"{self.path}.torn-{int(self._clock.seconds())}"
-        with open(aside, "ab") as file:
-            file.write(torn)
-        os.ftruncate(fd, keep)
-        self.log.warn(
-            "records file {path} ended in an unfinished line ({size} bytes at offset {offset}), left by a crash "
-            "during a write; moved it to {aside}",
-            path=self.path, size=len(torn), offset=keep, aside=aside,
-        )
+        try:
+            self._locked(opened, lambda status: self._cutTornTail(opened.fd, status))
+        except LockBusy:
+            pass
 
     def reopen(self) -> None:
         """Continue in a newly opened file at the same path (after logrotate renamed the old one).
@@ -206,39 +262,168 @@ class RecordsService(Service):
         self.log.info("reopened records file {path}", path=self.path)
 
     def write(self, records: Sequence[Record]) -> Deferred[None]:
-        """Append C{records} with one write now; the result fires once they are stored (and, with
-        C{fsync="always"}, synced), or fails with L{StorageUnavailable}."""
+        """Append C{records} with one write now, or as soon as no other process holds the file's lock; the
+        result fires once they are stored (and, with C{fsync="always"}, synced), or fails with
+        L{StorageUnavailable}."""
         if self._file is None:
             return fail(StorageUnavailable(f"records file {self.path} is not open"))
         batch = "".join([self._format(record) for record in records]).encode("utf-8")
+        if self._waiting:  # earlier batches wait for the lock: this one goes after them
+            return self._wait(batch, len(records))
         try:
-            self._writeAll(batch)
+            self._append(batch)
+        except LockBusy:
+            return self._wait(batch, len(records))
         except OSError as error:
-            self._failed("write", error, len(records))
-            self._metrics.recordWriteFailed(len(records))
-            return fail(StorageUnavailable(f"cannot write {self.path}: {error.strerror}"))
+            return self._writeFailed(error, len(records))
+        return self._stored(len(records))
+
+    def _append(self, data: bytes) -> None:
+        """Append C{data} with the multi-writer protocol (or, unshared, as it is)."""
+        target = self._file
+        if target is None:
+            raise OSError(errno.EBADF, "records file is closed")
+        if not self._shared:
+            self._writeAll(target.fd, data, self._ops.fstat(target.fd).st_size)
+            return
+
+        def appendUnderLock(status: os.stat_result) -> None:
+            # Still where our own last append ended: nobody wrote since, and the file ends in our newline.
+            end = status.st_size if status.st_size == target.end else self._cutTornTail(target.fd, status)
+            self._writeAll(target.fd, data, end)
+            target.end = end + len(data)
+
+        self._locked(target, appendUnderLock)
+
+    def _locked(self, target: _OpenFile, action: Callable[[os.stat_result], object]) -> None:
+        """Run C{action} with the file's status while holding its lock; L{LockBusy} if another process holds
+        it. A file that is not a regular one (a device, a pipe) has nobody to share it with: no lock."""
+        if not target.regular:
+            action(self._ops.fstat(target.fd))
+            return
+        self._ops.tryLock(target.fd)
+        try:
+            action(self._ops.fstat(target.fd))  # its size now, with no other writer able to change it
+        finally:
+            self._ops.unlock(target.fd)
+
+    def _cutTornTail(self, fd: int, status: os.stat_result) -> int:
+        """Move an unfinished last line out of the way; return where the file ends now.
+
+        Every writer writes whole lines under the lock, so an unfinished last
+        line seen under the lock was left by a writer that died in the middle
+        of its write (or by a machine crash). Records are written before their
+        replies, so that write was never answered: nothing acknowledged is
+        lost. The bytes are kept in C{<path>.torn-<time>} (with the records
+        file's mode or narrower) for inspection, and new records start on a
+        clean line (as Redis does with a truncated AOF).
+        """
+        if not stat.S_ISREG(status.st_mode) or status.st_size == 0:
+            return status.st_size
+        if self._ops.pread(fd, 1, status.st_size - 1) == b"\n":
+            return status.st_size
+        end, tail = status.st_size, b""
+        while end > 0 and b"\n" not in tail:
+            step = min(65536, end)
+            end -= step
+            tail = self._ops.pread(fd, step, end) + tail
+        keep = end + tail.rfind(b"\n") + 1 if b"\n" in tail else 0
+        torn = tail[tail.rfind(b"\n") + 1:] if b"\n" in tail else tail
+        aside, asideFd = _createAside(f"{self.path}.torn-{int(self._clock.seconds())}", stat.S_IMODE(status.st_mode))
+        try:
+            os.fchmod(asideFd, stat.S_IMODE(os.fstat(asideFd).st_mode) & stat.S_IMODE(status.st_mode))
+            written = 0
+            while written < len(torn):
+                written += os.write(asideFd, torn[written:])
+        finally:
+            os.close(asideFd)
+        self._ops.ftruncate(fd, keep)
+        self.log.warn(
+            "records file {path} ended in an unfinished line ({size} bytes at offset {offset}), left by a writer "
+            "that died (or a crash) during a write; moved it to {aside}",
+            path=self.path, size=len(torn), offset=keep, aside=aside,
+        )
+        return keep
+
+    def _writeAll(self, fd: int, data: bytes, start: int) -> None:
+        """Write all of C{data} at the end of the file, which is at C{start}; on failure, cut the file back to
+        C{start} (only this writer has written since: it holds the lock)."""
+        written = 0
+        try:
+            while written < len(data):
+                written += self._ops.write(fd, data[written:])
+        except OSError:
+            if written:
+                # A torn batch would leave a half record; cut the file back to where it began.
+                self._ops.ftruncate(fd, start)
+            raise
+
+    def _stored(self, count: int) -> Deferred[None]:
+        """C{count} records were written: count them, and fsync first with C{fsync="always"}."""
         self._recovered("write")
-        self._metrics.recordsWritten(len(records))
+        self._metrics.recordsWritten(count)
         self._unsynced = True
-        if self._fsyncPolicy != "always":
+        if self._fsyncPolicy != "always" or self._file is None:
             return succeed(None)
         return self._sync(self._file).addErrback(
             lambda failure: fail(StorageUnavailable(f"cannot fsync {self.path}: {failure.getErrorMessage()}"))
         )
 
-    def _writeAll(self, data: bytes) -> None:
-        """Write all of C{data}, or, on failure, remove any part of it that reached the file."""
-        if self._file is None:
-            raise OSError(errno.EBADF, "records file is closed")
-        fd, written = self._file.fd, 0
+    def _writeFailed(self, error: OSError, count: int) -> Deferred[None]:
+        self._failed("write", error, count)
+        self._metrics.recordWriteFailed(count)
+        return fail(StorageUnavailable(f"cannot write {self.path}: {error.strerror}"))
+
+    # Waiting for another process's lock, on a timer: the reactor thread never blocks on it.
+
+    def _wait(self, batch: bytes, count: int) -> Deferred[None]:
+        stored: Deferred[None] = Deferred()
+        if not self._waiting:
+            self._waitingSince = self._clock.seconds()
+            self._retryDelay = LOCK_RETRY_FIRST
+        self._waiting.append((batch, count, stored))
+        if self._retryCall is None:
+            self._retryCall = self._clock.callLater(self._retryDelay, self._retryWaiting)
+        return stored
+
+    def _retryWaiting(self, lastTry: bool = False) -> None:
+        """Append every waiting batch in one write if the lock is free now; past the wait bound (or on the
+        last try, when stopping) refuse them."""
+        if self._retryCall is not None and self._retryCall.active():
+            self._retryCall.cancel()
+        self._retryCall = None
+        waiting, count = self._waiting, sum(n for _, n, _ in self._waiting)
         try:
-            while written < len(data):
-                written += os.write(fd, data[written:])
-        except OSError:
-            if written:
-                # A torn batch would leave a half record; cut the file back to where it began.
-                os.ftruncate(fd, os.fstat(fd).st_size - written)
-            raise
+            self._append(b"".join(batch for batch, _, _ in waiting))
+        except LockBusy:
+            waited = self._clock.seconds() - self._waitingSince
+            if not lastTry and waited < LOCK_WAIT_SECONDS:
+                self._retryDelay = min(self._retryDelay * 2, LOCK_RETRY_MAX)
+                self._retryCall = self._clock.callLater(self._retryDelay, self._retryWaiting)
+                return
+            self._waiting = []
+            self._failed("lock", f"another process has held its lock for {waited:.1f} s", count)
+            self._metrics.recordWriteFailed(count)
+            refused = StorageUnavailable(f"cannot lock {self.path}: held by another process")
+            for _, _, stored in waiting:
+                stored.errback(refused)
+            return
+        except OSError as error:
+            self._waiting = []
+            for _, n, stored in waiting:
+                self._writeFailed(error, n).chainDeferred(stored)
+            return
+        self._waiting = []
+        self._recovered("lock")
+
+        def handOut(result: object) -> None:
+            for _, _, stored in waiting:
+                if isinstance(result, Failure):
+                    stored.errback(result)
+                else:
+                    stored.callback(None)
+
+        self._stored(count).addBoth(handOut)
 
     def _syncIfNeeded(self) -> None:
         if self._unsynced and self._file is not None:
@@ -265,7 +450,7 @@ class RecordsService(Service):
 
         return self._runInThread(os.fsync, target.fd).addBoth(done)
 
-    def _failed(self, operation: str, error: BaseException, records: int) -> None:
+    def _failed(self, operation: str, error: object, records: int) -> None:
         """Log a failure once per incident, not once per batch."""
         self._failures[operation] += 1
         if self._failures[operation] == 1:

@@ -31,6 +31,8 @@ from primecount.responder import Responder
 from primecount.storage import FSYNC_POLICIES, RecordsService, recordsPathProblem
 
 DEFAULTS = RequestLimits()
+# A benchmark-only switch: "1" appends records without the multi-writer lock (unsafe with several writers).
+UNLOCKED_APPEND_SWITCH = "PRIMECOUNT_BENCH_UNLOCKED_APPEND"
 PROXIED_PREFIX = "haproxy:"
 log = Logger()
 # Twisted listens with a backlog of 50; a burst of new clients beyond that waits
@@ -278,7 +280,9 @@ def makeService(options: Options, reactor: Optional[Any] = None) -> IService:
                                     limits=configuredLimits(options, maxConnections))
     top = SequentialMultiService()
     records = RecordsService(
-        options["records"], reactor, FORMATS[options["records-format"]], options["fsync"], runInThread, metrics
+        options["records"], reactor, FORMATS[options["records-format"]], options["fsync"], runInThread, metrics,
+        # For contrib/bench/workers_scaling.py only: what the multi-writer append protocol costs.
+        shared=os.environ.get(UNLOCKED_APPEND_SWITCH) != "1",
     )
     ProcessSignals(reactor, onHangUp=records.reopen).setServiceParent(top)
     records.setServiceParent(top)

@@ -267,10 +267,17 @@ class TwistdWorkersTests(SynchronousTestCase):
         server = self.start("--workers", "2", "--metrics", "tcp:0:interface=127.0.0.1")
         metricsPort = int(server.waitFor(rb"Site starting on (\d+)").group(1))
         answered = self.load(server.port, 1, clients=4)
-        text = urllib.request.urlopen(f"http://127.0.0.1:{metricsPort}/metrics", timeout=10).read().decode()
+        scraped: list[str] = []
+
+        def everyCloseSeen() -> bool:
+            # A client that has its reply has closed, but the worker may not have read that close yet.
+            scraped[:] = [urllib.request.urlopen(f"http://127.0.0.1:{metricsPort}/metrics", timeout=10).read().decode()]
+            return re.search(r"(?m)^primecount_open_connections 0\.0$", scraped[0]) is not None
+
+        waitUntil(everyCloseSeen, what="the workers to see every client's close")
         self.assertEqual(server.stop(), 0, server.log)
-        ok = float(re.search(r'^primecount_requests_total\{outcome="ok"\} (\S+)$', text, re.M).group(1))
+        ok = float(re.search(r'^primecount_requests_total\{outcome="ok"\} (\S+)$', scraped[0], re.M).group(1))
         self.assertEqual(ok, len(answered))
-        self.assertRegex(text, r"(?m)^primecount_open_connections 0\.0$")
+        self.assertRegex(scraped[0], r"(?m)^primecount_connections_total %d\.0$" % len(answered))
 
 
