@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import socket
 import statistics
@@ -121,12 +122,43 @@ def runLoad(loadgen: Path, port: int, scenario: list[str], duration: float, mess
         raise SystemExit(f"loadgen failed ({result.returncode}): {result.stdout}{result.stderr}")
 
 
+def treeCpuSeconds(pid: int) -> float:
+    """User + system CPU seconds used so far by process C{pid} and every live descendant (workers included),
+    from C{/proc/PID/stat}."""
+    parents: dict[int, int] = {}
+    used: dict[int, float] = {}
+    tick = os.sysconf("SC_CLK_TCK")
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as file:
+                fields = file.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        parents[int(entry)] = int(fields[1])
+        used[int(entry)] = (int(fields[11]) + int(fields[12])) / tick
+    tree, frontier = {pid}, [pid]
+    while frontier:
+        parent = frontier.pop()
+        children = [child for child, ppid in parents.items() if ppid == parent and child not in tree]
+        tree.update(children)
+        frontier += children
+    return sum(used.get(member, 0.0) for member in tree)
+
+
 def measure(kind: str, workdir: Path, shared: Path, serverCore: Optional[str], options: list[str], loadgen: Path,
             loadArgs: list[str], duration: float, messages: Path, clientCore: Optional[str]) -> dict:
-    """Start a fresh server, drive it with loadgen once, stop it; loadgen's summary."""
+    """Start a fresh server, drive it with loadgen once, stop it; loadgen's summary, plus C{cpu_us_per_request}:
+    the server's CPU time (its whole process tree) per request answered during the load."""
     server = startServer(kind, workdir, shared, serverCore, options)
     try:
-        return runLoad(loadgen, server.port, loadArgs, duration, messages, clientCore)
+        before = treeCpuSeconds(server.process.pid)
+        result = runLoad(loadgen, server.port, loadArgs, duration, messages, clientCore)
+        used = treeCpuSeconds(server.process.pid) - before
+        requests = result.get("rps", 0) * duration
+        result["cpu_us_per_request"] = used / requests * 1e6 if requests else float("nan")
+        return result
     finally:
         server.stop()
 

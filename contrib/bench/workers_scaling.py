@@ -5,11 +5,17 @@ core, so on a small machine loadgen's own share of the CPU is part of the
 picture. On a bigger machine the same command gives the scaling curve:
 C{python contrib/bench/workers_scaling.py --max-workers 16 --conns 200}.
 Medians of C{--rounds} runs; needs ../shared/tools.
+
+C{--append-lock} measures instead what the multi-writer append protocol costs:
+2 workers (C{--workers}), one-shot and keep-alive, with the records lock on
+and off (the benchmark-only C{PRIMECOUNT_BENCH_UNLOCKED_APPEND=1}), rounds
+interleaved, pinned to C{--server-core}/C{--client-core} unless C{--unpinned}.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import shutil
 import statistics
 import sys
@@ -18,6 +24,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from loadgen_compare import ROOT, measure, prepare  # noqa: E402
 
+from primecount.tap import UNLOCKED_APPEND_SWITCH  # noqa: E402
 from primecount.workers import cpuCount  # noqa: E402
 
 
@@ -38,7 +45,15 @@ def main() -> None:
     parser.add_argument("--conns", type=int, default=50)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--duration", type=float, default=5.0)
+    parser.add_argument("--append-lock", action="store_true", help="measure the records lock on against off")
+    parser.add_argument("--workers", type=int, default=2, help="with --append-lock: workers per server")
+    parser.add_argument("--unpinned", action="store_true", help="with --append-lock: no taskset")
+    parser.add_argument("--server-core", default="0")
+    parser.add_argument("--client-core", default="1")
     args = parser.parse_args()
+    if args.append_lock:
+        appendLockCost(args)
+        return
     workdir, loadgen, messages = prepare(args.shared, "primecount-workers-")
     conns = ["--conns", str(args.conns)]
     rows: dict[tuple[str, int], list[dict]] = {}
@@ -68,6 +83,43 @@ def main() -> None:
         p99 = statistics.median(r["latency_us"]["p99"] for r in runs) / 1000
         errors = sum(r["errors_total"] + r["mismatches"] for r in runs)
         print(f"{mode:<11} {workers:>7} {rps:>9.0f} {p99:>7.2f} {rps / single:>10.2f} {rps / base:>10.2f} {errors:>6}")
+
+
+def appendLockCost(args: argparse.Namespace) -> None:
+    """The records lock on and off, same run, interleaved rounds: req/s, p99, CPU per request and the ratio."""
+    workdir, loadgen, messages = prepare(args.shared, "primecount-lock-")
+    serverCore, clientCore = (None, None) if args.unpinned else (args.server_core, args.client_core)
+    conns = ["--conns", str(args.conns)]
+    rows: dict[tuple[str, str], list[dict]] = {}
+    try:
+        for round in range(1, args.rounds + 1):
+            for mode, options, load in (("one-shot", [], conns),
+                                        ("keep-alive", ["--keep-alive"], [*conns, "--keepalive"])):
+                for lock in ("on", "off"):
+                    if lock == "off":
+                        os.environ[UNLOCKED_APPEND_SWITCH] = "1"
+                    try:
+                        result = measure("primecount", workdir, args.shared, serverCore,
+                                         ["--workers", str(args.workers), *options], loadgen, load, args.duration,
+                                         messages, clientCore)
+                    finally:
+                        os.environ.pop(UNLOCKED_APPEND_SWITCH, None)
+                    rows.setdefault((mode, lock), []).append(result)
+                    print(f"round {round} {mode:<10} lock {lock:<3}  rps {result['rps']:>9.1f}  "
+                          f"cpu/req {result['cpu_us_per_request']:.1f} us  mismatches {result['mismatches']}",
+                          file=sys.stderr, flush=True)
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+    where = "unpinned" if args.unpinned else f"server on core {args.server_core}, load on core {args.client_core}"
+    print(f"\n{args.workers} workers, {args.conns} clients, {where}, medians of {args.rounds} x {args.duration:g} s")
+    print(f"{'mode':<11} {'lock':<4} {'req/s':>9} {'p99 ms':>7} {'cpu us/req':>10} {'on/off':>7} {'errors':>6}")
+    for (mode, lock), runs in rows.items():
+        rps = statistics.median(r["rps"] for r in runs)
+        off = statistics.median(r["rps"] for r in rows[(mode, "off")])
+        p99 = statistics.median(r["latency_us"]["p99"] for r in runs) / 1000
+        cpu = statistics.median(r["cpu_us_per_request"] for r in runs)
+        errors = sum(r["errors_total"] + r["mismatches"] for r in runs)
+        print(f"{mode:<11} {lock:<4} {rps:>9.0f} {p99:>7.2f} {cpu:>10.1f} {rps / off:>7.3f} {errors:>6}")
 
 
 if __name__ == "__main__":
