@@ -184,7 +184,8 @@ class PrimeCountProtocol(LineReceiver, TimeoutMixin):
     log = Logger()
 
     def __init__(self, limits: RequestLimits, clock: IReactorTime, responder: Responder) -> None:
-        self.MAX_LENGTH = limits.maxLine
+        self._maxLine = limits.maxLine
+        self.MAX_LENGTH = limits.maxLine + 1  # room for the CR of a CRLF ending, which does not count
         self._limits = limits
         self._clock = clock
         self._responder = responder
@@ -243,8 +244,8 @@ class PrimeCountProtocol(LineReceiver, TimeoutMixin):
 
     def _partialLine(self, data: bytes) -> None:
         self._buffered += len(data)
-        if self._buffered > self.MAX_LENGTH:
-            self._refuse(wire.lineTooLong(self.MAX_LENGTH))
+        if self._buffered > self._maxLine and not (self._buffered == self.MAX_LENGTH and data.endswith(b"\r")):
+            self._refuse(wire.lineTooLong(self._maxLine))
             return
         if self._startedAt is None:
             self._requestBegins()
@@ -267,12 +268,17 @@ class PrimeCountProtocol(LineReceiver, TimeoutMixin):
         return self._buffered
 
     def lineReceived(self, line: bytes) -> None:
-        """A newline ended a request; a CR right before it is dropped."""
-        self._requestEnded(line[:-1] if line.endswith(b"\r") else line)
+        """A newline ended a request; a CR right before it is dropped (and not counted against the limit)."""
+        if line.endswith(b"\r"):
+            line = line[:-1]
+        if len(line) > self._maxLine:
+            self._refuse(wire.lineTooLong(self._maxLine))
+            return
+        self._requestEnded(line)
 
     def lineLengthExceeded(self, line: bytes) -> None:
         """A complete line over the limit: refused, and the connection closes after the replies before it."""
-        self._refuse(wire.lineTooLong(self.MAX_LENGTH))
+        self._refuse(wire.lineTooLong(self._maxLine))
 
     def rawDataReceived(self, data: bytes) -> None:
         """Bytes after the last request are read and discarded."""

@@ -158,6 +158,18 @@ class LineLimitTests(SynchronousTestCase):
         harness.send(b"a" * 10 + b"\n")
         self.assertEqual(harness.reply(), b"10 no\n")
 
+    def test_crBeforeNewlineDoesNotCount(self) -> None:
+        """A CRLF line of exactly C{maxLine} bytes before its CR is answered, whole or split before the CR or
+        between CR and LF, as the same line ending in LF is; one byte more is refused."""
+        for pieces in ([b"a" * 10 + b"\r\n"], [b"a" * 10, b"\r\n"], [b"a" * 10 + b"\r", b"\n"]):
+            harness = ProtocolHarness(RequestLimits(maxLine=10))
+            harness.send(*pieces)
+            self.assertEqual(harness.reply(), b"10 no\n", pieces)
+        for pieces in ([b"a" * 11 + b"\r\n"], [b"a" * 11 + b"\r", b"\n"], [b"a" * 10 + b"\r", b"a\n"]):
+            harness = ProtocolHarness(RequestLimits(maxLine=10))
+            harness.send(*pieces)
+            self.assertEqual(harness.reply(), b"ERROR line too long (max 10 bytes)\n", pieces)
+
     def test_overLimitWithNewline(self) -> None:
         """A line of C{maxLine + 1} bytes is refused."""
         harness = ProtocolHarness(RequestLimits(maxLine=10))
