@@ -2,8 +2,9 @@
 
 C{tsv} (the default, the original project's columns) writes
 C{YYYY-MM-DD HH:MM:SS<TAB>client-ip<TAB>message<TAB>count<TAB>sí|no<LF>} in local
-time, with C{\\} written C{\\\\}, TAB C{\\t}, CR C{\\r} and LF C{\\n} in the message, so
-a record is always exactly one line. C{jsonl} writes one JSON object per line
+time, with C{\\} written C{\\\\}, TAB C{\\t}, CR C{\\r} and LF C{\\n} in the message, and every other
+control character (C0, DEL, C1, U+2028, U+2029) as C{\\xHH} or C{\\uHHHH}, so a record is always exactly
+one line that a terminal, C{grep} and C{str.splitlines} take as text. C{jsonl} writes one JSON object per line
 with the same fields plus C{time}, an ISO 8601 timestamp with its UTC offset.
 """
 
@@ -20,8 +21,13 @@ TIMESTAMP_FORMAT = "%Y-%m-%d %H:%M:%S"
 _TIMESTAMP_PATTERN = re.compile(r"\d{4}-\d{2}-\d{2} \d{2}:\d{2}:\d{2}")
 _ESCAPES = {"\\": "\\\\", "\t": "\\t", "\r": "\\r", "\n": "\\n"}
 _UNESCAPES = {escaped: plain for plain, escaped in _ESCAPES.items()}
-_ESCAPE_PATTERN = re.compile(r"[\\\t\r\n]")
-_UNESCAPE_PATTERN = re.compile(r"\\.?", re.DOTALL)
+# Control characters a terminal would act on, that make grep call a file binary, or that str.splitlines()
+# splits at: C0 (but TAB, CR and LF, which have their own escapes), DEL, C1, U+2028 and U+2029.
+CONTROLS = "\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f\u2028\u2029"
+_CONTROL_PATTERN = re.compile(f"[{CONTROLS}]")
+_ESCAPE_PATTERN = re.compile(f"[\\\\\t\r\n{CONTROLS}]")
+_UNESCAPE_PATTERN = re.compile(r"\\(?:x[0-9a-f]{2}|u[0-9a-f]{4}|.)?", re.DOTALL)
+_JSON_RAW_PATTERN = re.compile("[\x7f-\x9f\u2028\u2029]")  # json.dumps already escapes C0
 _VERDICTS = {"sí": True, "no": False}
 
 
@@ -66,11 +72,23 @@ def parseTimestamp(text: str) -> int:
         raise MalformedRecord(f"bad timestamp {text!r}") from None
 
 
+def _codeEscape(character: str) -> str:
+    """C{\\xHH} for a control character below U+0100, C{\\uHHHH} above."""
+    code = ord(character)
+    return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}"
+
+
+def _escapeOne(match: re.Match[str]) -> str:
+    character = match.group()
+    return _ESCAPES.get(character) or _codeEscape(character)
+
+
 def escapeField(text: str) -> str:
-    """Escape backslash, TAB, CR and LF so C{text} fits in one tab-separated field."""
+    """Escape backslash, TAB, CR, LF and every other control character so C{text} fits in one tab-separated
+    field and prints as text."""
     if _ESCAPE_PATTERN.search(text) is None:
         return text
-    return _ESCAPE_PATTERN.sub(lambda match: _ESCAPES[match.group()], text)
+    return _ESCAPE_PATTERN.sub(_escapeOne, text)
 
 
 def unescapeField(text: str) -> str:
@@ -79,12 +97,22 @@ def unescapeField(text: str) -> str:
         return text
 
     def unescape(match: re.Match[str]) -> str:
-        try:
-            return _UNESCAPES[match.group()]
-        except KeyError:
-            raise MalformedRecord(f"bad escape {match.group()!r}") from None
+        escaped = match.group()
+        if escaped in _UNESCAPES:
+            return _UNESCAPES[escaped]
+        if len(escaped) > 2:
+            character = chr(int(escaped[2:], 16))
+            if _CONTROL_PATTERN.fullmatch(character):
+                return character
+        raise MalformedRecord(f"bad escape {escaped!r}")
 
     return _UNESCAPE_PATTERN.sub(unescape, text)
+
+
+def terminalSafe(text: str) -> str:
+    """C{text} with every control character but TAB written as in records (C{\\x1b}, C{\\u2028}), for
+    printing lines of any records file, even one written before control characters were escaped."""
+    return _CONTROL_PATTERN.sub(lambda match: _codeEscape(match.group()), text)
 
 
 def _parseVerdict(verdict: object) -> bool:
@@ -117,8 +145,8 @@ def parseTSV(line: str) -> Record:
 
 
 def formatJSONL(record: Record) -> str:
-    """Format C{record} as one JSON object on one line, newline included."""
-    return json.dumps(
+    """Format C{record} as one JSON object on one line, newline included, every control character escaped."""
+    line = json.dumps(
         {
             "timestamp": formatTimestamp(record.seconds),
             "time": formatISOTime(record.seconds),
@@ -128,7 +156,10 @@ def formatJSONL(record: Record) -> str:
             "verdict": record.verdict,
         },
         ensure_ascii=False,
-    ) + "\n"
+    )
+    if _JSON_RAW_PATTERN.search(line) is not None:  # DEL, C1, U+2028/U+2029: valid JSON raw, unsafe to print
+        line = _JSON_RAW_PATTERN.sub(lambda match: f"\\u{ord(match.group()):04x}", line)
+    return line + "\n"
 
 
 def parseJSONL(line: str) -> Record:

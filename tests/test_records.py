@@ -1,12 +1,14 @@
 """Tests for L{primecount.records}: one line per record in either format, parsed back losslessly."""
 
 import json
+import re
 import time
 
 from hypothesis import given, strategies as st
 from twisted.trial.unittest import SynchronousTestCase
 
 from primecount.records import (
+    CONTROLS,
     JSONL,
     TSV,
     MalformedRecord,
@@ -77,14 +79,35 @@ class TSVTests(SynchronousTestCase):
 
     @given(st.text())
     def test_escapeRoundTrip(self, text: str) -> None:
-        """Any text survives escaping and unescaping, and its escaped form has no TAB, CR or LF."""
+        """Any text survives escaping and unescaping, and its escaped form has no control character at all."""
         escaped = escapeField(text)
         self.assertEqual(unescapeField(escaped), text)
-        self.assertFalse(set(escaped) & {"\t", "\r", "\n"})
+        self.assertIsNone(re.search(f"[\t\r\n{CONTROLS}]", escaped), escaped)
+        self.assertEqual(len(f"x{escaped}y".splitlines()), 1)
+
+    def test_controlCharacters(self) -> None:
+        """ESC, BEL, NUL, DEL, C1 codes (NEL among them) and U+2028/U+2029 are written in the records' own
+        notation, so a record can be printed, grepped and split into lines safely."""
+        line = formatTSV(Record(SECONDS, "::1", "\x1b[2J\x07\x00\x7f\x9b\x85\u2028\u2029", 1, False))
+        self.assertEqual(line, f"{STAMP}\t::1\t\\x1b[2J\\x07\\x00\\x7f\\x9b\\x85\\u2028\\u2029\t1\tno\n")
+
+    def test_escapesOnlyForControls(self) -> None:
+        """A code escape of a character that is never escaped is refused: the notation stays canonical."""
+        for escaped in ("\\x41", "\\u00e9", "\\xZZ", "\\x1"):
+            self.assertRaises(MalformedRecord, unescapeField, escaped)
 
 
 class JSONLTests(SynchronousTestCase):
     """The JSON lines format: the same fields plus an ISO 8601 time with offset."""
+
+    @given(st.text())
+    def test_controlsEscapedAndLossless(self, message: str) -> None:
+        """Any message gives valid JSON with no raw control character, and parses back to itself."""
+        record = Record(SECONDS, "::1", message, 1, False)
+        line = formatJSONL(record)
+        self.assertIsNone(re.search(f"[{CONTROLS}]", line[:-1]), line)
+        self.assertEqual(json.loads(line)["message"], message)
+        self.assertEqual(parseRecord(line), record)
 
     def test_format(self) -> None:
         """A record is one JSON object with the local timestamp, the ISO time and the fields."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import os
 import queue
+import re
 import signal
 import subprocess
 import sys
@@ -13,7 +14,7 @@ from pathlib import Path
 
 from twisted.trial.unittest import SynchronousTestCase
 
-from primecount.records import JSONL, TSV, Record
+from primecount.records import CONTROLS, JSONL, TSV, Record
 from primecount.tools.records import main
 from tests.helpers import slow
 
@@ -190,6 +191,16 @@ class StatsAndTailTests(ToolTestCase):
         status, output = self.tool("tail", "-n", "2", path)
         self.assertEqual(status, 0)
         self.assertEqual([line.split("\t")[2] for line in output.splitlines()], ["m98", "m99"])
+
+    def test_neverPrintsRawControls(self) -> None:
+        """Lines of an old file holding raw ESC, NUL, C1 and U+2028 are printed in the escaped notation, by
+        tail and stats alike."""
+        raw = "2026-11-26 10:00:00\t127.0.0.1\tbad\x1b]0;owned\x07\x00\x9b\u2028\t1\tno\n"
+        path = self.write(lines("ok") + raw)
+        status, output = self.tool("tail", "-n", "2", path)
+        self.assertEqual(status, 0)
+        self.assertIsNone(re.search(f"[{CONTROLS}]", output), output)
+        self.assertIn("bad\\x1b]0;owned\\x07\\x00\\x9b\\u2028", output)
 
     def test_tailLongerThanFile(self) -> None:
         """Asking for more records than there are prints them all."""

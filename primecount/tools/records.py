@@ -1,5 +1,8 @@
 """The records tool: C{python -m primecount.records check|repair|stats|tail|follow FILE...} (also C{primecount-records}).
 
+It never prints a raw control character: lines of files written before control
+characters were escaped in records are shown with the records' own notation.
+
 Exit statuses scripts can rely on: 0 all well; 1 the file cannot be read or
 written; 2 bad usage; 3 the last line is torn (a write cut short, e.g. by power
 loss; C{repair} fixes it); 4 a line before the last is malformed (not repairable
@@ -16,7 +19,7 @@ import time
 from collections import Counter
 from typing import Iterator, NamedTuple, Optional, Sequence, TextIO
 
-from primecount.records import MalformedRecord, Record, formatTimestamp, parseRecord
+from primecount.records import MalformedRecord, Record, formatTimestamp, parseRecord, terminalSafe
 
 EXIT_OK, EXIT_IO, EXIT_USAGE, EXIT_TORN, EXIT_MALFORMED = 0, 1, 2, 3, 4
 
@@ -152,7 +155,7 @@ def stats(paths: Sequence[str], out: TextIO, top: int, since: Optional[int] = No
         out.write(f"last         {formatTimestamp(last)}\n")  # type: ignore[arg-type]
     out.write(f"clients      {len(clients)}\n")
     for client, count in clients.most_common(top):
-        out.write(f"  {count:>10}  {client}\n")
+        out.write(f"  {count:>10}  {terminalSafe(client)}\n")
     out.write("per minute\n")
     for minute, count in sorted(minutes.items()):
         out.write(f"  {formatTimestamp(minute * 60)[:16]}  {count}\n")
@@ -188,7 +191,7 @@ def tail(path: str, out: TextIO, count: int) -> int:
         lines = buffer.split(b"\n")
     complete = lines[:-1] if position == 0 else lines[1:-1]  # drop a partial first and the torn/empty last
     for raw in complete[-count:] if count else []:
-        out.write(raw.decode("utf-8", errors="replace") + "\n")
+        out.write(terminalSafe(raw.decode("utf-8", errors="replace")) + "\n")
     return EXIT_OK
 
 
@@ -220,7 +223,7 @@ def follow(path: str, out: TextIO, interval: float = 0.2, fromEnd: bool = True, 
                 pending += file.read()
             *complete, pending = pending.split(b"\n")
             for raw in complete:
-                out.write(raw.decode("utf-8", errors="replace") + "\n")
+                out.write(terminalSafe(raw.decode("utf-8", errors="replace")) + "\n")
             out.flush()
             time.sleep(interval)
     except KeyboardInterrupt:
