@@ -1,4 +1,5 @@
-"""Connection limits: how many connections in all and per client address, and the process's descriptor limit.
+"""Connection limits: how many connections in all and per client address, the process's descriptor limit, and
+how often something a client can trigger is logged.
 
 Twisted's own C{LimitConnectionsByPeer} indexes its table with the peer's
 address object rather than its host (twisted issue 12183), so it never limits
@@ -17,8 +18,10 @@ from typing import NamedTuple, Optional
 FD_HEADROOM = 128
 
 
-def peerKey(host: str) -> str:
-    """The address a per-client limit counts under: IPv4-mapped IPv6 (C{::ffff:a.b.c.d}) counts as IPv4."""
+def canonicalHost(host: str) -> str:
+    """The one name of a client address, as records, logs, limits and metrics all write it: IPv4-mapped IPv6
+    (C{::ffff:a.b.c.d}) is the IPv4 address, other IPv6 is in RFC 5952 form with no scope id; anything that
+    is not an IP address (a UNIX socket's path) is left as it is."""
     if ":" not in host:
         return host  # Twisted reports IPv4 peers as canonical dotted quads already
     try:
@@ -28,6 +31,24 @@ def peerKey(host: str) -> str:
     if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
         return str(address.ipv4_mapped)
     return str(address)
+
+
+class Throttle:
+    """Says when an event that clients can cause at will may be logged: at most once per C{interval} seconds,
+    with how many happened since the last line."""
+
+    def __init__(self, interval: float = 1.0) -> None:
+        self._interval = interval
+        self._last = float("-inf")
+        self._count = 0
+
+    def event(self, now: float) -> Optional[int]:
+        """One more event at C{now}: the count to log now, or C{None} to stay quiet."""
+        self._count += 1
+        if now - self._last < self._interval:
+            return None
+        count, self._count, self._last = self._count, 0, now
+        return count
 
 
 class ConnectionLimits:

@@ -17,7 +17,7 @@ from twisted.protocols.policies import TimeoutMixin
 from zope.interface import implementer
 
 from primecount import wire
-from primecount.limits import ConnectionLimits, peerKey
+from primecount.limits import ConnectionLimits, Throttle, canonicalHost
 from primecount.metrics import NoMetrics
 from primecount.responder import Responder
 
@@ -44,8 +44,10 @@ BUSY_LINGER_MAX = 1024
 
 
 def peerHost(address: IAddress) -> str:
-    """The client address as written in records and logs: the IP for TCP peers."""
-    return getattr(address, "host", None) or str(address)
+    """The client address as written in records, logs and limits: the IP of a TCP peer, in its one canonical
+    form (L{canonicalHost})."""
+    host = getattr(address, "host", None)
+    return canonicalHost(host) if host else str(address)
 
 
 def sendNow(transport: ITransport, data: bytes) -> None:
@@ -471,12 +473,11 @@ class PrimeCountFactory(Factory):
         self._open: dict[PrimeCountProtocol, str] = {}
         self._idleWaiters: list[Deferred[None]] = []
         self.busyLingering = 0
-        self._lastBusyLog = float("-inf")
-        self._refusedSinceLog = 0
+        self._busyLog = Throttle()
 
     def buildProtocol(self, addr: IAddress) -> Protocol:
         """A protocol for the connection from C{addr}, or a L{BusyProtocol} if it is over a limit."""
-        key = peerKey(peerHost(addr))
+        key = peerHost(addr)
         over = self.connectionLimits.tryAcquire(key)
         if over is not None:
             return self._busy(key, over)
@@ -491,16 +492,14 @@ class PrimeCountFactory(Factory):
         lingering = self.busyLingering < BUSY_LINGER_MAX
         if lingering:
             self.busyLingering += 1
-        self._refusedSinceLog += 1
-        now = self.clock.seconds()
-        if now - self._lastBusyLog >= 1.0:  # at most one line a second, however hard the flood
+        refused = self._busyLog.event(self.clock.seconds())
+        if refused is not None:  # at most one line a second, however hard the flood
             self.log.warn(
                 "answered ERROR busy to {refused} connections (last from {peer}); {total} open, "
                 "limits {maxTotal} in all and {maxPerPeer} per address",
-                refused=self._refusedSinceLog, peer=key, total=self.connectionLimits.total,
+                refused=refused, peer=key, total=self.connectionLimits.total,
                 maxTotal=self.connectionLimits.maxTotal, maxPerPeer=self.connectionLimits.maxPerPeer or "no",
             )
-            self._lastBusyLog, self._refusedSinceLog = now, 0
 
         def closed() -> None:
             if lingering:

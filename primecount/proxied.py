@@ -19,13 +19,11 @@ from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.interfaces import IAddress, IDelayedCall, IHalfCloseableProtocol, IReactorTime
 from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
-from twisted.protocols.haproxy._exceptions import InvalidProxyHeader
-from twisted.protocols.haproxy._v1parser import V1Parser
 from twisted.protocols.haproxy._v2parser import V2Parser
 from twisted.protocols.policies import ProtocolWrapper, WrappingFactory
 from zope.interface import directlyProvides, implementer, providedBy
 
-from primecount.limits import peerKey
+from primecount.limits import Throttle, canonicalHost
 from primecount.metrics import NoMetrics
 
 Network = Union[ipaddress.IPv4Network, ipaddress.IPv6Network]
@@ -35,6 +33,58 @@ V2_SIGNATURE = b"\r\n\r\n\x00\r\nQUIT\n"
 V1_SIGNATURE = b"PROXY "
 # HAProxy's own v2 headers in TCP mode are a few dozen bytes; TLVs add a few hundred at most.
 MAX_HEADER = 4096
+# The longest v1 header the protocol allows, CRLF included.
+V1_MAX = 107
+
+
+class MalformedHeader(Exception):
+    """The first bytes of a connection are not a valid PROXY header; the message says why."""
+
+
+def parseV1(line: bytes) -> Optional[tuple[str, int]]:
+    """The client host (canonical, see L{canonicalHost}) and port of a whole v1 header line (CRLF included),
+    or C{None} for C{UNKNOWN} (a health check); L{MalformedHeader} for anything else.
+
+    Only literal addresses of the family the header names are taken: no host
+    names, no IPv4 written with leading zeros, no IPv6 scope id; ports are
+    plain decimal numbers up to 65535.
+    """
+    if not line.endswith(b"\r\n") or not line.isascii():
+        raise MalformedHeader("v1 header not ASCII ending in CRLF")
+    words = line[:-2].decode("ascii").split(" ")
+    if words[0] != "PROXY" or len(words) < 2:
+        raise MalformedHeader("v1 header does not start with 'PROXY '")
+    if words[1] == "UNKNOWN":
+        return None
+    if len(words) != 6 or words[1] not in ("TCP4", "TCP6"):
+        raise MalformedHeader("v1 header needs TCP4 or TCP6 and four fields")
+    version = 4 if words[1] == "TCP4" else 6
+    source, _ = (_literalAddress(text, version) for text in words[2:4])
+    sourcePort, _ = (_port(text) for text in words[4:6])
+    return canonicalHost(str(source)), sourcePort
+
+
+def _literalAddress(text: str, version: int) -> Union[ipaddress.IPv4Address, ipaddress.IPv6Address]:
+    if "%" in text:
+        raise MalformedHeader("v1 header address has a scope id")
+    try:
+        address = ipaddress.ip_address(text)  # refuses names and IPv4 with leading zeros
+    except ValueError:
+        raise MalformedHeader("v1 header address is not a literal IP address") from None
+    if address.version != version:
+        raise MalformedHeader(f"v1 header address is not IPv{version}")
+    return address
+
+
+def _port(text: str) -> int:
+    if not (text.isascii() and text.isdigit()) or (len(text) > 1 and text[0] == "0") or int(text) > 65535:
+        raise MalformedHeader("v1 header port is not a number from 0 to 65535")
+    return int(text)
+
+
+def clientAddress(host: str, port: int) -> Union[IPv4Address, IPv6Address]:
+    """A Twisted address for a canonical client C{host}."""
+    return (IPv6Address if ":" in host else IPv4Address)("TCP", host, port)
 
 
 def parseNetworks(value: str) -> tuple[Network, ...]:
@@ -48,7 +98,7 @@ def parseNetworks(value: str) -> tuple[Network, ...]:
 def isTrusted(host: str, networks: Iterable[Network]) -> bool:
     """Whether the peer C{host} (IPv4-mapped IPv6 counts as IPv4) is inside one of C{networks}."""
     try:
-        address = ipaddress.ip_address(peerKey(host))
+        address = ipaddress.ip_address(canonicalHost(host))
     except ValueError:
         return False
     return any(address.version == network.version and address in network for network in networks)
@@ -62,42 +112,51 @@ def listensBeyondLoopback(interface: str) -> bool:
         return True
 
 
-def _canonical(address: Union[IPv4Address, IPv6Address]) -> Union[IPv4Address, IPv6Address]:
-    """The same address with its host written the usual way (C{2001:db8::5}, not the header's long form)."""
-    host = str(ipaddress.ip_address(address.host))
-    return type(address)(address.type, host, address.port)
-
-
 class _HeaderReader:
     """Accumulates the first bytes of a connection until they hold a whole PROXY header, v1 or v2."""
 
     def __init__(self) -> None:
-        self._held = b""  # until the header's version is known
-        self._parser: Optional[Union[V1Parser, V2Parser]] = None
+        self._held = b""  # until the header's version is known, and a v1 header until its CRLF
+        self._v2: Optional[V2Parser] = None
 
     def feed(self, data: bytes) -> tuple[Any, bytes]:
-        """The parsed header and the bytes after it, or C{(None, b"")} while incomplete; raises if malformed."""
-        if self._parser is None:
-            self._held += data
-            held = self._held
-            if held.startswith(V2_SIGNATURE[: len(held)]) and len(held) < 16:
-                return None, b""
-            if V1_SIGNATURE.startswith(held[: len(V1_SIGNATURE)]) and len(held) < len(V1_SIGNATURE):
-                return None, b""
-            if held.startswith(V2_SIGNATURE):
-                # The header says its own length; refuse one too long to be HAProxy's before buffering it.
-                if struct.unpack("!H", held[14:16])[0] + 16 > MAX_HEADER:
-                    raise InvalidProxyHeader()
-                self._parser = V2Parser()
-            elif held.startswith(V1_SIGNATURE):
-                self._parser = V1Parser()  # it refuses a line of over 107 bytes itself
-            else:
-                raise InvalidProxyHeader()
-            data, self._held = held, b""
-        info, rest = self._parser.feed(data)
+        """C{(client address or None for a health check, the bytes after the header)} once whole,
+        C{(False, b"")} while incomplete; L{MalformedHeader} if malformed."""
+        if self._v2 is not None:
+            return self._feedV2(data)
+        held = self._held = self._held + data
+        if held.startswith(V2_SIGNATURE[: len(held)]) and len(held) < 16:
+            return False, b""
+        if held.startswith(V2_SIGNATURE):
+            # The header says its own length; refuse one too long to be HAProxy's before buffering it.
+            if struct.unpack("!H", held[14:16])[0] + 16 > MAX_HEADER:
+                raise MalformedHeader("v2 header longer than any HAProxy sends")
+            self._v2, self._held = V2Parser(), b""
+            return self._feedV2(held)
+        if not V1_SIGNATURE.startswith(held[: len(V1_SIGNATURE)]):
+            raise MalformedHeader("no valid PROXY header")
+        end = held.find(b"\n", 0, V1_MAX)
+        if end < 0:
+            if len(held) >= V1_MAX:
+                raise MalformedHeader(f"v1 header longer than {V1_MAX} bytes")
+            return False, b""
+        parsed = parseV1(held[: end + 1])
+        rest = held[end + 1:]
+        self._held = b""
+        return (None if parsed is None else clientAddress(*parsed)), rest
+
+    def _feedV2(self, data: bytes) -> tuple[Any, bytes]:
+        assert self._v2 is not None
+        try:
+            info, rest = self._v2.feed(data)
+        except Exception as error:  # Twisted's parser raises more than InvalidProxyHeader on odd input
+            raise MalformedHeader(f"v2 header: {error.__class__.__name__}") from None
         if info is None:
-            return None, b""
-        return info, rest or b""
+            return False, b""
+        source = info.source
+        if not isinstance(source, (IPv4Address, IPv6Address)):
+            return None, rest or b""  # LOCAL, or an address family other than TCP: a health check
+        return clientAddress(canonicalHost(source.host), source.port), rest or b""
 
 
 @implementer(IHalfCloseableProtocol)
@@ -139,17 +198,17 @@ class ProxyHeaderProtocol(ProtocolWrapper):
             return
         self._received += len(data)
         try:
-            info, rest = self._reader.feed(data)
-        except InvalidProxyHeader:
-            self._refuse("malformed", "no valid PROXY header")
+            client, rest = self._reader.feed(data)
+        except MalformedHeader as error:
+            self._refuse("malformed", str(error))
             return
-        if info is None:
+        if client is False:
             return
         self._cancelDeadline()
-        if not isinstance(info.source, (IPv4Address, IPv6Address)):
+        if client is None:
             self._refuse("health_check", None)  # LOCAL or UNKNOWN: the proxy checking that we are up
             return
-        self._client = _canonical(info.source)
+        self._client = client
         protocol = self.factory.wrappedFactory.buildProtocol(self._client)
         if protocol is None:
             self._refuse("refused", None)
@@ -195,8 +254,11 @@ class ProxyHeaderProtocol(ProtocolWrapper):
         self._cancelDeadline()
         self.factory.metrics.connectionWithoutRequest(outcome)
         if problem is not None:
-            self.log.warn("closed connection from proxy {proxy}: {problem}",
-                          proxy=self.transport.getPeer().host, problem=problem)
+            count = self.factory.refusalLog.event(self.factory.clock.seconds())
+            if count is not None:  # one line a second at most, however many bad headers arrive
+                self.log.warn("closed {count} connections from proxies without a valid PROXY header "
+                              "(last from {proxy}: {problem})",
+                              count=count, proxy=self.transport.getPeer().host, problem=problem)
         self.transport.loseConnection()
 
     def _cancelDeadline(self) -> None:
@@ -221,8 +283,8 @@ class ProxiedFactory(WrappingFactory):
         self.clock = clock
         self.timeout = timeout
         self.metrics = metrics
-        self._lastRefusalLog = float("-inf")
-        self._refusedSinceLog = 0
+        self.refusalLog = Throttle()  # bad headers from trusted proxies
+        self._untrustedLog = Throttle()
 
     def buildProtocol(self, addr: IAddress) -> Optional[Protocol]:
         """A header reader for a trusted proxy; C{None} (Twisted closes the socket at once) for anyone else."""
@@ -230,13 +292,11 @@ class ProxiedFactory(WrappingFactory):
         if isTrusted(host, self.trusted):
             return self.protocol(self)
         self.metrics.connectionWithoutRequest("untrusted")
-        self._refusedSinceLog += 1
-        now = self.clock.seconds()
-        if now - self._lastRefusalLog >= 1.0:  # one line a second at most, however many try
+        count = self._untrustedLog.event(self.clock.seconds())
+        if count is not None:  # one line a second at most, however many try
             self.log.warn(
                 "refused {count} connections to the PROXY-protocol port from addresses not in --proxy-from "
-                "(last from {peer})", count=self._refusedSinceLog, peer=host,
+                "(last from {peer})", count=count, peer=host,
             )
-            self._lastRefusalLog, self._refusedSinceLog = now, 0
         return None
 

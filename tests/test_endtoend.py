@@ -157,6 +157,22 @@ class TwistdTests(SynchronousTestCase):
             self.assertEqual([(r.client, r.message) for r in parseRecords(file)], [("::1", "abc2a")])
 
 
+    def test_dualStackRecordsIPv4ClientsAsIPv4(self) -> None:
+        """On a dual-stack C{tcp6:} port an IPv4 client (seen as C{::ffff:127.0.0.1}) is recorded as
+        C{127.0.0.1}: one name per client, as its own IPv4 port would record it."""
+        records = self.mktemp()
+        try:
+            server = ServerProcess(records, port=r"tcp6:0:interface=\:\:")
+        except RuntimeError as error:
+            raise self.skipTest(f"no dual-stack IPv6 here: {error}")
+        try:
+            self.assertEqual(ask(server.port, b"abc2a\n", host="127.0.0.1"), "2 sí\n".encode())
+        finally:
+            self.assertEqual(server.stop(), 0)
+        with open(records, encoding="utf-8") as file:
+            self.assertEqual([r.client for r in parseRecords(file)], ["127.0.0.1"])
+
+
 class StartupErrorTests(SynchronousTestCase):
     """What a user sees when twistd primecount cannot start: one clear line, no traceback, a non-zero exit."""
 

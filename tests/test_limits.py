@@ -8,10 +8,10 @@ from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
-from primecount.limits import FD_HEADROOM, ConnectionLimits, FileLimit, peerKey, raiseFileLimit
+from primecount.limits import FD_HEADROOM, ConnectionLimits, FileLimit, Throttle, canonicalHost, raiseFileLimit
 from primecount.protocol import BusyProtocol, PrimeCountFactory, PrimeCountProtocol, RequestLimits
 from primecount.responder import Responder
-from tests.helpers import HalfCloseTransport, InlineThreads, MemoryRecords, RecordingMetrics
+from tests.helpers import HalfCloseTransport, InlineThreads, MemoryRecords, ProtocolHarness, RecordingMetrics
 
 
 class PeerKeyTests(SynchronousTestCase):
@@ -19,11 +19,27 @@ class PeerKeyTests(SynchronousTestCase):
 
     def test_keys(self) -> None:
         """IPv4 stays, IPv6 is compressed, IPv4-mapped IPv6 counts as IPv4, a scope is dropped."""
-        self.assertEqual(peerKey("127.0.0.1"), "127.0.0.1")
-        self.assertEqual(peerKey("2001:0db8:0000::0001"), "2001:db8::1")
-        self.assertEqual(peerKey("::ffff:192.0.2.1"), "192.0.2.1")
-        self.assertEqual(peerKey("fe80::1%eth0"), "fe80::1")
-        self.assertEqual(peerKey("not-an-ip"), "not-an-ip")
+        self.assertEqual(canonicalHost("127.0.0.1"), "127.0.0.1")
+        self.assertEqual(canonicalHost("2001:0db8:0000::0001"), "2001:db8::1")
+        self.assertEqual(canonicalHost("::ffff:192.0.2.1"), "192.0.2.1")
+        self.assertEqual(canonicalHost("fe80::1%eth0"), "fe80::1")
+        self.assertEqual(canonicalHost("not-an-ip"), "not-an-ip")
+
+
+    def test_protocolRecordsTheCanonicalName(self) -> None:
+        """A connection from an IPv4-mapped peer is recorded, limited and logged as the IPv4 address."""
+        harness = ProtocolHarness(peer="::ffff:6.6.6.9")
+        harness.send(b"aa\n")
+        self.assertEqual([r.client for r in harness.records.records], ["6.6.6.9"])
+
+
+class ThrottleTests(SynchronousTestCase):
+    """A client-triggered event is logged at most once per interval, with the count since the last line."""
+
+    def test_counts(self) -> None:
+        """The first event logs; those within the second wait; the next after it logs them all."""
+        throttle = Throttle(1.0)
+        self.assertEqual([throttle.event(t) for t in (0.0, 0.1, 0.5, 1.0, 1.2, 5.0)], [1, None, None, 3, None, 2])
 
 
 class ConnectionLimitsTests(SynchronousTestCase):

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import os
 import socket
 import struct
+import time
+import urllib.request
 
 from twisted.internet.address import IPv4Address
 from twisted.logger import Logger
@@ -20,8 +23,10 @@ from primecount.proxied import (
     listensBeyondLoopback,
     parseNetworks,
 )
+from primecount.records import parseRecords
 from primecount.responder import Responder
-from tests.helpers import HalfCloseTransport, InlineThreads, MemoryRecords, RecordingMetrics, expectedReply
+from primecount.tools.serverprocess import ServerProcess
+from tests.helpers import HalfCloseTransport, InlineThreads, MemoryRecords, RecordingMetrics, expectedReply, slow
 from twisted.internet.task import Clock
 
 
@@ -133,6 +138,50 @@ class HeaderTests(SynchronousTestCase):
         self.assertEqual(harness.records.records, [])
         self.assertIn(("connectionWithoutRequest", "malformed"), harness.metrics.events)
 
+    def test_malformedV1NeverRaises(self) -> None:
+        """Bad ports, host names, IPv4 with leading zeros, scope ids, mismatched families, missing fields:
+        each is a counted malformed close, with no traceback and no request protocol built."""
+        headers = [
+            b"PROXY TCP4 1.2.3.4 5.6.7.8 x 1\r\n", b"PROXY TCP4 evil.example 5.6.7.8 1 2\r\n",
+            b"PROXY TCP4 006.006.006.016 5.6.7.8 1 2\r\n", b"PROXY TCP6 fe80::1%evil ::1 1 2\r\n",
+            b"PROXY TCP4 ::1 ::1 1 2\r\n", b"PROXY TCP6 1.2.3.4 ::1 1 2\r\n", b"PROXY TCP4 1.2.3.4 5.6.7.8 01 2\r\n",
+            b"PROXY TCP4 1.2.3.4 5.6.7.8 65536 2\r\n", b"PROXY TCP4 1.2.3.4 5.6.7.8 1\r\n",
+            b"PROXY TCP4 1.2.3.4 5.6.7.8 1 2 3\r\n", b"PROXY TCP4 1.2.3.4 5.6.7.8 1 2\n", b"PROXY UDP4 1.2.3.4 5.6.7.8 1 2\r\n",
+            b"PROXY  TCP4 1.2.3.4 5.6.7.8 1 2\r\n", b"PROXY TCP4 1.2.3.4 5.6.7.8 \xd9\xa1 2\r\n", b"PROXY\r\n",
+        ]
+        for header in headers:
+            harness = ProxiedHarness()
+            protocol, transport = harness.connect()
+            harness.send(protocol, header + b"abc2a\n")
+            self.assertEqual((transport.value(), transport.disconnecting), (b"", True), header)
+            self.assertEqual(harness.records.records, [], header)
+            self.assertIn(("connectionWithoutRequest", "malformed"), harness.metrics.events, header)
+            self.assertNotIn(("connectionWithoutRequest", "incomplete"), harness.metrics.events, header)
+
+    def test_malformedLoggedOncePerSecond(self) -> None:
+        """200 malformed headers in one second give one log line; the next one, a second later, logs the 199 held back with itself, and the two after it none."""
+        harness = ProxiedHarness()
+        for _ in range(200):
+            protocol, _ = harness.connect()
+            harness.send(protocol, b"PROXY TCP4 1.2.3.4 5.6.7.8 x 1\r\n")
+        harness.clock.advance(1.0)
+        for _ in range(3):
+            protocol, _ = harness.connect()
+            harness.send(protocol, b"PROXY TCP4 evil 5.6.7.8 1 1\r\n")
+        self.assertEqual([event["count"] for event in harness.events], [1, 200])
+
+    def test_oneNamePerClient(self) -> None:
+        """IPv4-mapped IPv6 in a v1 or v2 header is recorded as the IPv4 address, and IPv6 in its RFC 5952
+        form, so records and --max-per-ip see one name per client."""
+        for header, expected in ((v1("::ffff:6.6.6.9"), "6.6.6.9"), (v2("::ffff:6.6.6.9"), "6.6.6.9"),
+                                 (b"PROXY TCP6 2001:0DB8:0:0:0:0:0:5 ::1 1 2\r\n", "2001:db8::5"),
+                                 (v2("2001:db8:0:0::5"), "2001:db8::5")):
+            harness = ProxiedHarness()
+            protocol, transport = harness.connect()
+            harness.send(protocol, header + b"aa\n")
+            self.assertEqual(transport.value(), expectedReply("aa"), header)
+            self.assertEqual([r.client for r in harness.records.records], [expected], header)
+
     def test_oversizedV1(self) -> None:
         """A v1 line longer than the protocol allows is malformed, not buffered for ever."""
         harness = ProxiedHarness()
@@ -211,3 +260,36 @@ class TrustTests(SynchronousTestCase):
         """Every interface and public addresses are beyond loopback; 127.x and ::1 are not."""
         self.assertEqual([listensBeyondLoopback(i) for i in ("", "0.0.0.0", "::", "192.0.2.1", "127.0.0.1", "::1")],
                          [True, True, True, True, False, False])
+
+
+class MalformedHeadersOverTCPTests(SynchronousTestCase):
+    """A real C{twistd primecount --port haproxy:tcp:…} fed 200 malformed v1 headers from a trusted proxy."""
+
+    @slow
+    def test_twoHundredMalformedHeaders(self) -> None:
+        """Each is closed unanswered and counted malformed; the log holds no traceback and at most a line a
+        second; a good header still gets its client's record."""
+        records = os.path.abspath(self.mktemp())
+        server = ServerProcess(records, "--metrics", "tcp:0:interface=127.0.0.1", port="haproxy:tcp:0:interface=127.0.0.1")
+        self.addCleanup(lambda: server.process.poll() is not None or server.stop())
+        metricsPort = int(server.waitFor(rb"Site starting on (\d+)").group(1))
+        bad = [b"PROXY TCP4 1.2.3.4 5.6.7.8 x 1\r\n", b"PROXY TCP4 evil.example 5.6.7.8 1 2\r\n",
+               b"PROXY TCP4 006.006.006.016 5.6.7.8 1 2\r\n", b"PROXY TCP6 fe80::1%evil ::1 1 2\r\n"]
+        started = time.monotonic()
+        for n in range(200):
+            with socket.create_connection(("127.0.0.1", server.port), timeout=10) as connection:
+                connection.sendall(bad[n % len(bad)] + b"abc2a\n")
+                self.assertEqual(connection.recv(100), b"", "closed without an answer")
+        elapsed = time.monotonic() - started
+        with socket.create_connection(("127.0.0.1", server.port), timeout=10) as connection:
+            connection.sendall(v1("::ffff:6.6.6.9") + b"abc2a\n")
+            self.assertEqual(connection.makefile("rb").read(), expectedReply("abc2a"))
+        page = urllib.request.urlopen(f"http://127.0.0.1:{metricsPort}/metrics", timeout=10).read().decode()
+        self.assertEqual(server.stop(), 0, server.log)
+        self.assertIn('primecount_connections_without_request_total{reason="malformed"} 200.0', page)
+        self.assertNotIn("Traceback", server.log)
+        self.assertNotIn("Unhandled", server.log)
+        lines = server.log.count("without a valid PROXY header")
+        self.assertLessEqual(lines, elapsed + 2, "at most one log line a second")
+        with open(records, encoding="utf-8") as file:
+            self.assertEqual([r.client for r in parseRecords(file)], ["6.6.6.9"])
