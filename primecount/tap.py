@@ -29,6 +29,7 @@ from primecount.readiness import Readiness
 from primecount.records import FORMATS
 from primecount.responder import Responder
 from primecount.storage import FSYNC_POLICIES, RecordsService, recordsPathProblem
+from primecount.tls import MOZILLA_INTERMEDIATE, cipherProblem, withCiphers
 
 DEFAULTS = RequestLimits()
 # A benchmark-only switch: "1" appends records without the multi-writer lock (unsafe with several writers).
@@ -198,6 +199,8 @@ class Options(usage.Options):
          _number("max-connections", int, 1, strict=False)],
         ["max-per-ip", None, 64, "Most connections open at once from one address; more get ERROR busy "
          "(0: no per-address limit).", _number("max-per-ip", int, 0, strict=False)],
+        ["tls-ciphers", None, None, "With an ssl: --port: the OpenSSL cipher list offered for TLS 1.2 "
+         "(default: Mozilla's intermediate profile, forward-secret AEAD suites only; TLS 1.3 is not affected)"],
         ["metrics", None, None, "Serve Prometheus metrics at /metrics on this endpoint (a bare port "
          "listens on 127.0.0.1 only); off by default.", metricsEndpointDescription],
     ]
@@ -218,6 +221,12 @@ class Options(usage.Options):
             for option, default in (("pipeline", DEFAULTS.pipeline), ("idle-timeout", DEFAULTS.idleTimeout)):
                 if self[option] != default:
                     raise usage.UsageError(f"--{option}: only applies with --keep-alive")
+        if self["tls-ciphers"] is not None:
+            if not withoutProxyPrefix(self["port"]).startswith("ssl:"):
+                raise usage.UsageError("--tls-ciphers: only applies with an ssl: --port")
+            problem = cipherProblem(self["tls-ciphers"])
+            if problem is not None:
+                raise usage.UsageError(f"--tls-ciphers: {self['tls-ciphers']!r}: {problem}")
         if self["metrics"] is not None:
             _checkEndpoint("metrics", self["metrics"])
         # Checked without creating the file: twistd applies --umask and --uid later, and the file must get them.
@@ -322,7 +331,10 @@ def _listening(options: Options, reactor: Any, factory: PrimeCountFactory, metri
 
 def _portEndpoint(options: Options, reactor: Any) -> Any:
     """The endpoint C{--port} describes, under any C{haproxy:} prefix (warning if its proxies are unlisted)."""
-    endpoint = serverFromString(reactor, withBacklog(withoutProxyPrefix(options["port"])))
+    description = withoutProxyPrefix(options["port"])
+    endpoint = serverFromString(reactor, withBacklog(description))
+    if description.startswith("ssl:"):
+        endpoint = withCiphers(endpoint, options["tls-ciphers"] or MOZILLA_INTERMEDIATE)
     _warnIfProxiesUnlisted(options, endpoint)
     return endpoint
 

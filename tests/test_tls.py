@@ -15,7 +15,7 @@ import time
 from twisted.trial.unittest import SynchronousTestCase
 
 from primecount.tools.serverprocess import ServerProcess
-from tests.helpers import expectedReply
+from tests.helpers import expectedReply, requireTool
 
 
 def selfSignedCertificate(folder: str) -> tuple[str, str]:
@@ -82,6 +82,91 @@ class TLSTests(SynchronousTestCase):
         started = time.monotonic()
         self.assertEqual(self.ask(b"abc2a"), expectedReply("abc2a"))
         self.assertGreaterEqual(time.monotonic() - started, 0.2)
+
+
+def handshake(port: int, *arguments: str) -> subprocess.CompletedProcess:
+    """A real C{openssl s_client} handshake with C{arguments} (a version, a cipher), sending one request."""
+    return subprocess.run(["openssl", "s_client", "-connect", f"127.0.0.1:{port}", "-brief", "-ign_eof", *arguments],
+                          input=b"abc2a\n", capture_output=True, timeout=30)
+
+
+class CipherTests(SynchronousTestCase):
+    """The ssl: port offers Mozilla's intermediate suites by default, and --tls-ciphers narrows them; checked
+    with a real openssl s_client."""
+
+    def start(self, *options: str) -> ServerProcess:
+        """A TLS server with a fresh EC certificate and C{options}."""
+        requireTool(self, "openssl")
+        folder = os.path.abspath(self.mktemp())
+        os.makedirs(folder)
+        key, certificate = selfSignedCertificate(folder)
+        server = ServerProcess(os.path.join(folder, "records.txt"), *options,
+                               port=f"ssl:0:interface=127.0.0.1:privateKey={key}:certKey={certificate}")
+        self.addCleanup(lambda: self.assertEqual(server.stop(), 0, server.log))
+        return server
+
+    def assertAccepted(self, port: int, *arguments: str) -> None:
+        """The handshake succeeds and the request is answered."""
+        result = handshake(port, *arguments)
+        self.assertIn(expectedReply("abc2a"), result.stdout, arguments + (result.stderr,))
+
+    def assertRefused(self, port: int, *arguments: str) -> None:
+        """The server refuses the handshake: no reply, a handshake failure alert."""
+        result = handshake(port, *arguments)
+        self.assertNotIn(expectedReply("abc2a"), result.stdout, arguments)
+        self.assertIn(b"handshake failure", result.stdout + result.stderr, arguments)
+
+    def test_intermediateByDefault(self) -> None:
+        """Static-RSA and CBC suites are refused over TLS 1.2, ECDHE with AES-GCM or ChaCha20 accepted, and
+        TLS 1.3 works as before."""
+        port = self.start().port
+        for cipher in ("AES128-SHA", "AES256-GCM-SHA384", "ECDHE-ECDSA-AES128-SHA", "ECDHE-ECDSA-AES256-SHA384"):
+            self.assertRefused(port, "-tls1_2", "-cipher", cipher)
+        for cipher in ("ECDHE-ECDSA-AES128-GCM-SHA256", "ECDHE-ECDSA-CHACHA20-POLY1305"):
+            self.assertAccepted(port, "-tls1_2", "-cipher", cipher)
+        self.assertAccepted(port, "-tls1_3")
+
+    def test_narrowed(self) -> None:
+        """C{--tls-ciphers} leaves only the suites it names."""
+        port = self.start("--tls-ciphers", "ECDHE-ECDSA-CHACHA20-POLY1305").port
+        self.assertAccepted(port, "-tls1_2", "-cipher", "ECDHE-ECDSA-CHACHA20-POLY1305")
+        self.assertRefused(port, "-tls1_2", "-cipher", "ECDHE-ECDSA-AES128-GCM-SHA256")
+
+
+class CipherOptionTests(SynchronousTestCase):
+    """C{--tls-ciphers} is checked at parse time, and the Twisted internal it relies on is still there."""
+
+    def test_badValues(self) -> None:
+        """A cipher list OpenSSL cannot use, or one given without an ssl: port, is a UsageError naming it."""
+        from twisted.python.usage import UsageError
+
+        from primecount.tap import Options
+
+        folder = os.path.abspath(self.mktemp())
+        os.makedirs(folder)
+        key, certificate = selfSignedCertificate(folder)
+        records = os.path.join(folder, "records.txt")
+        for arguments in (["--port", f"ssl:0:privateKey={key}:certKey={certificate}", "--tls-ciphers", "NOPE"],
+                          ["--port", "5050", "--tls-ciphers", "ECDHE-RSA-AES128-GCM-SHA256"]):
+            with self.assertRaises(UsageError) as caught:
+                Options().parseOptions([*arguments, "--records", records])
+            self.assertTrue(str(caught.exception).startswith("--tls-ciphers: "), str(caught.exception))
+
+    def test_twistedKeepsTheContextFactoryWhereExpected(self) -> None:
+        """C{serverFromString} still gives an ssl: endpoint with C{_sslContextFactory}, which L{withCiphers}
+        replaces; this fails if Twisted changes under it."""
+        from twisted.internet.endpoints import serverFromString
+        from twisted.internet.testing import MemoryReactor
+
+        from primecount.tls import MOZILLA_INTERMEDIATE, withCiphers
+
+        folder = os.path.abspath(self.mktemp())
+        os.makedirs(folder)
+        key, certificate = selfSignedCertificate(folder)
+        endpoint = serverFromString(MemoryReactor(), f"ssl:0:privateKey={key}:certKey={certificate}")
+        self.assertTrue(hasattr(endpoint, "_sslContextFactory"))
+        context = withCiphers(endpoint, MOZILLA_INTERMEDIATE)._sslContextFactory.getContext()
+        self.assertIs(context, endpoint._sslContextFactory.getContext(), "built once")
 
 
 class WithoutTLSSupportTests(SynchronousTestCase):

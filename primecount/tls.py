@@ -1,0 +1,59 @@
+"""The cipher suites an C{ssl:} port offers: Mozilla's "intermediate" profile by default, narrowed by C{--tls-ciphers}.
+
+Twisted's C{ssl:} endpoint accepts its own broad default list for TLS 1.2,
+static-RSA and CBC suites included, and its description has no way to change
+it. Mozilla's intermediate profile (TLS 1.2 and 1.3) keeps only forward-secret
+AEAD suites for TLS 1.2; TLS 1.3's suites are all of that kind and are left as
+OpenSSL has them.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+# https://ssl-config.mozilla.org/ "intermediate", version 5.7: the TLS 1.2 suites, in its order.
+MOZILLA_INTERMEDIATE = ":".join([
+    "ECDHE-ECDSA-AES128-GCM-SHA256", "ECDHE-RSA-AES128-GCM-SHA256",
+    "ECDHE-ECDSA-AES256-GCM-SHA384", "ECDHE-RSA-AES256-GCM-SHA384",
+    "ECDHE-ECDSA-CHACHA20-POLY1305", "ECDHE-RSA-CHACHA20-POLY1305",
+    "DHE-RSA-AES128-GCM-SHA256", "DHE-RSA-AES256-GCM-SHA384", "DHE-RSA-CHACHA20-POLY1305",
+])
+
+
+def cipherProblem(ciphers: str) -> str | None:
+    """Why OpenSSL would refuse the cipher string C{ciphers} (none of it usable), or C{None}."""
+    from OpenSSL import SSL
+
+    try:
+        SSL.Context(SSL.TLS_METHOD).set_cipher_list(ciphers.encode("ascii"))
+    except (SSL.Error, UnicodeEncodeError) as error:
+        return f"OpenSSL accepts none of it ({error})"
+    return None
+
+
+class _RestrictedCiphers:
+    """An old-style TLS context factory: another one's context, with its TLS 1.2 cipher list replaced."""
+
+    def __init__(self, contextFactory: Any, ciphers: str) -> None:
+        self._contextFactory = contextFactory
+        self._ciphers = ciphers.encode("ascii")
+        self._context: Any = None
+
+    def getContext(self) -> Any:
+        """The wrapped factory's context (built once, as Twisted's own is), with the cipher list set."""
+        if self._context is None:
+            self._context = self._contextFactory.getContext()
+            self._context.set_cipher_list(self._ciphers)
+        return self._context
+
+
+def withCiphers(endpoint: Any, ciphers: str) -> Any:
+    """The C{ssl:} server endpoint C{endpoint} offering only C{ciphers} for TLS 1.2 (and before, if enabled).
+
+    This is the one place that reads Twisted internals for TLS:
+    L{twisted.internet.endpoints.SSL4ServerEndpoint} keeps its context factory
+    in C{_sslContextFactory} and has no public way to change it after
+    C{serverFromString} built it. A test fails if that attribute goes away.
+    """
+    endpoint._sslContextFactory = _RestrictedCiphers(endpoint._sslContextFactory, ciphers)
+    return endpoint
