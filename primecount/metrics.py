@@ -17,6 +17,7 @@ from primecount import __version__
 OUTCOMES = ("ok", "empty_message", "invalid_utf8", "line_too_long", "timeout", "storage_unavailable",
             "internal_error", "busy")
 WITHOUT_REQUEST = ("empty", "health_check", "untrusted", "malformed", "incomplete", "timeout")
+ABORTED = ("send_timeout",)
 from twisted.web.resource import Resource
 from twisted.web.server import Request, Site
 
@@ -39,6 +40,9 @@ class NoMetrics:
 
     def busyRefusal(self, limit: str) -> None:
         """A connection got C{ERROR busy} for being over C{limit} (C{total} or C{per_address})."""
+
+    def connectionAborted(self, reason: str) -> None:
+        """A connection was aborted (reset) instead of closed: C{send_timeout}, its output made no progress."""
 
     def recordsWritten(self, count: int) -> None:
         """C{count} records reached the records file."""
@@ -78,6 +82,9 @@ class PrometheusMetrics(NoMetrics):
             "primecount_connections_without_request", "Connections closed before sending a request, by reason "
             "(empty: connect and close; behind a proxy: health_check, untrusted, malformed, incomplete, timeout).",
             ["reason"], registry=self.registry)
+        self._aborted = Counter(
+            "primecount_connections_aborted", "Connections aborted instead of closed, by reason (send_timeout: "
+            "their queued output made no progress for --send-timeout seconds).", ["reason"], registry=self.registry)
         self._written = Counter("primecount_records_written", "Records appended to the records file.",
                                 registry=self.registry)
         self._writeErrors = Counter("primecount_record_write_errors",
@@ -93,6 +100,8 @@ class PrometheusMetrics(NoMetrics):
             self._busy.labels(limit)
         for reason in WITHOUT_REQUEST:
             self._withoutRequest.labels(reason)
+        for reason in ABORTED:
+            self._aborted.labels(reason)
         if not worker:
             registerProcessCollectors(self.registry, limits)
             if threadPool is not None:
@@ -120,6 +129,10 @@ class PrometheusMetrics(NoMetrics):
     def busyRefusal(self, limit: str) -> None:
         """A connection was refused with ERROR busy."""
         self._busy.labels(limit).inc()
+
+    def connectionAborted(self, reason: str) -> None:
+        """A connection was aborted."""
+        self._aborted.labels(reason).inc()
 
     def recordsWritten(self, count: int) -> None:
         """Records reached the file."""

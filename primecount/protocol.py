@@ -5,12 +5,13 @@ from __future__ import annotations
 from collections import deque
 from typing import Callable, NamedTuple, Optional
 
-from twisted.internet import tcp
+from twisted.internet import abstract, tcp
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import (
     IAddress, IDelayedCall, IHalfCloseableProtocol, IPushProducer, IReactorTime, ITransport,
 )
 from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.protocols.basic import LineReceiver
 from twisted.protocols.policies import TimeoutMixin
@@ -20,6 +21,7 @@ from primecount import wire
 from primecount.limits import ConnectionLimits, Throttle, canonicalHost
 from primecount.metrics import NoMetrics
 from primecount.responder import Responder
+from primecount.sending import SendProgress
 
 
 class RequestLimits(NamedTuple):
@@ -35,6 +37,7 @@ class RequestLimits(NamedTuple):
     keepAlive: bool = False
     pipeline: int = 64
     idleTimeout: float = 30.0
+    sendTimeout: float = 10.0
 
 
 # Input read and thrown away after an ERROR reply, at most, before closing regardless.
@@ -50,7 +53,25 @@ def peerHost(address: IAddress) -> str:
     return canonicalHost(host) if host else str(address)
 
 
-def sendNow(transport: ITransport, data: bytes) -> None:
+def queuedBytes(transport: ITransport) -> int:
+    """How many bytes written to C{transport} have not left the process yet (0 for transports it cannot see into).
+
+    Twisted has no public way to ask. This reads, on the way down through any
+    wrapping layers (the PROXY-header reader, TLS), a TLS layer's cleartext
+    waiting for its handshake (C{_appSendBuffer}) and the TCP connection's write
+    buffers (C{dataBuffer} from C{offset}, and C{_tempDataLen} more);
+    C{tests/test_protocol.py} fails if those move.
+    """
+    queued, layer = 0, transport
+    while layer is not None:
+        if isinstance(layer, abstract.FileDescriptor):
+            return queued + len(layer.dataBuffer) - layer.offset + layer._tempDataLen
+        queued += sum(map(len, getattr(layer, "_appSendBuffer", ())))
+        layer = getattr(layer, "transport", None)
+    return queued
+
+
+def sendNow(transport: ITransport, data: bytes) -> bool:
     """Write C{data} to C{transport}, sending it in this call when nothing is queued before it.
 
     C{transport.write} only queues: the bytes go out on the reactor's next
@@ -59,7 +80,7 @@ def sendNow(transport: ITransport, data: bytes) -> None:
     empty write buffer this sends at once with the transport's own
     C{writeSomeData}; anything the kernel does not take, and every other
     transport (TLS, tests), goes through C{write} as usual, so the buffer
-    limits and producer pausing still apply.
+    limits and producer pausing still apply. Returns whether it all left now.
     """
     if (
         isinstance(transport, tcp.Connection)
@@ -73,8 +94,9 @@ def sendNow(transport: ITransport, data: bytes) -> None:
         if isinstance(sent, int) and sent >= 0:
             data = data[sent:]
         if not data:
-            return
+            return True
     transport.write(data)
+    return False
 
 
 class LingeringClose:
@@ -126,15 +148,19 @@ class LingeringClose:
 class BusyProtocol(Protocol):
     """What a connection over a limit gets: C{ERROR busy}, no reading of its request, a lingering close."""
 
-    def __init__(self, clock: IReactorTime, linger: float, onClosed: Callable[[], None]) -> None:
+    def __init__(self, clock: IReactorTime, linger: float, onClosed: Callable[[], None],
+                 wrote: Callable[[Protocol, int], None] = lambda protocol, size: None) -> None:
         self._clock = clock
         self._linger = linger
         self._onClosed = onClosed
+        self._wrote = wrote
         self._closing: Optional[LingeringClose] = None
 
     def connectionMade(self) -> None:
         """Refuse at once."""
-        self.transport.write(wire.errorLine(wire.BUSY))
+        refusal = wire.errorLine(wire.BUSY)
+        self.transport.write(refusal)
+        self._wrote(self, len(refusal))
         self._closing = LingeringClose(self.transport, self._clock, self._linger)
         self._closing.start(readClosed=False)
 
@@ -378,10 +404,12 @@ class PrimeCountProtocol(LineReceiver, TimeoutMixin):
             if reply.closes or not self._limits.keepAlive:
                 # The reply and the close go out together on the next turn, in one write and a FIN.
                 self.transport.write(reply.data)
+                self.factory.wrote(self, len(reply.data))
                 self._stopReading()
                 self._close(lingering=reply.isError)
                 return
-            sendNow(self.transport, reply.data)
+            if not sendNow(self.transport, reply.data):
+                self.factory.wrote(self, len(reply.data))
         if not self._unanswered and not self._reading:
             self._close()
             return
@@ -464,6 +492,7 @@ class PrimeCountFactory(Factory):
         responder: Responder,
         metrics: NoMetrics = NoMetrics(),
         connectionLimits: Optional[ConnectionLimits] = None,
+        queued: Callable[[ITransport], int] = queuedBytes,
     ) -> None:
         self.limits = limits
         self.clock = clock
@@ -474,6 +503,9 @@ class PrimeCountFactory(Factory):
         self._idleWaiters: list[Deferred[None]] = []
         self.busyLingering = 0
         self._busyLog = Throttle()
+        self._sending: SendProgress[Protocol] = SendProgress(limits.sendTimeout, lambda p: queued(p.transport))
+        self._sendSweep: Optional[LoopingCall] = None
+        self._abortLog = Throttle()
 
     def buildProtocol(self, addr: IAddress) -> Protocol:
         """A protocol for the connection from C{addr}, or a L{BusyProtocol} if it is over a limit."""
@@ -505,7 +537,36 @@ class PrimeCountFactory(Factory):
             if lingering:
                 self.busyLingering -= 1
 
-        return BusyProtocol(self.clock, self.limits.linger if lingering else 0.0, closed)
+        def gone() -> None:
+            closed()
+            self._sending.forget(busy)
+
+        busy = BusyProtocol(self.clock, self.limits.linger if lingering else 0.0, gone, self.wrote)
+        return busy
+
+    def wrote(self, protocol: Protocol, size: int) -> None:
+        """C{protocol} left C{size} bytes queued to send: watch that they make progress (L{SendProgress})."""
+        if self.limits.sendTimeout <= 0:
+            return
+        self._sending.wrote(protocol, size, self.clock.seconds())
+        if self._sendSweep is None:
+            self._sendSweep = LoopingCall(self._sweepSending)
+            self._sendSweep.clock = self.clock
+            self._sendSweep.start(min(1.0, self.limits.sendTimeout / 4), now=False)
+
+    def _sweepSending(self) -> None:
+        now = self.clock.seconds()
+        for protocol in self._sending.sweep(now):
+            self.metrics.connectionAborted("send_timeout")
+            aborted = self._abortLog.event(now)
+            if aborted is not None:
+                self.log.warn("aborted {aborted} connections whose replies made no progress for {seconds:g} s "
+                              "(last to {peer}): their clients do not read", aborted=aborted,
+                              seconds=self.limits.sendTimeout, peer=peerHost(protocol.transport.getPeer()))
+            protocol.transport.abortConnection()
+        if not len(self._sending) and self._sendSweep is not None:
+            self._sendSweep.stop()
+            self._sendSweep = None
 
     def connectionOpened(self, protocol: PrimeCountProtocol) -> None:
         """Count C{protocol} as open."""
@@ -514,6 +575,7 @@ class PrimeCountFactory(Factory):
 
     def connectionClosed(self, protocol: PrimeCountProtocol) -> None:
         """C{protocol}'s connection is gone; wake those waiting for none to be open."""
+        self._sending.forget(protocol)
         if protocol in self._open:
             self.connectionLimits.release(self._open.pop(protocol))
             self.metrics.connectionClosed(protocol.requests)

@@ -187,6 +187,9 @@ class Options(usage.Options):
          "past it the connection is not read until replies go out.", _number("pipeline", int, 1, strict=False)],
         ["idle-timeout", None, DEFAULTS.idleTimeout, "With --keep-alive: seconds a kept connection may wait for "
          "its next request before it is closed (0: no limit).", _number("idle-timeout", float, 0, strict=False)],
+        ["send-timeout", None, DEFAULTS.sendTimeout, "Seconds a connection's queued replies may make no progress "
+         "(the client reads none of them) before the connection is aborted (0: no limit).",
+         _number("send-timeout", float, 0, strict=False)],
         ["proxy-from", None, LOOPBACK, "With a haproxy: --port, the proxies allowed to send PROXY headers, as "
          "CIDR[,CIDR...]; connections from anywhere else are closed unread.", _networks],
         ["records", "r", "server_log.txt", "File the records are appended to (SIGHUP reopens it)."],
@@ -300,6 +303,7 @@ def makeService(options: Options, reactor: Optional[Any] = None) -> IService:
     limits = RequestLimits(
         options["timeout"], options["quiet"], options["max-line"], bool(options["log-requests"]),
         keepAlive=bool(options["keep-alive"]), pipeline=options["pipeline"], idleTimeout=options["idle-timeout"],
+        sendTimeout=options["send-timeout"],
     )
     factory = PrimeCountFactory(
         limits, reactor, Responder(reactor, runInThread, records), metrics,
@@ -388,6 +392,7 @@ def configuredLimits(options: Options, maxConnections: int) -> dict[str, float]:
         "workers": options["workers"], "keep_alive": int(bool(options["keep-alive"])),
         "pipeline": options["pipeline"] if options["keep-alive"] else 0,
         "idle_timeout_seconds": options["idle-timeout"] if options["keep-alive"] else 0,
+        "send_timeout_seconds": options["send-timeout"],
     }
 
 

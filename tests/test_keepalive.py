@@ -451,7 +451,7 @@ class KeepAliveOverTCPTests(SynchronousTestCase):
             client.sendall(b"aa\n")
             self.assertEqual(client.makefile("rb").readline(), expectedReply("aa"))
             started = time.monotonic()
-            server.process.send_signal(signal.SIGTERM)
+            server.signal(signal.SIGTERM)
             self.assertEqual(_readAll(client), b"")
             self.assertEqual(server.stop(), 0, server.log)
             self.assertLess(time.monotonic() - started, 10)

@@ -47,7 +47,7 @@ class DrainTests(SynchronousTestCase):
                 client = socket.create_connection(("127.0.0.1", server.port), timeout=15)
                 client.sendall(f"drain {i} ".encode())  # no newline yet: mid-request
                 clients.append(client)
-            server.process.send_signal(signal.SIGTERM)
+            server.signal(signal.SIGTERM)
             server.waitFor(rb"waiting up to [\d.]+ s for \d+ open connections")
             with self.assertRaises(OSError, msg="the listener must be closed while draining"):
                 socket.create_connection(("127.0.0.1", server.port), timeout=2).close()

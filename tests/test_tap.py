@@ -77,6 +77,7 @@ class OptionsTests(SynchronousTestCase):
             ("--port", "abc"), ("--port", "70000"), ("--port", "tcp:notaport"),
             ("--port", "systemd:domain=INET:index=7"),  # no such inherited socket here
             ("--fsync", "sometimes"), ("--records-format", "csv"), ("--metrics", "nope"), ("--metrics", "99999"),
+            ("--send-timeout", "-1"), ("--send-timeout", "soon"),
         ]
         for option, value in cases:
             with self.assertRaises(UsageError, msg=f"{option} {value}") as caught:
@@ -209,13 +210,15 @@ class MakeServiceTests(SynchronousTestCase):
         """--keep-alive and its limits reach the protocol factory."""
         options = Options()
         options.parseOptions(["--port", "tcp:5151", "--records", self.mktemp(), "--keep-alive", "--pipeline", "5",
-                              "--idle-timeout", "9"])
+                              "--idle-timeout", "9", "--send-timeout", "4"])
         reactor = ThreadedMemoryReactor()
         service = makeService(options, reactor)
         service.startService()
         self.addCleanup(service.stopService)
         [(_, factory, _, _)] = reactor.tcpServers
-        self.assertEqual(factory.limits[-3:], (True, 5, 9.0))
+        limits = factory.limits
+        self.assertEqual((limits.keepAlive, limits.pipeline, limits.idleTimeout, limits.sendTimeout),
+                         (True, 5, 9.0, 4.0))
 
     def test_metricsListener(self) -> None:
         """With --metrics a web site listens there, started before the request listener and stopped after it."""

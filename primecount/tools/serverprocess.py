@@ -40,6 +40,7 @@ class ServerProcess:
             stderr=subprocess.STDOUT,
         )
         self.output = b""
+        self._stopping = False
         self.port = int(self.waitFor(_LISTENING, startupSeconds).group(1))
 
     def waitFor(self, pattern: "re.Pattern[bytes] | bytes", seconds: float = 20.0) -> "re.Match[bytes]":
@@ -70,9 +71,17 @@ class ServerProcess:
         """What the child has logged so far, as text."""
         return self.output.decode("utf-8", errors="replace")
 
+    def signal(self, sig: int) -> None:
+        """Send C{sig} now; after a SIGTERM or SIGINT, L{stop} only waits (a second one could land while the
+        process is already exiting, past its handlers, and kill it)."""
+        self.process.send_signal(sig)
+        if sig in (signal.SIGTERM, signal.SIGINT):
+            self._stopping = True
+
     def stop(self, sig: Optional[int] = None, seconds: float = 30.0) -> int:
-        """Send C{sig} (SIGTERM by default), collect the rest of the log, return the exit status."""
-        if self.process.poll() is None:
+        """Send C{sig} (SIGTERM by default) unless a stop signal went already, collect the rest of the log,
+        return the exit status."""
+        if self.process.poll() is None and not (sig is None and self._stopping):
             self.process.send_signal(sig if sig is not None else signal.SIGTERM)
         try:
             rest, _ = self.process.communicate(timeout=seconds)

@@ -1,0 +1,223 @@
+"""The send deadline: L{primecount.sending} alone, the protocol over a transport whose output never leaves, the
+Twisted buffers it reads, and a real twistd against clients that never read."""
+
+from __future__ import annotations
+
+import os
+import re
+import socket
+import time
+import urllib.request
+
+from twisted.internet.abstract import FileDescriptor
+from twisted.internet.testing import MemoryReactor
+from twisted.trial.unittest import SynchronousTestCase
+
+from primecount.protocol import PrimeCountFactory, RequestLimits, queuedBytes
+from primecount.responder import Responder
+from primecount.sending import SendProgress
+from primecount.tools.serverprocess import ServerProcess
+from tests.helpers import HalfCloseTransport, InlineThreads, MemoryRecords, ProtocolHarness, RecordingMetrics, \
+    expectedReply, slow, waitUntil
+
+
+class SendProgressTests(SynchronousTestCase):
+    """Only output that makes no progress for the whole deadline is given up."""
+
+    def setUp(self) -> None:
+        self.queued = {"a": 0, "b": 0}
+        self.progress = SendProgress(10.0, self.queued.__getitem__)
+
+    def test_stuck(self) -> None:
+        """Output that stays queued from the write on is stuck once the deadline has passed, not before."""
+        self.queued["a"] = 100
+        self.progress.wrote("a", 100, now=0.0)
+        self.assertEqual(self.progress.sweep(9.9), [])
+        self.assertEqual(self.progress.sweep(10.0), ["a"])
+        self.assertEqual(len(self.progress), 0)
+
+    def test_slowButMoving(self) -> None:
+        """A client that takes one byte every few seconds is never stuck, even while more is written."""
+        self.queued["a"] = 100
+        self.progress.wrote("a", 100, now=0.0)
+        for second in range(5, 100, 5):
+            self.queued["a"] += 9  # a reply more, and one byte taken
+            self.progress.wrote("a", 10, now=float(second))
+            self.assertEqual(self.progress.sweep(float(second)), [])
+
+    def test_drainedIsForgotten(self) -> None:
+        """A connection whose output has all left is no longer watched."""
+        self.queued["b"] = 5
+        self.progress.wrote("b", 5, now=0.0)
+        self.queued["b"] = 0
+        self.assertEqual(self.progress.sweep(1.0), [])
+        self.assertEqual(len(self.progress), 0)
+
+
+class NeverLeaves:
+    """A C{queued} for the factory: every byte written to a transport stays queued unless the test sends it."""
+
+    def __init__(self) -> None:
+        self.sent: dict[int, int] = {}
+
+    def __call__(self, transport: HalfCloseTransport) -> int:
+        return len(transport.value()) - self.sent.get(id(transport), 0)
+
+
+def harness(limits: RequestLimits, queued: NeverLeaves) -> ProtocolHarness:
+    """A harness whose factory sees output as queued until the test says it left."""
+    clock, records = ProtocolHarness().clock, MemoryRecords()
+    factory = PrimeCountFactory(limits, clock, Responder(clock, InlineThreads(), records), RecordingMetrics(),
+                                queued=queued)
+    built = ProtocolHarness(limits, records=records, factory=factory)
+    built.clock = clock
+    return built
+
+
+class ProtocolSendDeadlineTests(SynchronousTestCase):
+    """Every way a connection can wait on its own output ends by the send deadline, counted."""
+
+    def assertAbortedBy(self, built: ProtocolHarness, seconds: float) -> None:
+        """Not aborted just before C{seconds}; aborted (and counted) within a sweep after."""
+        built.clock.advance(0)
+        built.clock.pump([0.25] * int((seconds - 0.5) / 0.25))
+        self.assertFalse(built.transport.disconnected, "aborted too soon")
+        built.clock.pump([0.25] * 8)
+        self.assertTrue(built.transport.disconnected, "aborted")
+        self.assertIn(("connectionAborted", "send_timeout"), built.factory.metrics.events)
+
+    def test_keptConnectionWhoseRepliesNeverLeave(self) -> None:
+        """A kept connection's replies that never leave (the client does not read) abort it, idle or not."""
+        built = harness(RequestLimits(keepAlive=True, quiet=0, sendTimeout=2), NeverLeaves())
+        built.send(b"aa\nbb\n")
+        self.assertEqual(built.reply(), expectedReply("aa") + expectedReply("bb"))
+        self.assertAbortedBy(built, 2)
+
+    def test_oneShotReply(self) -> None:
+        """A one-shot reply and its close that wait on a client who never reads are aborted."""
+        built = harness(RequestLimits(quiet=0, sendTimeout=3), NeverLeaves())
+        built.send(b"aa\n")
+        self.assertTrue(built.transport.disconnecting)
+        self.assertAbortedBy(built, 3)
+
+    def test_lingeringErrorClose(self) -> None:
+        """An ERROR reply's lingering close that never gets its output out is aborted too."""
+        built = harness(RequestLimits(quiet=0, sendTimeout=2, maxLine=4), NeverLeaves())
+        built.send(b"aaaaaaaa\n")
+        self.assertEqual(built.reply(), b"ERROR line too long (max 4 bytes)\n")
+        self.assertAbortedBy(built, 2)
+
+    def test_busy(self) -> None:
+        """An C{ERROR busy} that never leaves is aborted."""
+        queued = NeverLeaves()
+        built = harness(RequestLimits(quiet=0, sendTimeout=2), queued)
+        built.factory.connectionLimits.maxTotal = 0
+        busy = built.factory.buildProtocol(built.transport.getPeer())
+        transport = HalfCloseTransport()
+        busy.makeConnection(transport)
+        self.assertEqual(transport.value(), b"ERROR busy\n")
+        built.clock.pump([0.25] * 12)
+        self.assertTrue(transport.disconnected)
+
+    def test_readingClientIsNotAborted(self) -> None:
+        """A kept connection whose client takes its replies, however slowly, is not aborted."""
+        queued = NeverLeaves()
+        built = harness(RequestLimits(keepAlive=True, quiet=0, sendTimeout=2, idleTimeout=0), queued)
+        for n in range(20):
+            built.send(b"aa\n")
+            queued.sent[id(built.transport)] = len(built.transport.value()) - 3  # all but 3 bytes left
+            built.clock.pump([0.25] * 4)
+        self.assertFalse(built.transport.disconnected)
+
+    def test_noDeadline(self) -> None:
+        """C{sendTimeout} 0 watches nothing."""
+        built = harness(RequestLimits(keepAlive=True, quiet=0, sendTimeout=0, idleTimeout=0), NeverLeaves())
+        built.send(b"aa\n")
+        built.clock.pump([1.0] * 100)
+        self.assertFalse(built.transport.disconnected)
+
+
+class QueuedBytesTests(SynchronousTestCase):
+    """L{queuedBytes} reads Twisted's write buffers right; this fails if Twisted changes under it."""
+
+    def test_fileDescriptorBuffers(self) -> None:
+        """Bytes written to a Twisted descriptor count until its writes hand them to the kernel."""
+        taken: list[int] = [2]
+
+        class Descriptor(FileDescriptor):
+            """A descriptor whose kernel takes C{taken[0]} bytes a write."""
+
+            def writeSomeData(self, data: bytes) -> int:
+                return min(taken[0], len(data))
+
+        descriptor = Descriptor(MemoryReactor())
+        descriptor.connected = True
+        descriptor.write(b"hello")
+        descriptor.write(b" world")
+        self.assertEqual(queuedBytes(descriptor), 11)
+        descriptor.doWrite()
+        self.assertEqual(queuedBytes(descriptor), 9)
+        taken[0] = 100
+        descriptor.doWrite()
+        self.assertEqual(queuedBytes(descriptor), 0)
+
+    def test_throughWrappers(self) -> None:
+        """A wrapping layer (C{.transport}) is looked through; a TLS layer's cleartext waiting counts too."""
+
+        class Layer:
+            """A wrapper holding cleartext, over another transport."""
+
+            def __init__(self, transport: object) -> None:
+                self.transport = transport
+                self._appSendBuffer = [b"abc"]
+
+        descriptor = FileDescriptor(MemoryReactor())
+        descriptor.connected = True
+        descriptor.write(b"12345")
+        self.assertEqual(queuedBytes(Layer(descriptor)), 8)
+        self.assertEqual(queuedBytes(HalfCloseTransport()), 0)
+
+
+class NeverReadingClientsOverTCPTests(SynchronousTestCase):
+    """A real twistd with every slot taken by keep-alive clients that send and never read."""
+
+    @slow
+    def test_slotsFreedBySendDeadline(self) -> None:
+        """A client takes the only slot, sending lines without end and reading nothing: once its replies stop
+        leaving (the kernel's buffers are full) it is aborted within the send deadline and counted, and a new
+        client is served again; before the deadline existed the slot stayed taken for ever."""
+        records = os.path.abspath(self.mktemp())
+        server = ServerProcess(records, "--keep-alive", "--idle-timeout", "3", "--timeout", "2",
+                               "--max-connections", "1", "--max-per-ip", "0", "--send-timeout", "2",
+                               "--metrics", "tcp:0:interface=127.0.0.1")
+        self.addCleanup(lambda: server.process.poll() is not None or server.stop())
+        metricsPort = int(server.waitFor(rb"Site starting on (\d+)").group(1))
+        floods = []
+        for _ in range(1):
+            flood = socket.socket()
+            flood.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            flood.connect(("127.0.0.1", server.port))
+            flood.setblocking(False)
+            floods.append(flood)
+            self.addCleanup(flood.close)
+        chunk = b"a\n" * 30_000
+
+        def metric(name: str) -> float:
+            page = urllib.request.urlopen(f"http://127.0.0.1:{metricsPort}/metrics", timeout=10).read().decode()
+            return float(re.search(rf"(?m)^{re.escape(name)} (\S+)$", page).group(1))
+
+        def allAborted() -> bool:
+            for flood in floods:
+                try:
+                    flood.send(chunk)
+                except (BlockingIOError, ConnectionError):
+                    pass
+            return metric('primecount_connections_aborted_total{reason="send_timeout"}') == 1
+
+        waitUntil(allAborted, seconds=120, what="the never-reading client to be aborted")
+        with socket.create_connection(("127.0.0.1", server.port), timeout=10) as client:
+            client.sendall(b"abc2a\n")
+            self.assertEqual(client.makefile("rb").readline(), expectedReply("abc2a"))
+        self.assertEqual(metric('primecount_busy_refusals_total{limit="total"}'), 0.0)
+        self.assertEqual(server.stop(), 0, server.log)
+        self.assertEqual(server.log.count("whose replies made no progress"), 1, "logged once")
