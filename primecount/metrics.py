@@ -1,7 +1,8 @@
-"""Service metrics: what the server counts, and a Prometheus page that shows it at C{/metrics}.
+"""Service metrics: what the server counts, in a Prometheus registry.
 
 The server reports events to a L{Metrics}; L{NoMetrics} (the default) drops
-them at no cost, L{PrometheusMetrics} keeps them in its own registry.
+them at no cost, L{PrometheusMetrics} keeps them in its own registry;
+L{primecount.metricsendpoint} serves a registry at C{/metrics}.
 """
 
 from __future__ import annotations
@@ -10,7 +11,6 @@ from typing import Any, Iterator, Mapping
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, PlatformCollector, ProcessCollector
 from prometheus_client.core import GaugeMetricFamily
-from prometheus_client.exposition import choose_encoder
 
 from primecount import __version__
 
@@ -18,8 +18,6 @@ OUTCOMES = ("ok", "empty_message", "invalid_utf8", "line_too_long", "timeout", "
             "internal_error", "busy")
 WITHOUT_REQUEST = ("empty", "health_check", "untrusted", "malformed", "incomplete", "timeout")
 ABORTED = ("send_timeout",)
-from twisted.web.resource import Resource
-from twisted.web.server import Request, Site
 
 
 class NoMetrics:
@@ -161,23 +159,6 @@ class _ThreadPoolCollector:
                                 "Threads of the analysis pool running work now.", value=len(self._pool.working))
 
 
-class MetricsPage(Resource):
-    """The Prometheus text exposition of a registry, rendered in the reactor thread (it is small)."""
-
-    isLeaf = True
-
-    def __init__(self, registry: CollectorRegistry) -> None:
-        super().__init__()
-        self._registry = registry
-
-    def render_GET(self, request: Request) -> bytes:
-        """The metrics, in the Prometheus text format or, when the scraper asks for it, OpenMetrics."""
-        accept = (request.getHeader(b"accept") or b"").decode("latin-1")
-        encode, contentType = choose_encoder(accept)
-        request.setHeader(b"Content-Type", contentType.encode("ascii"))
-        return encode(self._registry)
-
-
 def registerProcessCollectors(registry: CollectorRegistry, limits: Mapping[str, float]) -> None:
     """The conventional process and platform metrics, the build, and the configured limits."""
     ProcessCollector(registry=registry)
@@ -211,20 +192,3 @@ class _ConstantCollector:
         for name, value in sorted(self._limits.items()):
             limits.add_metric([name], value)
         yield limits
-
-
-class _QuietSite(Site):
-    """A site that writes no access-log line: a scrape every few seconds would fill the log."""
-
-    def log(self, request: Request) -> None:
-        """Nothing."""
-
-
-def metricsSite(registry: CollectorRegistry) -> Site:
-    """A web site serving the registry at C{/metrics} (and nothing else)."""
-    root = Resource()
-    root.putChild(b"metrics", MetricsPage(registry))
-    site = _QuietSite(root)
-    site.displayTracebacks = False
-    site.noisy = False
-    return site

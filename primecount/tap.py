@@ -21,7 +21,8 @@ from twisted.python import usage
 from primecount import __version__
 from primecount.limits import ConnectionLimits, raiseFileLimit
 from primecount.lifecycle import Drain, Listener, ProcessSignals, SequentialMultiService
-from primecount.metrics import NoMetrics, PrometheusMetrics, metricsSite, workersRegistry
+from primecount.metrics import NoMetrics, PrometheusMetrics, workersRegistry
+from primecount.metricsendpoint import MetricsSite
 from primecount.workers import WORKER_FD, MetricsDirectory, SharedSocket, WorkerPool, cpuCount, socketFamily
 from primecount.protocol import PrimeCountFactory, RequestLimits
 from primecount.proxied import LOOPBACK, ProxiedFactory, listensBeyondLoopback, parseNetworks
@@ -299,7 +300,7 @@ def makeService(options: Options, reactor: Optional[Any] = None) -> IService:
     ProcessSignals(reactor, onHangUp=records.reopen).setServiceParent(top)
     records.setServiceParent(top)
     if options["metrics"]:
-        strports.service(options["metrics"], metricsSite(metrics.registry), reactor=reactor).setServiceParent(top)
+        strports.service(options["metrics"], MetricsSite(metrics.registry, reactor), reactor=reactor).setServiceParent(top)
     limits = RequestLimits(
         options["timeout"], options["quiet"], options["max-line"], bool(options["log-requests"]),
         keepAlive=bool(options["keep-alive"]), pipeline=options["pipeline"], idleTimeout=options["idle-timeout"],
@@ -375,7 +376,7 @@ def _supervisor(options: Options, reactor: Any) -> IService:
     if folder is not None:
         folder.setServiceParent(top)
         limits = configuredLimits(options, options["max-connections"] or raiseFileLimit().defaultMaxConnections * count)
-        strports.service(options["metrics"], metricsSite(workersRegistry(folder, limits)), reactor=reactor
+        strports.service(options["metrics"], MetricsSite(workersRegistry(folder, limits), reactor), reactor=reactor
                          ).setServiceParent(top)
     shared.setServiceParent(top)
     pool.setServiceParent(top)

@@ -11,7 +11,7 @@ from twisted.plugin import getPlugins
 from twisted.python.threadpool import ThreadPool
 from twisted.python.usage import UsageError
 from twisted.trial.unittest import SynchronousTestCase
-from twisted.web.server import Site
+from primecount.metricsendpoint import MetricsSite
 
 from primecount.protocol import PrimeCountFactory
 from primecount.storage import RecordsService
@@ -230,7 +230,7 @@ class MakeServiceTests(SynchronousTestCase):
         self.addCleanup(service.stopService)
         self.assertEqual([(port, interface) for port, _, _, interface in reactor.tcpServers],
                          [(9109, "127.0.0.1"), (5153, "")])
-        self.assertIsInstance(reactor.tcpServers[0][1], Site)
+        self.assertIsInstance(reactor.tcpServers[0][1], MetricsSite)
 
     def test_barePortListensWithDeepBacklog(self) -> None:
         """A bare port number listens on all IPv4 interfaces with a backlog of 1024."""
