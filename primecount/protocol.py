@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import fcntl
+import struct
+import termios
 from collections import deque
 from typing import Callable, NamedTuple, Optional
 
@@ -54,24 +57,36 @@ def peerHost(address: IAddress) -> str:
 
 
 def queuedBytes(transport: ITransport) -> int:
-    """How many bytes written to C{transport} have not left the process yet (0 for transports it cannot see into).
+    """How many bytes written to C{transport} its client has not taken yet: still in the process, or in the
+    kernel's send queue unacknowledged (0 for transports it cannot see into).
 
     Twisted has no public way to ask. This reads, on the way down through any
     wrapping layers (the PROXY-header reader, TLS), a TLS layer's cleartext
-    waiting for its handshake (C{_appSendBuffer}) and the TCP connection's write
-    buffers (C{dataBuffer} from C{offset}, and C{_tempDataLen} more);
-    C{tests/test_protocol.py} fails if those move.
+    waiting for its handshake (C{_appSendBuffer}), the TCP connection's write
+    buffers (C{dataBuffer} from C{offset}, and C{_tempDataLen} more), and the
+    socket's send queue (C{SIOCOUTQ}, Linux); C{tests/test_sending.py} fails if
+    those move. The kernel's part matters: a client that never reads leaves
+    megabytes of replies in the server's socket buffer before any stay in
+    Twisted's.
     """
     queued, layer = 0, transport
     while layer is not None:
         if isinstance(layer, abstract.FileDescriptor):
-            return queued + len(layer.dataBuffer) - layer.offset + layer._tempDataLen
+            return queued + len(layer.dataBuffer) - layer.offset + layer._tempDataLen + _kernelQueued(layer)
         queued += sum(map(len, getattr(layer, "_appSendBuffer", ())))
         layer = getattr(layer, "transport", None)
     return queued
 
 
-def sendNow(transport: ITransport, data: bytes) -> bool:
+def _kernelQueued(descriptor: abstract.FileDescriptor) -> int:
+    """Bytes in a socket's send queue that its peer has not acknowledged (0 where that cannot be asked)."""
+    try:
+        return struct.unpack("i", fcntl.ioctl(descriptor.fileno(), termios.TIOCOUTQ, b"\0\0\0\0"))[0]
+    except (OSError, ValueError, AttributeError):
+        return 0
+
+
+def sendNow(transport: ITransport, data: bytes) -> None:
     """Write C{data} to C{transport}, sending it in this call when nothing is queued before it.
 
     C{transport.write} only queues: the bytes go out on the reactor's next
@@ -80,7 +95,7 @@ def sendNow(transport: ITransport, data: bytes) -> bool:
     empty write buffer this sends at once with the transport's own
     C{writeSomeData}; anything the kernel does not take, and every other
     transport (TLS, tests), goes through C{write} as usual, so the buffer
-    limits and producer pausing still apply. Returns whether it all left now.
+    limits and producer pausing still apply.
     """
     if (
         isinstance(transport, tcp.Connection)
@@ -94,9 +109,8 @@ def sendNow(transport: ITransport, data: bytes) -> bool:
         if isinstance(sent, int) and sent >= 0:
             data = data[sent:]
         if not data:
-            return True
+            return
     transport.write(data)
-    return False
 
 
 class LingeringClose:
@@ -408,8 +422,8 @@ class PrimeCountProtocol(LineReceiver, TimeoutMixin):
                 self._stopReading()
                 self._close(lingering=reply.isError)
                 return
-            if not sendNow(self.transport, reply.data):
-                self.factory.wrote(self, len(reply.data))
+            sendNow(self.transport, reply.data)
+            self.factory.wrote(self, len(reply.data))  # the kernel may hold it as long as the client reads none
         if not self._unanswered and not self._reading:
             self._close()
             return
@@ -545,7 +559,7 @@ class PrimeCountFactory(Factory):
         return busy
 
     def wrote(self, protocol: Protocol, size: int) -> None:
-        """C{protocol} left C{size} bytes queued to send: watch that they make progress (L{SendProgress})."""
+        """C{protocol} wrote C{size} bytes: watch that its client takes them (L{SendProgress})."""
         if self.limits.sendTimeout <= 0:
             return
         self._sending.wrote(protocol, size, self.clock.seconds())
@@ -553,6 +567,12 @@ class PrimeCountFactory(Factory):
             self._sendSweep = LoopingCall(self._sweepSending)
             self._sendSweep.clock = self.clock
             self._sendSweep.start(min(1.0, self.limits.sendTimeout / 4), now=False)
+
+    def stopFactory(self) -> None:
+        """The listener is gone: stop watching (connections still open are aborted or drained by the service)."""
+        if self._sendSweep is not None:
+            self._sendSweep.stop()
+            self._sendSweep = None
 
     def _sweepSending(self) -> None:
         now = self.clock.seconds()

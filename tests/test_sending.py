@@ -183,41 +183,38 @@ class NeverReadingClientsOverTCPTests(SynchronousTestCase):
 
     @slow
     def test_slotsFreedBySendDeadline(self) -> None:
-        """A client takes the only slot, sending lines without end and reading nothing: once its replies stop
-        leaving (the kernel's buffers are full) it is aborted within the send deadline and counted, and a new
-        client is served again; before the deadline existed the slot stayed taken for ever."""
+        """30 keep-alive clients take all 30 slots, each sending 400 KB of lines with a 4 KB receive buffer and
+        reading nothing: their replies stop leaving, each is aborted within the send deadline and counted, and a
+        new client is served again (before the deadline a newcomer got ERROR busy for minutes)."""
         records = os.path.abspath(self.mktemp())
         server = ServerProcess(records, "--keep-alive", "--idle-timeout", "3", "--timeout", "2",
-                               "--max-connections", "1", "--max-per-ip", "0", "--send-timeout", "2",
+                               "--max-connections", "30", "--max-per-ip", "0", "--send-timeout", "2",
                                "--metrics", "tcp:0:interface=127.0.0.1")
         self.addCleanup(lambda: server.process.poll() is not None or server.stop())
         metricsPort = int(server.waitFor(rb"Site starting on (\d+)").group(1))
         floods = []
-        for _ in range(1):
+        for _ in range(30):
             flood = socket.socket()
             flood.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
             flood.connect(("127.0.0.1", server.port))
             flood.setblocking(False)
             floods.append(flood)
             self.addCleanup(flood.close)
-        chunk = b"a\n" * 30_000
+        for flood in floods:
+            try:
+                flood.send(b"a\n" * 200_000)
+            except BlockingIOError:
+                pass
 
         def metric(name: str) -> float:
             page = urllib.request.urlopen(f"http://127.0.0.1:{metricsPort}/metrics", timeout=10).read().decode()
             return float(re.search(rf"(?m)^{re.escape(name)} (\S+)$", page).group(1))
 
-        def allAborted() -> bool:
-            for flood in floods:
-                try:
-                    flood.send(chunk)
-                except (BlockingIOError, ConnectionError):
-                    pass
-            return metric('primecount_connections_aborted_total{reason="send_timeout"}') == 1
-
-        waitUntil(allAborted, seconds=120, what="the never-reading client to be aborted")
+        waitUntil(lambda: metric('primecount_connections_aborted_total{reason="send_timeout"}') == 30, seconds=60,
+                  what="the never-reading clients to be aborted")
         with socket.create_connection(("127.0.0.1", server.port), timeout=10) as client:
             client.sendall(b"abc2a\n")
             self.assertEqual(client.makefile("rb").readline(), expectedReply("abc2a"))
         self.assertEqual(metric('primecount_busy_refusals_total{limit="total"}'), 0.0)
         self.assertEqual(server.stop(), 0, server.log)
-        self.assertEqual(server.log.count("whose replies made no progress"), 1, "logged once")
+        self.assertLessEqual(server.log.count("whose replies made no progress"), 5, "at most a line a second")
