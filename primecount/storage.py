@@ -44,8 +44,9 @@ RunInThread = Callable[..., Deferred]
 # How long a batch may wait for another process to release the records file's lock before its clients are
 # answered ERROR storage unavailable; a live writer holds it for one write(2), microseconds to milliseconds.
 LOCK_WAIT_SECONDS = 1.0
-# The first retry comes this soon; each later one waits twice as long, up to LOCK_RETRY_MAX.
-LOCK_RETRY_FIRST, LOCK_RETRY_MAX = 0.001, 0.05
+# The first retry comes on the reactor's next turn (a peer holds the lock for one write(2), microseconds);
+# the second LOCK_RETRY_SECOND later, each after that twice as long as the one before, up to LOCK_RETRY_MAX.
+LOCK_RETRY_SECOND, LOCK_RETRY_MAX = 0.0005, 0.05
 
 
 def _inline(function: Callable[..., Any], *args: Any) -> Deferred:
@@ -197,7 +198,7 @@ class RecordsService(Service):
         self._waiting: list[tuple[bytes, int, Deferred[None]]] = []  # batches waiting for the lock, in order
         self._waitingSince = 0.0
         self._retryCall: Optional[IDelayedCall] = None
-        self._retryDelay = LOCK_RETRY_FIRST
+        self._retryDelay = 0.0
 
     def startService(self) -> None:
         """Open the records file and start the fsync timer.
@@ -380,7 +381,7 @@ class RecordsService(Service):
         stored: Deferred[None] = Deferred()
         if not self._waiting:
             self._waitingSince = self._clock.seconds()
-            self._retryDelay = LOCK_RETRY_FIRST
+            self._retryDelay = 0.0
         self._waiting.append((batch, count, stored))
         if self._retryCall is None:
             self._retryCall = self._clock.callLater(self._retryDelay, self._retryWaiting)
@@ -398,7 +399,7 @@ class RecordsService(Service):
         except LockBusy:
             waited = self._clock.seconds() - self._waitingSince
             if not lastTry and waited < LOCK_WAIT_SECONDS:
-                self._retryDelay = min(self._retryDelay * 2, LOCK_RETRY_MAX)
+                self._retryDelay = min(self._retryDelay * 2 or LOCK_RETRY_SECOND, LOCK_RETRY_MAX)
                 self._retryCall = self._clock.callLater(self._retryDelay, self._retryWaiting)
                 return
             self._waiting = []

@@ -95,7 +95,7 @@ def appendLockCost(args: argparse.Namespace) -> None:
         for round in range(1, args.rounds + 1):
             for mode, options, load in (("one-shot", [], conns),
                                         ("keep-alive", ["--keep-alive"], [*conns, "--keepalive"])):
-                for lock in ("on", "off"):
+                for lock in (("on", "off") if round % 2 else ("off", "on")):  # alternate: no order bias
                     if lock == "off":
                         os.environ[UNLOCKED_APPEND_SWITCH] = "1"
                     try:
