@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import shutil
 import time
+import urllib.request
 from typing import Any, Callable, Sequence
 
 from twisted.internet.defer import Deferred, succeed
@@ -215,3 +216,16 @@ def answeredUnderLoad(clients: Sequence[str], seconds: float, send: Callable[[st
     for thread in threads:
         thread.join()
     return answered
+
+
+def scrape(port: int) -> dict[str, float]:
+    """GET /metrics and return its samples by name (with labels)."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as response:
+        assert response.headers["Content-Type"].startswith("text/plain")
+        text = response.read().decode("utf-8")
+    samples = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            name, value = line.rsplit(" ", 1)
+            samples[name] = float(value)
+    return samples

@@ -17,7 +17,7 @@ from twisted.trial.unittest import SkipTest, SynchronousTestCase
 
 from primecount.records import parseRecords
 from primecount.tools.serverprocess import TWISTD, ServerProcess, listeningPort
-from tests.helpers import ask, expectedReply, requireTool, slow, waitUntil
+from tests.helpers import ask, expectedReply, requireTool, scrape, slow, waitUntil
 
 UNITS = Path(__file__).resolve().parents[1] / "contrib" / "systemd"
 LOGROTATE = Path(__file__).resolve().parents[1] / "contrib" / "logrotate" / "primecount"
@@ -348,17 +348,6 @@ class MetricsTests(SynchronousTestCase):
         self.assertTrue(body.endswith("# EOF\n"))
 
 
-def scrape(port: int) -> dict[str, float]:
-    """GET /metrics and return its samples by name (with labels)."""
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as response:
-        assert response.headers["Content-Type"].startswith("text/plain")
-        text = response.read().decode("utf-8")
-    samples = {}
-    for line in text.splitlines():
-        if line and not line.startswith("#"):
-            name, value = line.rsplit(" ", 1)
-            samples[name] = float(value)
-    return samples
 
 
 class ServiceUserTests(SynchronousTestCase):

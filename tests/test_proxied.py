@@ -6,7 +6,6 @@ import os
 import socket
 import struct
 import time
-import urllib.request
 
 from twisted.internet.address import IPv4Address
 from twisted.logger import Logger
@@ -26,7 +25,7 @@ from primecount.proxied import (
 from primecount.records import parseRecords
 from primecount.responder import Responder
 from primecount.tools.serverprocess import ServerProcess
-from tests.helpers import HalfCloseTransport, InlineThreads, MemoryRecords, RecordingMetrics, expectedReply, slow
+from tests.helpers import HalfCloseTransport, InlineThreads, MemoryRecords, RecordingMetrics, expectedReply, scrape, slow
 from twisted.internet.task import Clock
 
 
@@ -284,9 +283,9 @@ class MalformedHeadersOverTCPTests(SynchronousTestCase):
         with socket.create_connection(("127.0.0.1", server.port), timeout=10) as connection:
             connection.sendall(v1("::ffff:6.6.6.9") + b"abc2a\n")
             self.assertEqual(connection.makefile("rb").read(), expectedReply("abc2a"))
-        page = urllib.request.urlopen(f"http://127.0.0.1:{metricsPort}/metrics", timeout=10).read().decode()
+        samples = scrape(metricsPort)
         self.assertEqual(server.stop(), 0, server.log)
-        self.assertIn('primecount_connections_without_request_total{reason="malformed"} 200.0', page)
+        self.assertEqual(samples['primecount_connections_without_request_total{reason="malformed"}'], 200.0)
         self.assertNotIn("Traceback", server.log)
         self.assertNotIn("Unhandled", server.log)
         lines = server.log.count("without a valid PROXY header")

@@ -215,11 +215,7 @@ class FollowTests(SynchronousTestCase):
         """Records appended before and after a rename + new file are all printed, once; Ctrl-C exits 0."""
         path = Path(self.mktemp())
         path.write_text(lines("old"), encoding="utf-8")
-        process = subprocess.Popen([sys.executable, "-m", "primecount.records", "follow", "--from-start", str(path)],
-                                   stdout=subprocess.PIPE, text=True, encoding="utf-8")
-        self.printed: queue.Queue[str] = queue.Queue()
-        reader = threading.Thread(target=lambda: [self.printed.put(line) for line in process.stdout], daemon=True)
-        reader.start()
+        process = self.follow(path)
         try:
             self.assertEqual(self.nextMessage(process), "old")
             with path.open("a", encoding="utf-8") as file:
@@ -232,9 +228,7 @@ class FollowTests(SynchronousTestCase):
             self.assertEqual(self.nextMessage(process), "late in rotated file")
             self.assertEqual(self.nextMessage(process), "second")
         finally:
-            process.send_signal(signal.SIGINT)
-            process.wait(timeout=10)
-            reader.join(10)
+            self.interrupt(process)
         self.assertEqual(process.returncode, 0)
         self.assertTrue(self.printed.empty(), "nothing printed twice")
 
@@ -242,21 +236,31 @@ class FollowTests(SynchronousTestCase):
         """On a path that does not exist yet, C{follow} says so once on stderr, then prints the file's records
         once it appears."""
         path = Path(self.mktemp())
-        process = subprocess.Popen([sys.executable, "-m", "primecount.records", "follow", "--from-start", str(path)],
-                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, encoding="utf-8")
-        self.printed = queue.Queue()
-        reader = threading.Thread(target=lambda: [self.printed.put(line) for line in process.stdout], daemon=True)
-        reader.start()
+        process = self.follow(path)
         try:
             self.assertIn("does not exist (yet); waiting", process.stderr.readline())
             path.write_text(lines("appeared"), encoding="utf-8")
             self.assertEqual(self.nextMessage(process), "appeared")
         finally:
-            process.send_signal(signal.SIGINT)
-            process.wait(timeout=10)
-            reader.join(10)
+            self.interrupt(process)
         self.assertEqual(process.returncode, 0)
         self.assertEqual(process.stderr.read(), "", "said once")
+
+    def follow(self, path: Path) -> subprocess.Popen:
+        """C{primecount-records follow --from-start path} running, its stdout lines gathered in C{self.printed}."""
+        process = subprocess.Popen([sys.executable, "-m", "primecount.records", "follow", "--from-start", str(path)],
+                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, encoding="utf-8")
+        self.printed: queue.Queue[str] = queue.Queue()
+        self.reader = threading.Thread(target=lambda: [self.printed.put(line) for line in process.stdout],
+                                       daemon=True)
+        self.reader.start()
+        return process
+
+    def interrupt(self, process: subprocess.Popen) -> None:
+        """Ctrl-C, as a user ends C{follow}; wait for it and its reader."""
+        process.send_signal(signal.SIGINT)
+        process.wait(timeout=10)
+        self.reader.join(10)
 
     def nextMessage(self, process: subprocess.Popen, seconds: float = 10.0) -> str:
         """The message of the next record C{follow} prints, failing after C{seconds}."""

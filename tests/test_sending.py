@@ -4,10 +4,7 @@ Twisted buffers it reads, and a real twistd against clients that never read."""
 from __future__ import annotations
 
 import os
-import re
 import socket
-import time
-import urllib.request
 
 from twisted.internet.abstract import FileDescriptor
 from twisted.internet.testing import MemoryReactor
@@ -18,7 +15,7 @@ from primecount.responder import Responder
 from primecount.sending import SendProgress
 from primecount.tools.serverprocess import ServerProcess
 from tests.helpers import HalfCloseTransport, InlineThreads, MemoryRecords, ProtocolHarness, RecordingMetrics, \
-    expectedReply, slow, waitUntil
+    expectedReply, scrape, slow, waitUntil
 
 
 class SendProgressTests(SynchronousTestCase):
@@ -206,15 +203,11 @@ class NeverReadingClientsOverTCPTests(SynchronousTestCase):
             except BlockingIOError:
                 pass
 
-        def metric(name: str) -> float:
-            page = urllib.request.urlopen(f"http://127.0.0.1:{metricsPort}/metrics", timeout=10).read().decode()
-            return float(re.search(rf"(?m)^{re.escape(name)} (\S+)$", page).group(1))
-
-        waitUntil(lambda: metric('primecount_connections_aborted_total{reason="send_timeout"}') == 30, seconds=60,
+        waitUntil(lambda: scrape(metricsPort)['primecount_connections_aborted_total{reason="send_timeout"}'] == 30, seconds=60,
                   what="the never-reading clients to be aborted")
         with socket.create_connection(("127.0.0.1", server.port), timeout=10) as client:
             client.sendall(b"abc2a\n")
             self.assertEqual(client.makefile("rb").readline(), expectedReply("abc2a"))
-        self.assertEqual(metric('primecount_busy_refusals_total{limit="total"}'), 0.0)
+        self.assertEqual(scrape(metricsPort)['primecount_busy_refusals_total{limit="total"}'], 0.0)
         self.assertEqual(server.stop(), 0, server.log)
         self.assertLessEqual(server.log.count("whose replies made no progress"), 5, "at most a line a second")

@@ -8,7 +8,6 @@ import signal
 import subprocess
 import sys
 import threading
-import urllib.request
 from typing import Any
 
 from twisted.internet.error import ProcessDone, ProcessTerminated
@@ -22,7 +21,7 @@ from primecount.records import parseRecords
 from primecount.tools.serverprocess import ServerProcess
 from primecount.tap import Options, workerArguments
 from primecount.workers import FIRST_DELAY, WORKER_FD, MetricsDirectory, WorkerPool
-from tests.helpers import answeredUnderLoad, ask, expectedReply, slow, waitUntil
+from tests.helpers import answeredUnderLoad, ask, expectedReply, scrape, slow, waitUntil
 
 
 class FakeProcess:
@@ -267,17 +266,16 @@ class TwistdWorkersTests(SynchronousTestCase):
         server = self.start("--workers", "2", "--metrics", "tcp:0:interface=127.0.0.1")
         metricsPort = int(server.waitFor(rb"Site starting on (\d+)").group(1))
         answered = self.load(server.port, 1, clients=4)
-        scraped: list[str] = []
+        scraped: list[dict[str, float]] = []
 
         def everyCloseSeen() -> bool:
             # A client that has its reply has closed, but the worker may not have read that close yet.
-            scraped[:] = [urllib.request.urlopen(f"http://127.0.0.1:{metricsPort}/metrics", timeout=10).read().decode()]
-            return re.search(r"(?m)^primecount_open_connections 0\.0$", scraped[0]) is not None
+            scraped[:] = [scrape(metricsPort)]
+            return scraped[0]["primecount_open_connections"] == 0.0
 
         waitUntil(everyCloseSeen, what="the workers to see every client's close")
         self.assertEqual(server.stop(), 0, server.log)
-        ok = float(re.search(r'^primecount_requests_total\{outcome="ok"\} (\S+)$', scraped[0], re.M).group(1))
-        self.assertEqual(ok, len(answered))
-        self.assertRegex(scraped[0], r"(?m)^primecount_connections_total %d\.0$" % len(answered))
+        self.assertEqual(scraped[0]['primecount_requests_total{outcome="ok"}'], len(answered))
+        self.assertEqual(scraped[0]["primecount_connections_total"], len(answered))
 
 
