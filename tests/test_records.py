@@ -146,3 +146,29 @@ class RoundTripTests(SynchronousTestCase):
             parsed = recordFormat.parse(line)
             self.assertEqual(parsed._replace(seconds=record.seconds), record)
             self.assertEqual(recordFormat.format(parsed), line)
+
+
+class ModuleTests(SynchronousTestCase):
+    """The format does not know its tool, and C{python -m primecount.records} still runs the tool."""
+
+    def test_formatImportsNoTool(self) -> None:
+        """Importing L{primecount.records} loads nothing of L{primecount.tools}."""
+        import subprocess
+        import sys
+
+        probe = "import sys, primecount.records; print(sorted(m for m in sys.modules if m.startswith('primecount.tools')))"
+        result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
+        self.assertEqual(result.stdout, "[]\n")
+
+    def test_runAsModule(self) -> None:
+        """C{python -m primecount.records check FILE} is the records tool."""
+        import subprocess
+        import sys
+
+        path = self.mktemp()
+        with open(path, "w", encoding="utf-8") as file:
+            file.write(formatTSV(Record(SECONDS, "127.0.0.1", "abc2a", 2, True)))
+        result = subprocess.run([sys.executable, "-m", "primecount.records", "check", path], capture_output=True,
+                                text=True)
+        self.assertEqual(result.returncode, 0, result.stderr)
+        self.assertIn("1 records", result.stdout)

@@ -203,11 +203,3 @@ def parseRecords(lines: Iterable[str]) -> Iterator[Record]:
             yield parseRecord(line)
         except MalformedRecord as error:
             raise MalformedRecord(f"line {number}: {error}") from None
-
-
-if __name__ == "__main__":
-    import sys
-
-    from primecount.tools.records import main
-
-    sys.exit(main())
