@@ -348,10 +348,33 @@ class MetricsTests(SynchronousTestCase):
         self.assertTrue(body.endswith("# EOF\n"))
 
 
-
-
 class ServiceUserTests(SynchronousTestCase):
     """With twistd's --uid/--gid the records file belongs to the service user, before and after a rotation."""
+
+    @slow
+    def test_unwritableForTheServiceUserStopsBeforeListening(self) -> None:
+        """With --uid, a records path that root may create but the service user may not stops the start with
+        one line, exit 1, and primecount never says it listens (the port was bound as root, but not served)."""
+        import pwd
+        import shutil
+        import tempfile
+
+        if os.geteuid() != 0:
+            raise SkipTest("needs root to switch to another user")
+        nobody = pwd.getpwnam("nobody")
+        folder = tempfile.mkdtemp(prefix="primecount-user-")
+        self.addCleanup(shutil.rmtree, folder, True)
+        os.chmod(folder, 0o700)  # root's: nobody cannot create the file here
+        records = os.path.join(folder, "records.txt")
+        result = subprocess.run(
+            [*TWISTD, "-n", "--pidfile=", "--uid", str(nobody.pw_uid), "--gid", str(nobody.pw_gid), "primecount",
+             "--port", "tcp:0:interface=127.0.0.1", "--records", records],
+            capture_output=True, text=True, timeout=60,
+        )
+        output = result.stdout + result.stderr
+        self.assertEqual(result.returncode, 1, output)
+        self.assertIn(f"primecount: cannot open records file {records}: Permission denied", output)
+        self.assertNotIn("primecount listening on", output)
 
     @slow
     def test_serviceUserCreatesAndReopens(self) -> None:
