@@ -519,6 +519,7 @@ class PrimeCountFactory(Factory):
         self._busyLog = Throttle()
         self._sending: SendProgress[Protocol] = SendProgress(limits.sendTimeout, lambda p: queued(p.transport))
         self._sendSweep: Optional[LoopingCall] = None
+        self._listenerGone = False
         self._abortLog = Throttle()
 
     def buildProtocol(self, addr: IAddress) -> Protocol:
@@ -550,18 +551,15 @@ class PrimeCountFactory(Factory):
         def closed() -> None:
             if lingering:
                 self.busyLingering -= 1
-
-        def gone() -> None:
-            closed()
             self._sending.forget(busy)
 
-        busy = BusyProtocol(self.clock, self.limits.linger if lingering else 0.0, gone, self.wrote)
+        busy = BusyProtocol(self.clock, self.limits.linger if lingering else 0.0, closed, self.wrote)
         return busy
 
     def wrote(self, protocol: Protocol, size: int) -> None:
         """C{protocol} wrote C{size} bytes: watch that its client takes them (L{SendProgress})."""
-        if self.limits.sendTimeout <= 0:
-            return
+        if self.limits.sendTimeout <= 0 or self._listenerGone:
+            return  # once the listener is gone, the drain's own grace bounds every connection
         self._sending.wrote(protocol, size, self.clock.seconds())
         if self._sendSweep is None:
             self._sendSweep = LoopingCall(self._sweepSending)
@@ -569,7 +567,8 @@ class PrimeCountFactory(Factory):
             self._sendSweep.start(min(1.0, self.limits.sendTimeout / 4), now=False)
 
     def stopFactory(self) -> None:
-        """The listener is gone: stop watching (connections still open are aborted or drained by the service)."""
+        """The listener is gone: stop watching (connections still open are drained, and aborted past the grace)."""
+        self._listenerGone = True
         if self._sendSweep is not None:
             self._sendSweep.stop()
             self._sendSweep = None

@@ -126,6 +126,15 @@ class ProtocolSendDeadlineTests(SynchronousTestCase):
             built.clock.pump([0.25] * 4)
         self.assertFalse(built.transport.disconnected)
 
+    def test_noSweepOnceTheListenerIsGone(self) -> None:
+        """After the listener stops (draining), replies start no sweep: the drain's grace bounds them, and no
+        timer outlives the service."""
+        built = harness(RequestLimits(keepAlive=True, quiet=0, sendTimeout=2, idleTimeout=0), NeverLeaves())
+        built.factory.doStart()
+        built.factory.doStop()
+        built.send(b"aa\n")
+        self.assertEqual([call for call in built.clock.getDelayedCalls() if "_sweepSending" in repr(call.func)], [])
+
     def test_noDeadline(self) -> None:
         """C{sendTimeout} 0 watches nothing."""
         built = harness(RequestLimits(keepAlive=True, quiet=0, sendTimeout=0, idleTimeout=0), NeverLeaves())
