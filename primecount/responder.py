@@ -27,8 +27,16 @@ class RecordSink(Protocol):
         """Store C{records} together; fire once stored, fail with L{StorageUnavailable} otherwise."""
 
 
+class Requester(Protocol):
+    """Who asked: a connection, told once per batch of the replies to its requests in that batch."""
+
+    def answered(self, replies: list[tuple[int, wire.Reply]]) -> None:
+        """The replies to the requests asked with these sequence numbers, in the order asked."""
+
+
 class Responder:
-    """Answers finished requests: analysis off the reactor thread, every record written, then the replies."""
+    """Answers finished requests: analysis off the reactor thread, every record written, then the replies,
+    handed to each connection once per batch (no Deferred per request)."""
 
     log = Logger()
 
@@ -36,21 +44,20 @@ class Responder:
         self._clock = clock
         self._runInThread = runInThread
         self._records = records
-        self._pending: list[tuple[bytes, str, Deferred[wire.Reply]]] = []
+        self._pending: list[tuple[bytes, str, Requester, int]] = []
         self._dispatchCall: Optional[IDelayedCall] = None
 
-    def respond(self, raw: bytes, client: str) -> Deferred[wire.Reply]:
-        """The reply to the request C{raw} from C{client}, at the end of this turn; an answer is recorded first."""
-        reply: Deferred[wire.Reply] = Deferred()
-        self._pending.append((raw, client, reply))
+    def respond(self, raw: bytes, client: str, requester: Requester, sequence: int) -> None:
+        """Answer the request C{raw} from C{client} at the end of this turn: C{requester.answered} gets its
+        reply, with C{sequence}, once its record (if it is an answer) is stored."""
+        self._pending.append((raw, client, requester, sequence))
         if self._dispatchCall is None:
             self._dispatchCall = self._clock.callLater(0, self._dispatch)
-        return reply
 
     def _dispatch(self) -> None:
         self._dispatchCall = None
         batch, self._pending = self._pending, []
-        evaluated: Deferred[list[wire.Outcome]] = self._runInThread(wire.evaluateAll, [raw for raw, _, _ in batch])
+        evaluated: Deferred[list[wire.Outcome]] = self._runInThread(wire.evaluateAll, [entry[0] for entry in batch])
         evaluated.addCallback(self._record, batch)
         evaluated.addErrback(self._internalError, len(batch))
         evaluated.addCallback(self._release, batch)
@@ -59,8 +66,8 @@ class Responder:
         """Append the answers' records in one write; answers whose records failed become C{storage unavailable}."""
         now = int(self._clock.seconds())
         records = [
-            Record(now, client, outcome.message, outcome.count, outcome.isPrime)
-            for outcome, (_, client, _) in zip(outcomes, batch)
+            Record(now, entry[1], outcome.message, outcome.count, outcome.isPrime)
+            for outcome, entry in zip(outcomes, batch)
             if isinstance(outcome, wire.Answer)
         ]
         if not records:
@@ -77,8 +84,16 @@ class Responder:
 
     @staticmethod
     def _release(replies: list[wire.Reply], batch: list) -> None:
-        for reply, (_, _, waiting) in zip(replies, batch):
-            waiting.callback(reply)
+        """Hand each connection its replies of the batch in one call, so that they leave in one write."""
+        byRequester: dict[Requester, list[tuple[int, wire.Reply]]] = {}
+        for reply, (_, _, requester, sequence) in zip(replies, batch):
+            answered = byRequester.get(requester)
+            if answered is None:
+                byRequester[requester] = [(sequence, reply)]
+            else:
+                answered.append((sequence, reply))
+        for requester, answered in byRequester.items():
+            requester.answered(answered)
 
 
 def _replyTo(outcome: wire.Outcome) -> wire.Reply:

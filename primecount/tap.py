@@ -24,7 +24,8 @@ from primecount.lifecycle import Drain, Listener, ProcessSignals, SequentialMult
 from primecount.metrics import NoMetrics, PrometheusMetrics, workersRegistry
 from primecount.metricsendpoint import MetricsSite
 from primecount.workers import WORKER_FD, MetricsDirectory, SharedSocket, WorkerPool, cpuCount, socketFamily
-from primecount.protocol import PrimeCountFactory, RequestLimits
+from primecount.connection import RequestLimits
+from primecount.factory import PrimeCountFactory
 from primecount.proxied import LOOPBACK, ProxiedFactory, listensBeyondLoopback, parseNetworks
 from primecount.readiness import Readiness
 from primecount.records import FORMATS

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from functools import lru_cache
 from typing import NamedTuple, Union
 
 from primecount.analysis import analyse
@@ -79,12 +80,19 @@ def errorLine(reason: str) -> bytes:
 
 
 def answerReply(answer: Answer) -> Reply:
-    """The typed reply to an answered request."""
-    return Reply(replyLine(answer), "ok")
+    """The typed reply to an answered request (made once per count and verdict)."""
+    return _answerReply(answer.count, answer.isPrime)
 
 
+@lru_cache(maxsize=1024)
+def _answerReply(count: int, isPrime: bool) -> Reply:
+    return Reply(replyLine(Answer("", count, isPrime)), "ok")
+
+
+@lru_cache(maxsize=64)
 def errorReply(reason: str, closes: bool = False) -> Reply:
-    """The typed reply C{ERROR <reason>}; C{closes} when the connection cannot carry another request after it."""
+    """The typed reply C{ERROR <reason>}; C{closes} when the connection cannot carry another request after it
+    (made once per reason)."""
     return Reply(errorLine(reason), outcomeLabel(reason), isError=True, closes=closes)
 
 

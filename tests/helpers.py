@@ -13,7 +13,9 @@ from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from twisted.trial.unittest import SkipTest, SynchronousTestCase
 
-from primecount.protocol import PrimeCountFactory, PrimeCountProtocol, RequestLimits
+from primecount.connection import RequestLimits
+from primecount.factory import PrimeCountFactory
+from primecount.protocol import PrimeCountProtocol
 from primecount.records import Record
 from primecount.responder import Responder
 

@@ -14,7 +14,8 @@ from twisted.internet.threads import deferToThreadPool
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
-from primecount.protocol import PrimeCountFactory, RequestLimits
+from primecount.connection import RequestLimits
+from primecount.factory import PrimeCountFactory
 from primecount.records import parseRecords
 from primecount.responder import Responder
 from primecount.storage import RecordsService

@@ -15,7 +15,7 @@ from typing import Union
 from hypothesis import HealthCheck, given, settings, strategies as st
 from twisted.trial.unittest import SynchronousTestCase
 
-from primecount.protocol import RequestLimits
+from primecount.connection import RequestLimits
 from primecount.tools.serverprocess import ServerProcess
 from tests.helpers import ProtocolHarness, slow
 

@@ -7,12 +7,13 @@ import socket
 import time
 from typing import Callable
 
-from twisted.internet.defer import Deferred, fail
+from twisted.internet.defer import fail
 from twisted.trial.unittest import SynchronousTestCase
 
 from primecount import wire
-from primecount.protocol import RequestLimits
+from primecount.connection import RequestLimits
 from primecount.records import parseRecords
+from primecount.responder import Requester
 from primecount.tools.serverprocess import ServerProcess
 from primecount.storage import StorageUnavailable
 from tests.helpers import ProtocolHarness, expectedReply, slow, waitUntil
@@ -59,13 +60,13 @@ class PipelineTests(SynchronousTestCase):
 
     def test_repliesInRequestOrder(self) -> None:
         """A later request answered first still waits for the earlier one's reply."""
-        replies: list[Deferred[wire.Reply]] = []
+        replies: list[Callable[[wire.Reply], None]] = []
         harness = ProtocolHarness(KEEP)
         harness.protocol._responder = _ManualResponder(replies)
         harness.send(b"first\nsecond\n")
-        replies[1].callback(wire.Reply(b"second\n", "ok"))
+        replies[1](wire.Reply(b"second\n", "ok"))
         self.assertEqual(harness.reply(), b"")
-        replies[0].callback(wire.Reply(b"first\n", "ok"))
+        replies[0](wire.Reply(b"first\n", "ok"))
         self.assertEqual(harness.reply(), b"first\nsecond\n")
 
     def test_oneShotAnswersOnlyTheFirst(self) -> None:
@@ -344,17 +345,14 @@ def closesOnlyAfterItsReply(test: SynchronousTestCase, ending: Callable[[Protoco
 
 
 class _ManualResponder:
-    """A responder whose replies the test fires by hand, in any order."""
+    """A responder whose replies the test hands back by hand, in any order."""
 
-    def __init__(self, replies: list[Deferred[wire.Reply]]) -> None:
+    def __init__(self, replies: list[Callable[[wire.Reply], None]]) -> None:
         self._replies = replies
 
-    def respond(self, raw: bytes, client: str) -> Deferred[wire.Reply]:
-        """A reply Deferred kept for the test."""
-        reply: Deferred[wire.Reply] = Deferred()
-        self._replies.append(reply)
-        return reply
-
+    def respond(self, raw: bytes, client: str, requester: Requester, sequence: int) -> None:
+        """Keep a way to answer this request for the test."""
+        self._replies.append(lambda reply: requester.answered([(sequence, reply)]))
 
 
 class KeepAliveOverTCPTests(SynchronousTestCase):

@@ -9,7 +9,9 @@ from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
 from primecount.limits import FD_HEADROOM, ConnectionLimits, FileLimit, Throttle, canonicalHost, raiseFileLimit
-from primecount.protocol import BusyProtocol, PrimeCountFactory, PrimeCountProtocol, RequestLimits
+from primecount.connection import RequestLimits
+from primecount.factory import PrimeCountFactory
+from primecount.protocol import BusyProtocol, PrimeCountProtocol
 from primecount.responder import Responder
 from tests.helpers import HalfCloseTransport, InlineThreads, MemoryRecords, ProtocolHarness, RecordingMetrics
 

@@ -3,9 +3,8 @@
 from twisted.trial.unittest import SynchronousTestCase
 
 from twisted.logger import Logger, formatEvent
-from twisted.protocols.basic import LineReceiver
 
-from primecount.protocol import RequestLimits
+from primecount.connection import Connection, RequestLimits
 from tests.helpers import ProtocolHarness
 
 ABC2A = "2 sí\n".encode()
@@ -196,15 +195,15 @@ class LineLimitTests(SynchronousTestCase):
         self.assertEqual(harness.reply(), b"ERROR line too long (max 1000 bytes)\n")
 
     def test_chunksJoinedOnce(self) -> None:
-        """A line sent in a thousand pieces reaches L{LineReceiver} once, whole, not re-scanned per piece."""
+        """A line sent in a thousand pieces is joined once, at its newline, not re-scanned per piece."""
         harness = ProtocolHarness(RequestLimits(quiet=0))
-        calls = []
-        original = LineReceiver.dataReceived
-        self.patch(LineReceiver, "dataReceived", lambda self, data: (calls.append(len(data)), original(self, data)))
+        joined = []
+        original = Connection._takePartial
+        self.patch(Connection, "_takePartial", lambda self: joined.append(self._partialSize) or original(self))
         for _ in range(1000):
             harness.protocol.dataReceived(b"ab")
         harness.send(b"b\n")
-        self.assertEqual(calls, [2002])
+        self.assertEqual([size for size in joined if size], [2000])
         self.assertEqual(harness.reply(), b"1001 no\n")
 
     def test_noReplyAfterError(self) -> None:

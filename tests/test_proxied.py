@@ -12,7 +12,8 @@ from twisted.logger import Logger
 from twisted.trial.unittest import SynchronousTestCase
 
 from primecount.limits import ConnectionLimits
-from primecount.protocol import PrimeCountFactory, RequestLimits
+from primecount.connection import RequestLimits
+from primecount.factory import PrimeCountFactory
 from primecount.proxied import (
     LOOPBACK,
     V2_SIGNATURE,

@@ -15,6 +15,27 @@ from tests.helpers import InlineThreads, MemoryRecords
 PRIMES = {2, 3, 5, 7, 11, 13, 17, 19, 23, 29, 31, 37, 41, 43, 47}
 
 
+class Asker:
+    """A requester that keeps each batch of replies it is handed."""
+
+    def __init__(self) -> None:
+        self.batches: list[list[tuple[int, wire.Reply]]] = []
+
+    def answered(self, replies: list[tuple[int, wire.Reply]]) -> None:
+        """Keep the batch."""
+        self.batches.append(replies)
+
+    def ask(self, responder: Responder, raws: list[bytes], client: str = "192.0.2.1") -> None:
+        """Ask C{responder} each of C{raws}, numbered from 0 in order."""
+        for sequence, raw in enumerate(raws):
+            responder.respond(raw, client, self, sequence)
+
+    @property
+    def replies(self) -> list[wire.Reply]:
+        """Every reply handed over, in sequence order."""
+        return [reply for _, reply in sorted(pair for batch in self.batches for pair in batch)]
+
+
 class BatchTests(SynchronousTestCase):
     """Requests that end in the same turn share one thread-pool call and one records write."""
 
@@ -24,49 +45,63 @@ class BatchTests(SynchronousTestCase):
 
     def test_oneCallAndOneWritePerTurn(self) -> None:
         """Fifty requests in one turn are one pool call and one write; the next turn's request is another of each."""
-        replies = [self.responder.respond(b"a" * n, "192.0.2.1") for n in range(1, 51)]
+        asker = Asker()
+        asker.ask(self.responder, [b"a" * n for n in range(1, 51)])
         self.assertEqual((self.threads.calls, self.records.batches), ([], []))
         self.clock.advance(0)
         self.assertEqual((len(self.threads.calls), self.records.batches), (1, [50]))
         self.assertEqual(
-            [self.successResultOf(reply).data for reply in replies],
+            [reply.data for reply in asker.replies],
             [f"{n} {'sí' if n in PRIMES else 'no'}\n".encode() for n in range(1, 51)],
         )
-        self.responder.respond(b"b", "192.0.2.1")
+        self.assertEqual(len(asker.batches), 1, "one call per connection per batch")
+        self.responder.respond(b"b", "192.0.2.1", asker, 50)
         self.clock.advance(0)
         self.assertEqual((len(self.threads.calls), self.records.batches), (2, [50, 1]))
 
+    def test_eachConnectionToldOncePerBatch(self) -> None:
+        """Interleaved requests of two connections in one batch: each is handed its own replies, in order, once."""
+        first, second = Asker(), Asker()
+        for sequence in range(3):
+            self.responder.respond(b"a" * (sequence + 1), "192.0.2.1", first, sequence)
+            self.responder.respond(b"\xff", "192.0.2.2", second, sequence)
+        self.clock.advance(0)
+        self.assertEqual([[sequence for sequence, _ in batch] for batch in first.batches], [[0, 1, 2]])
+        self.assertEqual([[sequence for sequence, _ in batch] for batch in second.batches], [[0, 1, 2]])
+        self.assertEqual([reply.outcome for reply in second.replies], ["invalid_utf8"] * 3)
+        self.assertEqual([record.client for record in self.records.records], ["192.0.2.1"] * 3)
+
     def test_onlyAnswersRecorded(self) -> None:
         """In a mixed batch only the answers are written; the rejections keep their place and their reason."""
-        replies = [self.responder.respond(raw, "192.0.2.1") for raw in (b"aa", b"\xff", b"", b"b")]
+        asker = Asker()
+        asker.ask(self.responder, [b"aa", b"\xff", b"", b"b"])
         self.clock.advance(0)
         self.assertEqual(self.records.batches, [2])
         self.assertEqual(
-            [self.successResultOf(reply) for reply in replies],
+            asker.replies,
             [wire.Reply("2 sí\n".encode(), "ok"), wire.Reply(b"ERROR invalid UTF-8\n", "invalid_utf8", True),
              wire.Reply(b"ERROR empty message\n", "empty_message", True), wire.Reply(b"1 no\n", "ok")],
         )
 
     def test_noWriteForRejectionsOnly(self) -> None:
         """A batch with no answer writes nothing."""
-        self.successResultOf(self._answered(b"\n"))
-        self.assertEqual(self.records.batches, [])
-
-    def _answered(self, raw: bytes) -> Deferred[wire.Reply]:
-        reply = self.responder.respond(raw, "192.0.2.1")
+        asker = Asker()
+        asker.ask(self.responder, [b"\n"])
         self.clock.advance(0)
-        return reply
+        self.assertEqual([reply.outcome for reply in asker.replies], ["empty_message"])
+        self.assertEqual(self.records.batches, [])
 
     def test_repliesWaitForThePool(self) -> None:
         """Nothing is written or released before the thread's result arrives."""
         running: Deferred[list[wire.Outcome]] = Deferred()
         responder = Responder(self.clock, lambda f, raws: running, self.records)
-        reply = responder.respond(b"aa", "192.0.2.1")
+        asker = Asker()
+        asker.ask(responder, [b"aa"])
         self.clock.advance(0)
-        self.assertNoResult(reply)
+        self.assertEqual(asker.batches, [])
         self.assertEqual(self.records.records, [])
         running.callback(wire.evaluateAll([b"aa"]))
-        self.assertEqual(self.successResultOf(reply).data, "2 sí\n".encode())
+        self.assertEqual([reply.data for reply in asker.replies], ["2 sí\n".encode()])
 
 
 class RecordBeforeReplyTests(SynchronousTestCase):
@@ -80,28 +115,30 @@ class RecordBeforeReplyTests(SynchronousTestCase):
 
     def test_answerIsRecorded(self) -> None:
         """An answer is stored with its timestamp, client and analysis, and its reply released."""
-        reply = self.responder.respond(b"abc2a", "198.51.100.4")
+        asker = Asker()
+        asker.ask(self.responder, [b"abc2a"], "198.51.100.4")
         self.clock.advance(0)
-        self.assertEqual(self.successResultOf(reply), wire.Reply("2 sí\n".encode(), "ok", False, False))
+        self.assertEqual(asker.replies, [wire.Reply("2 sí\n".encode(), "ok", False, False)])
         self.assertEqual(self.records.records, [Record(1_771_322_400, "198.51.100.4", "abc2a", 2, True)])
 
     def test_releasedOnlyOnceStored(self) -> None:
         """While the batch's write is not acknowledged, no reply of the batch is released."""
         self.records.hold = True
-        replies = [self.responder.respond(raw, "198.51.100.4") for raw in (b"aa", b"\xff")]
+        asker = Asker()
+        asker.ask(self.responder, [b"aa", b"\xff"], "198.51.100.4")
         self.clock.advance(0)
-        for reply in replies:
-            self.assertNoResult(reply)
+        self.assertEqual(asker.batches, [])
         self.records.release()
-        self.assertEqual([self.successResultOf(r).outcome for r in replies], ["ok", "invalid_utf8"])
+        self.assertEqual([reply.outcome for reply in asker.replies], ["ok", "invalid_utf8"])
 
     def test_storageFailure(self) -> None:
         """When the batch cannot be stored its answers become C{ERROR storage unavailable}; rejections stay."""
         self.records.write = lambda records: fail(StorageUnavailable("disk full"))  # type: ignore[method-assign]
-        replies = [self.responder.respond(raw, "198.51.100.4") for raw in (b"abc2a", b"\n")]
+        asker = Asker()
+        asker.ask(self.responder, [b"abc2a", b"\n"], "198.51.100.4")
         self.clock.advance(0)
         self.assertEqual(
-            [self.successResultOf(r) for r in replies],
+            asker.replies,
             [wire.Reply(b"ERROR storage unavailable\n", "storage_unavailable", True, False),
              wire.Reply(b"ERROR empty message\n", "empty_message", True, False)],
         )
@@ -109,9 +146,10 @@ class RecordBeforeReplyTests(SynchronousTestCase):
     def test_internalError(self) -> None:
         """An unexpected failure in analysis is logged once per batch and answered C{ERROR internal error}."""
         responder = Responder(self.clock, lambda f, *a: fail(ZeroDivisionError()), self.records)
-        replies = [responder.respond(b"abc2a", "198.51.100.4"), responder.respond(b"b", "198.51.100.4")]
+        asker = Asker()
+        asker.ask(responder, [b"abc2a", b"b"], "198.51.100.4")
         self.clock.advance(0)
-        self.assertEqual([self.successResultOf(reply) for reply in replies],
+        self.assertEqual(asker.replies,
                          [wire.Reply(b"ERROR internal error\n", "internal_error", True, True)] * 2)
         self.assertEqual(len(self.flushLoggedErrors(ZeroDivisionError)), 1)
         self.assertEqual(self.records.records, [])

@@ -1,54 +1,19 @@
-"""The send deadline: L{primecount.sending} alone, the protocol over a transport whose output never leaves, the
-Twisted buffers it reads, and a real twistd against clients that never read."""
+"""The send deadline: the protocol over a transport whose output never leaves, and a real twistd against
+clients that never read (the core's own decisions are in C{tests/test_connection.py})."""
 
 from __future__ import annotations
 
 import os
 import socket
 
-from twisted.internet.abstract import FileDescriptor
-from twisted.internet.testing import MemoryReactor
 from twisted.trial.unittest import SynchronousTestCase
 
-from primecount.protocol import PrimeCountFactory, RequestLimits, queuedBytes
+from primecount.connection import RequestLimits
+from primecount.factory import PrimeCountFactory
 from primecount.responder import Responder
-from primecount.sending import SendProgress
 from primecount.tools.serverprocess import ServerProcess
 from tests.helpers import HalfCloseTransport, InlineThreads, MemoryRecords, ProtocolHarness, RecordingMetrics, \
     expectedReply, scrape, slow, waitUntil
-
-
-class SendProgressTests(SynchronousTestCase):
-    """Only output that makes no progress for the whole deadline is given up."""
-
-    def setUp(self) -> None:
-        self.queued = {"a": 0, "b": 0}
-        self.progress = SendProgress(10.0, self.queued.__getitem__)
-
-    def test_stuck(self) -> None:
-        """Output that stays queued from the write on is stuck once the deadline has passed, not before."""
-        self.queued["a"] = 100
-        self.progress.wrote("a", 100, now=0.0)
-        self.assertEqual(self.progress.sweep(9.9), [])
-        self.assertEqual(self.progress.sweep(10.0), ["a"])
-        self.assertEqual(len(self.progress), 0)
-
-    def test_slowButMoving(self) -> None:
-        """A client that takes one byte every few seconds is never stuck, even while more is written."""
-        self.queued["a"] = 100
-        self.progress.wrote("a", 100, now=0.0)
-        for second in range(5, 100, 5):
-            self.queued["a"] += 9  # a reply more, and one byte taken
-            self.progress.wrote("a", 10, now=float(second))
-            self.assertEqual(self.progress.sweep(float(second)), [])
-
-    def test_drainedIsForgotten(self) -> None:
-        """A connection whose output has all left is no longer watched."""
-        self.queued["b"] = 5
-        self.progress.wrote("b", 5, now=0.0)
-        self.queued["b"] = 0
-        self.assertEqual(self.progress.sweep(1.0), [])
-        self.assertEqual(len(self.progress), 0)
 
 
 class NeverLeaves:
@@ -141,47 +106,6 @@ class ProtocolSendDeadlineTests(SynchronousTestCase):
         built.send(b"aa\n")
         built.clock.pump([1.0] * 100)
         self.assertFalse(built.transport.disconnected)
-
-
-class QueuedBytesTests(SynchronousTestCase):
-    """L{queuedBytes} reads Twisted's write buffers right; this fails if Twisted changes under it."""
-
-    def test_fileDescriptorBuffers(self) -> None:
-        """Bytes written to a Twisted descriptor count until its writes hand them to the kernel."""
-        taken: list[int] = [2]
-
-        class Descriptor(FileDescriptor):
-            """A descriptor whose kernel takes C{taken[0]} bytes a write."""
-
-            def writeSomeData(self, data: bytes) -> int:
-                return min(taken[0], len(data))
-
-        descriptor = Descriptor(MemoryReactor())
-        descriptor.connected = True
-        descriptor.write(b"hello")
-        descriptor.write(b" world")
-        self.assertEqual(queuedBytes(descriptor), 11)
-        descriptor.doWrite()
-        self.assertEqual(queuedBytes(descriptor), 9)
-        taken[0] = 100
-        descriptor.doWrite()
-        self.assertEqual(queuedBytes(descriptor), 0)
-
-    def test_throughWrappers(self) -> None:
-        """A wrapping layer (C{.transport}) is looked through; a TLS layer's cleartext waiting counts too."""
-
-        class Layer:
-            """A wrapper holding cleartext, over another transport."""
-
-            def __init__(self, transport: object) -> None:
-                self.transport = transport
-                self._appSendBuffer = [b"abc"]
-
-        descriptor = FileDescriptor(MemoryReactor())
-        descriptor.connected = True
-        descriptor.write(b"12345")
-        self.assertEqual(queuedBytes(Layer(descriptor)), 8)
-        self.assertEqual(queuedBytes(HalfCloseTransport()), 0)
 
 
 class NeverReadingClientsOverTCPTests(SynchronousTestCase):

@@ -13,7 +13,7 @@ from twisted.python.usage import UsageError
 from twisted.trial.unittest import SynchronousTestCase
 from primecount.metricsendpoint import MetricsSite
 
-from primecount.protocol import PrimeCountFactory
+from primecount.factory import PrimeCountFactory
 from primecount.storage import RecordsService
 from primecount.tap import Options, endpointDescription, makeService, withBacklog
 from primecount.tools.serverprocess import TWISTD

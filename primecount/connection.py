@@ -1,0 +1,521 @@
+"""One connection's decisions, without I/O: what happened goes in, what to do comes out (no Twisted import).
+
+As h11 and hyper-h2 do for HTTP, a L{Connection} is fed events (bytes
+received, the client's half-close, a timer that fired, replies that are ready,
+writes blocked or drained, the service stopping, a check of the send queue),
+each with the time it happened, and answers each with a list of actions
+(L{Send}, L{Ask}, L{Arm}, L{PAUSE}, L{RESUME}, L{HALF_CLOSE}, L{CLOSE},
+L{Abort}, L{WATCH_SENDING}) that the Twisted side (L{primecount.protocol})
+carries out in order. It never calls a socket, a reactor or a clock.
+
+The input side is in one of five named phases (L{Phase}); every change of
+phase is made by L{Connection._enter}. What else is kept is fact, not state:
+whether the client has half-closed, whether the transport's write buffer is
+full, whether the service is draining.
+
+Timers are lazy: the core asks for one (L{Arm}) only when none is armed that
+would fire no later than needed. A timer that fires early (its deadline has
+moved on) is armed again for the rest; one no longer needed is ignored when
+it fires. In a pipeline this arms the request deadline once per C{timeout},
+not once per request.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections import deque
+from typing import NamedTuple, Optional, Sequence, Union
+
+from primecount import wire
+
+
+class RequestLimits(NamedTuple):
+    """How requests may arrive (deadline from their first byte, quiet gap that ends one or 0, maximum line
+    bytes), whether each connection and reply is logged, how long an ERROR close lingers, whether a connection
+    carries more than one request (how many unanswered at most, how long it may wait idle for the next), and
+    how long queued replies may make no progress."""
+
+    timeout: float = 5.0
+    quiet: float = 0.2
+    maxLine: int = 65536
+    logRequests: bool = False
+    linger: float = 2.0
+    keepAlive: bool = False
+    pipeline: int = 64
+    idleTimeout: float = 30.0
+    sendTimeout: float = 10.0
+
+
+# Input read and thrown away while lingering after an ERROR, at most, before closing regardless.
+LINGER_MAX_BYTES = 1 << 20
+
+
+class Phase(enum.Enum):
+    """Where a connection's input stands."""
+
+    REQUEST = "request"  # a request is being read: its deadline runs (the first one's from connect)
+    BETWEEN = "between"  # keep-alive, no byte of the next request yet: idle wait once every reply is out
+    ANSWERING = "answering"  # no more requests are taken: input is discarded, close once every reply is out
+    LINGERING = "lingering"  # the closing ERROR is out and FIN sent: discard input until the client closes
+    CLOSED = "closed"  # close or abort asked: nothing more happens
+
+
+class Timer(enum.Enum):
+    """The timers a connection asks for."""
+
+    DEADLINE = "deadline"  # the request's deadline, or the idle wait between requests
+    QUIET = "quiet"  # the quiet gap that ends a request sent without a newline
+    LINGER = "linger"  # how long a lingering close waits for the client
+
+
+class Send(NamedTuple):
+    """Write C{data}: the replies C{finished} (each with when its request began; those worth counting), in
+    order. C{closing} when a close follows at once (nothing gained by sending before the next turn)."""
+
+    data: bytes
+    finished: Sequence[tuple[wire.Reply, float]]
+    closing: bool = False
+
+
+class Ask(NamedTuple):
+    """Answer the request C{raw}; hand the reply back to L{Connection.answered} with C{sequence}."""
+
+    sequence: int
+    raw: bytes
+
+
+class Arm(NamedTuple):
+    """Arrange for L{Connection.timerFired} with C{timer} in C{delay} seconds (moving it if already armed)."""
+
+    timer: Timer
+    delay: float
+
+
+class Abort(NamedTuple):
+    """Reset the connection at once, for C{reason} (a metrics label)."""
+
+    reason: str
+
+
+class _Signal(NamedTuple):
+    """An action without arguments."""
+
+    name: str
+
+
+PAUSE = _Signal("pause")  # stop reading from the transport
+RESUME = _Signal("resume")  # read from the transport again
+HALF_CLOSE = _Signal("half-close")  # send FIN after what is queued, keep reading
+CLOSE = _Signal("close")  # close once what is queued is sent
+WATCH_SENDING = _Signal("watch sending")  # output is queued: call sendChecked now and then until it has left
+
+Action = Union[Send, Ask, Arm, Abort, _Signal]
+
+
+class _Slot:
+    """One request from its end until its reply is sent: when it began, and its reply once known."""
+
+    __slots__ = ("startedAt", "reply")
+
+    def __init__(self, startedAt: float, reply: Optional[wire.Reply] = None) -> None:
+        self.startedAt = startedAt
+        self.reply = reply
+
+
+class Connection:
+    """Everything one client connection decides: framing, deadlines, the pipeline bound, reply order, closing.
+
+    One-shot (the default): the first request is the only one, and the
+    connection closes after its reply. Keep-alive: any number, at most
+    C{pipeline} unanswered; reading pauses there and resumes once no more
+    than half of that are left (or the write buffer is full, until it has
+    drained). A request ends at a newline (a CR before it dropped), a quiet
+    gap or the client's half-close; C{timeout} bounds it from its first byte
+    (the first one from connect) and trickled bytes never extend it. An
+    ERROR that ends the connection is sent and followed by a lingering close.
+    """
+
+    def __init__(self, limits: RequestLimits, refusal: Optional[str] = None) -> None:
+        """With C{refusal}, answer only C{ERROR <refusal>} at L{start}, read nothing, and close (a connection
+        over a limit)."""
+        self.limits = limits
+        self._canHalfClose = True
+        self._refusal = refusal
+        self._lowWater = limits.pipeline // 2
+        self.phase = Phase.REQUEST
+        self.requests = 0  # requests taken
+        self._nextSequence = 0  # the sequence number of the next request taken
+        self._unanswered: deque[_Slot] = deque()  # requests taken and not yet sent, the first is _firstSequence
+        self._firstSequence = 0
+        self._partial: list[bytes] = []  # the current line, unjoined until its newline (joining per chunk is quadratic)
+        self._partialSize = 0
+        self._unread = b""  # bytes received while framing was held (the pipeline bound), not yet framed
+        self._startedAt = 0.0  # when the request being read began (phase REQUEST)
+        self._due: dict[Timer, Optional[float]] = dict.fromkeys(Timer)  # when each timer should fire
+        self._armed: dict[Timer, Optional[float]] = dict.fromkeys(Timer)  # when the timer asked for will fire
+        self._readClosed = False
+        self._writesBlocked = False
+        self._draining = False
+        self._paused = False  # whether reading is held (and the transport told so)
+        self._heard = False  # whether any byte arrived
+        self._counted = False  # whether any reply was counted
+        self._discarded = 0  # bytes thrown away while lingering
+        self._written = 0  # bytes handed to the transport in all
+        self._watching = False  # whether the send deadline watches queued output
+        self._sentAtProgress = 0
+        self._progressAt = 0.0
+        self._actions: list[Action] = []
+
+    # Events in. Each returns the actions to carry out, in order.
+
+    def start(self, now: float, canHalfClose: bool = True) -> list[Action]:
+        """The connection is open (on a transport that can send FIN and go on reading if C{canHalfClose}): the
+        first request's deadline runs from now, or the refusal goes out."""
+        self._canHalfClose = canHalfClose
+        self._startedAt = now
+        if self._refusal is not None:
+            self._refuse(wire.errorReply(self._refusal, closes=True), now)
+        else:
+            self._startRequest(now)
+        return self._take()
+
+    def received(self, data: bytes, now: float) -> list[Action]:
+        """The client sent C{data}."""
+        if data:
+            self._heard = True
+        phase = self.phase
+        if phase is Phase.REQUEST or phase is Phase.BETWEEN:
+            if self._paused:
+                self._unread += data  # the transport delivered more after being asked to pause
+            else:
+                self._frame(data, now)
+        elif phase is Phase.LINGERING:
+            self._discarded += len(data)
+            if self._discarded > LINGER_MAX_BYTES:
+                self._close()
+        return self._take()  # ANSWERING and CLOSED read and discard, so that closing does not reset
+
+    def halfClosed(self, now: float) -> list[Action]:
+        """The client half-closed: what it sent is answered, then the connection closes."""
+        self._readClosed = True
+        if self.phase is Phase.LINGERING:
+            self._close()
+        elif self.phase in (Phase.REQUEST, Phase.BETWEEN) and not self._paused:
+            self._endOfInput(now)
+        return self._take()
+
+    def timerFired(self, timer: Timer, now: float) -> list[Action]:
+        """C{timer} fired: act if its time has come, arm it again if its deadline moved on."""
+        self._armed[timer] = None
+        due = self._due[timer]
+        if due is None or self.phase is Phase.CLOSED:
+            return []
+        if now < due:
+            self._arm(timer, due, now)
+            return self._take()
+        self._due[timer] = None
+        if timer is Timer.DEADLINE:
+            if self.phase is Phase.REQUEST:
+                self._takePartial()
+                self._refuse(wire.errorReply(wire.TIMEOUT, closes=True), now)
+            elif self.phase is Phase.BETWEEN and not self._unanswered:
+                self._enter(Phase.ANSWERING)  # idle too long: closed without a reply
+                self._close()
+        elif timer is Timer.QUIET:
+            if self.phase is Phase.REQUEST and self._partialSize and not self._unread:  # unread bytes: no gap
+                self._requestEnded(self._takePartial(), now)
+        elif self.phase is Phase.LINGERING:
+            self._close()
+        return self._take()
+
+    def answered(self, replies: Sequence[tuple[int, wire.Reply]], now: float) -> list[Action]:
+        """The replies to some of the L{Ask}ed requests, by sequence number, are ready."""
+        if self.phase is Phase.CLOSED or self.phase is Phase.LINGERING:
+            return []
+        first = self._firstSequence
+        for sequence, reply in replies:
+            self._unanswered[sequence - first].reply = reply
+        self._flush(now)
+        return self._take()
+
+    def writesBlocked(self) -> list[Action]:
+        """The transport's write buffer is full (the client is not reading its replies)."""
+        self._writesBlocked = True
+        self._hold()
+        return self._take()
+
+    def writesDrained(self, now: float) -> list[Action]:
+        """The transport's write buffer has drained."""
+        self._writesBlocked = False
+        self._release(now)
+        return self._take()
+
+    def stopTakingRequests(self, now: float) -> list[Action]:
+        """The service is stopping: a kept connection between requests closes now, others after their request."""
+        self._draining = True
+        if self.phase is Phase.BETWEEN and not self._unread:
+            self._enter(Phase.ANSWERING)
+            if not self._unanswered:
+                self._close()
+        return self._take()
+
+    def sendChecked(self, queued: int, now: float) -> list[Action]:
+        """The transport still holds C{queued} of the bytes written (L{WATCH_SENDING}); past the send deadline
+        without progress, give up on the client."""
+        if not self._watching:
+            return []  # the output has left, or the connection is gone
+        if queued <= 0:
+            self._watching = False
+            return []
+        sent = self._written - queued
+        if sent > self._sentAtProgress:
+            self._sentAtProgress, self._progressAt = sent, now
+        elif now - self._progressAt >= self.limits.sendTimeout:
+            self._watching = False
+            self._enter(Phase.CLOSED)
+            return [Abort("send_timeout")]
+        return []
+
+    def lost(self) -> None:
+        """The connection is gone (closed by either side, or reset): nothing more is done."""
+        self._watching = False
+        self._enter(Phase.CLOSED)
+        self._due = dict.fromkeys(Timer)
+
+    # What the adapter may ask.
+
+    @property
+    def watchingSend(self) -> bool:
+        """Whether queued output is still watched (L{sendChecked} wanted)."""
+        return self._watching
+
+    @property
+    def bufferedBytes(self) -> int:
+        """How many received bytes are held: the current line's, and any not framed yet."""
+        return self._partialSize + len(self._unread)
+
+    @property
+    def requestStartedAt(self) -> Optional[float]:
+        """When the request being read began (from connect for the first), or C{None} outside L{Phase.REQUEST}."""
+        return self._startedAt if self.phase is Phase.REQUEST else None
+
+    @property
+    def unanswered(self) -> int:
+        """Requests taken whose replies have not been sent."""
+        return len(self._unanswered)
+
+    @property
+    def silent(self) -> bool:
+        """Whether the client sent nothing and no reply was counted (a connect and close)."""
+        return not self._heard and not self._counted
+
+    def armedTimers(self) -> dict[Timer, float]:
+        """The timers armed now and when they fire."""
+        return {timer: at for timer, at in self._armed.items() if at is not None}
+
+    def dueTimers(self) -> dict[Timer, float]:
+        """The timers whose time has yet to come, and when it comes."""
+        return {timer: at for timer, at in self._due.items() if at is not None}
+
+    # Transitions.
+
+    def _enter(self, phase: Phase) -> None:
+        """The one place the phase changes; leaving the reading phases drops what is held and their timers."""
+        if phase is not Phase.REQUEST and phase is not Phase.BETWEEN:
+            self._takePartial()
+            self._unread = b""
+            self._due[Timer.DEADLINE] = self._due[Timer.QUIET] = None
+        self.phase = phase
+
+    def _take(self) -> list[Action]:
+        actions, self._actions = self._actions, []
+        return actions
+
+    def _want(self, timer: Timer, at: float, now: float) -> None:
+        self._due[timer] = at
+        armed = self._armed[timer]
+        if armed is None or armed > at:
+            self._arm(timer, at, now)
+
+    def _arm(self, timer: Timer, at: float, now: float) -> None:
+        self._armed[timer] = at
+        self._actions.append(Arm(timer, at - now))
+
+    def _startRequest(self, now: float) -> None:
+        self._enter(Phase.REQUEST)
+        self._startedAt = now
+        self._want(Timer.DEADLINE, now + self.limits.timeout, now)
+
+    def _frame(self, data: bytes, now: float) -> None:
+        """Cut C{data}, after the line held so far, into requests, as far as the pipeline bound allows."""
+        if b"\n" not in data:
+            if data:
+                self._partialLine(data, now)
+            return
+        # Whole lines end at once: a request that starts and ends in this call needs no deadline.
+        if self._partial:
+            data = self._takePartial() + data
+        maxLine, position = self.limits.maxLine, 0
+        while True:
+            end = data.find(b"\n", position)
+            if end < 0:
+                break
+            line = data[position:end]
+            position = end + 1
+            if line[-1:] == b"\r":
+                line = line[:-1]
+            if len(line) > maxLine:
+                self._refuse(wire.errorReply(wire.lineTooLong(maxLine), closes=True), now)
+                return
+            self._requestEnded(line, now)
+            if self.phase is not Phase.BETWEEN:
+                return  # one-shot or draining: the rest is discarded
+            if self._paused:
+                self._unread = data[position:]
+                return
+        rest = data[position:]
+        if rest:
+            self._partialLine(rest, now)
+
+    def _partialLine(self, data: bytes, now: float) -> None:
+        size = self._partialSize + len(data)
+        maxLine = self.limits.maxLine
+        if size > maxLine and not (size == maxLine + 1 and data.endswith(b"\r")):  # a CRLF's CR does not count
+            self._refuse(wire.errorReply(wire.lineTooLong(maxLine), closes=True), now)
+            return
+        if self.phase is Phase.BETWEEN:
+            self._startRequest(now)
+        self._partial.append(data)
+        self._partialSize = size
+        if self.limits.quiet:
+            self._want(Timer.QUIET, now + self.limits.quiet, now)
+
+    def _takePartial(self) -> bytes:
+        held = b"".join(self._partial)
+        self._partial, self._partialSize = [], 0
+        return held
+
+    def _requestEnded(self, raw: bytes, now: float) -> None:
+        startedAt = self._startedAt if self.phase is Phase.REQUEST else now
+        self._unanswered.append(_Slot(startedAt))
+        self._actions.append(Ask(self._nextSequence, raw))
+        self._nextSequence += 1
+        self.requests += 1
+        self._due[Timer.QUIET] = None
+        if not self.limits.keepAlive or self._draining:
+            self._enter(Phase.ANSWERING)
+            return
+        self._enter(Phase.BETWEEN)
+        self._due[Timer.DEADLINE] = None  # the wait for our own replies is not the client's to bound
+        self._hold()
+
+    def _endOfInput(self, now: float) -> None:
+        partial = self._takePartial()
+        if partial or not self.requests:
+            self._requestEnded(partial, now)  # a connection that sent nothing at all asked an empty question
+        self._enter(Phase.ANSWERING)
+        if not self._unanswered:
+            self._close()
+
+    def _refuse(self, reply: wire.Reply, now: float) -> None:
+        """A framing error (or a refusal): answered in order, after which the connection closes."""
+        startedAt = self._startedAt if self.phase is Phase.REQUEST else now
+        self._enter(Phase.ANSWERING)
+        self._unanswered.append(_Slot(startedAt, reply))
+        self._nextSequence += 1
+        self._flush(now)
+
+    def _flush(self, now: float) -> None:
+        """Send every reply ready at the head of the queue, in one write; close after a closing one."""
+        unanswered = self._unanswered
+        data: list[bytes] = []
+        finished: list[tuple[wire.Reply, float]] = []
+        count = self._heard or not self._readClosed  # a connect and close is counted when gone, not logged
+        keepAlive = self.limits.keepAlive
+        while unanswered and unanswered[0].reply is not None:
+            slot = unanswered.popleft()
+            self._firstSequence += 1
+            reply: wire.Reply = slot.reply  # type: ignore[assignment]
+            data.append(reply.data)
+            if count:
+                finished.append((reply, slot.startedAt))
+            if reply.closes or not keepAlive:
+                self._send(data, finished, now, closing=True)
+                self._enter(Phase.ANSWERING)
+                self._unanswered.clear()
+                if reply.isError:
+                    self._linger(now)
+                else:
+                    self._close()
+                return
+        if data:
+            self._send(data, finished, now)
+        if unanswered:
+            self._release(now)
+        elif self.phase is Phase.ANSWERING:
+            self._close()
+        elif self.phase is Phase.BETWEEN:
+            if self.limits.idleTimeout:
+                self._want(Timer.DEADLINE, now + self.limits.idleTimeout, now)
+            self._release(now)
+
+    def _send(self, data: list[bytes], finished: list[tuple[wire.Reply, float]], now: float,
+              closing: bool = False) -> None:
+        joined = data[0] if len(data) == 1 else b"".join(data)
+        if finished:
+            self._counted = True
+        self._actions.append(Send(joined, finished, closing))
+        self._written += len(joined)
+        if self.limits.sendTimeout > 0 and not self._watching:
+            # Nothing was queued when the watch last ended: what was written before this has all left.
+            self._watching = True
+            self._sentAtProgress = self._written - len(joined)
+            self._progressAt = now
+            self._actions.append(WATCH_SENDING)
+
+    # Reading held: at the pipeline bound until half of it has drained, and while writes are blocked.
+
+    def _hold(self) -> None:
+        if self._paused or (self.phase is not Phase.REQUEST and self.phase is not Phase.BETWEEN):
+            return  # past the last request, input is read and discarded until the close
+        if self._writesBlocked or len(self._unanswered) >= self.limits.pipeline:
+            self._paused = True
+            self._actions.append(PAUSE)
+
+    def _release(self, now: float) -> None:
+        if not self._paused or self._writesBlocked or len(self._unanswered) > self._lowWater:
+            return
+        if self.phase is not Phase.REQUEST and self.phase is not Phase.BETWEEN:
+            return
+        self._paused = False
+        self._actions.append(RESUME)
+        unread, self._unread = self._unread, b""
+        if unread:
+            self._frame(unread, now)
+        if self._readClosed and not self._paused and self.phase in (Phase.REQUEST, Phase.BETWEEN):
+            self._endOfInput(now)
+
+    # Closing.
+
+    def _linger(self, now: float) -> None:
+        """After a closing ERROR: the client may still be sending (a long line, a trickle), and closing with
+        unread input would reset the connection and can lose the reply; so send FIN, read and discard until
+        the client closes, C{linger} seconds pass or L{LINGER_MAX_BYTES} arrive, and only then close."""
+        if self._readClosed or not self._canHalfClose or self.limits.linger <= 0:
+            self._close()
+            return
+        self._resumeIfPaused()
+        self._enter(Phase.LINGERING)
+        self._actions.append(HALF_CLOSE)
+        self._want(Timer.LINGER, now + self.limits.linger, now)
+
+    def _close(self) -> None:
+        self._resumeIfPaused()  # read until the transport closes, so that closing does not reset
+        self._enter(Phase.CLOSED)
+        self._due = dict.fromkeys(Timer)
+        self._actions.append(CLOSE)
+
+    def _resumeIfPaused(self) -> None:
+        if self._paused:
+            self._paused = False
+            self._actions.append(RESUME)

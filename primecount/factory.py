@@ -1,0 +1,166 @@
+"""The listener's side of the connections: one protocol per connection within the connection limits, the open
+ones tracked for draining and metrics, and the send-deadline sweep over those with output queued."""
+
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+from twisted.internet.defer import Deferred, succeed
+from twisted.internet.interfaces import IAddress, IReactorTime, ITransport
+from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.task import LoopingCall
+from twisted.logger import Logger
+
+from primecount.connection import RequestLimits
+from primecount.internals import queuedBytes
+from primecount.limits import ConnectionLimits, Throttle
+from primecount.metrics import NoMetrics
+from primecount.protocol import BusyProtocol, Driven, PrimeCountProtocol, peerHost
+from primecount.responder import Responder
+
+# Busy connections linger too, but only this many at once: past it a flood is closed outright.
+BUSY_LINGER_MAX = 1024
+
+
+class PrimeCountFactory(Factory):
+    """Builds one L{PrimeCountProtocol} per connection within the connection limits, and keeps track of the
+    open ones, for draining and metrics."""
+
+    noisy = False
+    log = Logger()
+
+    def __init__(
+        self,
+        limits: RequestLimits,
+        clock: IReactorTime,
+        responder: Responder,
+        metrics: NoMetrics = NoMetrics(),
+        connectionLimits: Optional[ConnectionLimits] = None,
+        queued: Callable[[ITransport], int] = queuedBytes,
+    ) -> None:
+        self.limits = limits
+        self.clock = clock
+        self.responder = responder
+        self.metrics = metrics
+        self.connectionLimits = connectionLimits or ConnectionLimits(maxTotal=1 << 30, maxPerPeer=0)
+        self._open: dict[PrimeCountProtocol, str] = {}
+        self._idleWaiters: list[Deferred[None]] = []
+        self.busyLingering = 0
+        self._busyLog = Throttle()
+        self.queued = queued
+        self._watched: set[Driven] = set()
+        self._sendSweep: Optional[LoopingCall] = None
+        self._listenerGone = False
+        self._abortLog = Throttle()
+
+    def buildProtocol(self, addr: IAddress) -> Protocol:
+        """A protocol for the connection from C{addr}, or a L{BusyProtocol} if it is over a limit."""
+        key = peerHost(addr)
+        over = self.connectionLimits.tryAcquire(key)
+        if over is not None:
+            return self._busy(key, over)
+        protocol = PrimeCountProtocol(self.limits, self.clock, self.responder)
+        protocol.factory = self
+        protocol.limitKey = key
+        return protocol
+
+    def _busy(self, key: str, limit: str) -> Protocol:
+        self.metrics.requestFinished("busy", 0.0)
+        self.metrics.busyRefusal(limit)
+        lingering = self.busyLingering < BUSY_LINGER_MAX
+        if lingering:
+            self.busyLingering += 1
+        refused = self._busyLog.event(self.clock.seconds())
+        if refused is not None:  # at most one line a second, however hard the flood
+            self.log.warn(
+                "answered ERROR busy to {refused} connections (last from {peer}); {total} open, "
+                "limits {maxTotal} in all and {maxPerPeer} per address",
+                refused=refused, peer=key, total=self.connectionLimits.total,
+                maxTotal=self.connectionLimits.maxTotal, maxPerPeer=self.connectionLimits.maxPerPeer or "no",
+            )
+
+        def closed() -> None:
+            if lingering:
+                self.busyLingering -= 1
+            self._watched.discard(busy)
+
+        busy = BusyProtocol(self.limits._replace(linger=self.limits.linger if lingering else 0.0), self.clock,
+                            closed)
+        busy.factory = self
+        return busy
+
+    def watchSending(self, protocol: Driven) -> None:
+        """C{protocol} has output queued: ask it now and then whether its client takes it (the send deadline)."""
+        if self._listenerGone:
+            return  # once the listener is gone, the drain's own grace bounds every connection
+        self._watched.add(protocol)
+        if self._sendSweep is None:
+            self._sendSweep = LoopingCall(self._sweepSending)
+            self._sendSweep.clock = self.clock
+            self._sendSweep.start(min(1.0, self.limits.sendTimeout / 4), now=False)
+
+    def stopFactory(self) -> None:
+        """The listener is gone: stop watching (connections still open are drained, and aborted past the grace)."""
+        self._listenerGone = True
+        if self._sendSweep is not None:
+            self._sendSweep.stop()
+            self._sendSweep = None
+
+    def _sweepSending(self) -> None:
+        now = self.clock.seconds()
+        for protocol in list(self._watched):
+            if not protocol.checkSending(now):
+                self._watched.discard(protocol)
+        if not self._watched and self._sendSweep is not None:
+            self._sendSweep.stop()
+            self._sendSweep = None
+
+    def aborted(self, protocol: Driven, reason: str) -> None:
+        """C{protocol} is aborted for C{reason} (its replies made no progress): counted, logged once a second."""
+        self._watched.discard(protocol)
+        self.metrics.connectionAborted(reason)
+        now = self.clock.seconds()
+        aborted = self._abortLog.event(now)
+        if aborted is not None:
+            self.log.warn("aborted {aborted} connections whose replies made no progress for {seconds:g} s "
+                          "(last to {peer}): their clients do not read", aborted=aborted,
+                          seconds=self.limits.sendTimeout, peer=peerHost(protocol.transport.getPeer()))
+
+    def connectionOpened(self, protocol: PrimeCountProtocol) -> None:
+        """Count C{protocol} as open."""
+        self._open[protocol] = protocol.limitKey
+        self.metrics.connectionOpened()
+
+    def connectionClosed(self, protocol: PrimeCountProtocol) -> None:
+        """C{protocol}'s connection is gone; wake those waiting for none to be open."""
+        self._watched.discard(protocol)
+        if protocol in self._open:
+            self.connectionLimits.release(self._open.pop(protocol))
+            self.metrics.connectionClosed(protocol.requests)
+        if not self._open:
+            waiters, self._idleWaiters = self._idleWaiters, []
+            for waiter in waiters:
+                waiter.callback(None)
+
+    @property
+    def openCount(self) -> int:
+        """How many connections are open now."""
+        return len(self._open)
+
+    def whenIdle(self) -> Deferred[None]:
+        """Fires once no connection is open (at once if none is)."""
+        if not self._open:
+            return succeed(None)
+        waiter: Deferred[None] = Deferred()
+        self._idleWaiters.append(waiter)
+        return waiter
+
+    def stopTakingRequests(self) -> None:
+        """Close kept connections that wait between requests; every other one closes after its current request."""
+        for protocol in list(self._open):
+            protocol.stopTakingRequests()
+
+    def abortAll(self) -> None:
+        """Close every open connection at once, without waiting for replies."""
+        for protocol in list(self._open):
+            protocol.transport.abortConnection()

@@ -1,0 +1,476 @@
+"""The connection core alone (L{primecount.connection}): no transport, no reactor, no clock but the numbers given.
+
+Example tests pin single behaviours; L{ConnectionMachine}, a hypothesis
+state machine, drives the core with random interleavings of every event it
+takes (bytes split anyhow, half-closes, timers, replies in any order, writes
+blocked and drained, draining, send-queue checks) and checks it against a
+small reference after every step.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+from hypothesis import HealthCheck, settings, strategies as st
+from hypothesis.stateful import (
+    RuleBasedStateMachine, initialize, invariant, precondition, rule, run_state_machine_as_test,
+)
+from twisted.trial.unittest import SynchronousTestCase
+
+from primecount import wire
+from primecount.connection import (
+    CLOSE, HALF_CLOSE, LINGER_MAX_BYTES, PAUSE, RESUME, WATCH_SENDING, Abort, Action, Arm, Ask, Connection, Phase,
+    RequestLimits, Send, Timer,
+)
+
+KEEP = RequestLimits(keepAlive=True, quiet=0, timeout=5, idleTimeout=30, pipeline=4, sendTimeout=10)
+
+
+def asked(actions: list[Action]) -> list[bytes]:
+    """The requests C{actions} ask to answer."""
+    return [action.raw for action in actions if isinstance(action, Ask)]
+
+
+def sent(actions: list[Action]) -> bytes:
+    """What C{actions} send."""
+    return b"".join(action.data for action in actions if isinstance(action, Send))
+
+
+def ok(sequence: int) -> wire.Reply:
+    """A made-up answer for request C{sequence}."""
+    return wire.Reply(b"r%d\n" % sequence, "ok")
+
+
+class FramingTests(SynchronousTestCase):
+    """Bytes in, requests out."""
+
+    def test_linesAndTheRest(self) -> None:
+        """Whole lines are asked at once, a CR before the newline dropped; the rest waits for its newline."""
+        core = Connection(KEEP)
+        core.start(0.0)
+        self.assertEqual(asked(core.received(b"aa\r\nbb\ncc", 1.0)), [b"aa", b"bb"])
+        self.assertEqual(core.bufferedBytes, 2)
+        self.assertEqual(asked(core.received(b"c\n", 1.5)), [b"ccc"])
+
+    def test_oneShotAsksOnce(self) -> None:
+        """Without keep-alive only the first line is asked, and the rest is discarded."""
+        core = Connection(RequestLimits())
+        core.start(0.0)
+        self.assertEqual(asked(core.received(b"a\nb\n", 0.1)), [b"a"])
+        self.assertEqual((core.phase, core.bufferedBytes), (Phase.ANSWERING, 0))
+
+    def test_tooLongWithoutNewline(self) -> None:
+        """A partial line past the limit is refused at once; one byte more for a CRLF's CR is allowed."""
+        core = Connection(RequestLimits(maxLine=4, quiet=0))
+        core.start(0.0)
+        self.assertEqual(core.received(b"abcd\r", 0.1), [])
+        actions = core.received(b"x", 0.2)
+        self.assertEqual(sent(actions), b"ERROR line too long (max 4 bytes)\n")
+        self.assertIn(HALF_CLOSE, actions)
+
+
+class DeadlineTests(SynchronousTestCase):
+    """Deadlines are asked for lazily, and act only once their time has come."""
+
+    def test_firstRequestFromConnect(self) -> None:
+        """The first deadline is armed at start; firing it answers C{ERROR timeout} and lingers."""
+        core = Connection(RequestLimits(timeout=5))
+        self.assertEqual(core.start(10.0), [Arm(Timer.DEADLINE, 5.0)])
+        actions = core.timerFired(Timer.DEADLINE, 15.0)
+        self.assertEqual(sent(actions), b"ERROR timeout\n")
+        self.assertEqual(core.phase, Phase.LINGERING)
+
+    def test_pipelineArmsNothingPerRequest(self) -> None:
+        """A thousand whole lines, answered as they come, ask for no timer: the idle wait moves lazily."""
+        core = Connection(KEEP._replace(pipeline=2000))
+        core.start(0.0)
+        arms = []
+        for sequence in range(1000):
+            actions = core.received(b"a\n", 1.0 + sequence / 1000)
+            actions += core.answered([(sequence, ok(sequence))], 1.0 + sequence / 1000)
+            arms += [action for action in actions if isinstance(action, Arm)]
+        self.assertEqual(arms, [])
+        self.assertEqual(core.dueTimers(), {Timer.DEADLINE: 1.999 + 30})
+
+    def test_earlyFireArmsAgain(self) -> None:
+        """A timer that fires before its deadline (the deadline moved on) is armed again for the rest."""
+        core = Connection(KEEP)
+        core.start(0.0)
+        core.received(b"a\n", 1.0)
+        core.answered([(0, ok(0))], 1.0)
+        self.assertEqual(core.timerFired(Timer.DEADLINE, 5.0), [Arm(Timer.DEADLINE, 26.0)])
+        self.assertEqual(core.timerFired(Timer.DEADLINE, 31.0), [CLOSE])
+
+    def test_trickleDoesNotExtend(self) -> None:
+        """Bytes trickled one at a time never move a request's deadline."""
+        core = Connection(RequestLimits(timeout=5, quiet=0))
+        core.start(0.0)
+        for second in range(1, 5):
+            self.assertEqual(core.received(b"a", float(second)), [])
+        self.assertEqual(sent(core.timerFired(Timer.DEADLINE, 5.0)), b"ERROR timeout\n")
+
+
+class PipelineBoundTests(SynchronousTestCase):
+    """Reading pauses at the bound and resumes only once half of it has drained."""
+
+    def test_hysteresis(self) -> None:
+        """With a bound of 4: paused at 4 unanswered; still paused at 3; resumed at 2, and the held lines framed."""
+        core = Connection(KEEP._replace(sendTimeout=0))
+        core.start(1.0)
+        actions = core.received(b"".join(b"%d\n" % n for n in range(8)), 1.0)
+        self.assertEqual((asked(actions), actions[-1]), ([b"0", b"1", b"2", b"3"], PAUSE))
+        self.assertEqual(core.bufferedBytes, 8)
+        self.assertEqual(core.answered([(0, ok(0))], 1.1), [Send(b"r0\n", [(ok(0), 1.0)])])
+        actions = core.answered([(1, ok(1))], 1.2)
+        self.assertEqual(actions[:2], [Send(b"r1\n", [(ok(1), 1.0)]), RESUME])
+        self.assertEqual(asked(actions), [b"4", b"5"])
+        self.assertEqual(actions[-1], PAUSE)
+
+    def test_batchLeavesInOneWrite(self) -> None:
+        """Replies made ready together leave in one L{Send}, in request order whatever order they came in."""
+        core = Connection(KEEP)
+        core.start(1.0)
+        core.received(b"a\nb\nc\n", 1.0)
+        actions = core.answered([(2, ok(2)), (0, ok(0)), (1, ok(1))], 1.5)
+        self.assertEqual([action for action in actions if isinstance(action, Send)],
+                         [Send(b"r0\nr1\nr2\n", [(ok(0), 1.0), (ok(1), 1.0), (ok(2), 1.0)])])
+
+    def test_writesBlockedUntilDrained(self) -> None:
+        """A full write buffer pauses reading until it drains, even with nothing unanswered."""
+        core = Connection(KEEP)
+        core.start(0.0)
+        self.assertEqual(core.writesBlocked(), [PAUSE])
+        self.assertEqual(core.received(b"a\n", 1.0), [], "held, not framed")
+        self.assertEqual(asked(core.writesDrained(2.0)), [b"a"])
+
+
+class SendDeadlineTests(SynchronousTestCase):
+    """Only output that makes no progress for the whole send deadline is given up."""
+
+    def started(self) -> Connection:
+        """A kept connection that has sent one 3-byte reply and is watching it."""
+        core = Connection(KEEP)
+        core.start(0.0)
+        core.received(b"a\n", 0.0)
+        self.assertIn(WATCH_SENDING, core.answered([(0, ok(0))], 0.0))
+        return core
+
+    def test_stuck(self) -> None:
+        """Output that stays queued from the write on is aborted once the deadline has passed, not before."""
+        core = self.started()
+        self.assertEqual(core.sendChecked(3, 9.9), [])
+        self.assertEqual(core.sendChecked(3, 10.0), [Abort("send_timeout")])
+        self.assertEqual((core.watchingSend, core.phase), (False, Phase.CLOSED))
+
+    def test_slowButMoving(self) -> None:
+        """A client that takes a byte every few seconds is never aborted, even while more is written."""
+        core = self.started()
+        queued = 3
+        for sequence in range(1, 20):
+            core.received(b"a\n", sequence * 5.0)
+            core.answered([(sequence, ok(sequence))], sequence * 5.0)
+            queued += len(ok(sequence).data) - 1
+            self.assertEqual(core.sendChecked(queued, sequence * 5.0), [])
+
+    def test_drainedIsForgotten(self) -> None:
+        """Once the output has all left, the connection is no longer watched; the next write watches again."""
+        core = self.started()
+        self.assertEqual(core.sendChecked(0, 1.0), [])
+        self.assertFalse(core.watchingSend)
+        core.received(b"b\n", 2.0)
+        self.assertIn(WATCH_SENDING, core.answered([(1, ok(1))], 2.0))
+
+
+class ClosingTests(SynchronousTestCase):
+    """How each way of ending a connection ends."""
+
+    def test_refusal(self) -> None:
+        """A refusal sends its ERROR at start and lingers, reading nothing."""
+        core = Connection(RequestLimits(linger=2), refusal=wire.BUSY)
+        actions = core.start(0.0)
+        self.assertEqual(sent(actions), b"ERROR busy\n")
+        self.assertIn(HALF_CLOSE, actions)
+        self.assertEqual(core.received(b"a\n", 0.5), [])
+        self.assertEqual(core.timerFired(Timer.LINGER, 2.0), [CLOSE])
+
+    def test_lingerBoundedInBytes(self) -> None:
+        """Lingering ends once a megabyte has been discarded."""
+        core = Connection(RequestLimits(linger=60), refusal=wire.BUSY)
+        core.start(0.0)
+        self.assertEqual(core.received(b"x" * LINGER_MAX_BYTES, 1.0), [])
+        self.assertEqual(core.received(b"x", 1.0), [CLOSE])
+
+    def test_noHalfCloseTransport(self) -> None:
+        """On a transport that cannot half-close, an ERROR closes outright."""
+        core = Connection(RequestLimits(maxLine=1))
+        core.start(0.0, canHalfClose=False)
+        self.assertEqual(core.received(b"abc", 0.1)[-1], CLOSE)
+
+    def test_drainBetweenRequests(self) -> None:
+        """Draining closes a kept connection between requests at once, and one mid-request after its reply."""
+        between, midway = Connection(KEEP), Connection(KEEP)
+        for core in (between, midway):
+            core.start(0.0)
+            core.received(b"a\n", 0.0)
+            core.answered([(0, ok(0))], 0.0)
+        midway.received(b"b", 1.0)
+        self.assertEqual(between.stopTakingRequests(2.0), [CLOSE])
+        self.assertEqual(midway.stopTakingRequests(2.0), [])
+        self.assertEqual(asked(midway.received(b"\nc\n", 2.5)), [b"b"])
+        self.assertEqual(midway.answered([(1, ok(1))], 3.0)[-1], CLOSE)
+
+    def test_nothingAfterLost(self) -> None:
+        """Once the connection is gone, late replies and timers do nothing."""
+        core = Connection(KEEP)
+        core.start(0.0)
+        core.received(b"a\n", 0.0)
+        core.lost()
+        self.assertEqual(core.answered([(0, ok(0))], 1.0), [])
+        self.assertEqual(core.timerFired(Timer.DEADLINE, 100.0), [])
+
+
+ALPHABET = st.sampled_from([b"a", b"b", b"\n", b"\r", b"\r\n", b"\xff", b"aaaaaa", b"ab\nab\n", b"\n\n\n"])
+CHUNKS = st.lists(ALPHABET, min_size=1, max_size=6).map(b"".join)
+
+
+class ConnectionMachine(RuleBasedStateMachine):
+    """Random interleavings of every event, checked against a reference of what the core may do."""
+
+    @initialize(keepAlive=st.booleans(), pipeline=st.integers(1, 4), maxLine=st.integers(3, 10),
+                quiet=st.sampled_from([0.0, 0.2]), canHalfClose=st.booleans())
+    def open(self, keepAlive: bool, pipeline: int, maxLine: int, quiet: float, canHalfClose: bool) -> None:
+        """A connection opens at time 0."""
+        self.limits = RequestLimits(timeout=1.0, quiet=quiet, maxLine=maxLine, linger=0.5, keepAlive=keepAlive,
+                                    pipeline=pipeline, idleTimeout=3.0, sendTimeout=2.0)
+        self.core = Connection(self.limits)
+        self.now = 0.0
+        self.armed: dict[Timer, float] = {}
+        self.asked: dict[int, bytes] = {}
+        self.given: dict[int, bytes] = {}  # the replies handed to the core
+        self.outstanding: list[int] = []  # asked, not yet answered
+        self.nextSent = 0  # the sequence number whose reply must come next
+        self.pending = b""  # bytes received and not yet part of an asked request (while the core reads)
+        self.reading = True
+        self.stopped: tuple[bytes, Optional[float], float] = (b"", None, 0.0)
+        self.requestStart: Optional[float] = 0.0
+        self.paused = False
+        self.sincePause = 0
+        self.clientClosed = False
+        self.serverClosed = False  # CLOSE or Abort carried out
+        self.finSent = False
+        self.aborted = False
+        self.closingSequence: Optional[int] = None
+        self.written = 0
+        self.left = 0
+        self.progressAt = 0.0
+        self.carryOut(self.core.start(0.0, canHalfClose), received=0)
+
+    # Carrying out the core's actions, checking each against the reference.
+
+    def carryOut(self, actions: list[Action], received: Optional[int] = None) -> None:
+        """Check and apply C{actions}; C{received}: the size of the bytes this event delivered."""
+        wasPaused = self.paused
+        for action in actions:
+            if self.serverClosed:  # only the send deadline may still act: a close waits for the output to leave
+                assert isinstance(action, Abort) and not self.aborted, f"{action} after the connection was closed"
+            if isinstance(action, Send):
+                assert not self.finSent, "bytes sent after FIN"
+                self.checkSend(action)
+            elif isinstance(action, Ask):
+                self.checkAsk(action)
+            elif isinstance(action, Arm):
+                assert action.delay >= 0
+                self.armed[action.timer] = self.now + action.delay
+            elif action is PAUSE:
+                assert not self.paused, "paused twice"
+                self.paused = True
+            elif action is RESUME:
+                assert self.paused, "resumed while reading"
+                self.paused = False
+            elif action is HALF_CLOSE:
+                self.finSent = True
+            elif action is CLOSE or isinstance(action, Abort):
+                self.serverClosed, self.armed = True, {}
+                self.aborted = isinstance(action, Abort)
+            elif action is WATCH_SENDING:
+                self.progressAt = self.now
+        if self.paused:
+            self.sincePause = (self.sincePause if wasPaused else 0) + (received or 0)
+        if self.reading and self.core.phase not in (Phase.REQUEST, Phase.BETWEEN):
+            self.reading = False  # what was left unasked, and when, for checking a refusal sent later
+            self.stopped = (self.pending, self.requestStart, self.now)
+            self.pending = b""
+
+    def checkAsk(self, action: Ask) -> None:
+        """A request asked is exactly the next line of the input, or all of it at a quiet gap or half-close."""
+        raw = action.raw
+        if self.pending.startswith(raw + b"\r\n") and (raw + b"\r\n").count(b"\n") == 1:
+            self.pending = self.pending[len(raw) + 2:]
+        elif self.pending.startswith(raw + b"\n") and b"\n" not in raw:
+            self.pending = self.pending[len(raw) + 1:]
+        else:
+            assert raw == self.pending and b"\n" not in raw, f"asked {raw!r}, input was {self.pending!r}"
+            self.pending = b""
+        assert len(raw) <= self.limits.maxLine + 1
+        self.asked[action.sequence] = raw
+        self.outstanding.append(action.sequence)
+        self.requestStart = self.now if self.pending else None
+
+    def checkSend(self, action: Send) -> None:
+        """A write holds the next replies in request order; a refusal is the last thing sent."""
+        data = action.data
+        self.written += len(data)
+        while data:
+            sequence = self.nextSent
+            if sequence in self.asked:
+                reply = self.given.get(sequence)
+                assert reply is not None and data.startswith(reply), f"reply {sequence} out of order: {data!r}"
+                data = data[len(reply):]
+                if reply.startswith(b"ERROR internal"):
+                    self.closingSequence = sequence
+            else:
+                tooLong = f"ERROR line too long (max {self.limits.maxLine} bytes)\n".encode()
+                pending, requestStart, stoppedAt = self.stopped if not self.reading else (
+                    self.pending, self.requestStart, self.now)  # stopped by this very event
+                if data == b"ERROR timeout\n":
+                    assert requestStart is not None and stoppedAt >= requestStart + self.limits.timeout
+                else:
+                    assert data == tooLong, f"unexpected {data!r}"
+                    line = pending.split(b"\n")[0]
+                    if b"\n" in pending:
+                        assert len(line.removesuffix(b"\r")) > self.limits.maxLine
+                    else:
+                        assert len(line) > self.limits.maxLine + (line.endswith(b"\r") and 1)
+                assert action.closing, "a refusal closes"
+                self.closingSequence = sequence
+                data = b""
+            self.nextSent += 1
+
+    # Events.
+
+    @precondition(lambda self: not self.clientClosed and not self.serverClosed)
+    @rule(data=CHUNKS)
+    def receive(self, data: bytes) -> None:
+        """The client sends some bytes."""
+        if self.core.phase in (Phase.REQUEST, Phase.BETWEEN):
+            if not self.pending and self.requestStart is None:
+                self.requestStart = self.now
+            self.pending += data
+        self.carryOut(self.core.received(data, self.now), received=len(data))
+
+    @precondition(lambda self: not self.clientClosed and not self.serverClosed)
+    @rule()
+    def halfClose(self) -> None:
+        """The client half-closes."""
+        self.clientClosed = True
+        self.carryOut(self.core.halfClosed(self.now))
+
+    @rule(seconds=st.sampled_from([0.0, 0.1, 0.2, 0.3, 0.5, 1.0, 2.5, 4.0]))
+    def advance(self, seconds: float) -> None:
+        """Time passes; timers fire in order, as a reactor's would."""
+        target = self.now + seconds
+        while self.armed and min(self.armed.values()) <= target:
+            timer = min(self.armed, key=self.armed.__getitem__)
+            self.now = max(self.now, self.armed.pop(timer))
+            self.carryOut(self.core.timerFired(timer, self.now))
+            self.checkDeadlines()
+        self.now = target
+
+    @precondition(lambda self: self.outstanding)
+    @rule(data=st.data())
+    def answer(self, data: st.DataObject) -> None:
+        """Some of the outstanding requests are answered together, in any order."""
+        chosen = data.draw(st.lists(st.sampled_from(self.outstanding), min_size=1, unique=True))
+        replies = []
+        for sequence in chosen:
+            kind = data.draw(st.sampled_from(["ok", "ok", "ok", "empty", "internal"]))
+            reply = {"ok": ok(sequence), "empty": wire.errorReply(wire.EMPTY_MESSAGE),
+                     "internal": wire.errorReply(wire.INTERNAL_ERROR, closes=True)}[kind]
+            self.given[sequence] = reply.data
+            self.outstanding.remove(sequence)
+            replies.append((sequence, reply))
+        self.carryOut(self.core.answered(replies, self.now))
+
+    @rule()
+    def writesBlocked(self) -> None:
+        """The transport's write buffer fills."""
+        self.carryOut(self.core.writesBlocked())
+
+    @rule()
+    def writesDrained(self) -> None:
+        """The transport's write buffer drains."""
+        self.carryOut(self.core.writesDrained(self.now))
+
+    @rule()
+    def stopTakingRequests(self) -> None:
+        """The service starts draining."""
+        self.carryOut(self.core.stopTakingRequests(self.now))
+
+    @rule(taken=st.integers(0, 8))
+    def sendChecked(self, taken: int) -> None:
+        """The client takes some of the output, and the send queue is checked."""
+        if taken and self.left < self.written:
+            self.left = min(self.written, self.left + taken)
+            self.progressAt = self.now
+        was = self.core.watchingSend
+        actions = self.core.sendChecked(self.written - self.left, self.now)
+        if actions:
+            assert was and self.now - self.progressAt >= self.limits.sendTimeout, "aborted while progressing"
+        self.carryOut(actions)
+
+    # Invariants.
+
+    @invariant()
+    def buffersBounded(self) -> None:
+        """The current line never holds more than the limit (and a CR); unframed bytes only while paused."""
+        assert self.core._partialSize <= self.limits.maxLine + 1
+        unread = self.core.bufferedBytes - self.core._partialSize
+        assert unread <= (self.sincePause + self.limits.maxLine + 1 if self.paused else 0), "held too much"
+
+    @invariant()
+    def checkDeadlines(self) -> None:
+        """A request being read is still within its deadline, and a timer is armed no later than it."""
+        started = self.core.requestStartedAt
+        if started is not None:
+            assert self.now < started + self.limits.timeout, "a request outlived its deadline"
+        for timer, due in self.core.dueTimers().items():
+            assert timer in self.armed and self.armed[timer] <= due, f"{timer} due at {due}, not armed by then"
+
+    @invariant()
+    def somethingEndsIt(self) -> None:
+        """An open connection always has a timer to end it, replies on their way, or output under watch."""
+        if self.serverClosed:
+            return
+        assert self.core.dueTimers() or self.outstanding or self.core.watchingSend, f"stuck in {self.core.phase}"
+
+    def teardown(self) -> None:
+        """Let everything finish: every request asked before a closing reply has had its reply, exactly once."""
+        if not hasattr(self, "core"):
+            return
+        for _ in range(200):
+            if self.serverClosed:
+                break
+            if self.outstanding:
+                sequence = self.outstanding[0]
+                self.given[sequence] = ok(sequence).data
+                self.outstanding.remove(sequence)
+                self.carryOut(self.core.answered([(sequence, ok(sequence))], self.now))
+            elif not self.clientClosed:
+                self.halfClose()
+            else:
+                self.writesDrained()
+                self.left = self.written
+                self.advance(4.0)
+        assert self.serverClosed, f"never closed: {self.core.phase}"
+        if not self.aborted:
+            end = self.closingSequence if self.closingSequence is not None else max(self.asked, default=-1)
+            assert self.nextSent > end, f"replies up to {end} owed, {self.nextSent} sent"
+
+
+class ConnectionMachineTests(SynchronousTestCase):
+    """The connection core under random interleavings of all its events."""
+
+    def test_randomInterleavings(self) -> None:
+        """400 random runs of up to 40 events each keep every invariant, and every connection ends owing nothing."""
+        run_state_machine_as_test(ConnectionMachine, settings=settings(
+            max_examples=400, stateful_step_count=40, deadline=None, suppress_health_check=[HealthCheck.too_slow]))

@@ -1,0 +1,121 @@
+"""L{primecount.internals} against the Twisted installed: these fail if the private attributes they read move."""
+
+from __future__ import annotations
+
+import socket
+
+from twisted.internet import reactor, task
+from twisted.internet.abstract import FileDescriptor
+from twisted.internet.defer import Deferred
+from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.testing import MemoryReactor
+from twisted.trial.unittest import SynchronousTestCase, TestCase
+
+from primecount.internals import queuedBytes, sendNow
+from tests.helpers import HalfCloseTransport
+
+
+class QueuedBytesTests(SynchronousTestCase):
+    """L{queuedBytes} reads Twisted's write buffers right; this fails if Twisted changes under it."""
+
+    def test_fileDescriptorBuffers(self) -> None:
+        """Bytes written to a Twisted descriptor count until its writes hand them to the kernel."""
+        taken: list[int] = [2]
+
+        class Descriptor(FileDescriptor):
+            """A descriptor whose kernel takes C{taken[0]} bytes a write."""
+
+            def writeSomeData(self, data: bytes) -> int:
+                return min(taken[0], len(data))
+
+        descriptor = Descriptor(MemoryReactor())
+        descriptor.connected = True
+        descriptor.write(b"hello")
+        descriptor.write(b" world")
+        self.assertEqual(queuedBytes(descriptor), 11)
+        descriptor.doWrite()
+        self.assertEqual(queuedBytes(descriptor), 9)
+        taken[0] = 100
+        descriptor.doWrite()
+        self.assertEqual(queuedBytes(descriptor), 0)
+
+    def test_throughWrappers(self) -> None:
+        """A wrapping layer (C{.transport}) is looked through; a TLS layer's cleartext waiting counts too."""
+
+        class Layer:
+            """A wrapper holding cleartext, over another transport."""
+
+            def __init__(self, transport: object) -> None:
+                self.transport = transport
+                self._appSendBuffer = [b"abc"]
+
+        descriptor = FileDescriptor(MemoryReactor())
+        descriptor.connected = True
+        descriptor.write(b"12345")
+        self.assertEqual(queuedBytes(Layer(descriptor)), 8)
+        self.assertEqual(queuedBytes(HalfCloseTransport()), 0)
+
+
+class SendNowTests(TestCase):
+    """L{sendNow} sends in the call on a real TCP connection with nothing queued, and keeps order otherwise."""
+
+    def connected(self) -> Deferred[tuple[Protocol, socket.socket]]:
+        """A Twisted server connection on loopback and the plain client socket at its other end."""
+        made: Deferred[Protocol] = Deferred()
+
+        class Server(Protocol):
+            def connectionMade(self) -> None:
+                made.callback(self)
+
+        port = reactor.listenTCP(0, Factory.forProtocol(Server), interface="127.0.0.1")
+        self.addCleanup(port.stopListening)
+        client = socket.create_connection(("127.0.0.1", port.getHost().port))
+        client.settimeout(10)
+        self.addCleanup(client.close)
+
+        def both(server: Protocol) -> tuple[Protocol, socket.socket]:
+            self.addCleanup(server.transport.abortConnection)
+            return server, client
+
+        return made.addCallback(both)
+
+    def receive(self, client: socket.socket, size: int) -> bytes:
+        """Read exactly C{size} bytes from C{client}."""
+        data = b""
+        while len(data) < size:
+            data += client.recv(size - len(data))
+        return data
+
+    def test_sentInTheCall(self) -> None:
+        """With nothing queued, the bytes leave Twisted in the call itself: its write buffers stay empty and the
+        client reads them before the reactor runs again."""
+
+        def check(both: tuple[Protocol, socket.socket]) -> None:
+            server, client = both
+            sendNow(server.transport, b"2 s\xc3\xad\n")
+            self.assertEqual((server.transport.dataBuffer, server.transport._tempDataBuffer), (b"", []))
+            self.assertEqual(self.receive(client, 6), b"2 s\xc3\xad\n")
+
+        return self.connected().addCallback(check)
+
+    def test_queuedFirstKeepsOrder(self) -> None:
+        """With bytes already queued by C{write}, L{sendNow} queues behind them: the client reads both in order."""
+
+        def check(both: tuple[Protocol, socket.socket]) -> Deferred[None]:
+            server, client = both
+            server.transport.write(b"first\n")
+            sendNow(server.transport, b"second\n")
+            self.assertEqual(queuedBytes(server.transport), len(b"first\nsecond\n"), "both wait in Twisted")
+            flushed = task.deferLater(reactor, 0, lambda: None)
+            for _ in range(100):  # until the reactor has handed both to the kernel
+                flushed.addCallback(lambda _: None if not server.transport.dataBuffer and not
+                                    server.transport._tempDataBuffer else task.deferLater(reactor, 0.01, lambda: None))
+            return flushed.addCallback(lambda _: self.assertEqual(self.receive(client, 13), b"first\nsecond\n"))
+
+        return self.connected().addCallback(check)
+
+    def test_otherTransportsWrite(self) -> None:
+        """A transport that is not a TCP connection gets a plain C{write}."""
+        transport = HalfCloseTransport()
+        sendNow(transport, b"1 no\n")
+        self.assertEqual(transport.value(), b"1 no\n")
