@@ -5,7 +5,7 @@ received, the client's half-close, a timer that fired, replies that are ready,
 writes blocked or drained, the service stopping, a check of the send queue),
 each with the time it happened, and answers each with a list of actions
 (L{Send}, L{Ask}, L{Arm}, L{PAUSE}, L{RESUME}, L{HALF_CLOSE}, L{CLOSE},
-L{Abort}, L{WATCH_SENDING}) that the Twisted side (L{primecount.protocol})
+L{Abort}) that the Twisted side (L{primecount.protocol})
 carries out in order. It never calls a socket, a reactor or a clock.
 
 The input side is in one of five named phases (L{Phase}); every change of
@@ -60,21 +60,29 @@ class Phase(enum.Enum):
     CLOSED = "closed"  # close or abort asked: nothing more happens
 
 
-class Timer(enum.Enum):
-    """The timers a connection asks for."""
+class Timer(enum.IntEnum):
+    """The timers a connection asks for (small integers: they index the core's timer lists)."""
 
-    DEADLINE = "deadline"  # the request's deadline, or the idle wait between requests
-    QUIET = "quiet"  # the quiet gap that ends a request sent without a newline
-    LINGER = "linger"  # how long a lingering close waits for the client
+    DEADLINE = 0  # the request's deadline, or the idle wait between requests
+    QUIET = 1  # the quiet gap that ends a request sent without a newline
+    LINGER = 2  # how long a lingering close waits for the client
+
+
+# The members as plain names: looking a member up on its enum class costs more than the comparison itself.
+REQUEST, BETWEEN, ANSWERING, LINGERING, CLOSED = Phase
+DEADLINE, QUIET, LINGER = Timer
 
 
 class Send(NamedTuple):
     """Write C{data}: the replies C{finished} (each with when its request began; those worth counting), in
-    order. C{closing} when a close follows at once (nothing gained by sending before the next turn)."""
+    order. C{closing} when a close follows at once (nothing gained by sending before the next turn);
+    C{watch} when output was not queued before: call L{Connection.sendChecked} now and then until it has left
+    (the send deadline)."""
 
     data: bytes
     finished: Sequence[tuple[wire.Reply, float]]
     closing: bool = False
+    watch: bool = False
 
 
 class Ask(NamedTuple):
@@ -107,7 +115,6 @@ PAUSE = _Signal("pause")  # stop reading from the transport
 RESUME = _Signal("resume")  # read from the transport again
 HALF_CLOSE = _Signal("half-close")  # send FIN after what is queued, keep reading
 CLOSE = _Signal("close")  # close once what is queued is sent
-WATCH_SENDING = _Signal("watch sending")  # output is queued: call sendChecked now and then until it has left
 
 Action = Union[Send, Ask, Arm, Abort, _Signal]
 
@@ -135,6 +142,13 @@ class Connection:
     ERROR that ends the connection is sent and followed by a lingering close.
     """
 
+    __slots__ = (
+        "limits", "_canHalfClose", "_refusal", "_lowWater", "phase", "requests", "_nextSequence", "_unanswered",
+        "_firstSequence", "_partial", "_partialSize", "_unread", "_startedAt", "_due", "_armed", "_readClosed",
+        "_writesBlocked", "_draining", "_paused", "_heard", "_counted", "_discarded", "_written", "_watching",
+        "_sentAtProgress", "_progressAt", "_actions",
+    )
+
     def __init__(self, limits: RequestLimits, refusal: Optional[str] = None) -> None:
         """With C{refusal}, answer only C{ERROR <refusal>} at L{start}, read nothing, and close (a connection
         over a limit)."""
@@ -142,7 +156,7 @@ class Connection:
         self._canHalfClose = True
         self._refusal = refusal
         self._lowWater = limits.pipeline // 2
-        self.phase = Phase.REQUEST
+        self.phase = REQUEST
         self.requests = 0  # requests taken
         self._nextSequence = 0  # the sequence number of the next request taken
         self._unanswered: deque[_Slot] = deque()  # requests taken and not yet sent, the first is _firstSequence
@@ -151,8 +165,8 @@ class Connection:
         self._partialSize = 0
         self._unread = b""  # bytes received while framing was held (the pipeline bound), not yet framed
         self._startedAt = 0.0  # when the request being read began (phase REQUEST)
-        self._due: dict[Timer, Optional[float]] = dict.fromkeys(Timer)  # when each timer should fire
-        self._armed: dict[Timer, Optional[float]] = dict.fromkeys(Timer)  # when the timer asked for will fire
+        self._due: list[Optional[float]] = [None, None, None]  # when each timer should fire, by Timer
+        self._armed: list[Optional[float]] = [None, None, None]  # when the timer asked for will fire
         self._readClosed = False
         self._writesBlocked = False
         self._draining = False
@@ -184,12 +198,12 @@ class Connection:
         if data:
             self._heard = True
         phase = self.phase
-        if phase is Phase.REQUEST or phase is Phase.BETWEEN:
+        if phase is REQUEST or phase is BETWEEN:
             if self._paused:
                 self._unread += data  # the transport delivered more after being asked to pause
             else:
                 self._frame(data, now)
-        elif phase is Phase.LINGERING:
+        elif phase is LINGERING:
             self._discarded += len(data)
             if self._discarded > LINGER_MAX_BYTES:
                 self._close()
@@ -198,9 +212,9 @@ class Connection:
     def halfClosed(self, now: float) -> list[Action]:
         """The client half-closed: what it sent is answered, then the connection closes."""
         self._readClosed = True
-        if self.phase is Phase.LINGERING:
+        if self.phase is LINGERING:
             self._close()
-        elif self.phase in (Phase.REQUEST, Phase.BETWEEN) and not self._paused:
+        elif self.phase in (REQUEST, BETWEEN) and not self._paused:
             self._endOfInput(now)
         return self._take()
 
@@ -208,29 +222,29 @@ class Connection:
         """C{timer} fired: act if its time has come, arm it again if its deadline moved on."""
         self._armed[timer] = None
         due = self._due[timer]
-        if due is None or self.phase is Phase.CLOSED:
+        if due is None or self.phase is CLOSED:
             return []
         if now < due:
             self._arm(timer, due, now)
             return self._take()
         self._due[timer] = None
-        if timer is Timer.DEADLINE:
-            if self.phase is Phase.REQUEST:
+        if timer is DEADLINE:
+            if self.phase is REQUEST:
                 self._takePartial()
                 self._refuse(wire.errorReply(wire.TIMEOUT, closes=True), now)
-            elif self.phase is Phase.BETWEEN and not self._unanswered:
-                self._enter(Phase.ANSWERING)  # idle too long: closed without a reply
+            elif self.phase is BETWEEN and not self._unanswered:
+                self._enter(ANSWERING)  # idle too long: closed without a reply
                 self._close()
-        elif timer is Timer.QUIET:
-            if self.phase is Phase.REQUEST and self._partialSize and not self._unread:  # unread bytes: no gap
+        elif timer is QUIET:
+            if self.phase is REQUEST and self._partialSize and not self._unread:  # unread bytes: no gap
                 self._requestEnded(self._takePartial(), now)
-        elif self.phase is Phase.LINGERING:
+        elif self.phase is LINGERING:
             self._close()
         return self._take()
 
     def answered(self, replies: Sequence[tuple[int, wire.Reply]], now: float) -> list[Action]:
         """The replies to some of the L{Ask}ed requests, by sequence number, are ready."""
-        if self.phase is Phase.CLOSED or self.phase is Phase.LINGERING:
+        if self.phase is CLOSED or self.phase is LINGERING:
             return []
         first = self._firstSequence
         for sequence, reply in replies:
@@ -253,14 +267,14 @@ class Connection:
     def stopTakingRequests(self, now: float) -> list[Action]:
         """The service is stopping: a kept connection between requests closes now, others after their request."""
         self._draining = True
-        if self.phase is Phase.BETWEEN and not self._unread:
-            self._enter(Phase.ANSWERING)
+        if self.phase is BETWEEN and not self._unread:
+            self._enter(ANSWERING)
             if not self._unanswered:
                 self._close()
         return self._take()
 
     def sendChecked(self, queued: int, now: float) -> list[Action]:
-        """The transport still holds C{queued} of the bytes written (L{WATCH_SENDING}); past the send deadline
+        """The transport still holds C{queued} of the bytes written (since a L{Send} with C{watch}); past the send deadline
         without progress, give up on the client."""
         if not self._watching:
             return []  # the output has left, or the connection is gone
@@ -272,15 +286,16 @@ class Connection:
             self._sentAtProgress, self._progressAt = sent, now
         elif now - self._progressAt >= self.limits.sendTimeout:
             self._watching = False
-            self._enter(Phase.CLOSED)
+            self._enter(CLOSED)
             return [Abort("send_timeout")]
         return []
 
     def lost(self) -> None:
         """The connection is gone (closed by either side, or reset): nothing more is done."""
         self._watching = False
-        self._enter(Phase.CLOSED)
-        self._due = dict.fromkeys(Timer)
+        if self.phase is not CLOSED:
+            self._enter(CLOSED)
+            self._due = [None, None, None]
 
     # What the adapter may ask.
 
@@ -296,8 +311,8 @@ class Connection:
 
     @property
     def requestStartedAt(self) -> Optional[float]:
-        """When the request being read began (from connect for the first), or C{None} outside L{Phase.REQUEST}."""
-        return self._startedAt if self.phase is Phase.REQUEST else None
+        """When the request being read began (from connect for the first), or C{None} outside L{REQUEST}."""
+        return self._startedAt if self.phase is REQUEST else None
 
     @property
     def unanswered(self) -> int:
@@ -311,20 +326,22 @@ class Connection:
 
     def armedTimers(self) -> dict[Timer, float]:
         """The timers armed now and when they fire."""
-        return {timer: at for timer, at in self._armed.items() if at is not None}
+        return {timer: at for timer, at in zip(Timer, self._armed) if at is not None}
 
     def dueTimers(self) -> dict[Timer, float]:
         """The timers whose time has yet to come, and when it comes."""
-        return {timer: at for timer, at in self._due.items() if at is not None}
+        return {timer: at for timer, at in zip(Timer, self._due) if at is not None}
 
     # Transitions.
 
     def _enter(self, phase: Phase) -> None:
         """The one place the phase changes; leaving the reading phases drops what is held and their timers."""
-        if phase is not Phase.REQUEST and phase is not Phase.BETWEEN:
-            self._takePartial()
+        if phase is not REQUEST and phase is not BETWEEN:
+            if self._partial:
+                self._takePartial()
             self._unread = b""
-            self._due[Timer.DEADLINE] = self._due[Timer.QUIET] = None
+            due = self._due
+            due[DEADLINE] = due[QUIET] = None
         self.phase = phase
 
     def _take(self) -> list[Action]:
@@ -342,9 +359,9 @@ class Connection:
         self._actions.append(Arm(timer, at - now))
 
     def _startRequest(self, now: float) -> None:
-        self._enter(Phase.REQUEST)
+        self._enter(REQUEST)
         self._startedAt = now
-        self._want(Timer.DEADLINE, now + self.limits.timeout, now)
+        self._want(DEADLINE, now + self.limits.timeout, now)
 
     def _frame(self, data: bytes, now: float) -> None:
         """Cut C{data}, after the line held so far, into requests, as far as the pipeline bound allows."""
@@ -368,7 +385,7 @@ class Connection:
                 self._refuse(wire.errorReply(wire.lineTooLong(maxLine), closes=True), now)
                 return
             self._requestEnded(line, now)
-            if self.phase is not Phase.BETWEEN:
+            if self.phase is not BETWEEN:
                 return  # one-shot or draining: the rest is discarded
             if self._paused:
                 self._unread = data[position:]
@@ -383,12 +400,12 @@ class Connection:
         if size > maxLine and not (size == maxLine + 1 and data.endswith(b"\r")):  # a CRLF's CR does not count
             self._refuse(wire.errorReply(wire.lineTooLong(maxLine), closes=True), now)
             return
-        if self.phase is Phase.BETWEEN:
+        if self.phase is BETWEEN:
             self._startRequest(now)
         self._partial.append(data)
         self._partialSize = size
         if self.limits.quiet:
-            self._want(Timer.QUIET, now + self.limits.quiet, now)
+            self._want(QUIET, now + self.limits.quiet, now)
 
     def _takePartial(self) -> bytes:
         held = b"".join(self._partial)
@@ -396,31 +413,31 @@ class Connection:
         return held
 
     def _requestEnded(self, raw: bytes, now: float) -> None:
-        startedAt = self._startedAt if self.phase is Phase.REQUEST else now
+        startedAt = self._startedAt if self.phase is REQUEST else now
         self._unanswered.append(_Slot(startedAt))
         self._actions.append(Ask(self._nextSequence, raw))
         self._nextSequence += 1
         self.requests += 1
-        self._due[Timer.QUIET] = None
+        self._due[QUIET] = None
         if not self.limits.keepAlive or self._draining:
-            self._enter(Phase.ANSWERING)
+            self._enter(ANSWERING)
             return
-        self._enter(Phase.BETWEEN)
-        self._due[Timer.DEADLINE] = None  # the wait for our own replies is not the client's to bound
+        self._enter(BETWEEN)
+        self._due[DEADLINE] = None  # the wait for our own replies is not the client's to bound
         self._hold()
 
     def _endOfInput(self, now: float) -> None:
-        partial = self._takePartial()
+        partial = self._takePartial() if self._partial else b""
         if partial or not self.requests:
             self._requestEnded(partial, now)  # a connection that sent nothing at all asked an empty question
-        self._enter(Phase.ANSWERING)
+        self._enter(ANSWERING)
         if not self._unanswered:
             self._close()
 
     def _refuse(self, reply: wire.Reply, now: float) -> None:
         """A framing error (or a refusal): answered in order, after which the connection closes."""
-        startedAt = self._startedAt if self.phase is Phase.REQUEST else now
-        self._enter(Phase.ANSWERING)
+        startedAt = self._startedAt if self.phase is REQUEST else now
+        self._enter(ANSWERING)
         self._unanswered.append(_Slot(startedAt, reply))
         self._nextSequence += 1
         self._flush(now)
@@ -441,7 +458,8 @@ class Connection:
                 finished.append((reply, slot.startedAt))
             if reply.closes or not keepAlive:
                 self._send(data, finished, now, closing=True)
-                self._enter(Phase.ANSWERING)
+                if self.phase is not ANSWERING:
+                    self._enter(ANSWERING)
                 self._unanswered.clear()
                 if reply.isError:
                     self._linger(now)
@@ -452,11 +470,11 @@ class Connection:
             self._send(data, finished, now)
         if unanswered:
             self._release(now)
-        elif self.phase is Phase.ANSWERING:
+        elif self.phase is ANSWERING:
             self._close()
-        elif self.phase is Phase.BETWEEN:
+        elif self.phase is BETWEEN:
             if self.limits.idleTimeout:
-                self._want(Timer.DEADLINE, now + self.limits.idleTimeout, now)
+                self._want(DEADLINE, now + self.limits.idleTimeout, now)
             self._release(now)
 
     def _send(self, data: list[bytes], finished: list[tuple[wire.Reply, float]], now: float,
@@ -464,19 +482,19 @@ class Connection:
         joined = data[0] if len(data) == 1 else b"".join(data)
         if finished:
             self._counted = True
-        self._actions.append(Send(joined, finished, closing))
-        self._written += len(joined)
-        if self.limits.sendTimeout > 0 and not self._watching:
+        watch = not self._watching and self.limits.sendTimeout > 0
+        if watch:
             # Nothing was queued when the watch last ended: what was written before this has all left.
             self._watching = True
-            self._sentAtProgress = self._written - len(joined)
+            self._sentAtProgress = self._written
             self._progressAt = now
-            self._actions.append(WATCH_SENDING)
+        self._written += len(joined)
+        self._actions.append(Send(joined, finished, closing, watch))
 
     # Reading held: at the pipeline bound until half of it has drained, and while writes are blocked.
 
     def _hold(self) -> None:
-        if self._paused or (self.phase is not Phase.REQUEST and self.phase is not Phase.BETWEEN):
+        if self._paused or (self.phase is not REQUEST and self.phase is not BETWEEN):
             return  # past the last request, input is read and discarded until the close
         if self._writesBlocked or len(self._unanswered) >= self.limits.pipeline:
             self._paused = True
@@ -485,14 +503,14 @@ class Connection:
     def _release(self, now: float) -> None:
         if not self._paused or self._writesBlocked or len(self._unanswered) > self._lowWater:
             return
-        if self.phase is not Phase.REQUEST and self.phase is not Phase.BETWEEN:
+        if self.phase is not REQUEST and self.phase is not BETWEEN:
             return
         self._paused = False
         self._actions.append(RESUME)
         unread, self._unread = self._unread, b""
         if unread:
             self._frame(unread, now)
-        if self._readClosed and not self._paused and self.phase in (Phase.REQUEST, Phase.BETWEEN):
+        if self._readClosed and not self._paused and self.phase in (REQUEST, BETWEEN):
             self._endOfInput(now)
 
     # Closing.
@@ -505,14 +523,14 @@ class Connection:
             self._close()
             return
         self._resumeIfPaused()
-        self._enter(Phase.LINGERING)
+        self._enter(LINGERING)
         self._actions.append(HALF_CLOSE)
-        self._want(Timer.LINGER, now + self.limits.linger, now)
+        self._want(LINGER, now + self.limits.linger, now)
 
     def _close(self) -> None:
         self._resumeIfPaused()  # read until the transport closes, so that closing does not reset
-        self._enter(Phase.CLOSED)
-        self._due = dict.fromkeys(Timer)
+        self._enter(CLOSED)
+        self._due = [None, None, None]
         self._actions.append(CLOSE)
 
     def _resumeIfPaused(self) -> None:

@@ -13,8 +13,7 @@ from zope.interface import implementer
 
 from primecount import wire
 from primecount.connection import (
-    CLOSE, HALF_CLOSE, PAUSE, RESUME, WATCH_SENDING, Abort, Action, Arm, Ask, Connection, RequestLimits, Send,
-    Timer,
+    CLOSE, HALF_CLOSE, PAUSE, RESUME, Abort, Action, Arm, Ask, Connection, RequestLimits, Send, Timer,
 )
 from primecount.internals import sendNow
 from primecount.limits import canonicalHost
@@ -71,7 +70,10 @@ class Driven(Protocol):
                 self.transport.write(action.data)  # goes out with the FIN, on the next turn
             else:
                 sendNow(self.transport, action.data)
-            self._finished(action.finished)
+            if action.finished:
+                self._finished(action.finished)
+            if action.watch:
+                self.factory.watchSending(self)
         elif isinstance(action, Ask):
             assert self._responder is not None
             self._responder.respond(action.raw, self._peer, self, action.sequence)
@@ -85,8 +87,6 @@ class Driven(Protocol):
             self.transport.pauseProducing()
         elif action is RESUME:
             self.transport.resumeProducing()
-        elif action is WATCH_SENDING:
-            self.factory.watchSending(self)
         elif action is HALF_CLOSE:
             self._unregister()
             self.transport.loseWriteConnection()
@@ -108,10 +108,11 @@ class Driven(Protocol):
             self.transport.unregisterProducer()
 
     def _cancelTimers(self) -> None:
-        for call in self._timers.values():
-            if call.active():
-                call.cancel()
-        self._timers.clear()
+        if self._timers:
+            for call in self._timers.values():
+                if call.active():
+                    call.cancel()
+            self._timers.clear()
 
     def _timerFired(self, timer: Timer) -> None:
         del self._timers[timer]
@@ -177,6 +178,7 @@ class PrimeCountProtocol(Driven):
     its L{Connection} says; counts and logs what it answers."""
 
     log = Logger()
+    limitKey: Optional[str] = None  # the client's canonical address, as the factory counted it
 
     def __init__(self, limits: RequestLimits, clock: IReactorTime, responder: Responder) -> None:
         super().__init__(Connection(limits), clock, responder)
@@ -194,7 +196,7 @@ class PrimeCountProtocol(Driven):
 
     def connectionMade(self) -> None:
         """The first request's deadline runs from connect."""
-        self._peer = peerHost(self.transport.getPeer())
+        self._peer = self.limitKey or peerHost(self.transport.getPeer())
         self.factory.connectionOpened(self)
         if self._limits.keepAlive:
             self.transport.registerProducer(self, True)
@@ -210,7 +212,7 @@ class PrimeCountProtocol(Driven):
     def _finished(self, replies: Sequence[tuple[wire.Reply, float]]) -> None:
         metrics, now, logRequests = self.factory.metrics, self._clock.seconds(), self._limits.logRequests
         for reply, startedAt in replies:
-            if reply.isError or logRequests:
+            if logRequests or reply.isError:
                 self.log.info("{kind}{reply} to {peer}", kind="" if reply.isError else "reply ",
                               reply=reply.text, peer=self._peer)
             metrics.requestFinished(reply.outcome, now - startedAt)

@@ -19,7 +19,7 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from primecount import wire
 from primecount.connection import (
-    CLOSE, HALF_CLOSE, LINGER_MAX_BYTES, PAUSE, RESUME, WATCH_SENDING, Abort, Action, Arm, Ask, Connection, Phase,
+    CLOSE, HALF_CLOSE, LINGER_MAX_BYTES, PAUSE, RESUME, Abort, Action, Arm, Ask, Connection, Phase,
     RequestLimits, Send, Timer,
 )
 
@@ -34,6 +34,11 @@ def asked(actions: list[Action]) -> list[bytes]:
 def sent(actions: list[Action]) -> bytes:
     """What C{actions} send."""
     return b"".join(action.data for action in actions if isinstance(action, Send))
+
+
+def watches(actions: list[Action]) -> bool:
+    """Whether C{actions} start watching the send queue."""
+    return any(isinstance(action, Send) and action.watch for action in actions)
 
 
 def ok(sequence: int) -> wire.Reply:
@@ -133,7 +138,7 @@ class PipelineBoundTests(SynchronousTestCase):
         core.received(b"a\nb\nc\n", 1.0)
         actions = core.answered([(2, ok(2)), (0, ok(0)), (1, ok(1))], 1.5)
         self.assertEqual([action for action in actions if isinstance(action, Send)],
-                         [Send(b"r0\nr1\nr2\n", [(ok(0), 1.0), (ok(1), 1.0), (ok(2), 1.0)])])
+                         [Send(b"r0\nr1\nr2\n", [(ok(0), 1.0), (ok(1), 1.0), (ok(2), 1.0)], watch=True)])
 
     def test_writesBlockedUntilDrained(self) -> None:
         """A full write buffer pauses reading until it drains, even with nothing unanswered."""
@@ -152,7 +157,7 @@ class SendDeadlineTests(SynchronousTestCase):
         core = Connection(KEEP)
         core.start(0.0)
         core.received(b"a\n", 0.0)
-        self.assertIn(WATCH_SENDING, core.answered([(0, ok(0))], 0.0))
+        self.assertTrue(watches(core.answered([(0, ok(0))], 0.0)))
         return core
 
     def test_stuck(self) -> None:
@@ -178,7 +183,7 @@ class SendDeadlineTests(SynchronousTestCase):
         self.assertEqual(core.sendChecked(0, 1.0), [])
         self.assertFalse(core.watchingSend)
         core.received(b"b\n", 2.0)
-        self.assertIn(WATCH_SENDING, core.answered([(1, ok(1))], 2.0))
+        self.assertTrue(watches(core.answered([(1, ok(1))], 2.0)))
 
 
 class ClosingTests(SynchronousTestCase):
@@ -276,6 +281,8 @@ class ConnectionMachine(RuleBasedStateMachine):
             if isinstance(action, Send):
                 assert not self.finSent, "bytes sent after FIN"
                 self.checkSend(action)
+                if action.watch:
+                    self.progressAt = self.now
             elif isinstance(action, Ask):
                 self.checkAsk(action)
             elif isinstance(action, Arm):
@@ -292,8 +299,6 @@ class ConnectionMachine(RuleBasedStateMachine):
             elif action is CLOSE or isinstance(action, Abort):
                 self.serverClosed, self.armed = True, {}
                 self.aborted = isinstance(action, Abort)
-            elif action is WATCH_SENDING:
-                self.progressAt = self.now
         if self.paused:
             self.sincePause = (self.sincePause if wasPaused else 0) + (received or 0)
         if self.reading and self.core.phase not in (Phase.REQUEST, Phase.BETWEEN):
