@@ -119,16 +119,6 @@ CLOSE = _Signal("close")  # close once what is queued is sent
 Action = Union[Send, Ask, Arm, Abort, _Signal]
 
 
-class _Slot:
-    """One request from its end until its reply is sent: when it began, and its reply once known."""
-
-    __slots__ = ("startedAt", "reply")
-
-    def __init__(self, startedAt: float, reply: Optional[wire.Reply] = None) -> None:
-        self.startedAt = startedAt
-        self.reply = reply
-
-
 class Connection:
     """Everything one client connection decides: framing, deadlines, the pipeline bound, reply order, closing.
 
@@ -143,8 +133,8 @@ class Connection:
     """
 
     __slots__ = (
-        "limits", "_canHalfClose", "_refusal", "_lowWater", "phase", "requests", "_nextSequence", "_unanswered",
-        "_firstSequence", "_partial", "_partialSize", "_unread", "_startedAt", "_due", "_armed", "_readClosed",
+        "limits", "_canHalfClose", "_refusal", "_lowWater", "phase", "requests", "_nextSequence", "_startedAts",
+        "_ready", "_firstSequence", "_oneShot", "_pipeline", "_partial", "_partialSize", "_unread", "_startedAt", "_due", "_armed", "_readClosed",
         "_writesBlocked", "_draining", "_paused", "_heard", "_counted", "_discarded", "_written", "_watching",
         "_sentAtProgress", "_progressAt", "_actions",
     )
@@ -159,8 +149,12 @@ class Connection:
         self.phase = REQUEST
         self.requests = 0  # requests taken
         self._nextSequence = 0  # the sequence number of the next request taken
-        self._unanswered: deque[_Slot] = deque()  # requests taken and not yet sent, the first is _firstSequence
+        # The requests taken and not yet sent, from _firstSequence on: when each began, and the replies known.
+        self._startedAts: deque[float] = deque()
+        self._ready: dict[int, wire.Reply] = {}
         self._firstSequence = 0
+        self._oneShot = not limits.keepAlive
+        self._pipeline = limits.pipeline
         self._partial: list[bytes] = []  # the current line, unjoined until its newline (joining per chunk is quadratic)
         self._partialSize = 0
         self._unread = b""  # bytes received while framing was held (the pipeline bound), not yet framed
@@ -189,9 +183,9 @@ class Connection:
         self._startedAt = now
         if self._refusal is not None:
             self._refuse(wire.errorReply(self._refusal, closes=True), now)
-        else:
-            self._startRequest(now)
-        return self._take()
+            return self._take()
+        self._due[DEADLINE] = self._armed[DEADLINE] = now + self.limits.timeout  # phase REQUEST since __init__
+        return [Arm(DEADLINE, self.limits.timeout)]
 
     def received(self, data: bytes, now: float) -> list[Action]:
         """The client sent C{data}."""
@@ -232,7 +226,7 @@ class Connection:
             if self.phase is REQUEST:
                 self._takePartial()
                 self._refuse(wire.errorReply(wire.TIMEOUT, closes=True), now)
-            elif self.phase is BETWEEN and not self._unanswered:
+            elif self.phase is BETWEEN and not self._startedAts:
                 self._enter(ANSWERING)  # idle too long: closed without a reply
                 self._close()
         elif timer is QUIET:
@@ -246,9 +240,7 @@ class Connection:
         """The replies to some of the L{Ask}ed requests, by sequence number, are ready."""
         if self.phase is CLOSED or self.phase is LINGERING:
             return []
-        first = self._firstSequence
-        for sequence, reply in replies:
-            self._unanswered[sequence - first].reply = reply
+        self._ready.update(replies)
         self._flush(now)
         return self._take()
 
@@ -269,7 +261,7 @@ class Connection:
         self._draining = True
         if self.phase is BETWEEN and not self._unread:
             self._enter(ANSWERING)
-            if not self._unanswered:
+            if not self._startedAts:
                 self._close()
         return self._take()
 
@@ -317,7 +309,7 @@ class Connection:
     @property
     def unanswered(self) -> int:
         """Requests taken whose replies have not been sent."""
-        return len(self._unanswered)
+        return len(self._startedAts)
 
     @property
     def silent(self) -> bool:
@@ -413,62 +405,67 @@ class Connection:
         return held
 
     def _requestEnded(self, raw: bytes, now: float) -> None:
-        startedAt = self._startedAt if self.phase is REQUEST else now
-        self._unanswered.append(_Slot(startedAt))
-        self._actions.append(Ask(self._nextSequence, raw))
-        self._nextSequence += 1
+        self._startedAts.append(self._startedAt if self.phase is REQUEST else now)
+        sequence = self._nextSequence
+        self._nextSequence = sequence + 1
         self.requests += 1
-        self._due[QUIET] = None
-        if not self.limits.keepAlive or self._draining:
+        self._actions.append(Ask(sequence, raw))
+        due = self._due
+        due[QUIET] = None
+        if self._oneShot or self._draining:
             self._enter(ANSWERING)
             return
         self._enter(BETWEEN)
-        self._due[DEADLINE] = None  # the wait for our own replies is not the client's to bound
-        self._hold()
+        due[DEADLINE] = None  # the wait for our own replies is not the client's to bound
+        if self._writesBlocked or len(self._startedAts) >= self._pipeline:
+            self._hold()
 
     def _endOfInput(self, now: float) -> None:
         partial = self._takePartial() if self._partial else b""
         if partial or not self.requests:
             self._requestEnded(partial, now)  # a connection that sent nothing at all asked an empty question
         self._enter(ANSWERING)
-        if not self._unanswered:
+        if not self._startedAts:
             self._close()
 
     def _refuse(self, reply: wire.Reply, now: float) -> None:
         """A framing error (or a refusal): answered in order, after which the connection closes."""
-        startedAt = self._startedAt if self.phase is REQUEST else now
+        self._startedAts.append(self._startedAt if self.phase is REQUEST else now)
         self._enter(ANSWERING)
-        self._unanswered.append(_Slot(startedAt, reply))
+        self._ready[self._nextSequence] = reply
         self._nextSequence += 1
         self._flush(now)
 
     def _flush(self, now: float) -> None:
         """Send every reply ready at the head of the queue, in one write; close after a closing one."""
-        unanswered = self._unanswered
+        ready, startedAts, sequence = self._ready, self._startedAts, self._firstSequence
         data: list[bytes] = []
         finished: list[tuple[wire.Reply, float]] = []
         count = self._heard or not self._readClosed  # a connect and close is counted when gone, not logged
-        keepAlive = self.limits.keepAlive
-        while unanswered and unanswered[0].reply is not None:
-            slot = unanswered.popleft()
-            self._firstSequence += 1
-            reply: wire.Reply = slot.reply  # type: ignore[assignment]
+        oneShot = self._oneShot
+        while sequence in ready:
+            reply = ready.pop(sequence)
+            startedAt = startedAts.popleft()
+            sequence += 1
             data.append(reply.data)
             if count:
-                finished.append((reply, slot.startedAt))
-            if reply.closes or not keepAlive:
+                finished.append((reply, startedAt))
+            if reply.closes or oneShot:
+                self._firstSequence = sequence
                 self._send(data, finished, now, closing=True)
                 if self.phase is not ANSWERING:
                     self._enter(ANSWERING)
-                self._unanswered.clear()
+                startedAts.clear()
+                ready.clear()
                 if reply.isError:
                     self._linger(now)
                 else:
                     self._close()
                 return
+        self._firstSequence = sequence
         if data:
             self._send(data, finished, now)
-        if unanswered:
+        if startedAts:
             self._release(now)
         elif self.phase is ANSWERING:
             self._close()
@@ -496,12 +493,12 @@ class Connection:
     def _hold(self) -> None:
         if self._paused or (self.phase is not REQUEST and self.phase is not BETWEEN):
             return  # past the last request, input is read and discarded until the close
-        if self._writesBlocked or len(self._unanswered) >= self.limits.pipeline:
+        if self._writesBlocked or len(self._startedAts) >= self._pipeline:
             self._paused = True
             self._actions.append(PAUSE)
 
     def _release(self, now: float) -> None:
-        if not self._paused or self._writesBlocked or len(self._unanswered) > self._lowWater:
+        if not self._paused or self._writesBlocked or len(self._startedAts) > self._lowWater:
             return
         if self.phase is not REQUEST and self.phase is not BETWEEN:
             return

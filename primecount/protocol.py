@@ -17,6 +17,7 @@ from primecount.connection import (
 )
 from primecount.internals import sendNow
 from primecount.limits import canonicalHost
+from primecount.metrics import NoMetrics
 from primecount.responder import Responder
 
 if TYPE_CHECKING:
@@ -46,10 +47,13 @@ class Driven(Protocol):
         self._running = False
         self._backlog: list[Action] = []
         self._producing = False
+        self._counting = False  # whether replies sent are counted or logged (L{_finished})
 
     def _run(self, actions: Sequence[Action]) -> None:
         """Carry out C{actions} in order; actions of events they cause (a write that fills the buffer) wait for
         the ones before them."""
+        if not actions:
+            return
         if self._running:
             self._backlog.extend(actions)
             return
@@ -65,24 +69,28 @@ class Driven(Protocol):
             self._running = False
 
     def _carryOut(self, action: Action) -> None:
-        if isinstance(action, Send):
+        kind = type(action)
+        if kind is Send:
             if action.closing:
                 self.transport.write(action.data)  # goes out with the FIN, on the next turn
             else:
                 sendNow(self.transport, action.data)
-            if action.finished:
+            if action.finished and self._counting:
                 self._finished(action.finished)
             if action.watch:
                 self.factory.watchSending(self)
-        elif isinstance(action, Ask):
-            assert self._responder is not None
-            self._responder.respond(action.raw, self._peer, self, action.sequence)
-        elif isinstance(action, Arm):
+        elif kind is Ask:
+            self._responder.respond(action.raw, self._peer, self, action.sequence)  # type: ignore[union-attr]
+        elif kind is Arm:
             call = self._timers.get(action.timer)
             if call is not None and call.active():
                 call.reset(action.delay)
             else:
                 self._timers[action.timer] = self._clock.callLater(action.delay, self._timerFired, action.timer)
+        elif action is CLOSE:
+            self._unregister()
+            self._cancelTimers()
+            self.transport.loseConnection()
         elif action is PAUSE:
             self.transport.pauseProducing()
         elif action is RESUME:
@@ -90,11 +98,7 @@ class Driven(Protocol):
         elif action is HALF_CLOSE:
             self._unregister()
             self.transport.loseWriteConnection()
-        elif action is CLOSE:
-            self._unregister()
-            self._cancelTimers()
-            self.transport.loseConnection()
-        elif isinstance(action, Abort):
+        elif kind is Abort:
             self._cancelTimers()
             self.factory.aborted(self, action.reason)
             self.transport.abortConnection()
@@ -197,6 +201,7 @@ class PrimeCountProtocol(Driven):
     def connectionMade(self) -> None:
         """The first request's deadline runs from connect."""
         self._peer = self.limitKey or peerHost(self.transport.getPeer())
+        self._counting = self._limits.logRequests or type(self.factory.metrics) is not NoMetrics
         self.factory.connectionOpened(self)
         if self._limits.keepAlive:
             self.transport.registerProducer(self, True)

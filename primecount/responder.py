@@ -74,7 +74,9 @@ class Responder:
             return [wire.errorReply(outcome.reason) for outcome in outcomes]  # type: ignore[union-attr]
         stored = self._records.write(records)
         return stored.addCallbacks(
-            lambda _: [_replyTo(outcome) for outcome in outcomes],
+            lambda _: [wire.answerReply(outcome) if type(outcome) is wire.Answer  # type: ignore[arg-type]
+                       else wire.errorReply(outcome.reason)  # type: ignore[union-attr]
+                       for outcome in outcomes],
             lambda failure: _storageFailed(failure, outcomes),
         )
 

@@ -1,8 +1,9 @@
 """Measure primecount's request path beside the original server, the framework's floor and the uvloop peers.
 
 Three rows, each server started fresh per run, servers of a row interleaved
-within each round so that all see the same machine noise, pinned (server on
-one core, load on the other) unless C{--unpinned}:
+within each round (each round starting with the next one) so that all see the
+same machine noise, pinned (server on one core, load on the other) unless
+C{--unpinned}:
 
   - one-shot, 50 clients (loadgen): the original server, the uvloop one-shot
     peer, the Twisted floor (C{floor_server.py}: a minimal line server with
@@ -123,7 +124,8 @@ def main() -> None:
     try:
         for round in range(1, args.rounds + 1):
             for row, names in rows.items():
-                for name in names:
+                shift = (round - 1) % len(names)  # each round starts the row with another server: no position wins
+                for name in names[shift:] + names[:shift]:
                     if args.server and name not in args.server:
                         continue
                     figures = measure(row, name, args, workdir, loadgen, messages, serverCore, clientCore)

@@ -124,9 +124,15 @@ def _parseVerdict(verdict: object) -> bool:
 def formatTSV(record: Record) -> str:
     """Format C{record} as one tab-separated line, newline included."""
     return (
-        f"{formatTimestamp(record.seconds)}\t{escapeField(record.client)}\t"
-        f"{escapeField(record.message)}\t{record.count}\t{record.verdict}\n"
+        f"{formatTimestamp(record.seconds)}\t{_clientField(record.client)}\t"
+        f"{escapeField(record.message)}\t{record.count}\t{'sí' if record.isPrime else 'no'}\n"
     )
+
+
+@lru_cache(maxsize=4096)
+def _clientField(client: str) -> str:
+    """L{escapeField} of a client address, made once per address (records come in bursts from few clients)."""
+    return escapeField(client)
 
 
 def parseTSV(line: str) -> Record:
