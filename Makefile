@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 PORT   ?= 5050
 
-.PHONY: run test bench bench-loadgen bench-hostile clean
+.PHONY: run test bench bench-loadgen bench-path bench-hostile clean
 
 # The service alone, for `make run`.
 $(VENV)/.installed: setup.cfg pyproject.toml
@@ -33,6 +33,13 @@ bench: $(VENV)/.installed-test
 bench-loadgen: $(VENV)/.installed-test
 	$(BIN)/python contrib/bench/loadgen_compare.py
 	$(BIN)/python contrib/bench/loadgen_compare.py --unpinned
+
+# The request path beside the original server, the framework's floor and the uvloop peers, pinned then
+# unpinned. The peers want uvloop: PEER_PYTHON is a Python that has it (a scratch venv, not this one).
+PEER_PYTHON ?= $(PYTHON)
+bench-path: $(VENV)/.installed-test
+	$(BIN)/python contrib/bench/request_path.py --peer-python $(PEER_PYTHON)
+	$(BIN)/python contrib/bench/request_path.py --peer-python $(PEER_PYTHON) --unpinned
 
 # Real clients with and without slowloris-style and 10,000 idle clients, and the server's memory.
 bench-hostile: $(VENV)/.installed-test
