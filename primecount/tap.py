@@ -30,6 +30,7 @@ from primecount.proxied import LOOPBACK, ProxiedFactory, listensBeyondLoopback, 
 from primecount.readiness import Readiness
 from primecount.records import FORMATS
 from primecount.responder import Responder
+from primecount.database import DEFAULT_TABLE, DatabaseRecordsService, isDatabaseURI, tableProblem
 from primecount.storage import FSYNC_POLICIES, RecordsService, recordsPathProblem
 from primecount.tls import MOZILLA_INTERMEDIATE, cipherProblem, withCiphers
 
@@ -194,7 +195,12 @@ class Options(usage.Options):
          _number("send-timeout", float, 0, strict=False)],
         ["proxy-from", None, LOOPBACK, "With a haproxy: --port, the proxies allowed to send PROXY headers, as "
          "CIDR[,CIDR...]; connections from anywhere else are closed unread.", _networks],
-        ["records", "r", "server_log.txt", "File the records are appended to (SIGHUP reopens it)."],
+        ["records", "r", "server_log.txt", "File the records are appended to (SIGHUP reopens it), or a "
+         "PostgreSQL database as a libpq URI (postgresql://user@host/db), appended to its --records-table."],
+        ["records-table", None, "primecount_records", "With a postgresql:// --records: the table (or "
+         "schema.table), created if missing."],
+        ["records-timeout", None, 2.0, "With a postgresql:// --records: seconds a batch may wait for its commit "
+         "before its clients get ERROR storage unavailable.", _number("records-timeout", float, 0, strict=True)],
         ["records-format", None, "tsv", "Records file format: tsv (the original columns) or jsonl.",
          _choice("records-format", sorted(FORMATS))],
         ["fsync", None, "everysec", "When records are fsynced: always (before each reply), everysec "
@@ -234,10 +240,33 @@ class Options(usage.Options):
                 raise usage.UsageError(f"--tls-ciphers: {self['tls-ciphers']!r}: {problem}")
         if self["metrics"] is not None:
             _checkEndpoint("metrics", self["metrics"])
+        if isDatabaseURI(self["records"]):
+            self._checkDatabaseOptions()
+            return
+        for option, default in (("records-table", DEFAULT_TABLE), ("records-timeout", 2.0)):
+            if self[option] != default:
+                raise usage.UsageError(f"--{option}: only applies with a postgresql:// --records")
         # Checked without creating the file: twistd applies --umask and --uid later, and the file must get them.
         problem = recordsPathProblem(self["records"])
         if problem is not None:
             raise usage.UsageError(f"--records: cannot append to {self['records']!r}: {problem}")
+
+    def _checkDatabaseOptions(self) -> None:
+        """A database --records: the driver is installed, the URI parses, the table name is one."""
+        try:
+            from psycopg.conninfo import conninfo_to_dict
+        except ImportError:
+            raise usage.UsageError("--records: a postgresql:// URI needs the PostgreSQL driver: "
+                                   "pip install 'primecount[postgres]'") from None
+        try:
+            conninfo_to_dict(self["records"])
+        except Exception as error:
+            raise usage.UsageError(f"--records: not a libpq connection URI: {error}") from None
+        problem = tableProblem(self["records-table"])
+        if problem is not None:
+            raise usage.UsageError(f"--records-table: {self['records-table']!r} {problem}")
+        if self["records-format"] != "tsv":
+            raise usage.UsageError("--records-format: only applies to a records file")
 
     def parseOptions(self, options: Optional[Sequence[str]] = None) -> None:
         """Parse C{options}; under twistd, a bad one stops the start with one line naming it.
@@ -293,11 +322,16 @@ def makeService(options: Options, reactor: Optional[Any] = None) -> IService:
         metrics = PrometheusMetrics(threadPool, worker=bool(options["worker-metrics"]),
                                     limits=configuredLimits(options, maxConnections))
     top = SequentialMultiService()
-    records = RecordsService(
-        options["records"], reactor, FORMATS[options["records-format"]], options["fsync"], runInThread, metrics,
-        # For contrib/bench/workers_scaling.py only: what the multi-writer append protocol costs.
-        shared=os.environ.get(UNLOCKED_APPEND_SWITCH) != "1",
-    )
+    records: "RecordsService | DatabaseRecordsService"
+    if isDatabaseURI(options["records"]):
+        records = DatabaseRecordsService(options["records"], options["records-table"], reactor, options["fsync"],
+                                         metrics, options["records-timeout"])
+    else:
+        records = RecordsService(
+            options["records"], reactor, FORMATS[options["records-format"]], options["fsync"], runInThread, metrics,
+            # For contrib/bench/workers_scaling.py only: what the multi-writer append protocol costs.
+            shared=os.environ.get(UNLOCKED_APPEND_SWITCH) != "1",
+        )
     ProcessSignals(reactor, onHangUp=records.reopen).setServiceParent(top)
     records.setServiceParent(top)
     if options["metrics"]:

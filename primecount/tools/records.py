@@ -1,5 +1,8 @@
 """The records tool: C{python -m primecount.records check|repair|stats|tail|follow FILE...} (also C{primecount-records}).
 
+C{stats}, C{tail} and C{follow} also read a PostgreSQL records table: give its URI
+(C{postgresql://...}) instead of a file, and C{--table} if it is not the default.
+
 It never prints a raw control character: lines of files written before control
 characters were escaped in records are shown with the records' own notation.
 
@@ -19,6 +22,7 @@ import time
 from collections import Counter
 from typing import Iterator, NamedTuple, Optional, Sequence, TextIO
 
+from primecount.database import DEFAULT_TABLE, isDatabaseURI
 from primecount.records import MalformedRecord, Record, formatTimestamp, parseRecord, terminalSafe
 
 EXIT_OK, EXIT_IO, EXIT_USAGE, EXIT_TORN, EXIT_MALFORMED = 0, 1, 2, 3, 4
@@ -253,10 +257,14 @@ def parser() -> argparse.ArgumentParser:
     tailParser.add_argument("-n", "--lines", type=int, default=10, help="how many (default 10)")
     followParser = commands.add_parser("follow", help="print records as they are appended (Ctrl-C to stop)")
     followParser.add_argument("--from-start", action="store_true", help="print the existing records first")
-    for command in (checkParser, statsParser):
-        command.add_argument("files", nargs="+", metavar="file", help="records files")
-    for command in (repairParser, tailParser, followParser):
-        command.add_argument("file", help="the records file")
+    checkParser.add_argument("files", nargs="+", metavar="file", help="records files")
+    statsParser.add_argument("files", nargs="+", metavar="file", help="records files, or one postgresql:// URI")
+    repairParser.add_argument("file", help="the records file")
+    for command in (tailParser, followParser):
+        command.add_argument("file", help="the records file, or a postgresql:// URI")
+    for command in (statsParser, tailParser, followParser):
+        command.add_argument("--table", default=DEFAULT_TABLE,
+                             help=f"with a postgresql:// URI: the records table (default {DEFAULT_TABLE})")
     return top
 
 
@@ -264,6 +272,9 @@ def main(argv: Optional[Sequence[str]] = None, out: TextIO = sys.stdout) -> int:
     """Entry point; returns the exit status."""
     args = parser().parse_args(argv)
     try:
+        uri = next((name for name in getattr(args, "files", [getattr(args, "file", "")]) if isDatabaseURI(name)), None)
+        if uri is not None:
+            return _table(args, uri, out)
         if args.command == "check":
             return check(args.files, out)
         if args.command == "repair":
@@ -273,6 +284,8 @@ def main(argv: Optional[Sequence[str]] = None, out: TextIO = sys.stdout) -> int:
         if args.command == "tail":
             return tail(args.file, out, args.lines)
         return follow(args.file, out, fromEnd=not args.from_start)
+    except KeyboardInterrupt:
+        return EXIT_OK
     except BrokenPipeError:
         # The reader went away (`... | head`): that is how pipelines end, not an error. Point stdout at
         # /dev/null so that the interpreter's own final flush does not fail again.
@@ -281,6 +294,31 @@ def main(argv: Optional[Sequence[str]] = None, out: TextIO = sys.stdout) -> int:
     except OSError as error:
         sys.stderr.write(f"primecount-records: {error}\n")
         return EXIT_IO
+
+
+def _table(args: argparse.Namespace, uri: str, out: TextIO) -> int:
+    """C{stats}, C{tail} or C{follow} of a PostgreSQL records table."""
+    if args.command == "stats" and len(args.files) > 1:
+        sys.stderr.write("primecount-records: stats reads one database URI, or files only\n")
+        return EXIT_USAGE
+    try:
+        from primecount.tools import tablerecords
+        if args.command == "stats":
+            tablerecords.stats(uri, args.table, out, args.top, args.since, args.until)
+        elif args.command == "tail":
+            tablerecords.tail(uri, args.table, out, args.lines)
+        else:
+            tablerecords.follow(uri, args.table, out, fromEnd=not args.from_start)
+    except ImportError:
+        sys.stderr.write("primecount-records: reading a database needs the PostgreSQL driver: "
+                         "pip install 'primecount[postgres]'\n")
+        return EXIT_USAGE
+    except Exception as error:
+        if type(error).__module__.startswith("psycopg"):
+            sys.stderr.write(f"primecount-records: {uri}: {str(error).strip()}\n")
+            return EXIT_IO
+        raise
+    return EXIT_OK
 
 
 if __name__ == "__main__":

@@ -1,0 +1,348 @@
+"""Records in a PostgreSQL table: the records service for C{--records postgresql://...}, with the file's promise.
+
+Every batch of records becomes rows of one transaction (a C{COPY}), and the
+batch's replies are released only once its C{COMMIT} has returned. While a
+transaction is in flight, the batches that arrive wait and then go together
+in the next one (group commit). A batch that fails, or whose outcome is not
+known within C{timeout} seconds, is answered C{ERROR storage unavailable},
+logged once per incident and counted; it is never retried, so no row is
+written twice. After a failure the connection is made again with backoff
+(0.1 s doubling to 5 s); meanwhile batches are refused at once. All database
+work runs on a thread of its own, never on the analysis pool.
+
+C{--fsync} maps onto C{synchronous_commit}: C{always} waits for the commit's
+WAL to reach disk (C{on}); C{everysec} and C{never} do not (C{off}: a crash of
+the database server, not of primecount, can lose the last transactions
+acknowledged, up to three times C{wal_writer_delay}, 0.6 s by default).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import socket
+from datetime import datetime, timezone
+from functools import lru_cache
+from typing import Any, Callable, Optional, Sequence
+
+from twisted.application.service import Service
+from twisted.internet.defer import Deferred, fail
+from twisted.internet.interfaces import IDelayedCall, IReactorThreads, IReactorTime
+from twisted.internet.threads import deferToThreadPool
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.python.threadpool import ThreadPool
+
+from primecount.metrics import NoMetrics
+from primecount.records import Record
+from primecount.storage import StorageUnavailable
+
+SCHEMES = ("postgresql://", "postgres://")
+DEFAULT_TABLE = "primecount_records"
+BACKOFF_FIRST, BACKOFF_MOST = 0.1, 5.0
+SYNCHRONOUS_COMMIT = {"always": "on", "everysec": "off", "never": "off"}
+# PostgreSQL text cannot hold NUL; a message's NUL is stored as U+2400 SYMBOL FOR NULL.
+NUL_STAND_IN = "\u2400"
+COLUMNS = ("time", "client", "message", "count", "prime", "host", "pid")
+
+
+def isDatabaseURI(value: str) -> bool:
+    """Whether a C{--records} value names a PostgreSQL database rather than a file."""
+    return value.startswith(SCHEMES)
+
+
+def tableIdentifier(name: str) -> Any:
+    """The C{psycopg.sql.Identifier} of a table name, C{schema.table} allowed."""
+    from psycopg import sql
+
+    return sql.Identifier(*name.split("."))
+
+
+def tableProblem(name: str) -> Optional[str]:
+    """Why C{name} cannot be a records table name, or C{None}."""
+    parts = name.split(".")
+    if not 1 <= len(parts) <= 2 or not all(part and len(part) <= 63 for part in parts):
+        return "must be a table name or schema.table, each part 1 to 63 characters"
+    if any("\0" in part for part in parts):
+        return "must not contain NUL"
+    return None
+
+
+def schemaStatements(table: str) -> list[Any]:
+    """The idempotent statements that create the records table and its indexes (see docs/records.md)."""
+    from psycopg import sql
+
+    name = tableIdentifier(table)
+    last = table.split(".")[-1]
+    return [
+        sql.SQL(
+            "CREATE TABLE IF NOT EXISTS {} ("
+            " id bigserial PRIMARY KEY,"
+            " time timestamptz NOT NULL,"
+            " client inet,"
+            " message text NOT NULL,"
+            " count integer NOT NULL,"
+            " prime boolean NOT NULL,"
+            " host text NOT NULL,"
+            " pid integer NOT NULL)"
+        ).format(name),
+        sql.SQL("CREATE INDEX IF NOT EXISTS {} ON {} (time)").format(sql.Identifier(f"{last}_time"), name),
+        sql.SQL("CREATE INDEX IF NOT EXISTS {} ON {} (client, time)").format(sql.Identifier(f"{last}_client"), name),
+    ]
+
+
+@lru_cache(maxsize=4096)
+def inetOrNone(client: str) -> Optional[str]:
+    """A client address as the C{inet} column takes it, or C{None} for a peer without one (a UNIX socket)."""
+    try:
+        return str(ipaddress.ip_address(client))
+    except ValueError:
+        return None
+
+
+def row(record: Record, host: str, pid: int) -> tuple[Any, ...]:
+    """The table row of C{record}, written by process C{pid} on C{host}."""
+    return (datetime.fromtimestamp(record.seconds, timezone.utc), inetOrNone(record.client),
+            record.message.replace("\0", NUL_STAND_IN), record.count, record.isPrime, host, pid)
+
+
+def connect(conninfo: str, fsync: str) -> Any:
+    """A new connection to the records database, set up for appending: its commit policy, a name in
+    C{pg_stat_activity}, bounded connection and statement times."""
+    import psycopg
+
+    return psycopg.connect(
+        conninfo, connect_timeout=5, application_name="primecount",
+        options=f"-c synchronous_commit={SYNCHRONOUS_COMMIT[fsync]} -c statement_timeout=10000",
+    )
+
+
+class DatabaseWriter:
+    """What runs on the database thread: one connection, made when needed, and the transactions on it."""
+
+    def __init__(self, conninfo: str, table: str, fsync: str,
+                 connectTo: Callable[[str, str], Any] = connect) -> None:
+        self._conninfo = conninfo
+        self._table = table
+        self._fsync = fsync
+        self._connectTo = connectTo
+        self._connection: Any = None
+        self._host = socket.gethostname()
+
+    def append(self, records: Sequence[Record]) -> None:
+        """Write C{records} as one transaction; raise if its commit did not return success."""
+        from psycopg import sql
+
+        connection = self._connection or self._connect()
+        pid = os.getpid()
+        try:
+            with connection.cursor() as cursor:
+                statement = sql.SQL("COPY {} ({}) FROM STDIN").format(
+                    tableIdentifier(self._table), sql.SQL(", ").join(map(sql.Identifier, COLUMNS)))
+                with cursor.copy(statement) as copy:
+                    for record in records:
+                        copy.write_row(row(record, self._host, pid))
+            connection.commit()
+        except BaseException:
+            self.close()  # whatever state it is in, a new connection is cleaner than a rollback on a broken one
+            raise
+
+    def _connect(self) -> Any:
+        connection = self._connectTo(self._conninfo, self._fsync)
+        try:
+            createSchema(connection, self._table)
+        except BaseException:
+            connection.close()
+            raise
+        self._connection = connection
+        return connection
+
+    def close(self) -> None:
+        """Drop the connection (the next append makes a new one)."""
+        connection, self._connection = self._connection, None
+        if connection is not None:
+            try:
+                connection.close()
+            except Exception:
+                pass
+
+
+def createSchema(connection: Any, table: str) -> None:
+    """Create the records table if it is missing, one creator at a time (two at once would collide in the
+    catalog), and commit."""
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT pg_advisory_xact_lock(hashtext('primecount records schema'))")
+        for statement in schemaStatements(table):
+            cursor.execute(statement)
+    connection.commit()
+
+
+class DatabaseRecordsService(Service):
+    """Appends records to a PostgreSQL table: a records sink for the responder, as L{RecordsService} is for a
+    file."""
+
+    log = Logger()
+
+    def __init__(self, conninfo: str, table: str, reactor: Any, fsync: str = "everysec",
+                 metrics: NoMetrics = NoMetrics(), timeout: float = 2.0,
+                 writer: Optional[DatabaseWriter] = None, runInThread: Optional[Callable[..., Deferred[Any]]] = None,
+                 ) -> None:
+        self.conninfo = conninfo
+        self.table = table
+        self._reactor: IReactorTime = reactor
+        self._metrics = metrics
+        self._timeout = timeout
+        self._writer = writer or DatabaseWriter(conninfo, table, fsync)
+        self._pool: Optional[ThreadPool] = None
+        self._runInThread = runInThread
+        self._waiting: list[tuple[Sequence[Record], Deferred[None]]] = []
+        self._inFlight = False
+        self._retryAt = 0.0
+        self._backoff = BACKOFF_FIRST
+        self._failingSince: Optional[float] = None
+        self._refusedDuringIncident = 0
+        self.commits = 0
+        self.rowsWritten = 0
+
+    def startService(self) -> None:
+        """Start the database thread (the connection is made with the first batch)."""
+        super().startService()
+        if self._runInThread is None:
+            pool = self._pool = ThreadPool(1, 1, "primecount-records-db")
+            pool.start()
+            threads: IReactorThreads = self._reactor  # type: ignore[assignment]
+            self._runInThread = lambda function, *args: deferToThreadPool(threads, pool, function, *args)
+        self.log.info("appending records to PostgreSQL table {table} ({conninfo})", table=self.table,
+                      conninfo=_withoutPassword(self.conninfo))
+
+    def stopService(self) -> Deferred[None] | None:
+        """Let the transaction in flight finish, then close the connection and stop the thread."""
+        super().stopService()
+        done: Deferred[None] = Deferred()
+
+        def whenIdle() -> None:
+            if self._inFlight or self._waiting:
+                self._reactor.callLater(0.05, whenIdle)
+                return
+            if self._pool is not None:
+                closed = self._runInThread(self._writer.close)  # type: ignore[misc]
+                closed.addBoth(lambda _: self._pool.stop())  # type: ignore[union-attr]
+                closed.addBoth(lambda _: done.callback(None))
+            else:
+                done.callback(None)
+
+        whenIdle()
+        return done
+
+    def reopen(self) -> None:
+        """SIGHUP: nothing to reopen (the file's rotation has no counterpart here)."""
+
+    def write(self, records: Sequence[Record]) -> Deferred[None]:
+        """Store C{records} in the next transaction; fire once it has committed, fail with
+        L{StorageUnavailable} if it fails, if the database cannot be reached, or past the timeout."""
+        now = self._reactor.seconds()
+        if self._runInThread is None or now < self._retryAt:
+            self._refused(len(records))
+            return fail(StorageUnavailable("records database unavailable"))
+        stored: Deferred[None] = Deferred()
+        self._waiting.append((records, stored))
+        call = self._reactor.callLater(self._timeout, self._tooSlow, stored, len(records))
+        stored.addBoth(_cancelling(call))
+        self._next()
+        return stored
+
+    def _next(self) -> None:
+        if self._inFlight or not self._waiting:
+            return
+        batch = [(records, stored) for records, stored in self._waiting if not stored.called]  # not timed out
+        self._waiting = []
+        if not batch:
+            return
+        rows = [record for records, _ in batch for record in records]
+        self._inFlight = True
+        committed = self._runInThread(self._writer.append, rows)  # type: ignore[misc]
+        committed.addBoth(self._committed, batch, len(rows))
+
+    def _committed(self, result: object, batch: list[tuple[Sequence[Record], Deferred[None]]], size: int) -> None:
+        self._inFlight = False
+        if isinstance(result, Failure):
+            self._failed(result, size)
+            for _, stored in batch:
+                if not stored.called:
+                    stored.errback(StorageUnavailable("records database unavailable"))
+            self._waiting, waiting = [], self._waiting  # later batches would meet the same database: refuse them
+            for records, stored in waiting:
+                if not stored.called:
+                    self._refused(len(records))
+                    stored.errback(StorageUnavailable("records database unavailable"))
+        else:
+            self.commits += 1
+            self.rowsWritten += size
+            self._metrics.recordsWritten(size)
+            self._recovered()
+            for _, stored in batch:
+                if not stored.called:
+                    stored.callback(None)
+        self._next()
+
+    def _failed(self, failure: Failure, size: int) -> None:
+        now = self._reactor.seconds()
+        self._metrics.recordWriteFailed(size)
+        if self._failingSince is None:
+            self._failingSince = now
+            self._refusedDuringIncident = 0
+            self.log.error("records database unavailable ({error}); answering ERROR storage unavailable until it "
+                           "is back", error=_describe(failure))
+        self._refusedDuringIncident += size
+        self._retryAt = now + self._backoff
+        self._backoff = min(self._backoff * 2, BACKOFF_MOST)
+
+    def _refused(self, size: int) -> None:
+        self._metrics.recordWriteFailed(size)
+        self._refusedDuringIncident += size
+
+    def _recovered(self) -> None:
+        self._backoff = BACKOFF_FIRST
+        if self._failingSince is not None:
+            self.log.info("records database back after {seconds:.1f} s; {refused} records were refused meanwhile",
+                          seconds=self._reactor.seconds() - self._failingSince, refused=self._refusedDuringIncident)
+            self._failingSince = None
+
+    def _tooSlow(self, stored: Deferred[None], size: int) -> None:
+        """The batch's commit has not returned in time: its outcome is unknown, so it is not answered as
+        recorded (its rows may still appear)."""
+        if stored.called:
+            return
+        self._metrics.recordWriteFailed(size)
+        if self._failingSince is None:
+            self._failingSince = self._reactor.seconds()
+            self._refusedDuringIncident = 0
+            self.log.error("records database slow: no commit within {timeout:g} s; answering ERROR storage "
+                           "unavailable until it is back", timeout=self._timeout)
+        self._refusedDuringIncident += size
+        stored.errback(StorageUnavailable("records database too slow"))
+
+
+def _cancelling(call: IDelayedCall) -> Callable[[object], object]:
+    def cancel(result: object) -> object:
+        if call.active():
+            call.cancel()
+        return result
+
+    return cancel
+
+
+def _describe(failure: Failure) -> str:
+    text = str(failure.value).strip().splitlines()
+    return f"{failure.type.__name__}: {text[0] if text else ''}".rstrip(": ")
+
+
+def _withoutPassword(conninfo: str) -> str:
+    """C{conninfo} fit for a log: a password in the URI is replaced by C{***}."""
+    from urllib.parse import urlsplit, urlunsplit
+
+    parts = urlsplit(conninfo)
+    if parts.password is None:
+        return conninfo
+    netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
+    return urlunsplit(parts._replace(netloc=netloc))

@@ -1,0 +1,113 @@
+"""A throwaway PostgreSQL cluster for the tests: Debian's initdb and pg_ctl, run as an unprivileged user, on a
+Unix socket in a temporary folder only (no TCP listener), stopped and removed at the end."""
+
+from __future__ import annotations
+
+import glob
+import os
+import shutil
+import subprocess
+import tempfile
+from typing import Any, Optional
+
+from twisted.trial.unittest import SkipTest, SynchronousTestCase
+
+NOBODY = 65534
+
+
+def postgresBinaries() -> Optional[str]:
+    """The folder holding initdb and pg_ctl: Debian's newest /usr/lib/postgresql/N/bin, or the PATH's."""
+    for folder in sorted(glob.glob("/usr/lib/postgresql/*/bin"), key=lambda path: int(path.split("/")[-2]),
+                         reverse=True):
+        if os.path.exists(os.path.join(folder, "initdb")):
+            return folder
+    initdb = shutil.which("initdb")
+    return os.path.dirname(initdb) if initdb else None
+
+
+def requirePostgres(test: SynchronousTestCase) -> str:
+    """The binaries folder; skip without PostgreSQL and the driver, or fail in CI
+    (C{PRIMECOUNT_REQUIRE_SYSTEM_TOOLS=1})."""
+    folder = postgresBinaries()
+    try:
+        import psycopg  # noqa: F401
+    except ImportError:
+        folder = None
+    if folder is None:
+        if os.environ.get("PRIMECOUNT_REQUIRE_SYSTEM_TOOLS") == "1":
+            test.fail("PostgreSQL (initdb, pg_ctl) and psycopg are required here (PRIMECOUNT_REQUIRE_SYSTEM_TOOLS=1)")
+        raise SkipTest("PostgreSQL or psycopg is not installed")
+    return folder
+
+
+class Cluster:
+    """One PostgreSQL server of the test's own: L{start}, L{stop} (and start again), L{destroy}."""
+
+    def __init__(self, binaries: str) -> None:
+        self.binaries = binaries
+        self.folder = tempfile.mkdtemp(prefix="primecount-pg-")
+        os.chmod(self.folder, 0o755)
+        self.data = os.path.join(self.folder, "data")
+        self.port = 5432 + (os.getpid() % 20000)  # names the socket file only: there is no TCP listener
+        self.uri = f"postgresql:///postgres?host={self.folder}&port={self.port}&user=primecount"
+        self._run("initdb", "--pgdata", self.data, "--username", "primecount", "--auth", "trust",
+                  "--no-sync", "--encoding", "UTF8", "--locale", "C")
+
+    def _asOwner(self) -> list[str]:
+        """The command prefix that runs as the cluster's owner: nobody when the tests run as root."""
+        if os.geteuid() != 0:
+            return []
+        os.chown(self.folder, NOBODY, NOBODY)
+        return ["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups"]
+
+    def _run(self, tool: str, *arguments: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([*self._asOwner(), os.path.join(self.binaries, tool), *arguments],
+                              capture_output=True, text=True, check=check, timeout=120, cwd=self.folder)
+
+    def start(self) -> None:
+        """Start (or start again) and wait until it accepts connections."""
+        options = (f"-c listen_addresses='' -c unix_socket_directories='{self.folder}' -p {self.port} "
+                   "-c fsync=off -c full_page_writes=off -c max_connections=50")
+        self._run("pg_ctl", "--pgdata", self.data, "--log", os.path.join(self.folder, "server.log"), "--wait",
+                  "--timeout", "60", "-o", options, "start")
+
+    def stop(self, mode: str = "fast") -> None:
+        """Stop it (C{fast}: disconnect every client first)."""
+        self._run("pg_ctl", "--pgdata", self.data, "--wait", "--mode", mode, "stop", check=False)
+
+    def destroy(self) -> None:
+        """Stop it and remove its files."""
+        self.stop("immediate")
+        shutil.rmtree(self.folder, ignore_errors=True)
+
+    def query(self, statement: str, *parameters: Any) -> list[tuple[Any, ...]]:
+        """Run one statement and return its rows (none for a statement without)."""
+        import psycopg
+
+        with psycopg.connect(self.uri, autocommit=True) as connection:
+            cursor = connection.execute(statement, parameters or None)
+            return cursor.fetchall() if cursor.description else []
+
+
+_shared: Optional[Cluster] = None
+
+
+def sharedCluster(test: SynchronousTestCase) -> Cluster:
+    """One running cluster for the whole test run (started on first use, removed when the process exits)."""
+    global _shared
+    binaries = requirePostgres(test)
+    if _shared is None:
+        import atexit
+
+        _shared = Cluster(binaries)
+        _shared.start()
+        atexit.register(_shared.destroy)
+    return _shared
+
+
+def freshTable(test: SynchronousTestCase, cluster: Cluster) -> str:
+    """A table name no other test uses (the test's own), dropped when the test ends."""
+    name = "records_" + test.id().split(".")[-1].lower()[:40] + f"_{os.getpid()}"
+    cluster.query(f'DROP TABLE IF EXISTS "{name}"')
+    test.addCleanup(cluster.query, f'DROP TABLE IF EXISTS "{name}"')
+    return name

@@ -1,0 +1,392 @@
+"""Records in PostgreSQL (L{primecount.database}): the service over stand-in writers, then a real cluster of the
+tests' own (Debian's PostgreSQL, C{tests/postgres.py}) written by real twistd processes."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections import Counter
+from datetime import timezone
+from typing import Any, Callable, Optional
+
+from twisted.internet.defer import Deferred, fail, succeed
+from twisted.internet.task import Clock
+from twisted.logger import Logger
+from twisted.python import usage
+from twisted.trial.unittest import SynchronousTestCase
+
+from primecount.database import NUL_STAND_IN, DatabaseRecordsService, DatabaseWriter, row
+from primecount.records import Record
+from primecount.storage import StorageUnavailable
+from primecount.tap import Options
+from primecount.tools.serverprocess import ServerProcess
+from tests.helpers import RecordingMetrics, expectedReply, slow, waitUntil
+from tests.postgres import Cluster, freshTable, sharedCluster
+
+STORAGE_UNAVAILABLE = b"ERROR storage unavailable\n"
+
+
+def record(message: str, client: str = "192.0.2.1") -> Record:
+    """A record of C{message} from C{client} at a fixed time."""
+    return Record(1_771_322_400, client, message, 1, False)
+
+
+class HeldThread:
+    """A stand-in for the database thread: each call waits until the test finishes it, with success or a
+    failure."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[list[Record], Deferred[None]]] = []
+
+    def __call__(self, function: Callable[..., Any], rows: list[Record]) -> Deferred[None]:
+        done: Deferred[None] = Deferred()
+        self.calls.append((list(rows), done))
+        return done
+
+    def finish(self, index: int = 0, error: Optional[Exception] = None) -> None:
+        """End call C{index}: committed, or failed with C{error}."""
+        _, done = self.calls[index]
+        if error is None:
+            done.callback(None)
+        else:
+            done.errback(error)
+
+
+class ServiceTests(SynchronousTestCase):
+    """Group commit, release after commit, failures, backoff and the timeout, with no database."""
+
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.thread = HeldThread()
+        self.metrics = RecordingMetrics()
+        self.events: list[dict] = []
+        self.service = DatabaseRecordsService("postgresql:///x", "t", self.clock, metrics=self.metrics,
+                                              timeout=2.0, runInThread=self.thread)
+        self.service.log = Logger(observer=self.events.append)
+
+    def test_releasedOnlyAfterCommit(self) -> None:
+        """A batch's result fires only once its transaction has committed."""
+        stored = self.service.write([record("a")])
+        self.assertNoResult(stored)
+        self.thread.finish()
+        self.successResultOf(stored)
+        self.assertEqual(self.service.commits, 1)
+
+    def test_batchesWaitingAreCommittedTogether(self) -> None:
+        """Batches that arrive while a transaction is in flight go together in the next one."""
+        first = self.service.write([record("a")])
+        later = [self.service.write([record(m)]) for m in "bcd"]
+        self.assertEqual(len(self.thread.calls), 1)
+        self.thread.finish(0)
+        self.successResultOf(first)
+        self.assertEqual([r.message for r in self.thread.calls[1][0]], ["b", "c", "d"])
+        for stored in later:
+            self.assertNoResult(stored)
+        self.thread.finish(1)
+        for stored in later:
+            self.successResultOf(stored)
+
+    def test_failureRefusesAndBacksOff(self) -> None:
+        """A failed transaction fails its batches and those waiting; for the backoff, batches are refused at
+        once; one log line for the incident, one when it is over."""
+        failed = self.service.write([record("a")])
+        waiting = self.service.write([record("b")])
+        self.thread.finish(0, OSError("connection refused"))
+        self.failureResultOf(failed, StorageUnavailable)
+        self.failureResultOf(waiting, StorageUnavailable)
+        self.failureResultOf(self.service.write([record("c")]), StorageUnavailable)
+        self.assertEqual(len(self.thread.calls), 1, "no database call during the backoff")
+        self.clock.advance(0.1)
+        again = self.service.write([record("d")])
+        self.thread.finish(1, OSError("connection refused"))
+        self.failureResultOf(again, StorageUnavailable)
+        self.clock.advance(0.2)
+        back = self.service.write([record("e")])
+        self.thread.finish(2)
+        self.successResultOf(back)
+        self.assertEqual([e["log_level"].name for e in self.events], ["error", "info"])
+        self.assertIn("4 records were refused", self._text(self.events[-1]))
+        self.assertEqual(sum(e[1] for e in self.metrics.events if e[0] == "recordWriteFailed"), 4)
+
+    def test_tooSlowIsNotAnsweredAsRecorded(self) -> None:
+        """A commit that does not return within the timeout fails its batch; the late commit changes nothing,
+        and batches that timed out while waiting are not written at all."""
+        slowOne = self.service.write([record("a")])
+        timedOut = self.service.write([record("b")])
+        self.clock.advance(2.0)
+        self.failureResultOf(slowOne, StorageUnavailable)
+        self.failureResultOf(timedOut, StorageUnavailable)
+        fresh = self.service.write([record("c")])
+        self.thread.finish(0)
+        self.assertEqual([r.message for r in self.thread.calls[1][0]], ["c"], "the timed-out batch is dropped")
+        self.thread.finish(1)
+        self.successResultOf(fresh)
+
+    def _text(self, event: dict) -> str:
+        from twisted.logger import formatEvent
+
+        return formatEvent(event)
+
+
+class RowTests(SynchronousTestCase):
+    """How a record becomes a row."""
+
+    def test_row(self) -> None:
+        """Time in UTC, the client as inet (none for a UNIX peer), NUL stood in for, host and process named."""
+        when, client, message, count, prime, host, pid = row(Record(1_771_322_400, "::1", "a\0b", 2, True), "h", 7)
+        self.assertEqual((when.timestamp(), when.tzinfo), (1_771_322_400, timezone.utc))
+        self.assertEqual((client, message, count, prime, host, pid), ("::1", f"a{NUL_STAND_IN}b", 2, True, "h", 7))
+        self.assertIsNone(row(Record(0, "UNIXAddress('/run/x')", "m", 1, False), "h", 7)[1])
+
+
+class OptionTests(SynchronousTestCase):
+    """The database options are checked like the others."""
+
+    def parse(self, *arguments: str) -> Options:
+        """Parse C{arguments} as C{twistd primecount} would."""
+        options = Options()
+        options.parseOptions(list(arguments))
+        return options
+
+    def test_uriAccepted(self) -> None:
+        """A libpq URI is taken as the records store, with its table."""
+        options = self.parse("--records", "postgresql://app@db.example/records", "--records-table", "pc.records")
+        self.assertEqual((options["records"], options["records-table"]), ("postgresql://app@db.example/records",
+                                                                           "pc.records"))
+
+    def test_badTable(self) -> None:
+        """A table name with too many parts is refused, naming the option."""
+        error = self.assertRaises(usage.UsageError, self.parse, "--records", "postgresql:///db",
+                                  "--records-table", "a.b.c")
+        self.assertIn("--records-table", str(error))
+
+    def test_databaseOptionsNeedADatabase(self) -> None:
+        """--records-table and --records-timeout with a records file are refused."""
+        error = self.assertRaises(usage.UsageError, self.parse, "--records-table", "x")
+        self.assertIn("--records-table: only applies with a postgresql://", str(error))
+
+    def test_formatIsForFiles(self) -> None:
+        """--records-format jsonl with a database is refused."""
+        error = self.assertRaises(usage.UsageError, self.parse, "--records", "postgresql:///db",
+                                  "--records-format", "jsonl")
+        self.assertIn("--records-format", str(error))
+
+
+class SchemaTests(SynchronousTestCase):
+    """The table is created when missing, by any number of writers at once."""
+
+    def test_eightWritersCreateAtOnce(self) -> None:
+        """Eight writers whose first appends race to create the same table all succeed; one table, eight rows."""
+        cluster = sharedCluster(self)
+        table = freshTable(self, cluster)
+        barrier, errors = threading.Barrier(8), []
+
+        def append(number: int) -> None:
+            writer = DatabaseWriter(cluster.uri, table, "always")
+            barrier.wait()
+            try:
+                writer.append([record(f"w{number}")])
+            except Exception as error:  # pragma: no cover - the failure this test looks for
+                errors.append(error)
+            finally:
+                writer.close()
+
+        threads = [threading.Thread(target=append, args=(n,)) for n in range(8)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(60)
+        self.assertEqual(errors, [])
+        self.assertEqual(cluster.query(f'SELECT count(*) FROM "{table}"'), [(8,)])
+
+
+class Clients:
+    """Client threads sending unique messages to C{port}, one-shot or on kept connections, sorting the replies:
+    verified answers, C{ERROR storage unavailable}, anything else."""
+
+    def __init__(self, ports: list[int], clients: int, keepAlive: bool, tag: str) -> None:
+        self.ports = ports
+        self.keepAlive = keepAlive
+        self.tag = tag
+        self.answered: list[str] = []
+        self.unavailable = 0
+        self.other: list[bytes] = []
+        self._stop = threading.Event()
+        self._threads = [threading.Thread(target=self._client, args=(n,), daemon=True) for n in range(clients)]
+        for thread in self._threads:
+            thread.start()
+
+    def _message(self, number: int, sent: int) -> str:
+        return f"{self.tag} c{number} m{sent} " + "ab" * (sent % 7 + 1)
+
+    def _sort(self, message: str, reply: bytes) -> None:
+        if reply == expectedReply(message):
+            self.answered.append(message)
+        elif reply == STORAGE_UNAVAILABLE:
+            self.unavailable += 1
+        elif reply:
+            self.other.append(reply)
+
+    def _client(self, number: int) -> None:
+        sent = 0
+        while not self._stop.is_set():
+            try:
+                port = self.ports[number % len(self.ports)]
+                with socket.create_connection(("127.0.0.1", port), timeout=10) as connection:
+                    replies = connection.makefile("rb")
+                    while not self._stop.is_set():
+                        message = self._message(number, sent)
+                        sent += 1
+                        connection.sendall(message.encode() + b"\n")
+                        self._sort(message, replies.readline())
+                        if not self.keepAlive:
+                            break
+            except OSError:
+                time.sleep(0.01)
+
+    def stop(self) -> "Clients":
+        """Stop every client and wait for them."""
+        self._stop.set()
+        for thread in self._threads:
+            thread.join(30)
+        return self
+
+
+class DatabaseOverTCPTestCase(SynchronousTestCase):
+    """Real twistd processes writing their records to a table of the tests' cluster."""
+
+    def setUp(self) -> None:
+        self.cluster = sharedCluster(self)
+        self.table = freshTable(self, self.cluster)
+
+    def server(self, *options: str) -> ServerProcess:
+        """A twistd primecount writing to this test's table; stopped at the end of the test."""
+        server = ServerProcess(self.cluster.uri, "--records-table", self.table, "--max-per-ip", "0", *options)
+        self.addCleanup(server.stop)
+        return server
+
+    def rows(self) -> Counter[str]:
+        """How many rows each message has."""
+        return Counter(message for (message,) in self.cluster.query(f'SELECT message FROM "{self.table}"'))
+
+    def assertEveryAnswerHasOneRow(self, clients: Clients, least: int = 50) -> None:
+        """Every verified reply's message has exactly one row; no reply but answers and storage errors."""
+        self.assertEqual(clients.other, [])
+        self.assertGreater(len(clients.answered), least)
+        rows = self.rows()
+        self.assertEqual([m for m in clients.answered if rows[m] != 1], [], "each answer recorded exactly once")
+        self.assertEqual([m for m, n in rows.items() if n > 1], [], "no row twice")
+
+
+class OneTableTests(DatabaseOverTCPTestCase):
+    """One table, one process or several."""
+
+    def test_oneProcess(self) -> None:
+        """One-shot and kept clients of one process: every verified reply has exactly one row, which names
+        the client, the host and the process."""
+        server = self.server("--keep-alive")
+        clients = [Clients([server.port], 4, keepAlive=False, tag="once"),
+                   Clients([server.port], 4, keepAlive=True, tag="kept")]
+        time.sleep(1.5)
+        for group in clients:
+            self.assertEveryAnswerHasOneRow(group.stop(), least=20)
+        (client, host, pid), = self.cluster.query(f'SELECT DISTINCT host(client), host, pid FROM "{self.table}"')
+        self.assertEqual((client, host, pid), ("127.0.0.1", socket.gethostname(), server.process.pid))
+
+    @slow
+    def test_twoWorkers(self) -> None:
+        """C{--workers 2 --keep-alive}: both workers write, every verified reply has exactly one row."""
+        server = self.server("--workers", "2", "--keep-alive")
+        server.waitForWorkers(2)
+        clients = Clients([server.port], 8, keepAlive=False, tag="w2")
+        time.sleep(2)
+        self.assertEveryAnswerHasOneRow(clients.stop())
+        writers = self.cluster.query(f'SELECT count(DISTINCT pid) FROM "{self.table}"')
+        self.assertEqual(writers, [(2,)])
+
+    @slow
+    def test_twoInstancesStartingAtOnce(self) -> None:
+        """Two instances started at once on a table that does not exist yet: both create it without a clash,
+        and every verified reply of either has exactly one row."""
+        first, second = self.server("--keep-alive"), self.server("--keep-alive")
+        clients = Clients([first.port, second.port], 8, keepAlive=True, tag="two")
+        time.sleep(2)
+        self.assertEveryAnswerHasOneRow(clients.stop())
+        self.assertEqual(self.cluster.query(f'SELECT count(DISTINCT pid) FROM "{self.table}"'), [(2,)])
+
+
+class TroubleTests(DatabaseOverTCPTestCase):
+    """primecount killed, and the database stopped, under load."""
+
+    @slow
+    def test_killedUnderLoad(self) -> None:
+        """SIGKILL of primecount under load, three times: every verified reply has its row."""
+        ports: list[int] = [0]
+        servers = []
+        clients: Optional[Clients] = None
+        for _ in range(3):
+            server = self.server("--keep-alive")
+            servers.append(server)
+            ports[0] = server.port
+            if clients is None:
+                clients = Clients(ports, 8, keepAlive=True, tag="kill")
+            time.sleep(1.0)
+            os.kill(server.process.pid, signal.SIGKILL)
+            server.process.wait(10)
+        assert clients is not None
+        self.assertEveryAnswerHasOneRow(clients.stop())
+
+    @slow
+    def test_databaseStoppedAndStarted(self) -> None:
+        """The database stopped under load: clients get ERROR storage unavailable, no answer lacks its row; once
+        it is started again, service resumes without restarting primecount, and the incident is logged once."""
+        cluster = Cluster(sharedCluster(self).binaries)  # its own cluster: this one is stopped
+        self.addCleanup(cluster.destroy)
+        cluster.start()
+        self.cluster = cluster
+        server = ServerProcess(cluster.uri, "--records-table", self.table, "--max-per-ip", "0", "--keep-alive")
+        self.addCleanup(server.stop)
+        clients = Clients([server.port], 6, keepAlive=True, tag="stop")
+        waitUntil(lambda: len(clients.answered) > 50, 20, "answers before the stop")
+        cluster.stop()
+        waitUntil(lambda: clients.unavailable > 20, 20, "ERROR storage unavailable while stopped")
+        answeredWhileDown = len(clients.answered)
+        cluster.start()
+        waitUntil(lambda: len(clients.answered) > answeredWhileDown + 100, 30, "answers once started again")
+        self.assertEveryAnswerHasOneRow(clients.stop())
+        server.waitFor(rb"records database back after", 10)
+        self.assertEqual(server.log.count("records database unavailable"), 1, server.log)
+
+
+class RecordsToolTests(DatabaseOverTCPTestCase):
+    """primecount-records reads the table."""
+
+    def tool(self, *arguments: str) -> str:
+        """Run the records tool; its output."""
+        result = subprocess.run([sys.executable, "-m", "primecount.records", *arguments], capture_output=True,
+                                text=True, timeout=60)
+        self.assertEqual(result.returncode, 0, result.stderr)
+        return result.stdout
+
+    def test_statsAndTail(self) -> None:
+        """stats counts in SQL (with --since) and tail prints the last rows as records lines."""
+        writer = DatabaseWriter(self.cluster.uri, self.table, "always")
+        self.addCleanup(writer.close)
+        writer.append([Record(1_771_322_400, "192.0.2.1", "aa", 2, True), Record(1_771_322_401, "192.0.2.2", "a", 1,
+                                                                                  False),
+                       Record(1_771_322_520, "192.0.2.1", "x\ty", 1, False)])
+        stats = self.tool("stats", self.cluster.uri, "--table", self.table)
+        self.assertIn("records      3\n", stats)
+        self.assertIn("sí           1 (33.3%)\n", stats)
+        self.assertIn("clients      2\n", stats)
+        self.assertIn("           2  192.0.2.1\n", stats)
+        since = self.tool("stats", self.cluster.uri, "--table", self.table, "--since", "1771322500")
+        self.assertIn("records      1\n", since)
+        tail = self.tool("tail", self.cluster.uri, "--table", self.table, "-n", "2").splitlines()
+        self.assertEqual([line.split("\t")[1:] for line in tail],
+                         [["192.0.2.2", "a", "1", "no"], ["192.0.2.1", "x\\ty", "1", "no"]])
