@@ -106,6 +106,30 @@ def row(record: Record, host: str, pid: int) -> tuple[Any, ...]:
             record.message.replace("\0", NUL_STAND_IN), record.count, record.isPrime, host, pid)
 
 
+# COPY's text format: backslash, TAB, LF and CR escaped; NUL, which text cannot hold, stood in for.
+_COPY_ESCAPES = str.maketrans({"\\": "\\\\", "\t": "\\t", "\n": "\\n", "\r": "\\r", "\0": NUL_STAND_IN})
+
+
+@lru_cache(maxsize=8)
+def _copyTime(seconds: int) -> str:
+    return datetime.fromtimestamp(seconds, timezone.utc).isoformat()
+
+
+@lru_cache(maxsize=4096)
+def _copyClient(client: str) -> str:
+    address = inetOrNone(client)
+    return "\\N" if address is None else address
+
+
+def copyText(records: Sequence[Record], host: str, pid: int) -> str:
+    """C{records} as the lines of a text-format C{COPY ... FROM STDIN} of L{COLUMNS}: the same values as
+    L{row}, formatted once per batch instead of adapted value by value."""
+    suffix = f"\t{host.translate(_COPY_ESCAPES)}\t{pid}\n"
+    return "".join([
+        f"{_copyTime(r.seconds)}\t{_copyClient(r.client)}\t{r.message.translate(_COPY_ESCAPES)}\t{r.count}\t"
+        f"{'t' if r.isPrime else 'f'}{suffix}" for r in records])
+
+
 def connect(conninfo: str, fsync: str) -> Any:
     """A new connection to the records database, set up for appending: its commit policy, a name in
     C{pg_stat_activity}, bounded connection and statement times."""
@@ -140,8 +164,7 @@ class DatabaseWriter:
                 statement = sql.SQL("COPY {} ({}) FROM STDIN").format(
                     tableIdentifier(self._table), sql.SQL(", ").join(map(sql.Identifier, COLUMNS)))
                 with cursor.copy(statement) as copy:
-                    for record in records:
-                        copy.write_row(row(record, self._host, pid))
+                    copy.write(copyText(records, self._host, pid).encode("utf-8"))
             connection.commit()
         except BaseException:
             self.close()  # whatever state it is in, a new connection is cleaner than a rollback on a broken one

@@ -8,7 +8,7 @@ import os
 import shutil
 import subprocess
 import tempfile
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 from twisted.trial.unittest import SkipTest, SynchronousTestCase
 
@@ -43,8 +43,10 @@ def requirePostgres(test: SynchronousTestCase) -> str:
 class Cluster:
     """One PostgreSQL server of the test's own: L{start}, L{stop} (and start again), L{destroy}."""
 
-    def __init__(self, binaries: str) -> None:
+    def __init__(self, binaries: str, prefix: Sequence[str] = ()) -> None:
+        """A new cluster in a temporary folder; its commands run after C{prefix} (e.g. C{taskset -c 0})."""
         self.binaries = binaries
+        self.prefix = list(prefix)
         self.folder = tempfile.mkdtemp(prefix="primecount-pg-")
         os.chmod(self.folder, 0o755)
         self.data = os.path.join(self.folder, "data")
@@ -61,13 +63,14 @@ class Cluster:
         return ["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups"]
 
     def _run(self, tool: str, *arguments: str, check: bool = True) -> subprocess.CompletedProcess[str]:
-        return subprocess.run([*self._asOwner(), os.path.join(self.binaries, tool), *arguments],
+        return subprocess.run([*self.prefix, *self._asOwner(), os.path.join(self.binaries, tool), *arguments],
                               capture_output=True, text=True, check=check, timeout=120, cwd=self.folder)
 
-    def start(self) -> None:
-        """Start (or start again) and wait until it accepts connections."""
+    def start(self, durable: bool = False) -> None:
+        """Start (or start again) and wait until it accepts connections; unless C{durable}, without fsync (the
+        tests' data is thrown away)."""
         options = (f"-c listen_addresses='' -c unix_socket_directories='{self.folder}' -p {self.port} "
-                   "-c fsync=off -c full_page_writes=off -c max_connections=50")
+                   "-c max_connections=50" + ("" if durable else " -c fsync=off -c full_page_writes=off"))
         self._run("pg_ctl", "--pgdata", self.data, "--log", os.path.join(self.folder, "server.log"), "--wait",
                   "--timeout", "60", "-o", options, "start")
 

@@ -20,7 +20,7 @@ from twisted.logger import Logger
 from twisted.python import usage
 from twisted.trial.unittest import SynchronousTestCase
 
-from primecount.database import NUL_STAND_IN, DatabaseRecordsService, DatabaseWriter, row
+from primecount.database import NUL_STAND_IN, DatabaseRecordsService, DatabaseWriter, copyText, row
 from primecount.records import Record
 from primecount.storage import StorageUnavailable
 from primecount.tap import Options
@@ -142,6 +142,30 @@ class RowTests(SynchronousTestCase):
         self.assertEqual((when.timestamp(), when.tzinfo), (1_771_322_400, timezone.utc))
         self.assertEqual((client, message, count, prime, host, pid), ("::1", f"a{NUL_STAND_IN}b", 2, True, "h", 7))
         self.assertIsNone(row(Record(0, "UNIXAddress('/run/x')", "m", 1, False), "h", 7)[1])
+
+
+class CopyTextTests(SynchronousTestCase):
+    """The batch as COPY text, and what the database makes of it."""
+
+    MESSAGES = ["plain", "tab\there", "new\nline", "back\\slash \\N", "cr\rlf", "nul\0x", "esc\x1b[31m",
+                "nel\x85", "ls\u2028ps\u2029", "ñandú 日本"]
+
+    def test_text(self) -> None:
+        """Backslash, TAB, LF and CR are escaped, NUL stood in for, a client without an address is NULL."""
+        text = copyText([Record(1_771_322_400, "::1", "a\tb\\", 2, True),
+                         Record(1_771_322_400, "UNIXAddress(None)", "c", 1, False)], "host", 9)
+        self.assertEqual(text, "2026-02-17T10:00:00+00:00\t::1\ta\\tb\\\\\t2\tt\thost\t9\n"
+                               "2026-02-17T10:00:00+00:00\t\\N\tc\t1\tf\thost\t9\n")
+
+    def test_roundTrip(self) -> None:
+        """Every awkward message comes back from the table as it was analysed (NUL as U+2400)."""
+        cluster = sharedCluster(self)
+        table = freshTable(self, cluster)
+        writer = DatabaseWriter(cluster.uri, table, "always")
+        self.addCleanup(writer.close)
+        writer.append([record(message) for message in self.MESSAGES])
+        stored = [message for (message,) in cluster.query(f'SELECT message FROM "{table}" ORDER BY id')]
+        self.assertEqual(stored, [message.replace("\0", NUL_STAND_IN) for message in self.MESSAGES])
 
 
 class OptionTests(SynchronousTestCase):

@@ -1,0 +1,113 @@
+"""Measure primecount writing its records to PostgreSQL beside the same server writing its file.
+
+For each round, one-shot and keep-alive at 50 clients (loadgen, verifying every
+reply), primecount is started fresh with its records file, then with a table
+of a throwaway PostgreSQL cluster on this machine (Debian's initdb/pg_ctl, its
+default durability, C{--fsync everysec}, i.e. C{synchronous_commit=off}).
+Pinned by default: primecount and the database on core 0, the load on core 1.
+Prints medians of the rounds: req/s, primecount's CPU per request, and for the
+table the rows/s, commits/s and rows per commit (from C{pg_stat_database}).
+Run: C{python contrib/bench/records_store.py} (needs ../shared/tools, taskset,
+PostgreSQL and C{primecount[postgres]}).
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Optional
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+from loadgen_compare import ROOT, pinned, prepare, runLoad, startServer, treeCpuSeconds  # noqa: E402
+from tests.postgres import Cluster, postgresBinaries  # noqa: E402
+
+ROWS = {"one-shot, 50 clients": (["--conns", "50"], []),
+        "keep-alive, 50 clients": (["--conns", "50", "--keepalive"], ["--keep-alive"])}
+
+
+def counters(cluster: Cluster, table: str) -> tuple[int, int]:
+    """Transactions committed in the database so far, and rows in C{table} (0 before it exists)."""
+    (commits,), = cluster.query("SELECT xact_commit FROM pg_stat_database WHERE datname = current_database()")
+    exists = cluster.query("SELECT to_regclass(%s) IS NOT NULL", table)[0][0]
+    rows = cluster.query(f'SELECT count(*) FROM "{table}"')[0][0] if exists else 0
+    return commits, rows
+
+
+def main() -> None:
+    """Run the rounds and print the table of medians and the ratios."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--shared", type=Path, default=ROOT.parent / "shared")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--duration", type=float, default=5.0)
+    parser.add_argument("--unpinned", action="store_true")
+    args = parser.parse_args()
+    serverCore: Optional[str] = None if args.unpinned else "0"
+    clientCore: Optional[str] = None if args.unpinned else "1"
+    binaries = postgresBinaries()
+    if binaries is None:
+        raise SystemExit("PostgreSQL is not installed (apt-get install postgresql)")
+    workdir, loadgen, messages = prepare(args.shared, "primecount-store-")
+    cluster = Cluster(binaries, prefix=pinned(serverCore))
+    cluster.start(durable=True)
+    results: dict[tuple[str, str], list[dict[str, float]]] = {}
+    try:
+        for round in range(1, args.rounds + 1):
+            for row, (load, options) in ROWS.items():
+                stores = ["file", "postgresql"] if round % 2 else ["postgresql", "file"]
+                for store in stores:
+                    table = f"bench_{round}_{row.split(',')[0].replace('-', '_')}"
+                    records = cluster.uri if store == "postgresql" else str(workdir / f"records-{round}.tsv")
+                    extra = ["--records-table", table] if store == "postgresql" else []
+                    # A later --records wins over the file startServer names first.
+                    server = startServer("primecount", workdir, args.shared, serverCore,
+                                         options + extra + ["--records", records])
+                    try:
+                        before, (commits0, rows0) = treeCpuSeconds(server.process.pid), counters(cluster, table)
+                        summary = runLoad(loadgen, server.port, load, args.duration, messages, clientCore)
+                        time.sleep(0.2)
+                        used = treeCpuSeconds(server.process.pid) - before
+                        commits1, rows1 = counters(cluster, table)
+                    finally:
+                        server.stop()
+                    if summary["mismatches"]:
+                        raise SystemExit(f"{summary['mismatches']} wrong replies")
+                    requests = summary["rps"] * args.duration
+                    figures = {"rps": summary["rps"], "cpu": used / requests * 1e6 if requests else float("nan"),
+                               "errors": summary.get("errors_total", 0)}
+                    if store == "postgresql":
+                        figures.update(rows=(rows1 - rows0) / args.duration,
+                                       commits=(commits1 - commits0) / args.duration)
+                    results.setdefault((row, store), []).append(figures)
+                    print(f"round {round} {row:<24} {store:<10} {figures['rps']:>9.0f} req/s "
+                          f"{figures['cpu']:>6.1f} µs CPU" + (f"  {figures['rows']:>8.0f} rows/s "
+                          f"{figures['commits']:>7.0f} commits/s" if store == "postgresql" else ""),
+                          file=sys.stderr, flush=True)
+    finally:
+        cluster.destroy()
+        shutil.rmtree(workdir, ignore_errors=True)
+    placement = "unpinned" if args.unpinned else "primecount and PostgreSQL on core 0, load on core 1"
+    print(f"\nmedians of {args.rounds} rounds, {args.duration:g} s each; {placement}; every reply verified")
+    print(f"{'row':<24} {'records':<11} {'req/s':>9} {'CPU µs/req':>11} {'rows/s':>9} {'commits/s':>10} "
+          f"{'rows/commit':>12}")
+    median = {key: {name: statistics.median(run[name] for run in runs) for name in runs[0]}
+              for key, runs in results.items()}
+    for (row, store), figures in median.items():
+        line = f"{row:<24} {store:<11} {figures['rps']:>9.0f} {figures['cpu']:>11.1f}"
+        if store == "postgresql":
+            line += (f" {figures['rows']:>9.0f} {figures['commits']:>10.0f} "
+                     f"{figures['rows'] / figures['commits'] if figures['commits'] else float('nan'):>12.1f}")
+        print(line)
+    print()
+    for row, target in (("keep-alive, 50 clients", 0.7), ("one-shot, 50 clients", 0.9)):
+        if (row, "file") in median and (row, "postgresql") in median:
+            ratio = median[(row, "postgresql")]["rps"] / median[(row, "file")]["rps"]
+            print(f"{row}: table / file req/s {ratio:.2f}x (target >= {target})")
+
+
+if __name__ == "__main__":
+    main()
