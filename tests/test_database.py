@@ -25,7 +25,7 @@ from primecount.records import Record
 from primecount.storage import StorageUnavailable
 from primecount.tap import Options
 from primecount.tools.serverprocess import ServerProcess
-from tests.helpers import RecordingMetrics, expectedReply, slow, waitUntil
+from tests.helpers import RecordingMetrics, ask, expectedReply, slow, waitUntil
 from tests.postgres import Cluster, freshTable, sharedCluster
 
 STORAGE_UNAVAILABLE = b"ERROR storage unavailable\n"
@@ -387,6 +387,29 @@ class TroubleTests(DatabaseOverTCPTestCase):
         self.assertEqual(server.log.count("records database unavailable"), 1, server.log)
 
 
+class SlowDatabaseTests(DatabaseOverTCPTestCase):
+    """A database that stops answering (the table locked by another session) past --records-timeout."""
+
+    def test_lockedTable(self) -> None:
+        """While the table is locked, requests get ERROR storage unavailable after the timeout and requests
+        that need no record are still answered at once; once unlocked, service resumes by itself, and the
+        slowness was logged once."""
+        import psycopg
+
+        server = self.server("--records-timeout", "1")
+        self.assertEqual(ask(server.port, b"before\n"), expectedReply("before"))
+        with psycopg.connect(self.cluster.uri) as blocker:
+            blocker.execute(f'LOCK TABLE "{self.table}" IN ACCESS EXCLUSIVE MODE')
+            self.assertEqual(ask(server.port, b"locked one\n"), STORAGE_UNAVAILABLE)
+            self.assertEqual(ask(server.port, b"\n"), b"ERROR empty message\n")
+            self.assertEqual(ask(server.port, b"locked two\n"), STORAGE_UNAVAILABLE)
+        waitUntil(lambda: ask(server.port, b"after\n") == expectedReply("after"), 20, "service again")
+        rows = self.rows()
+        self.assertEqual((rows["before"], rows["after"] >= 1, rows["locked two"]), (1, True, 0))
+        server.waitFor(rb"records database back after", 10)
+        self.assertEqual(server.log.count("records database slow"), 1, server.log)
+
+
 class RecordsToolTests(DatabaseOverTCPTestCase):
     """primecount-records reads the table."""
 
@@ -412,5 +435,21 @@ class RecordsToolTests(DatabaseOverTCPTestCase):
         since = self.tool("stats", self.cluster.uri, "--table", self.table, "--since", "1771322500")
         self.assertIn("records      1\n", since)
         tail = self.tool("tail", self.cluster.uri, "--table", self.table, "-n", "2").splitlines()
+        self.assertEqual(len(tail), 2)
         self.assertEqual([line.split("\t")[1:] for line in tail],
                          [["192.0.2.2", "a", "1", "no"], ["192.0.2.1", "x\\ty", "1", "no"]])
+
+    def test_follow(self) -> None:
+        """follow prints the rows committed after it started, as records lines, until interrupted."""
+        writer = DatabaseWriter(self.cluster.uri, self.table, "always")
+        self.addCleanup(writer.close)
+        writer.append([record("old")])
+        follower = subprocess.Popen([sys.executable, "-m", "primecount.records", "follow", self.cluster.uri,
+                                     "--table", self.table], stdout=subprocess.PIPE, text=True)
+        self.addCleanup(follower.kill)
+        time.sleep(1.0)  # follow starts from the end: "old" is before it
+        writer.append([record("new one"), record("new two")])
+        lines = [follower.stdout.readline(), follower.stdout.readline()]  # type: ignore[union-attr]
+        self.assertEqual([line.split("\t")[2] for line in lines], ["new one", "new two"])
+        follower.send_signal(signal.SIGINT)
+        self.assertEqual(follower.wait(10), 0)
