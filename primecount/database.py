@@ -88,7 +88,6 @@ def schemaStatements(table: str) -> list[Any]:
             " pid integer NOT NULL)"
         ).format(name),
         sql.SQL("CREATE INDEX IF NOT EXISTS {} ON {} (time)").format(sql.Identifier(f"{last}_time"), name),
-        sql.SQL("CREATE INDEX IF NOT EXISTS {} ON {} (client, time)").format(sql.Identifier(f"{last}_client"), name),
     ]
 
 

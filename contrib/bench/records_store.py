@@ -4,7 +4,8 @@ For each round, one-shot and keep-alive at 50 clients (loadgen, verifying every
 reply), primecount is started fresh with its records file, then with a table
 of a throwaway PostgreSQL cluster on this machine (Debian's initdb/pg_ctl, its
 default durability, C{--fsync everysec}, i.e. C{synchronous_commit=off}).
-Pinned by default: primecount and the database on core 0, the load on core 1.
+Pinned by default: primecount and the database on core 0, the load on core 1
+(C{--database-core any} lets the kernel place the database).
 Prints medians of the rounds: req/s, primecount's CPU per request, and for the
 table the rows/s, commits/s and rows per commit (from C{pg_stat_database}).
 Run: C{python contrib/bench/records_store.py} (needs ../shared/tools, taskset,
@@ -45,6 +46,9 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--duration", type=float, default=5.0)
     parser.add_argument("--unpinned", action="store_true")
+    parser.add_argument("--database-core", default="0",
+                        help="core the database runs on when pinned (default 0, beside primecount); 'any' leaves "
+                             "it to the kernel")
     args = parser.parse_args()
     serverCore: Optional[str] = None if args.unpinned else "0"
     clientCore: Optional[str] = None if args.unpinned else "1"
@@ -52,7 +56,8 @@ def main() -> None:
     if binaries is None:
         raise SystemExit("PostgreSQL is not installed (apt-get install postgresql)")
     workdir, loadgen, messages = prepare(args.shared, "primecount-store-")
-    cluster = Cluster(binaries, prefix=pinned(serverCore))
+    databaseCore = None if args.unpinned or args.database_core == "any" else args.database_core
+    cluster = Cluster(binaries, prefix=pinned(databaseCore))
     cluster.start(durable=True)
     results: dict[tuple[str, str], list[dict[str, float]]] = {}
     try:
@@ -90,7 +95,9 @@ def main() -> None:
     finally:
         cluster.destroy()
         shutil.rmtree(workdir, ignore_errors=True)
-    placement = "unpinned" if args.unpinned else "primecount and PostgreSQL on core 0, load on core 1"
+    placement = ("unpinned" if args.unpinned else
+                 f"primecount on core 0, PostgreSQL on {'any core' if databaseCore is None else 'core ' + databaseCore}"
+                 ", load on core 1")
     print(f"\nmedians of {args.rounds} rounds, {args.duration:g} s each; {placement}; every reply verified")
     print(f"{'row':<24} {'records':<11} {'req/s':>9} {'CPU µs/req':>11} {'rows/s':>9} {'commits/s':>10} "
           f"{'rows/commit':>12}")
