@@ -449,6 +449,7 @@ class KeepAliveOverTCPTests(SynchronousTestCase):
         """SIGTERM closes a kept connection between requests at once and the server exits 0 well before the
         idle timeout."""
         server = ServerProcess(self.mktemp(), "--keep-alive", "--idle-timeout", "300")
+        self.addCleanup(server.stop)  # should the test fail before its own stop, leave no server behind
         with socket.create_connection(("127.0.0.1", server.port), timeout=20) as client:
             client.sendall(b"aa\n")
             self.assertEqual(client.makefile("rb").readline(), expectedReply("aa"))
