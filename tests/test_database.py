@@ -410,6 +410,23 @@ class SlowDatabaseTests(DatabaseOverTCPTestCase):
         self.assertEqual(server.log.count("records database slow"), 1, server.log)
 
 
+class RefusedBatchTests(DatabaseOverTCPTestCase):
+    """A database that refuses a batch (here a CHECK constraint the rows break)."""
+
+    def test_refusedBatch(self) -> None:
+        """The batch the database refuses is answered ERROR storage unavailable and leaves no row; the next
+        batches are written as usual once the backoff has passed."""
+        server = self.server()
+        self.assertEqual(ask(server.port, b"first\n"), expectedReply("first"))
+        self.cluster.query(f'ALTER TABLE "{self.table}" ADD CONSTRAINT refuse CHECK (message <> \'refused\')')
+        self.assertEqual(ask(server.port, b"refused\n"), STORAGE_UNAVAILABLE)
+        waitUntil(lambda: ask(server.port, b"later\n") == expectedReply("later"), 20, "service again")
+        rows = self.rows()
+        self.assertEqual((rows["first"], rows["refused"], rows["later"]), (1, 0, 1))
+        server.waitFor(rb"records database back after", 10)
+        self.assertIn("CheckViolation", server.log)
+
+
 class RecordsToolTests(DatabaseOverTCPTestCase):
     """primecount-records reads the table."""
 
