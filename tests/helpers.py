@@ -231,3 +231,46 @@ def scrape(port: int) -> dict[str, float]:
             name, value = line.rsplit(" ", 1)
             samples[name] = float(value)
     return samples
+
+
+class FollowingProcess:
+    """A test mixin: C{primecount-records follow} in a child process, its output lines gathered by a thread,
+    ended with Ctrl-C as a user would."""
+
+    def startFollowing(self, *arguments: str) -> "subprocess.Popen[str]":
+        """Start C{python -m primecount.records follow *arguments}; its stdout lines go to C{self.printed}.
+
+        SIGINT is given back its default in the child: a test run from a background job would otherwise
+        pass on an ignored SIGINT, and Python would then never raise KeyboardInterrupt.
+        """
+        import queue
+        import signal
+        import subprocess
+        import sys
+        import threading
+
+        process = subprocess.Popen([sys.executable, "-m", "primecount.records", "follow", *arguments],
+                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, encoding="utf-8",
+                                   preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+        self.printed: "queue.Queue[str]" = queue.Queue()
+        self.reader = threading.Thread(target=lambda: [self.printed.put(line) for line in process.stdout],
+                                       daemon=True)
+        self.reader.start()
+        return process
+
+    def interrupt(self, process: "subprocess.Popen[str]") -> None:
+        """Ctrl-C, as a user ends C{follow}; wait for it and its reader."""
+        import signal
+
+        process.send_signal(signal.SIGINT)
+        process.wait(timeout=10)
+        self.reader.join(10)
+
+    def nextMessage(self, process: "subprocess.Popen[str]", seconds: float = 10.0) -> str:
+        """The message of the next record C{follow} prints, failing after C{seconds}."""
+        import queue
+
+        try:
+            return self.printed.get(timeout=seconds).split("\t")[2]
+        except queue.Empty:
+            self.fail("follow printed nothing in time")  # type: ignore[attr-defined]

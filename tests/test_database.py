@@ -25,7 +25,7 @@ from primecount.records import Record
 from primecount.storage import StorageUnavailable
 from primecount.tap import Options
 from primecount.tools.serverprocess import ServerProcess
-from tests.helpers import RecordingMetrics, ask, expectedReply, slow, waitUntil
+from tests.helpers import FollowingProcess, RecordingMetrics, ask, expectedReply, slow, waitUntil
 from tests.postgres import Cluster, freshTable, sharedCluster
 
 STORAGE_UNAVAILABLE = b"ERROR storage unavailable\n"
@@ -427,7 +427,7 @@ class RefusedBatchTests(DatabaseOverTCPTestCase):
         self.assertIn("CheckViolation", server.log)
 
 
-class RecordsToolTests(DatabaseOverTCPTestCase):
+class RecordsToolTests(FollowingProcess, DatabaseOverTCPTestCase):
     """primecount-records reads the table."""
 
     def tool(self, *arguments: str) -> str:
@@ -461,12 +461,12 @@ class RecordsToolTests(DatabaseOverTCPTestCase):
         writer = DatabaseWriter(self.cluster.uri, self.table, "always")
         self.addCleanup(writer.close)
         writer.append([record("old")])
-        follower = subprocess.Popen([sys.executable, "-m", "primecount.records", "follow", self.cluster.uri,
-                                     "--table", self.table], stdout=subprocess.PIPE, text=True)
+        follower = self.startFollowing(self.cluster.uri, "--table", self.table)
         self.addCleanup(follower.kill)
         time.sleep(1.0)  # follow starts from the end: "old" is before it
         writer.append([record("new one"), record("new two")])
-        lines = [follower.stdout.readline(), follower.stdout.readline()]  # type: ignore[union-attr]
-        self.assertEqual([line.split("\t")[2] for line in lines], ["new one", "new two"])
-        follower.send_signal(signal.SIGINT)
-        self.assertEqual(follower.wait(10), 0)
+        try:
+            self.assertEqual([self.nextMessage(follower), self.nextMessage(follower)], ["new one", "new two"])
+        finally:
+            self.interrupt(follower)
+        self.assertEqual(follower.returncode, 0)

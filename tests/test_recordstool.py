@@ -4,19 +4,16 @@ from __future__ import annotations
 
 import io
 import os
-import queue
 import re
-import signal
 import subprocess
 import sys
-import threading
 from pathlib import Path
 
 from twisted.trial.unittest import SynchronousTestCase
 
 from primecount.records import CONTROLS, JSONL, TSV, Record
 from primecount.tools.records import main
-from tests.helpers import slow
+from tests.helpers import FollowingProcess, slow
 
 T0 = 1_795_687_200
 
@@ -208,7 +205,7 @@ class StatsAndTailTests(ToolTestCase):
         self.assertEqual(len(output.splitlines()), 2)
 
 
-class FollowTests(SynchronousTestCase):
+class FollowTests(FollowingProcess, SynchronousTestCase):
     """C{follow} prints appended records and carries on across a rotation."""
 
     def test_followAcrossRotation(self) -> None:
@@ -247,24 +244,5 @@ class FollowTests(SynchronousTestCase):
         self.assertEqual(process.stderr.read(), "", "said once")
 
     def follow(self, path: Path) -> subprocess.Popen:
-        """C{primecount-records follow --from-start path} running, its stdout lines gathered in C{self.printed}."""
-        process = subprocess.Popen([sys.executable, "-m", "primecount.records", "follow", "--from-start", str(path)],
-                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, encoding="utf-8")
-        self.printed: queue.Queue[str] = queue.Queue()
-        self.reader = threading.Thread(target=lambda: [self.printed.put(line) for line in process.stdout],
-                                       daemon=True)
-        self.reader.start()
-        return process
-
-    def interrupt(self, process: subprocess.Popen) -> None:
-        """Ctrl-C, as a user ends C{follow}; wait for it and its reader."""
-        process.send_signal(signal.SIGINT)
-        process.wait(timeout=10)
-        self.reader.join(10)
-
-    def nextMessage(self, process: subprocess.Popen, seconds: float = 10.0) -> str:
-        """The message of the next record C{follow} prints, failing after C{seconds}."""
-        try:
-            return self.printed.get(timeout=seconds).split("\t")[2]
-        except queue.Empty:
-            self.fail("follow printed nothing in time")
+        """C{primecount-records follow --from-start path} running, its stdout lines gathered."""
+        return self.startFollowing("--from-start", str(path))
