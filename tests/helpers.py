@@ -274,3 +274,61 @@ class FollowingProcess:
             return self.printed.get(timeout=seconds).split("\t")[2]
         except queue.Empty:
             self.fail("follow printed nothing in time")  # type: ignore[attr-defined]
+
+
+class ClientThreads:
+    """Client threads sending unique messages to the server C{ports} names now (a list the test may change), one
+    request per connection or all on kept connections, and sorting the replies: verified answers, C{ERROR
+    storage unavailable}, anything else. A connection that breaks (its server was killed) is opened again.
+    Subclasses say what each message is (L{message})."""
+
+    def __init__(self, ports: list[int], clients: int, keepAlive: bool = True) -> None:
+        import threading
+
+        self.ports = ports
+        self.keepAlive = keepAlive
+        self.answered: list[str] = []
+        self.unavailable = 0
+        self.other: list[bytes] = []
+        self._stop = threading.Event()
+        self._threads = [threading.Thread(target=self._client, args=(n,), daemon=True) for n in range(clients)]
+        for thread in self._threads:
+            thread.start()
+
+    def message(self, number: int, sent: int) -> str:
+        """The C{sent}th message of client C{number}, unique among all clients'."""
+        raise NotImplementedError()
+
+    def _sort(self, message: str, reply: bytes) -> None:
+        if reply == expectedReply(message):
+            self.answered.append(message)
+        elif reply == b"ERROR storage unavailable\n":
+            self.unavailable += 1
+        elif reply:
+            self.other.append(reply)
+
+    def _client(self, number: int) -> None:
+        import socket
+
+        sent = 0
+        while not self._stop.is_set():
+            try:
+                port = self.ports[number % len(self.ports)]
+                with socket.create_connection(("127.0.0.1", port), timeout=10) as connection:
+                    replies = connection.makefile("rb")
+                    while not self._stop.is_set():
+                        message = self.message(number, sent)
+                        sent += 1
+                        connection.sendall(message.encode() + b"\n")
+                        self._sort(message, replies.readline())
+                        if not self.keepAlive:
+                            break
+            except OSError:
+                time.sleep(0.01)
+
+    def stop(self) -> "ClientThreads":
+        """Stop every client and wait for them."""
+        self._stop.set()
+        for thread in self._threads:
+            thread.join(30)
+        return self

@@ -25,7 +25,7 @@ from primecount.records import Record
 from primecount.storage import StorageUnavailable
 from primecount.tap import Options
 from primecount.tools.serverprocess import ServerProcess
-from tests.helpers import FollowingProcess, RecordingMetrics, ask, expectedReply, slow, waitUntil
+from tests.helpers import ClientThreads, FollowingProcess, RecordingMetrics, ask, expectedReply, slow, waitUntil
 from tests.postgres import Cluster, freshTable, sharedCluster
 
 STORAGE_UNAVAILABLE = b"ERROR storage unavailable\n"
@@ -229,56 +229,16 @@ class SchemaTests(SynchronousTestCase):
         self.assertEqual(cluster.query(f'SELECT count(*) FROM "{table}"'), [(8,)])
 
 
-class Clients:
-    """Client threads sending unique messages to C{port}, one-shot or on kept connections, sorting the replies:
-    verified answers, C{ERROR storage unavailable}, anything else."""
+class Clients(ClientThreads):
+    """Client threads sending short unique messages tagged C{tag}."""
 
     def __init__(self, ports: list[int], clients: int, keepAlive: bool, tag: str) -> None:
-        self.ports = ports
-        self.keepAlive = keepAlive
         self.tag = tag
-        self.answered: list[str] = []
-        self.unavailable = 0
-        self.other: list[bytes] = []
-        self._stop = threading.Event()
-        self._threads = [threading.Thread(target=self._client, args=(n,), daemon=True) for n in range(clients)]
-        for thread in self._threads:
-            thread.start()
+        super().__init__(ports, clients, keepAlive)
 
-    def _message(self, number: int, sent: int) -> str:
+    def message(self, number: int, sent: int) -> str:
+        """C{<tag> c<number> m<sent>} and a few more characters."""
         return f"{self.tag} c{number} m{sent} " + "ab" * (sent % 7 + 1)
-
-    def _sort(self, message: str, reply: bytes) -> None:
-        if reply == expectedReply(message):
-            self.answered.append(message)
-        elif reply == STORAGE_UNAVAILABLE:
-            self.unavailable += 1
-        elif reply:
-            self.other.append(reply)
-
-    def _client(self, number: int) -> None:
-        sent = 0
-        while not self._stop.is_set():
-            try:
-                port = self.ports[number % len(self.ports)]
-                with socket.create_connection(("127.0.0.1", port), timeout=10) as connection:
-                    replies = connection.makefile("rb")
-                    while not self._stop.is_set():
-                        message = self._message(number, sent)
-                        sent += 1
-                        connection.sendall(message.encode() + b"\n")
-                        self._sort(message, replies.readline())
-                        if not self.keepAlive:
-                            break
-            except OSError:
-                time.sleep(0.01)
-
-    def stop(self) -> "Clients":
-        """Stop every client and wait for them."""
-        self._stop.set()
-        for thread in self._threads:
-            thread.join(30)
-        return self
 
 
 class DatabaseOverTCPTestCase(SynchronousTestCase):

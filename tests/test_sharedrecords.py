@@ -8,10 +8,8 @@ import os
 import random
 import re
 import signal
-import socket
 import subprocess
 import sys
-import threading
 import time
 from collections import Counter
 from typing import Callable, Optional
@@ -25,7 +23,7 @@ from primecount.records import JSONL, TSV, Record, RecordFormat, parseRecords
 from primecount.storage import LOCK_WAIT_SECONDS, FileOperations, RecordsService, StorageUnavailable
 from primecount.tools.records import scan
 from primecount.tools.serverprocess import ServerProcess
-from tests.helpers import expectedReply, slow
+from tests.helpers import ClientThreads, slow
 
 NOW = 1_795_000_000
 
@@ -323,40 +321,13 @@ class JSONLInterleavingTests(InterleavingTests):
     recordFormat = JSONL
 
 
-class KeptLargeClients:
+class KeptLargeClients(ClientThreads):
     """Client threads on kept connections, each sending ~60 KB messages one after another and checking every
-    reply; a connection that breaks (its server was killed) is opened again, to wherever C{ports} says now."""
+    reply."""
 
-    def __init__(self, ports: list[int], clients: int) -> None:
-        self.ports = ports
-        self.answered: list[str] = []
-        self._stop = threading.Event()
-        self._threads = [threading.Thread(target=self._client, args=(n,)) for n in range(clients)]
-        for thread in self._threads:
-            thread.start()
-
-    def _client(self, number: int) -> None:
-        sent = 0
-        while not self._stop.is_set():
-            try:
-                port = self.ports[number % len(self.ports)]
-                with socket.create_connection(("127.0.0.1", port), timeout=10) as connection:
-                    replies = connection.makefile("rb")
-                    while not self._stop.is_set():
-                        message = f"k{number} {sent} " + "ab" * random.randint(20_000, 30_000)
-                        sent += 1
-                        connection.sendall(message.encode() + b"\n")
-                        if replies.readline() == expectedReply(message):
-                            self.answered.append(message)
-            except OSError:
-                time.sleep(0.01)
-
-    def stop(self) -> list[str]:
-        """Stop every client; the messages whose correct reply arrived."""
-        self._stop.set()
-        for thread in self._threads:
-            thread.join(30)
-        return self.answered
+    def message(self, number: int, sent: int) -> str:
+        """C{k<number> <sent>} and 40–60 KB more."""
+        return f"k{number} {sent} " + "ab" * random.randint(20_000, 30_000)
 
 
 class KilledWritersOverTCPTests(SharedFileTestCase):
@@ -398,7 +369,7 @@ class KilledWritersOverTCPTests(SharedFileTestCase):
             server.waitForWorkers(4 + len(killed), seconds=60)
             time.sleep(0.5)
         finally:
-            answered = clients.stop()
+            answered = clients.stop().answered
         self.assertEqual(server.stop(), 0, server.log)
         self.assertEveryAnswerRecordedOnce(answered)
 
@@ -421,7 +392,7 @@ class KilledWritersOverTCPTests(SharedFileTestCase):
                 ports[1] = victim.port
             time.sleep(0.5)
         finally:
-            answered = clients.stop()
+            answered = clients.stop().answered
             stopped = victim.stop()
         self.assertEqual((stopped, steady.stop()), (0, 0), steady.log + victim.log)
         self.assertEveryAnswerRecordedOnce(answered)
