@@ -71,14 +71,9 @@ class Responder:
             if isinstance(outcome, wire.Answer)
         ]
         if not records:
-            return [wire.errorReply(outcome.reason) for outcome in outcomes]  # type: ignore[union-attr]
+            return _replies(outcomes)
         stored = self._records.write(records)
-        return stored.addCallbacks(
-            lambda _: [wire.answerReply(outcome) if type(outcome) is wire.Answer  # type: ignore[arg-type]
-                       else wire.errorReply(outcome.reason)  # type: ignore[union-attr]
-                       for outcome in outcomes],
-            lambda failure: _storageFailed(failure, outcomes),
-        )
+        return stored.addCallbacks(lambda _: _replies(outcomes), lambda failure: _storageFailed(failure, outcomes))
 
     def _internalError(self, failure: Failure, size: int) -> list[wire.Reply]:
         self.log.failure("analysing a batch of {size} requests failed", failure, size=size)
@@ -98,13 +93,16 @@ class Responder:
             requester.answered(answered)
 
 
-def _replyTo(outcome: wire.Outcome) -> wire.Reply:
-    if isinstance(outcome, wire.Answer):
-        return wire.answerReply(outcome)
-    return wire.errorReply(outcome.reason)
+def _replies(outcomes: list[wire.Outcome], unavailable: Optional[wire.Reply] = None) -> list[wire.Reply]:
+    """The replies to C{outcomes}, in order: a rejection's C{ERROR}, an answer's own reply or, when the
+    answers' records could not be stored, C{unavailable}."""
+    return [
+        (wire.answerReply(outcome) if unavailable is None else unavailable)  # type: ignore[arg-type]
+        if type(outcome) is wire.Answer else wire.errorReply(outcome.reason)  # type: ignore[union-attr]
+        for outcome in outcomes
+    ]
 
 
 def _storageFailed(failure: Failure, outcomes: list[wire.Outcome]) -> list[wire.Reply]:
     failure.trap(StorageUnavailable)
-    unavailable = wire.errorReply(wire.STORAGE_UNAVAILABLE)
-    return [unavailable if isinstance(outcome, wire.Answer) else _replyTo(outcome) for outcome in outcomes]
+    return _replies(outcomes, wire.errorReply(wire.STORAGE_UNAVAILABLE))
