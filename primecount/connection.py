@@ -307,18 +307,9 @@ class Connection:
         return self._startedAt if self.phase is REQUEST else None
 
     @property
-    def unanswered(self) -> int:
-        """Requests taken whose replies have not been sent."""
-        return len(self._startedAts)
-
-    @property
     def silent(self) -> bool:
         """Whether the client sent nothing and no reply was counted (a connect and close)."""
         return not self._heard and not self._counted
-
-    def armedTimers(self) -> dict[Timer, float]:
-        """The timers armed now and when they fire."""
-        return {timer: at for timer, at in zip(Timer, self._armed) if at is not None}
 
     def dueTimers(self) -> dict[Timer, float]:
         """The timers whose time has yet to come, and when it comes."""

@@ -100,12 +100,6 @@ def inetOrNone(client: str) -> Optional[str]:
         return None
 
 
-def row(record: Record, host: str, pid: int) -> tuple[Any, ...]:
-    """The table row of C{record}, written by process C{pid} on C{host}."""
-    return (datetime.fromtimestamp(record.seconds, timezone.utc), inetOrNone(record.client),
-            record.message.replace("\0", NUL_STAND_IN), record.count, record.isPrime, host, pid)
-
-
 # COPY's text format: backslash, TAB, LF and CR escaped; NUL, which text cannot hold, stood in for.
 _COPY_ESCAPES = str.maketrans({"\\": "\\\\", "\t": "\\t", "\n": "\\n", "\r": "\\r", "\0": NUL_STAND_IN})
 
@@ -122,8 +116,9 @@ def _copyClient(client: str) -> str:
 
 
 def copyText(records: Sequence[Record], host: str, pid: int) -> str:
-    """C{records} as the lines of a text-format C{COPY ... FROM STDIN} of L{COLUMNS}: the same values as
-    L{row}, formatted once per batch instead of adapted value by value."""
+    """C{records} as the lines of a text-format C{COPY ... FROM STDIN} of L{COLUMNS} (time in UTC, the client
+    as C{inet} or NULL, the message with NUL stood in for, count, verdict, C{host} and C{pid}), formatted once
+    per batch instead of adapted value by value."""
     suffix = f"\t{host.translate(_COPY_ESCAPES)}\t{pid}\n"
     return "".join([
         f"{_copyTime(r.seconds)}\t{_copyClient(r.client)}\t{r.message.translate(_COPY_ESCAPES)}\t{r.count}\t"

@@ -11,16 +11,15 @@ import sys
 import threading
 import time
 from collections import Counter
-from datetime import timezone
 from typing import Any, Callable, Optional
 
-from twisted.internet.defer import Deferred, fail, succeed
+from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
 from twisted.logger import Logger
 from twisted.python import usage
 from twisted.trial.unittest import SynchronousTestCase
 
-from primecount.database import NUL_STAND_IN, DatabaseRecordsService, DatabaseWriter, copyText, row
+from primecount.database import NUL_STAND_IN, DatabaseRecordsService, DatabaseWriter, copyText
 from primecount.records import Record
 from primecount.storage import StorageUnavailable
 from primecount.tap import Options
@@ -133,17 +132,6 @@ class ServiceTests(SynchronousTestCase):
         return formatEvent(event)
 
 
-class RowTests(SynchronousTestCase):
-    """How a record becomes a row."""
-
-    def test_row(self) -> None:
-        """Time in UTC, the client as inet (none for a UNIX peer), NUL stood in for, host and process named."""
-        when, client, message, count, prime, host, pid = row(Record(1_771_322_400, "::1", "a\0b", 2, True), "h", 7)
-        self.assertEqual((when.timestamp(), when.tzinfo), (1_771_322_400, timezone.utc))
-        self.assertEqual((client, message, count, prime, host, pid), ("::1", f"a{NUL_STAND_IN}b", 2, True, "h", 7))
-        self.assertIsNone(row(Record(0, "UNIXAddress('/run/x')", "m", 1, False), "h", 7)[1])
-
-
 class CopyTextTests(SynchronousTestCase):
     """The batch as COPY text, and what the database makes of it."""
 
@@ -151,11 +139,14 @@ class CopyTextTests(SynchronousTestCase):
                 "nel\x85", "ls\u2028ps\u2029", "ñandú 日本", "it's", "\\.", "a\n\\.\nb", "\\\t\\n"]
 
     def test_text(self) -> None:
-        """Backslash, TAB, LF and CR are escaped, NUL stood in for, a client without an address is NULL."""
+        """Time in UTC, the client as inet (NULL for a UNIX peer), backslash, TAB, LF and CR escaped, NUL stood in
+        for, then the count, the verdict, the host and the process."""
         text = copyText([Record(1_771_322_400, "::1", "a\tb\\", 2, True),
-                         Record(1_771_322_400, "UNIXAddress(None)", "c", 1, False)], "host", 9)
+                         Record(1_771_322_400, "UNIXAddress(None)", "c", 1, False),
+                         Record(1_771_322_400, "192.0.2.7", "a\0b", 2, True)], "host", 9)
         self.assertEqual(text, "2026-02-17T10:00:00+00:00\t::1\ta\\tb\\\\\t2\tt\thost\t9\n"
-                               "2026-02-17T10:00:00+00:00\t\\N\tc\t1\tf\thost\t9\n")
+                               "2026-02-17T10:00:00+00:00\t\\N\tc\t1\tf\thost\t9\n"
+                               f"2026-02-17T10:00:00+00:00\t192.0.2.7\ta{NUL_STAND_IN}b\t2\tt\thost\t9\n")
 
     def test_roundTrip(self) -> None:
         """Every awkward message comes back from the table as it was analysed (NUL as U+2400)."""
