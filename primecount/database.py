@@ -40,6 +40,7 @@ from primecount.storage import StorageUnavailable
 
 SCHEMES = ("postgresql://", "postgres://")
 DEFAULT_TABLE = "primecount_records"
+DEFAULT_TIMEOUT = 2.0  # seconds a batch may wait for its commit (--records-timeout)
 BACKOFF_FIRST, BACKOFF_MOST = 0.1, 5.0
 SYNCHRONOUS_COMMIT = {"always": "on", "everysec": "off", "never": "off"}
 # PostgreSQL text cannot hold NUL; a message's NUL is stored as U+2400 SYMBOL FOR NULL.
@@ -202,7 +203,7 @@ class DatabaseRecordsService(Service):
     log = Logger()
 
     def __init__(self, conninfo: str, table: str, reactor: Any, fsync: str = "everysec",
-                 metrics: NoMetrics = NoMetrics(), timeout: float = 2.0,
+                 metrics: NoMetrics = NoMetrics(), timeout: float = DEFAULT_TIMEOUT,
                  writer: Optional[DatabaseWriter] = None, runInThread: Optional[Callable[..., Deferred[Any]]] = None,
                  ) -> None:
         self.conninfo = conninfo

@@ -30,7 +30,7 @@ from primecount.proxied import LOOPBACK, ProxiedFactory, listensBeyondLoopback, 
 from primecount.readiness import Readiness
 from primecount.records import FORMATS
 from primecount.responder import Responder
-from primecount.database import DEFAULT_TABLE, DatabaseRecordsService, isDatabaseURI, tableProblem
+from primecount.database import DEFAULT_TABLE, DEFAULT_TIMEOUT, DatabaseRecordsService, isDatabaseURI, tableProblem
 from primecount.storage import FSYNC_POLICIES, RecordsService, recordsPathProblem
 from primecount.tls import MOZILLA_INTERMEDIATE, cipherProblem, withCiphers
 
@@ -197,9 +197,9 @@ class Options(usage.Options):
          "CIDR[,CIDR...]; connections from anywhere else are closed unread.", _networks],
         ["records", "r", "server_log.txt", "File the records are appended to (SIGHUP reopens it), or a "
          "PostgreSQL database as a libpq URI (postgresql://user@host/db), appended to its --records-table."],
-        ["records-table", None, "primecount_records", "With a postgresql:// --records: the table (or "
+        ["records-table", None, DEFAULT_TABLE, "With a postgresql:// --records: the table (or "
          "schema.table), created if missing."],
-        ["records-timeout", None, 2.0, "With a postgresql:// --records: seconds a batch may wait for its commit "
+        ["records-timeout", None, DEFAULT_TIMEOUT, "With a postgresql:// --records: seconds a batch may wait for its commit "
          "before its clients get ERROR storage unavailable.", _number("records-timeout", float, 0, strict=True)],
         ["records-format", None, "tsv", "Records file format: tsv (the original columns) or jsonl.",
          _choice("records-format", sorted(FORMATS))],
@@ -243,7 +243,7 @@ class Options(usage.Options):
         if isDatabaseURI(self["records"]):
             self._checkDatabaseOptions()
             return
-        for option, default in (("records-table", DEFAULT_TABLE), ("records-timeout", 2.0)):
+        for option, default in (("records-table", DEFAULT_TABLE), ("records-timeout", DEFAULT_TIMEOUT)):
             if self[option] != default:
                 raise usage.UsageError(f"--{option}: only applies with a postgresql:// --records")
         # Checked without creating the file: twistd applies --umask and --uid later, and the file must get them.
