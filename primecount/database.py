@@ -37,6 +37,7 @@ from twisted.python.threadpool import ThreadPool
 from primecount.metrics import NoMetrics
 from primecount.records import Record
 from primecount.storage import StorageUnavailable
+from primecount.threads import batchScheduledPool
 
 SCHEMES = ("postgresql://", "postgres://")
 DEFAULT_TABLE = "primecount_records"
@@ -227,7 +228,7 @@ class DatabaseRecordsService(Service):
         """Start the database thread (the connection is made with the first batch)."""
         super().startService()
         if self._runInThread is None:
-            pool = self._pool = ThreadPool(1, 1, "primecount-records-db")
+            pool = self._pool = batchScheduledPool(ThreadPool(1, 1, "primecount-records-db"))
             pool.start()
             threads: IReactorThreads = self._reactor  # type: ignore[assignment]
             self._runInThread = lambda function, *args: deferToThreadPool(threads, pool, function, *args)

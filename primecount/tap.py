@@ -32,6 +32,7 @@ from primecount.records import FORMATS
 from primecount.responder import Responder
 from primecount.database import DEFAULT_TABLE, DEFAULT_TIMEOUT, DatabaseRecordsService, isDatabaseURI, tableProblem
 from primecount.storage import FSYNC_POLICIES, RecordsService, recordsPathProblem
+from primecount.threads import batchScheduledPool
 from primecount.tls import MOZILLA_INTERMEDIATE, cipherProblem, withCiphers
 
 DEFAULTS = RequestLimits()
@@ -315,7 +316,7 @@ def makeService(options: Options, reactor: Optional[Any] = None) -> IService:
         log.warn("--max-connections {maxConnections} exceeds what the descriptor limit {soft} leaves for clients",
                  maxConnections=maxConnections, soft=fileLimit.soft)
     reactor.suggestThreadPoolSize(options["threads"])
-    threadPool = reactor.getThreadPool()
+    threadPool = batchScheduledPool(reactor.getThreadPool())
     runInThread = partial(deferToThreadPool, reactor, threadPool)
     metrics: NoMetrics = NoMetrics()
     if options["metrics"] or options["worker-metrics"]:

@@ -220,6 +220,11 @@ def answeredUnderLoad(clients: Sequence[str], seconds: float, send: Callable[[st
     return answered
 
 
+def threadPolicies(pid: int) -> dict[int, int]:
+    """The scheduling policy of each thread of process C{pid} but its main one, by thread id."""
+    return {int(task): os.sched_getscheduler(int(task)) for task in os.listdir(f"/proc/{pid}/task") if int(task) != pid}
+
+
 def scrape(port: int) -> dict[str, float]:
     """GET /metrics and return its samples by name (with labels)."""
     with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as response:

@@ -24,7 +24,7 @@ from primecount.records import Record
 from primecount.storage import StorageUnavailable
 from primecount.tap import Options
 from primecount.tools.serverprocess import ServerProcess
-from tests.helpers import ClientThreads, FollowingProcess, RecordingMetrics, ask, expectedReply, slow, waitUntil
+from tests.helpers import ClientThreads, FollowingProcess, RecordingMetrics, ask, expectedReply, slow, threadPolicies, waitUntil
 from tests.postgres import Cluster, freshTable, sharedCluster
 
 STORAGE_UNAVAILABLE = b"ERROR storage unavailable\n"
@@ -272,6 +272,10 @@ class OneTableTests(DatabaseOverTCPTestCase):
             self.assertEveryAnswerHasOneRow(group.stop(), least=20)
         (client, host, pid), = self.cluster.query(f'SELECT DISTINCT host(client), host, pid FROM "{self.table}"')
         self.assertEqual((client, host, pid), ("127.0.0.1", socket.gethostname(), server.process.pid))
+        if hasattr(os, "SCHED_BATCH"):  # the database thread, like the analysis pool's, never preempts the reactor
+            policies = threadPolicies(server.process.pid)
+            self.assertGreaterEqual(len(policies), 2)
+            self.assertEqual(policies, dict.fromkeys(policies, os.SCHED_BATCH))
 
     @slow
     def test_twoWorkers(self) -> None:
