@@ -176,16 +176,23 @@ class Connection:
 
     # Events in. Each returns the actions to carry out, in order.
 
-    def start(self, now: float, canHalfClose: bool = True) -> list[Action]:
-        """The connection is open (on a transport that can send FIN and go on reading if C{canHalfClose}): the
-        first request's deadline runs from now, or the refusal goes out."""
+    def start(self, now: float, canHalfClose: bool = True, waiting: bytes = b"") -> list[Action]:
+        """The connection is open (on a transport that can send FIN and go on reading if C{canHalfClose}), with
+        C{waiting} already received: the first request's deadline runs from now, or the refusal goes out. A
+        request that C{waiting} holds whole needs no deadline, so none is armed for it."""
         self._canHalfClose = canHalfClose
         self._startedAt = now
         if self._refusal is not None:
             self._refuse(wire.errorReply(self._refusal, closes=True), now)
             return self._take()
-        self._due[DEADLINE] = self._armed[DEADLINE] = now + self.limits.timeout  # phase REQUEST since __init__
-        return [Arm(DEADLINE, self.limits.timeout)]
+        due = self._due
+        due[DEADLINE] = now + self.limits.timeout  # phase REQUEST since __init__
+        if waiting:
+            self._heard = True
+            self._frame(waiting, now)
+        if self.phase is REQUEST and self._armed[DEADLINE] is None:
+            self._arm(DEADLINE, due[DEADLINE], now)  # type: ignore[arg-type]
+        return self._take()
 
     def received(self, data: bytes, now: float) -> list[Action]:
         """The client sent C{data}."""

@@ -1,5 +1,6 @@
-"""The only code that reads Twisted's private attributes, for speed and for the send deadline; each function
-here has a test in C{tests/test_internals.py} that fails if Twisted changes under it."""
+"""The only code that reaches under Twisted's transports (their private attributes, or the socket itself), for
+speed and for the send deadline; each function here has a test in C{tests/test_internals.py} that fails if
+Twisted changes under it."""
 
 from __future__ import annotations
 
@@ -37,6 +38,26 @@ def sendNow(transport: ITransport, data: bytes) -> None:
         if not data:
             return
     transport.write(data)
+
+
+def readWaiting(transport: ITransport) -> bytes:
+    """The bytes a new connection's client has already sent, read at once (C{b""} if none yet).
+
+    A client sends its request right after connecting, so on a busy server the
+    request is usually in the socket before the connection is accepted; read
+    there and then, it is taken without a poll and a read event of its own, and
+    without a deadline timer armed and cancelled. Only for a TCP connection that
+    is reading (not TLS, not behind the PROXY-header reader: those get
+    C{b""}). What this read cannot take (nothing yet, the end of input, an error)
+    is left for the reactor's own next read, which sees it again. Reads
+    C{tcp.Connection}'s socket through C{getHandle} and its C{bufferSize}.
+    """
+    if isinstance(transport, tcp.Connection) and transport.connected and not transport.disconnecting:
+        try:
+            return transport.getHandle().recv(transport.bufferSize)
+        except OSError:
+            return b""
+    return b""
 
 
 def queuedBytes(transport: ITransport) -> int:

@@ -15,7 +15,7 @@ from primecount import wire
 from primecount.connection import (
     CLOSE, HALF_CLOSE, PAUSE, RESUME, Abort, Action, Arm, Ask, Connection, RequestLimits, Send, Timer,
 )
-from primecount.internals import sendNow
+from primecount.internals import readWaiting, sendNow
 from primecount.limits import canonicalHost
 from primecount.metrics import NoMetrics
 from primecount.responder import Responder
@@ -127,9 +127,9 @@ class Driven(Protocol):
         self._peer = peerHost(self.transport.getPeer())
         self._start()
 
-    def _start(self) -> None:
+    def _start(self, waiting: bytes = b"") -> None:
         canHalfClose = hasattr(self.transport, "loseWriteConnection")
-        self._run(self._connection.start(self._clock.seconds(), canHalfClose))
+        self._run(self._connection.start(self._clock.seconds(), canHalfClose, waiting))
 
     def dataReceived(self, data: bytes) -> None:
         """Bytes from the client."""
@@ -208,7 +208,7 @@ class PrimeCountProtocol(Driven):
             self._producing = True
         if self._limits.logRequests:
             self.log.info("connection from {peer}", peer=self._peer)
-        self._start()
+        self._start(readWaiting(self.transport))
 
     def answered(self, replies: list[tuple[int, wire.Reply]]) -> None:
         """The responder's replies to some of this connection's requests."""

@@ -85,6 +85,29 @@ class DeadlineTests(SynchronousTestCase):
         self.assertEqual(sent(actions), b"ERROR timeout\n")
         self.assertEqual(core.phase, Phase.LINGERING)
 
+    def test_wholeRequestWaitingArmsNothing(self) -> None:
+        """A request already waiting whole at start is asked at once, with no deadline armed for it."""
+        core = Connection(RequestLimits(timeout=5, quiet=0))
+        self.assertEqual(core.start(10.0, True, b"abc\n"), [Ask(0, b"abc")])
+        self.assertEqual(core.dueTimers(), {})
+        actions = core.answered([(0, ok(0))], 10.0)
+        self.assertEqual((sent(actions), actions[-1]), (b"r0\n", CLOSE))
+
+    def test_partRequestWaitingArmsTheDeadline(self) -> None:
+        """Part of a request waiting at start: the deadline still runs from the connect, armed once."""
+        core = Connection(RequestLimits(timeout=5, quiet=0))
+        self.assertEqual(core.start(10.0, True, b"ab"), [Arm(Timer.DEADLINE, 5.0)])
+        self.assertEqual(asked(core.received(b"c\n", 12.0)), [b"abc"])
+        keep = Connection(KEEP)
+        self.assertEqual(keep.start(10.0, True, b"a\nb"), [Ask(0, b"a"), Arm(Timer.DEADLINE, 5.0)])
+
+    def test_tooLongWaitingIsRefused(self) -> None:
+        """A line over the limit waiting at start is refused as if it had been received."""
+        core = Connection(RequestLimits(timeout=5, quiet=0, maxLine=3))
+        actions = core.start(10.0, True, b"abcdef")
+        self.assertEqual(sent(actions), b"ERROR line too long (max 3 bytes)\n")
+        self.assertEqual(core.phase, Phase.LINGERING)
+
     def test_pipelineArmsNothingPerRequest(self) -> None:
         """A thousand whole lines, answered as they come, ask for no timer: the idle wait moves lazily."""
         core = Connection(KEEP._replace(pipeline=2000))
@@ -242,9 +265,11 @@ class ConnectionMachine(RuleBasedStateMachine):
     """Random interleavings of every event, checked against a reference of what the core may do."""
 
     @initialize(keepAlive=st.booleans(), pipeline=st.integers(1, 4), maxLine=st.integers(3, 10),
-                quiet=st.sampled_from([0.0, 0.2]), canHalfClose=st.booleans())
-    def open(self, keepAlive: bool, pipeline: int, maxLine: int, quiet: float, canHalfClose: bool) -> None:
-        """A connection opens at time 0."""
+                quiet=st.sampled_from([0.0, 0.2]), canHalfClose=st.booleans(),
+                waiting=st.one_of(st.just(b""), CHUNKS))
+    def open(self, keepAlive: bool, pipeline: int, maxLine: int, quiet: float, canHalfClose: bool,
+             waiting: bytes) -> None:
+        """A connection opens at time 0, with C{waiting} already received."""
         self.limits = RequestLimits(timeout=1.0, quiet=quiet, maxLine=maxLine, linger=0.5, keepAlive=keepAlive,
                                     pipeline=pipeline, idleTimeout=3.0, sendTimeout=2.0)
         self.core = Connection(self.limits)
@@ -268,7 +293,8 @@ class ConnectionMachine(RuleBasedStateMachine):
         self.written = 0
         self.left = 0
         self.progressAt = 0.0
-        self.carryOut(self.core.start(0.0, canHalfClose), received=0)
+        self.pending = waiting
+        self.carryOut(self.core.start(0.0, canHalfClose, waiting), received=len(waiting))
 
     # Carrying out the core's actions, checking each against the reference.
 

@@ -1,4 +1,4 @@
-"""L{primecount.internals} against the Twisted installed: these fail if the private attributes they read move."""
+"""L{primecount.internals} against the Twisted installed: these fail if what they reach under Twisted moves."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.testing import MemoryReactor
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
-from primecount.internals import queuedBytes, sendNow
+from primecount.internals import queuedBytes, readWaiting, sendNow
 from tests.helpers import HalfCloseTransport
 
 
@@ -119,3 +119,63 @@ class SendNowTests(TestCase):
         transport = HalfCloseTransport()
         sendNow(transport, b"1 no\n")
         self.assertEqual(transport.value(), b"1 no\n")
+
+
+class ReadWaitingTests(TestCase):
+    """L{readWaiting} takes what a client sent before its connection was accepted, over a real TCP socket."""
+
+    def accepted(self, before: bytes) -> Deferred[tuple[bytes, "list[bytes]", socket.socket]]:
+        """Connect a plain client that sends C{before} at once; what L{readWaiting} read in the server's
+        C{connectionMade}, what the reactor delivered after it (a list that grows), and the client."""
+        made: Deferred[tuple[bytes, list[bytes], socket.socket]] = Deferred()
+        delivered: list[bytes] = []
+
+        class Server(Protocol):
+            def connectionMade(self) -> None:
+                made.callback((readWaiting(self.transport), delivered, client))
+
+            def dataReceived(self, data: bytes) -> None:
+                delivered.append(data)
+
+        port = reactor.listenTCP(0, Factory.forProtocol(Server), interface="127.0.0.1")
+        self.addCleanup(port.stopListening)
+        client = socket.create_connection(("127.0.0.1", port.getHost().port))
+        client.settimeout(10)
+        self.addCleanup(client.close)
+        client.sendall(before)  # in the server's socket before the reactor runs again to accept
+        return made
+
+    def untilDelivered(self, delivered: list[bytes], size: int) -> Deferred[bytes]:
+        """Fires with all the reactor delivered once it is at least C{size} bytes (checked every 10 ms)."""
+
+        def check(_: object = None) -> "Deferred[bytes] | bytes":
+            joined = b"".join(delivered)
+            return joined if len(joined) >= size else task.deferLater(reactor, 0.01, check)
+
+        return task.deferLater(reactor, 0, check)
+
+    def test_sentBeforeAccept(self) -> None:
+        """Bytes sent before the accept are read in C{connectionMade}; nothing of them comes again."""
+
+        def check(result: tuple[bytes, list[bytes], socket.socket]) -> Deferred[None]:
+            waiting, delivered, client = result
+            self.assertEqual(waiting, "añoñ\n".encode())
+            client.sendall(b"more\n")
+            return self.untilDelivered(delivered, 5).addCallback(self.assertEqual, b"more\n")
+
+        return self.accepted("añoñ\n".encode()).addCallback(check)
+
+    def test_nothingYet(self) -> None:
+        """With nothing sent yet, it reads nothing and the reactor delivers the bytes as usual."""
+
+        def check(result: tuple[bytes, list[bytes], socket.socket]) -> Deferred[None]:
+            waiting, delivered, client = result
+            self.assertEqual(waiting, b"")
+            client.sendall(b"abc\n")
+            return self.untilDelivered(delivered, 4).addCallback(self.assertEqual, b"abc\n")
+
+        return self.accepted(b"").addCallback(check)
+
+    def test_otherTransports(self) -> None:
+        """A transport that is not a TCP connection (TLS, the PROXY-header reader, tests) gives nothing."""
+        self.assertEqual(readWaiting(HalfCloseTransport()), b"")
