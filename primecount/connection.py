@@ -75,7 +75,7 @@ DEADLINE, QUIET, LINGER = Timer
 
 class Send(NamedTuple):
     """Write C{data}: the replies C{finished} (each with when its request began; those worth counting), in
-    order. C{closing} when a close follows at once (nothing gained by sending before the next turn);
+    order. C{closing} when these are the last bytes: a close or a lingering close follows;
     C{watch} when output was not queued before: call L{Connection.sendChecked} now and then until it has left
     (the send deadline)."""
 

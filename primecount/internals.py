@@ -8,8 +8,9 @@ import fcntl
 import struct
 import termios
 
-from twisted.internet import abstract, tcp
+from twisted.internet import abstract, main, tcp
 from twisted.internet.interfaces import ITransport
+from twisted.python.failure import Failure
 
 
 def sendNow(transport: ITransport, data: bytes) -> None:
@@ -38,6 +39,34 @@ def sendNow(transport: ITransport, data: bytes) -> None:
         if not data:
             return
     transport.write(data)
+
+
+def closeNow(transport: ITransport) -> None:
+    """Close C{transport} in this call when everything written has been handed to the kernel; otherwise
+    (bytes still queued, a producer registered, any other transport) with C{loseConnection}.
+
+    C{loseConnection} always waits for one more turn: it registers for
+    writability, is told of it, finds nothing to write and only then closes.
+    With nothing queued this closes at once the way Twisted's own
+    C{loseConnection} does for a connection whose write side is already shut:
+    stop reading and writing, then C{connectionLost} with C{CONNECTION_DONE}
+    (an orderly close: shutdown, then close; the protocol's C{connectionLost}
+    runs before this returns). Reads C{tcp.Connection}'s C{dataBuffer} and
+    C{_tempDataBuffer}.
+    """
+    if (
+        isinstance(transport, tcp.Connection)
+        and transport.connected
+        and not transport.disconnecting
+        and not transport.dataBuffer
+        and not transport._tempDataBuffer
+        and transport.producer is None
+    ):
+        transport.stopReading()
+        transport.stopWriting()
+        transport.connectionLost(Failure(main.CONNECTION_DONE))
+        return
+    transport.loseConnection()
 
 
 def readWaiting(transport: ITransport) -> bytes:

@@ -15,7 +15,7 @@ from primecount import wire
 from primecount.connection import (
     CLOSE, HALF_CLOSE, PAUSE, RESUME, Abort, Action, Arm, Ask, Connection, RequestLimits, Send, Timer,
 )
-from primecount.internals import readWaiting, sendNow
+from primecount.internals import closeNow, readWaiting, sendNow
 from primecount.limits import canonicalHost
 from primecount.metrics import NoMetrics
 from primecount.responder import Responder
@@ -71,10 +71,7 @@ class Driven(Protocol):
     def _carryOut(self, action: Action) -> None:
         kind = type(action)
         if kind is Send:
-            if action.closing:
-                self.transport.write(action.data)  # goes out with the FIN, on the next turn
-            else:
-                sendNow(self.transport, action.data)
+            sendNow(self.transport, action.data)
             if action.finished and self._counting:
                 self._finished(action.finished)
             if action.watch:
@@ -90,7 +87,7 @@ class Driven(Protocol):
         elif action is CLOSE:
             self._unregister()
             self._cancelTimers()
-            self.transport.loseConnection()
+            closeNow(self.transport)  # at once if all was sent: connectionLost may run within this call
         elif action is PAUSE:
             self.transport.pauseProducing()
         elif action is RESUME:

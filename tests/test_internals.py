@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import socket
 
-from twisted.internet import reactor, task
+from twisted.internet import reactor, task, threads
 from twisted.internet.abstract import FileDescriptor
 from twisted.internet.defer import Deferred
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.testing import MemoryReactor
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
-from primecount.internals import queuedBytes, readWaiting, sendNow
+from primecount.internals import closeNow, queuedBytes, readWaiting, sendNow
 from tests.helpers import HalfCloseTransport
 
 
@@ -179,3 +179,70 @@ class ReadWaitingTests(TestCase):
     def test_otherTransports(self) -> None:
         """A transport that is not a TCP connection (TLS, the PROXY-header reader, tests) gives nothing."""
         self.assertEqual(readWaiting(HalfCloseTransport()), b"")
+
+
+class CloseNowTests(TestCase):
+    """L{closeNow} closes a TCP connection in the call once all is sent, orderly, and waits otherwise."""
+
+    def connected(self, onLost: "list[str]") -> Deferred[tuple[Protocol, socket.socket]]:
+        """A Twisted server connection on loopback (noting C{"lost"} in C{onLost} when it goes) and the plain
+        client socket at its other end."""
+        made: Deferred[Protocol] = Deferred()
+
+        class Server(Protocol):
+            def connectionMade(self) -> None:
+                made.callback(self)
+
+            def connectionLost(self, reason: object = None) -> None:
+                onLost.append("lost")
+
+        port = reactor.listenTCP(0, Factory.forProtocol(Server), interface="127.0.0.1")
+        self.addCleanup(port.stopListening)
+        client = socket.create_connection(("127.0.0.1", port.getHost().port))
+        client.settimeout(10)
+        self.addCleanup(client.close)
+        return made.addCallback(lambda server: (server, client))
+
+    def readAll(self, client: socket.socket) -> bytes:
+        """Everything the client receives until the server's FIN (a reset raises)."""
+        data = b""
+        while True:
+            chunk = client.recv(65536)
+            if not chunk:
+                return data
+            data += chunk
+
+    def test_closedInTheCall(self) -> None:
+        """All sent: the protocol's C{connectionLost} has run when L{closeNow} returns, the reactor no longer
+        watches the socket, and the client reads the reply and then an orderly end of stream."""
+        lost: list[str] = []
+
+        def check(both: tuple[Protocol, socket.socket]) -> None:
+            server, client = both
+            transport = server.transport
+            sendNow(transport, b"2 s\xc3\xad\n")
+            closeNow(transport)
+            self.assertEqual(lost, ["lost"])
+            self.assertNotIn(transport, reactor.getReaders() + reactor.getWriters())
+            self.assertEqual(self.readAll(client), b"2 s\xc3\xad\n")
+
+        return self.connected(lost).addCallback(check)
+
+    def test_queuedWaits(self) -> None:
+        """Bytes still queued in Twisted: the close waits for them (C{loseConnection}); the client reads all."""
+        lost: list[str] = []
+
+        def check(both: tuple[Protocol, socket.socket]) -> Deferred[None]:
+            server, client = both
+            server.transport.write(b"queued\n")
+            closeNow(server.transport)
+            self.assertEqual(lost, [], "closed only once the queued bytes are out")
+            return threads.deferToThread(self.readAll, client).addCallback(self.assertEqual, b"queued\n")
+
+        return self.connected(lost).addCallback(check)
+
+    def test_otherTransports(self) -> None:
+        """A transport that is not a TCP connection gets C{loseConnection}."""
+        transport = HalfCloseTransport()
+        closeNow(transport)
+        self.assertTrue(transport.disconnecting)
