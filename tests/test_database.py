@@ -19,7 +19,7 @@ from twisted.logger import Logger
 from twisted.python import usage
 from twisted.trial.unittest import SynchronousTestCase
 
-from primecount.database import NUL_STAND_IN, DatabaseRecordsService, DatabaseWriter, copyText
+from primecount.database import NUL_STAND_IN, DatabaseRecordsService, DatabaseWriter, insertParameters
 from primecount.records import Record
 from primecount.storage import StorageUnavailable
 from primecount.tap import Options
@@ -132,21 +132,22 @@ class ServiceTests(SynchronousTestCase):
         return formatEvent(event)
 
 
-class CopyTextTests(SynchronousTestCase):
-    """The batch as COPY text, and what the database makes of it."""
+class InsertParametersTests(SynchronousTestCase):
+    """The batch as array literals, and what the database makes of them."""
 
     MESSAGES = ["plain", "tab\there", "new\nline", "back\\slash \\N", "cr\rlf", "nul\0x", "esc\x1b[31m",
-                "nel\x85", "ls\u2028ps\u2029", "ñandú 日本", "it's", "\\.", "a\n\\.\nb", "\\\t\\n"]
+                "nel\x85", "ls\u2028ps\u2029", "ñandú 日本", "it's", "\\.", "a\n\\.\nb", "\\\t\\n", 'say "hi"',
+                "{a,b}", "NULL", " spaced ", "", "a,b", '\\"', "}{"]
 
-    def test_text(self) -> None:
-        """Time in UTC, the client as inet (NULL for a UNIX peer), backslash, TAB, LF and CR escaped, NUL stood in
-        for, then the count, the verdict, the host and the process."""
-        text = copyText([Record(1_771_322_400, "::1", "a\tb\\", 2, True),
-                         Record(1_771_322_400, "UNIXAddress(None)", "c", 1, False),
-                         Record(1_771_322_400, "192.0.2.7", "a\0b", 2, True)], "host", 9)
-        self.assertEqual(text, "2026-02-17T10:00:00+00:00\t::1\ta\\tb\\\\\t2\tt\thost\t9\n"
-                               "2026-02-17T10:00:00+00:00\t\\N\tc\t1\tf\thost\t9\n"
-                               f"2026-02-17T10:00:00+00:00\t192.0.2.7\ta{NUL_STAND_IN}b\t2\tt\thost\t9\n")
+    def test_parameters(self) -> None:
+        """Seconds, clients as inet (NULL for a UNIX peer), every message quoted with backslash and double quote
+        escaped and NUL stood in for, counts, verdicts, then the host and the process."""
+        parameters = insertParameters([Record(1_771_322_400, "::1", 'a"b\\', 2, True),
+                                       Record(1_771_322_401, "UNIXAddress(None)", "c", 1, False),
+                                       Record(1_771_322_402, "192.0.2.7", "a\0b", 2, True)], "host", 9)
+        self.assertEqual(parameters, [b"{1771322400,1771322401,1771322402}", b'{"::1",NULL,"192.0.2.7"}',
+                                      ('{"a\\"b\\\\","c","a' + NUL_STAND_IN + 'b"}').encode(), b"{2,1,2}",
+                                      b"{t,f,t}", b"host", b"9"])
 
     def test_roundTrip(self) -> None:
         """Every awkward message comes back from the table as it was analysed (NUL as U+2400)."""
@@ -155,8 +156,13 @@ class CopyTextTests(SynchronousTestCase):
         writer = DatabaseWriter(cluster.uri, table, "always")
         self.addCleanup(writer.close)
         writer.append([record(message) for message in self.MESSAGES])
+        writer.append([Record(1_771_322_400, "UNIXAddress(None)", "unix", 1, False),
+                       Record(1_771_322_401, "::ffff:192.0.2.7", "mapped", 3, True)])
         stored = [message for (message,) in cluster.query(f'SELECT message FROM "{table}" ORDER BY id')]
-        self.assertEqual(stored, [message.replace("\0", NUL_STAND_IN) for message in self.MESSAGES])
+        self.assertEqual(stored, [message.replace("\0", NUL_STAND_IN) for message in self.MESSAGES] + ["unix", "mapped"])
+        rows = cluster.query(f'SELECT extract(epoch FROM time)::int8, host(client), count, prime FROM "{table}" '
+                             "WHERE message IN ('unix', 'mapped') ORDER BY id")
+        self.assertEqual(rows, [(1_771_322_400, None, 1, False), (1_771_322_401, "::ffff:192.0.2.7", 3, True)])
 
 
 class OptionTests(SynchronousTestCase):
