@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import subprocess
 import time
 import urllib.request
 from typing import Any, Callable, Sequence
@@ -250,7 +251,6 @@ class FollowingProcess:
         """
         import queue
         import signal
-        import subprocess
         import sys
         import threading
 
