@@ -48,7 +48,14 @@ class JMeterPlanTests(SynchronousTestCase):
         self.assertIn("quiet10q10", messages)
         self.assertIn("abc500a500", messages)
         self.assertTrue(result.passed)
-        self.assertIn("<h2>Latency histogram</h2>", (out / "report.html").read_text(encoding="utf-8"))
+        report = (out / "report.html").read_text(encoding="utf-8")
+        self.assertIn("<h2>Summary</h2>", report)
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:  # without the report extra the page says how to get its charts
+            self.assertIn("pip install 'primecount[report]'", report)
+        else:
+            self.assertIn("<h2>Latency histogram</h2>", report)
 
     @slow
     def test_keepAliveGroupAgainstKeepAliveServer(self) -> None:

@@ -177,7 +177,7 @@ class ReportTests(SynchronousTestCase):
         try:
             import matplotlib  # noqa: F401
         except ImportError:
-            self.assertIn("pip install &#x27;primecount[report]&#x27;", page)
+            self.assertIn("pip install 'primecount[report]'", page)
         else:
             self.assertEqual(page.count('src="data:image/png;base64,'), 5)
             for title in ("Throughput over time", "Latency percentiles over time", "Latency over time",
