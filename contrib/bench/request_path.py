@@ -155,10 +155,13 @@ def main() -> None:
         ("one-shot 50: primecount / uvloop one-shot peer", "one-shot, 50 clients", "primecount",
          "one-shot, 50 clients", "uvloop one-shot peer"),
     ]
-    print()
+    print("\nratios of the medians; in brackets each round's own ratio (a round's servers run one after the other,"
+          " so its ratio is spared most of the machine's drift between rounds)")
     for label, row, name, otherRow, other in ratios:
         if (row, name) in median and (otherRow, other) in median:
-            print(f"{label}: {median[(row, name)][0] / median[(otherRow, other)][0]:.2f}x")
+            rounds = [a[0] / b[0] for a, b in zip(runs[(row, name)], runs[(otherRow, other)])]
+            print(f"{label}: {median[(row, name)][0] / median[(otherRow, other)][0]:.2f}x"
+                  f" (rounds {', '.join(f'{r:.2f}' for r in rounds)}; median {statistics.median(rounds):.2f})")
 
 
 if __name__ == "__main__":
