@@ -7,10 +7,22 @@ from __future__ import annotations
 import fcntl
 import struct
 import termios
+from typing import TypeGuard
 
 from twisted.internet import abstract, main, tcp
 from twisted.internet.interfaces import ITransport
 from twisted.python.failure import Failure
+
+
+def _idleTCP(transport: ITransport) -> TypeGuard[tcp.Connection]:
+    """Whether C{transport} is an open TCP connection with nothing queued in Twisted's write buffers."""
+    return (
+        isinstance(transport, tcp.Connection)
+        and transport.connected
+        and not transport.disconnecting
+        and not transport.dataBuffer
+        and not transport._tempDataBuffer
+    )
 
 
 def sendNow(transport: ITransport, data: bytes) -> None:
@@ -25,14 +37,7 @@ def sendNow(transport: ITransport, data: bytes) -> None:
     limits and producer pausing still apply. Reads C{tcp.Connection}'s
     C{dataBuffer}, C{_tempDataBuffer} and C{_writeDisconnecting}.
     """
-    if (
-        isinstance(transport, tcp.Connection)
-        and not transport.dataBuffer
-        and not transport._tempDataBuffer
-        and transport.connected
-        and not transport.disconnecting
-        and not transport._writeDisconnecting
-    ):
+    if _idleTCP(transport) and not transport._writeDisconnecting:
         sent = transport.writeSomeData(data)
         if isinstance(sent, int) and sent >= 0:
             data = data[sent:]
@@ -54,14 +59,7 @@ def closeNow(transport: ITransport) -> None:
     runs before this returns). Reads C{tcp.Connection}'s C{dataBuffer} and
     C{_tempDataBuffer}.
     """
-    if (
-        isinstance(transport, tcp.Connection)
-        and transport.connected
-        and not transport.disconnecting
-        and not transport.dataBuffer
-        and not transport._tempDataBuffer
-        and transport.producer is None
-    ):
+    if _idleTCP(transport) and transport.producer is None:
         transport.stopReading()
         transport.stopWriting()
         transport.connectionLost(Failure(main.CONNECTION_DONE))
