@@ -56,28 +56,38 @@ class QueuedBytesTests(SynchronousTestCase):
         self.assertEqual(queuedBytes(HalfCloseTransport()), 0)
 
 
+def loopbackPair(test: TestCase, server: type[Protocol] = Protocol,
+                 before: bytes = b"") -> Deferred[tuple[Protocol, socket.socket]]:
+    """A Twisted connection with a C{server} protocol on loopback and the plain client socket at its other end,
+    once the protocol's C{connectionMade} has run; the client sends C{before} at once, so it is in the server's
+    socket before the reactor runs again to accept."""
+    made: Deferred[Protocol] = Deferred()
+
+    class Accepted(server):  # type: ignore[valid-type, misc]
+        def connectionMade(self) -> None:
+            super().connectionMade()
+            made.callback(self)
+
+    port = reactor.listenTCP(0, Factory.forProtocol(Accepted), interface="127.0.0.1")
+    test.addCleanup(port.stopListening)
+    client = socket.create_connection(("127.0.0.1", port.getHost().port))
+    client.settimeout(10)
+    test.addCleanup(client.close)
+    client.sendall(before)
+    return made.addCallback(lambda protocol: (protocol, client))
+
+
 class SendNowTests(TestCase):
     """L{sendNow} sends in the call on a real TCP connection with nothing queued, and keeps order otherwise."""
 
     def connected(self) -> Deferred[tuple[Protocol, socket.socket]]:
-        """A Twisted server connection on loopback and the plain client socket at its other end."""
-        made: Deferred[Protocol] = Deferred()
+        """A Twisted server connection on loopback (aborted at the end) and the plain client at its other end."""
 
-        class Server(Protocol):
-            def connectionMade(self) -> None:
-                made.callback(self)
+        def both(pair: tuple[Protocol, socket.socket]) -> tuple[Protocol, socket.socket]:
+            self.addCleanup(pair[0].transport.abortConnection)
+            return pair
 
-        port = reactor.listenTCP(0, Factory.forProtocol(Server), interface="127.0.0.1")
-        self.addCleanup(port.stopListening)
-        client = socket.create_connection(("127.0.0.1", port.getHost().port))
-        client.settimeout(10)
-        self.addCleanup(client.close)
-
-        def both(server: Protocol) -> tuple[Protocol, socket.socket]:
-            self.addCleanup(server.transport.abortConnection)
-            return server, client
-
-        return made.addCallback(both)
+        return loopbackPair(self).addCallback(both)
 
     def receive(self, client: socket.socket, size: int) -> bytes:
         """Read exactly C{size} bytes from C{client}."""
@@ -127,23 +137,19 @@ class ReadWaitingTests(TestCase):
     def accepted(self, before: bytes) -> Deferred[tuple[bytes, "list[bytes]", socket.socket]]:
         """Connect a plain client that sends C{before} at once; what L{readWaiting} read in the server's
         C{connectionMade}, what the reactor delivered after it (a list that grows), and the client."""
-        made: Deferred[tuple[bytes, list[bytes], socket.socket]] = Deferred()
-        delivered: list[bytes] = []
 
-        class Server(Protocol):
+        class Reading(Protocol):
             def connectionMade(self) -> None:
-                made.callback((readWaiting(self.transport), delivered, client))
+                self.waiting, self.delivered = readWaiting(self.transport), []
 
             def dataReceived(self, data: bytes) -> None:
-                delivered.append(data)
+                self.delivered.append(data)
 
-        port = reactor.listenTCP(0, Factory.forProtocol(Server), interface="127.0.0.1")
-        self.addCleanup(port.stopListening)
-        client = socket.create_connection(("127.0.0.1", port.getHost().port))
-        client.settimeout(10)
-        self.addCleanup(client.close)
-        client.sendall(before)  # in the server's socket before the reactor runs again to accept
-        return made
+        def read(pair: tuple[Reading, socket.socket]) -> tuple[bytes, list[bytes], socket.socket]:
+            server, client = pair
+            return server.waiting, server.delivered, client
+
+        return loopbackPair(self, Reading, before).addCallback(read)
 
     def untilDelivered(self, delivered: list[bytes], size: int) -> Deferred[bytes]:
         """Fires with all the reactor delivered once it is at least C{size} bytes (checked every 10 ms)."""
@@ -187,21 +193,12 @@ class CloseNowTests(TestCase):
     def connected(self, onLost: "list[str]") -> Deferred[tuple[Protocol, socket.socket]]:
         """A Twisted server connection on loopback (noting C{"lost"} in C{onLost} when it goes) and the plain
         client socket at its other end."""
-        made: Deferred[Protocol] = Deferred()
 
-        class Server(Protocol):
-            def connectionMade(self) -> None:
-                made.callback(self)
-
+        class Noting(Protocol):
             def connectionLost(self, reason: object = None) -> None:
                 onLost.append("lost")
 
-        port = reactor.listenTCP(0, Factory.forProtocol(Server), interface="127.0.0.1")
-        self.addCleanup(port.stopListening)
-        client = socket.create_connection(("127.0.0.1", port.getHost().port))
-        client.settimeout(10)
-        self.addCleanup(client.close)
-        return made.addCallback(lambda server: (server, client))
+        return loopbackPair(self, Noting)
 
     def readAll(self, client: socket.socket) -> bytes:
         """Everything the client receives until the server's FIN (a reset raises)."""
