@@ -332,16 +332,17 @@ class DatabaseRecordsService(Service):
         self._next()
 
     def _failed(self, failure: Failure, size: int) -> None:
-        now = self._reactor.seconds()
-        self._metrics.recordWriteFailed(size)
-        if self._failingSince is None:
-            self._failingSince = now
-            self._refusedDuringIncident = 0
-            self.log.error("records database unavailable ({error}); answering ERROR storage unavailable until it "
-                           "is back", error=_describe(failure))
-        self._refusedDuringIncident += size
-        self._retryAt = now + self._backoff
+        self._notStored(size, "records database unavailable ({error})", error=_describe(failure))
+        self._retryAt = self._reactor.seconds() + self._backoff
         self._backoff = min(self._backoff * 2, BACKOFF_MOST)
+
+    def _notStored(self, size: int, why: str, **fields: object) -> None:
+        """C{size} records failed: counted as refused and, when this starts an incident, logged once with C{why}."""
+        if self._failingSince is None:
+            self._failingSince = self._reactor.seconds()
+            self._refusedDuringIncident = 0
+            self.log.error(why + "; answering ERROR storage unavailable until it is back", **fields)
+        self._refused(size)
 
     def _refused(self, size: int) -> None:
         self._metrics.recordWriteFailed(size)
@@ -359,13 +360,7 @@ class DatabaseRecordsService(Service):
         recorded (its rows may still appear)."""
         if stored.called:
             return
-        self._metrics.recordWriteFailed(size)
-        if self._failingSince is None:
-            self._failingSince = self._reactor.seconds()
-            self._refusedDuringIncident = 0
-            self.log.error("records database slow: no commit within {timeout:g} s; answering ERROR storage "
-                           "unavailable until it is back", timeout=self._timeout)
-        self._refusedDuringIncident += size
+        self._notStored(size, "records database slow: no commit within {timeout:g} s", timeout=self._timeout)
         stored.errback(StorageUnavailable("records database too slow"))
 
 
