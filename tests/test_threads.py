@@ -62,10 +62,11 @@ class BatchThreadTests(SynchronousTestCase):
             for _ in range(6):
                 pool.callInThread(work)
             self.assertTrue(done.wait(10))
+            self.assertTrue(pool.threads)
+            self.assertTrue(all(isinstance(thread, BatchThread) for thread in pool.threads))
         finally:
             pool.stop()
         self.assertEqual(seen, [BATCH] * 6)
-        self.assertTrue(all(isinstance(thread, BatchThread) for thread in pool.threads) or not pool.threads)
 
 
 class TwistdThreadsTests(SynchronousTestCase):
