@@ -75,9 +75,11 @@ def readWaiting(transport: ITransport) -> bytes:
     there and then, it is taken without a poll and a read event of its own, and
     without a deadline timer armed and cancelled. Only for a TCP connection that
     is reading (not TLS, not behind the PROXY-header reader: those get
-    C{b""}). What this read cannot take (nothing yet, the end of input, an error)
-    is left for the reactor's own next read, which sees it again. Reads
-    C{tcp.Connection}'s socket through C{getHandle} and its C{bufferSize}.
+    C{b""}). What this read cannot take (nothing yet, the end of input) is left
+    for the reactor's own next read, which sees it again. An error (a reset
+    before any byte) is taken here, so that read sees the end of input instead:
+    the protocol treats the two alike. Reads C{tcp.Connection}'s socket through
+    C{getHandle} and its C{bufferSize}.
     """
     if isinstance(transport, tcp.Connection) and transport.connected and not transport.disconnecting:
         try:

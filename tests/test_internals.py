@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import socket
+import struct
 
 from twisted.internet import reactor, task, threads
 from twisted.internet.abstract import FileDescriptor
@@ -56,11 +57,12 @@ class QueuedBytesTests(SynchronousTestCase):
         self.assertEqual(queuedBytes(HalfCloseTransport()), 0)
 
 
-def loopbackPair(test: TestCase, server: type[Protocol] = Protocol,
-                 before: bytes = b"") -> Deferred[tuple[Protocol, socket.socket]]:
+def loopbackPair(test: TestCase, server: type[Protocol] = Protocol, before: bytes = b"",
+                 reset: bool = False) -> Deferred[tuple[Protocol, socket.socket]]:
     """A Twisted connection with a C{server} protocol on loopback and the plain client socket at its other end,
     once the protocol's C{connectionMade} has run; the client sends C{before} at once, so it is in the server's
-    socket before the reactor runs again to accept."""
+    socket before the reactor runs again to accept, and with C{reset} it then resets the connection (a linger
+    of 0 and a close) before that accept too."""
     made: Deferred[Protocol] = Deferred()
 
     class Accepted(server):  # type: ignore[valid-type, misc]
@@ -74,6 +76,9 @@ def loopbackPair(test: TestCase, server: type[Protocol] = Protocol,
     client.settimeout(10)
     test.addCleanup(client.close)
     client.sendall(before)
+    if reset:
+        client.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        client.close()
     return made.addCallback(lambda protocol: (protocol, client))
 
 
@@ -181,6 +186,21 @@ class ReadWaitingTests(TestCase):
             return self.untilDelivered(delivered, 4).addCallback(self.assertEqual, b"abc\n")
 
         return self.accepted(b"").addCallback(check)
+
+    def test_resetBeforeAccept(self) -> None:
+        """A client that resets before its connection is accepted: the early read takes the error and gives
+        nothing, and the connection still ends (the reactor's next read sees the end of input)."""
+        lost: Deferred[bytes] = Deferred()
+
+        class Reading(Protocol):
+            def connectionMade(self) -> None:
+                self.waiting = readWaiting(self.transport)
+
+            def connectionLost(self, reason: object = None) -> None:
+                lost.callback(self.waiting)
+
+        return loopbackPair(self, Reading, reset=True).addCallback(lambda _: lost).addCallback(
+            self.assertEqual, b"")
 
     def test_otherTransports(self) -> None:
         """A transport that is not a TCP connection (TLS, the PROXY-header reader, tests) gives nothing."""
