@@ -225,6 +225,24 @@ class SchemaTests(SynchronousTestCase):
         self.assertEqual(errors, [])
         self.assertEqual(cluster.query(f'SELECT count(*) FROM "{table}"'), [(8,)])
 
+    def test_timeIndexIsBRIN(self) -> None:
+        """The table's one secondary index is a BRIN index on time, and a query over a time range uses it."""
+        import psycopg
+
+        cluster = sharedCluster(self)
+        table = freshTable(self, cluster)
+        writer = DatabaseWriter(cluster.uri, table, "always")
+        self.addCleanup(writer.close)
+        writer.append([record("first")])
+        indexes = cluster.query("SELECT indexname, indexdef FROM pg_indexes WHERE tablename = %s ORDER BY 1", table)
+        self.assertEqual([name for name, _ in indexes], [f"{table}_pkey", f"{table}_time"])
+        self.assertIn("USING brin (\"time\")", indexes[1][1])
+        with psycopg.connect(cluster.uri, autocommit=True) as connection:
+            connection.execute("SET enable_seqscan = off")  # a one-row table would be scanned whole otherwise
+            plan = "\n".join(row[0] for row in connection.execute(
+                f'EXPLAIN (COSTS OFF) SELECT count(*) FROM "{table}" WHERE time >= now() - interval \'1 day\''))
+        self.assertIn(f"Bitmap Index Scan on {table}_time", plan)
+
 
 class Clients(ClientThreads):
     """Client threads sending short unique messages tagged C{tag}."""
