@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import ipaddress
 import struct
-from typing import Any, Iterable, Optional, Sequence, Union
+from typing import Any, Iterable, NamedTuple, Optional, Sequence, Union
 
 from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.interfaces import IAddress, IDelayedCall, IHalfCloseableProtocol, IReactorTime
@@ -112,6 +112,13 @@ def listensBeyondLoopback(interface: str) -> bool:
         return True
 
 
+class Header(NamedTuple):
+    """A whole PROXY header: the client it names (C{None} for a health check) and the bytes that followed it."""
+
+    client: Optional[Union[IPv4Address, IPv6Address]]
+    rest: bytes
+
+
 class _HeaderReader:
     """Accumulates the first bytes of a connection until they hold a whole PROXY header, v1 or v2."""
 
@@ -119,14 +126,13 @@ class _HeaderReader:
         self._held = b""  # until the header's version is known, and a v1 header until its CRLF
         self._v2: Optional[V2Parser] = None
 
-    def feed(self, data: bytes) -> tuple[Any, bytes]:
-        """C{(client address or None for a health check, the bytes after the header)} once whole,
-        C{(False, b"")} while incomplete; L{MalformedHeader} if malformed."""
+    def feed(self, data: bytes) -> Optional[Header]:
+        """The L{Header} once whole, C{None} while incomplete; L{MalformedHeader} if malformed."""
         if self._v2 is not None:
             return self._feedV2(data)
         held = self._held = self._held + data
         if held.startswith(V2_SIGNATURE[: len(held)]) and len(held) < 16:
-            return False, b""
+            return None
         if held.startswith(V2_SIGNATURE):
             # The header says its own length; refuse one too long to be HAProxy's before buffering it.
             if struct.unpack("!H", held[14:16])[0] + 16 > MAX_HEADER:
@@ -139,24 +145,24 @@ class _HeaderReader:
         if end < 0:
             if len(held) >= V1_MAX:
                 raise MalformedHeader(f"v1 header longer than {V1_MAX} bytes")
-            return False, b""
+            return None
         parsed = parseV1(held[: end + 1])
         rest = held[end + 1:]
         self._held = b""
-        return (None if parsed is None else clientAddress(*parsed)), rest
+        return Header(None if parsed is None else clientAddress(*parsed), rest)
 
-    def _feedV2(self, data: bytes) -> tuple[Any, bytes]:
+    def _feedV2(self, data: bytes) -> Optional[Header]:
         assert self._v2 is not None
         try:
             info, rest = self._v2.feed(data)
         except Exception as error:  # Twisted's parser raises more than InvalidProxyHeader on odd input
             raise MalformedHeader(f"v2 header: {error.__class__.__name__}") from None
         if info is None:
-            return False, b""
+            return None
         source = info.source
         if not isinstance(source, (IPv4Address, IPv6Address)):
-            return None, rest or b""  # LOCAL, or an address family other than TCP: a health check
-        return clientAddress(canonicalHost(source.host), source.port), rest or b""
+            return Header(None, rest or b"")  # LOCAL, or an address family other than TCP: a health check
+        return Header(clientAddress(canonicalHost(source.host), source.port), rest or b"")
 
 
 @implementer(IHalfCloseableProtocol)
@@ -198,13 +204,14 @@ class ProxyHeaderProtocol(ProtocolWrapper):
             return
         self._received += len(data)
         try:
-            client, rest = self._reader.feed(data)
+            header = self._reader.feed(data)
         except MalformedHeader as error:
             self._refuse("malformed", str(error))
             return
-        if client is False:
+        if header is None:
             return
         self._cancelDeadline()
+        client, rest = header
         if client is None:
             self._refuse("health_check", None)  # LOCAL or UNKNOWN: the proxy checking that we are up
             return
