@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
+import sys
 from functools import partial
+from typing import Any
 
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred, gatherResults, inlineCallbacks
@@ -19,6 +22,7 @@ from primecount.factory import PrimeCountFactory
 from primecount.records import parseRecords
 from primecount.responder import Responder
 from primecount.storage import RecordsService
+from primecount.tools import serverprocess
 from primecount.tools.serverprocess import TWISTD, ServerProcess
 from tests.helpers import ask, expectedReply
 
@@ -172,6 +176,26 @@ class TwistdTests(SynchronousTestCase):
             self.assertEqual(server.stop(), 0)
         with open(records, encoding="utf-8") as file:
             self.assertEqual([r.client for r in parseRecords(file)], ["127.0.0.1"])
+
+
+class ServerProcessTests(SynchronousTestCase):
+    """The test harness's L{ServerProcess} leaves no twistd behind when its start fails."""
+
+    def test_startTooSlowLeavesNoProcess(self) -> None:
+        """A child that has not said it listens within the start bound is killed and reaped before the error
+        reaches the test (which holds no handle on it to stop it)."""
+        started: list[subprocess.Popen[bytes]] = []
+        popen = subprocess.Popen
+
+        def recording(*args: Any, **kwargs: Any) -> subprocess.Popen[bytes]:
+            started.append(popen(*args, **kwargs))
+            return started[-1]
+
+        self.patch(serverprocess.subprocess, "Popen", recording)
+        neverListens = [sys.executable, "-c", "import time; time.sleep(60)"]  # takes twistd's arguments as its own
+        self.assertRaises(RuntimeError, ServerProcess, self.mktemp(), prefix=neverListens, startupSeconds=0.2)
+        [process] = started
+        self.assertEqual(process.returncode, -signal.SIGKILL)
 
 
 class StartupErrorTests(SynchronousTestCase):

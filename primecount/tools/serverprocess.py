@@ -41,7 +41,12 @@ class ServerProcess:
         )
         self.output = b""
         self._stopping = False
-        self.port = int(self.waitFor(_LISTENING, startupSeconds).group(1))
+        try:
+            self.port = int(self.waitFor(_LISTENING, startupSeconds).group(1))
+        except BaseException:  # no caller holds it yet to stop it: a server that never listened is not left behind
+            self.process.kill()
+            self.process.communicate()
+            raise
 
     def waitFor(self, pattern: "re.Pattern[bytes] | bytes", seconds: float = 20.0) -> "re.Match[bytes]":
         """Read the child's log until C{pattern} matches; raise if it exits or C{seconds} pass first."""
