@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import re
 import socket
 from functools import lru_cache
 from typing import Any, Callable, Optional, Sequence
@@ -105,8 +106,10 @@ def inetOrNone(client: str) -> Optional[str]:
 
 
 # An element of a PostgreSQL array literal, quoted: backslash and double quote escaped; NUL, which text cannot
-# hold, stood in for.
+# hold, stood in for. Most batches hold none of them, which one search of the whole batch finds.
 _ARRAY_ESCAPES = str.maketrans({"\\": "\\\\", '"': '\\"', "\0": NUL_STAND_IN})
+_NEEDS_ESCAPE = re.compile(r'[\\"\x00]')
+_ARRAY_BOOLEANS = {True: "t", False: "f"}
 APPEND_STATEMENT = b"primecount_append"  # the name the prepared INSERT has on each connection
 
 
@@ -120,12 +123,15 @@ def insertParameters(records: Sequence[Record], host: str, pid: int) -> list[byt
     """C{records} as the parameters of L{insertStatement}, formatted once per batch instead of adapted value by
     value: one array literal per column (seconds, clients as C{inet} or NULL, messages with NUL stood in for,
     counts, verdicts), then C{host} and C{pid}."""
+    seconds, clients, messages, counts, verdicts = zip(*records) if records else ((),) * 5
+    if _NEEDS_ESCAPE.search("".join(messages)) is not None:
+        messages = tuple([message.translate(_ARRAY_ESCAPES) for message in messages])
     columns = (
-        ",".join([str(r.seconds) for r in records]),
-        ",".join([_arrayClient(r.client) for r in records]),
-        ",".join(['"' + r.message.translate(_ARRAY_ESCAPES) + '"' for r in records]),
-        ",".join([str(r.count) for r in records]),
-        ",".join(["t" if r.isPrime else "f" for r in records]),
+        ",".join(map(str, seconds)),
+        ",".join(map(_arrayClient, clients)),
+        '"' + '","'.join(messages) + '"' if messages else "",
+        ",".join(map(str, counts)),
+        ",".join(map(_ARRAY_BOOLEANS.__getitem__, verdicts)),
     )
     return [("{" + column + "}").encode("utf-8") for column in columns] + [host.encode("utf-8"), b"%d" % pid]
 

@@ -149,6 +149,15 @@ class InsertParametersTests(SynchronousTestCase):
                                       ('{"a\\"b\\\\","c","a' + NUL_STAND_IN + 'b"}').encode(), b"{2,1,2}",
                                       b"{t,f,t}", b"host", b"9"])
 
+    def test_escapingFoundByCharacter(self) -> None:
+        """A batch whose only awkward character is one backslash, one double quote or one NUL is escaped as a
+        whole batch of them would be; a batch with none is quoted as it is; an empty batch is empty arrays."""
+        for awkward, written in [("\\", "\\\\"), ('"', '\\"'), ("\0", NUL_STAND_IN)]:
+            parameters = insertParameters([record("plain"), record(f"x{awkward}y")], "h", 1)
+            self.assertEqual(parameters[2], f'{{"plain","x{written}y"}}'.encode())
+        self.assertEqual(insertParameters([record("a b"), record("ñ,{}")], "h", 1)[2], '{"a b","ñ,{}"}'.encode())
+        self.assertEqual(insertParameters([], "h", 1), [b"{}"] * 5 + [b"h", b"1"])
+
     def test_roundTrip(self) -> None:
         """Every awkward message comes back from the table as it was analysed (NUL as U+2400)."""
         cluster = sharedCluster(self)
