@@ -23,6 +23,7 @@ import ipaddress
 import os
 import re
 import socket
+from collections import deque
 from functools import lru_cache
 from typing import Any, Callable, Optional, Sequence
 
@@ -251,6 +252,10 @@ class DatabaseRecordsService(Service):
         self._pool: Optional[ThreadPool] = None
         self._runInThread = runInThread
         self._waiting: list[tuple[Sequence[Record], Deferred[None]]] = []
+        # Every batch not yet answered, oldest first, with when it is too late: one timer for them all, armed
+        # for the oldest (a timer per batch would fill the reactor's heap with cancelled calls).
+        self._deadlines: deque[tuple[float, Deferred[None], int]] = deque()
+        self._deadlineCall: Optional[IDelayedCall] = None
         self._inFlight = False
         self._retryAt = 0.0
         self._backoff = BACKOFF_FIRST
@@ -301,8 +306,9 @@ class DatabaseRecordsService(Service):
             return fail(StorageUnavailable("records database unavailable"))
         stored: Deferred[None] = Deferred()
         self._waiting.append((records, stored))
-        call = self._reactor.callLater(self._timeout, self._tooSlow, stored, len(records))
-        stored.addBoth(_cancelling(call))
+        self._deadlines.append((now + self._timeout, stored, len(records)))
+        if self._deadlineCall is None:
+            self._deadlineCall = self._reactor.callLater(self._timeout, self._tooSlow)
         self._next()
         return stored
 
@@ -338,6 +344,7 @@ class DatabaseRecordsService(Service):
             for _, stored in batch:
                 if not stored.called:
                     stored.callback(None)
+        self._answered()
         self._next()
 
     def _failed(self, failure: Failure, size: int) -> None:
@@ -364,22 +371,28 @@ class DatabaseRecordsService(Service):
                           seconds=self._reactor.seconds() - self._failingSince, refused=self._refusedDuringIncident)
             self._failingSince = None
 
-    def _tooSlow(self, stored: Deferred[None], size: int) -> None:
-        """The batch's commit has not returned in time: its outcome is unknown, so it is not answered as
-        recorded (its rows may still appear)."""
-        if stored.called:
-            return
-        self._notStored(size, "records database slow: no commit within {timeout:g} s", timeout=self._timeout)
-        stored.errback(StorageUnavailable("records database too slow"))
+    def _tooSlow(self) -> None:
+        """The oldest batches' commits have not returned in time: their outcome is unknown, so they are not
+        answered as recorded (their rows may still appear). Then wait for the next oldest."""
+        self._deadlineCall = None
+        now, deadlines = self._reactor.seconds(), self._deadlines
+        while deadlines and (deadlines[0][1].called or deadlines[0][0] <= now):
+            _, stored, size = deadlines.popleft()
+            if not stored.called:
+                self._notStored(size, "records database slow: no commit within {timeout:g} s",
+                                timeout=self._timeout)
+                stored.errback(StorageUnavailable("records database too slow"))
+        if deadlines:
+            self._deadlineCall = self._reactor.callLater(deadlines[0][0] - now, self._tooSlow)
 
-
-def _cancelling(call: IDelayedCall) -> Callable[[object], object]:
-    def cancel(result: object) -> object:
-        if call.active():
-            call.cancel()
-        return result
-
-    return cancel
+    def _answered(self) -> None:
+        """Forget the deadlines of the oldest batches, answered now (batches are answered oldest first)."""
+        deadlines = self._deadlines
+        while deadlines and deadlines[0][1].called:
+            deadlines.popleft()
+        if not deadlines and self._deadlineCall is not None:
+            self._deadlineCall.cancel()
+            self._deadlineCall = None
 
 
 def _describe(failure: Failure) -> str:

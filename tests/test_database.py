@@ -13,6 +13,7 @@ import time
 from collections import Counter
 from typing import Any, Callable, Optional
 
+from hypothesis import given, settings, strategies as st
 from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
 from twisted.logger import Logger
@@ -125,6 +126,75 @@ class ServiceTests(SynchronousTestCase):
         self.assertEqual([r.message for r in self.thread.calls[1][0]], ["c"], "the timed-out batch is dropped")
         self.thread.finish(1)
         self.successResultOf(fresh)
+
+    def test_oneTimerForEveryWaitingBatch(self) -> None:
+        """However many batches wait, one timer bounds them all (the oldest's deadline), and none is left once
+        they are answered."""
+        stored = [self.service.write([record(str(n))]) for n in range(100)]
+        self.assertEqual(len(self.clock.getDelayedCalls()), 1)
+        self.thread.finish(0)
+        self.thread.finish(1)
+        for result in stored:
+            self.successResultOf(result)
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
+    def test_eachBatchHasItsOwnDeadline(self) -> None:
+        """A batch written a second after another fails a second after it, not with it; a later batch that
+        committed in time is not failed by the earlier one's deadline."""
+        first = self.service.write([record("a")])
+        self.clock.advance(1.0)
+        second = self.service.write([record("b")])
+        self.clock.advance(1.0)
+        self.failureResultOf(first, StorageUnavailable)
+        self.assertNoResult(second)
+        self.clock.advance(0.5)
+        self.thread.finish(0)  # the first's commit, late: its batch is already failed; the second goes next
+        self.thread.finish(1)
+        self.successResultOf(second)
+        self.clock.advance(5.0)
+        self.successResultOf(second)
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
+    @settings(max_examples=300, deadline=None)
+    @given(st.lists(st.one_of(st.just(("write",)), st.tuples(st.just("advance"), st.sampled_from([0.3, 0.7, 1.1, 2.0])),
+                              st.tuples(st.just("finish"), st.booleans())), max_size=40))
+    def test_deadlinesAgainstAModel(self, steps: list[tuple[Any, ...]]) -> None:
+        """Random interleavings of writes, time passing and commits ending (or failing): every batch is answered
+        exactly once; it is answered as stored only if its transaction committed before its deadline, and
+        it fails by its deadline otherwise; one timer at most is armed, and none once every batch is answered."""
+        clock, thread = Clock(), HeldThread()
+        service = DatabaseRecordsService("postgresql:///x", "t", clock, timeout=2.0, runInThread=thread)
+        service.log = Logger(observer=lambda event: None)
+        writtenAt: dict[str, float] = {}
+        outcomes: dict[str, object] = {}  # None for stored, else the failure
+        committedAt: dict[str, float] = {}
+        finished = 0
+        for step in steps:
+            if step[0] == "write":
+                message = str(len(writtenAt))
+                writtenAt[message] = clock.seconds()
+                service.write([record(message)]).addBoth(lambda result, m=message: outcomes.__setitem__(m, result))
+            elif step[0] == "advance":
+                clock.advance(step[1])
+            elif finished < len(thread.calls):
+                rows, _ = thread.calls[finished]
+                if step[1]:
+                    committedAt.update((row.message, clock.seconds()) for row in rows)
+                thread.finish(finished, None if step[1] else RuntimeError("refused"))
+                finished += 1
+            now = clock.seconds()
+            for message, at in writtenAt.items():
+                inTime = committedAt.get(message, float("inf")) < at + 2.0
+                if message not in outcomes:
+                    self.assertLess(now, at + 2.0, "a batch outlived its deadline")
+                elif outcomes[message] is None:
+                    self.assertTrue(inTime, "answered as stored without a commit before its deadline")
+                else:
+                    outcomes[message].trap(StorageUnavailable)  # type: ignore[attr-defined]
+                    self.assertFalse(inTime, "failed although committed in time")
+            self.assertLessEqual(len(clock.getDelayedCalls()), 1)
+            if len(outcomes) == len(writtenAt):
+                self.assertEqual(clock.getDelayedCalls(), [])
 
     def _text(self, event: dict) -> str:
         from twisted.logger import formatEvent
