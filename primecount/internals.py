@@ -14,15 +14,14 @@ from twisted.internet.interfaces import ITransport
 from twisted.python.failure import Failure
 
 
+def _openTCP(transport: ITransport) -> TypeGuard[tcp.Connection]:
+    """Whether C{transport} is a TCP connection that is connected and not closing."""
+    return isinstance(transport, tcp.Connection) and transport.connected and not transport.disconnecting
+
+
 def _idleTCP(transport: ITransport) -> TypeGuard[tcp.Connection]:
     """Whether C{transport} is an open TCP connection with nothing queued in Twisted's write buffers."""
-    return (
-        isinstance(transport, tcp.Connection)
-        and transport.connected
-        and not transport.disconnecting
-        and not transport.dataBuffer
-        and not transport._tempDataBuffer
-    )
+    return _openTCP(transport) and not transport.dataBuffer and not transport._tempDataBuffer
 
 
 def sendNow(transport: ITransport, data: bytes) -> None:
@@ -81,7 +80,7 @@ def readWaiting(transport: ITransport) -> bytes:
     the protocol treats the two alike. Reads C{tcp.Connection}'s socket through
     C{getHandle} and its C{bufferSize}.
     """
-    if isinstance(transport, tcp.Connection) and transport.connected and not transport.disconnecting:
+    if _openTCP(transport):
         try:
             return transport.getHandle().recv(transport.bufferSize)
         except OSError:
