@@ -185,13 +185,12 @@ class Connection:
         if self._refusal is not None:
             self._refuse(wire.errorReply(self._refusal, closes=True), now)
             return self._take()
-        due = self._due
-        due[DEADLINE] = now + self.limits.timeout  # phase REQUEST since __init__
+        deadline = self._due[DEADLINE] = now + self.limits.timeout  # phase REQUEST since __init__
         if waiting:
             self._heard = True
             self._frame(waiting, now)
         if self.phase is REQUEST and self._armed[DEADLINE] is None:
-            self._arm(DEADLINE, due[DEADLINE], now)  # type: ignore[arg-type]
+            self._arm(DEADLINE, deadline, now)
         return self._take()
 
     def received(self, data: bytes, now: float) -> list[Action]:
