@@ -307,8 +307,7 @@ class DatabaseRecordsService(Service):
         stored: Deferred[None] = Deferred()
         self._waiting.append((records, stored))
         self._deadlines.append((now + self._timeout, stored, len(records)))
-        if self._deadlineCall is None:
-            self._deadlineCall = self._reactor.callLater(self._timeout, self._tooSlow)
+        self._watchDeadlines(now)
         self._next()
         return stored
 
@@ -382,8 +381,12 @@ class DatabaseRecordsService(Service):
                 self._notStored(size, "records database slow: no commit within {timeout:g} s",
                                 timeout=self._timeout)
                 stored.errback(StorageUnavailable("records database too slow"))
-        if deadlines:
-            self._deadlineCall = self._reactor.callLater(deadlines[0][0] - now, self._tooSlow)
+        self._watchDeadlines(now)
+
+    def _watchDeadlines(self, now: float) -> None:
+        """Arm the one deadline timer for the oldest batch not yet answered, unless it is armed already."""
+        if self._deadlineCall is None and self._deadlines:
+            self._deadlineCall = self._reactor.callLater(self._deadlines[0][0] - now, self._tooSlow)
 
     def _answered(self) -> None:
         """Forget the deadlines of the oldest batches, answered now (batches are answered oldest first)."""
