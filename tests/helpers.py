@@ -285,6 +285,8 @@ class ClientThreads:
     """Client threads sending unique messages to the server C{ports} names now (a list the test may change), one
     request per connection or all on kept connections, and sorting the replies: verified answers, C{ERROR
     storage unavailable}, anything else. A connection that breaks (its server was killed) is opened again.
+    A port of 0 means no server now: the test sets it before a kill, so that no client connects to a dead
+    server's port, which another test's server may take meanwhile and answer from its own records.
     Subclasses say what each message is (L{message})."""
 
     def __init__(self, ports: list[int], clients: int, keepAlive: bool = True) -> None:
@@ -319,6 +321,9 @@ class ClientThreads:
         while not self._stop.is_set():
             try:
                 port = self.ports[number % len(self.ports)]
+                if not port:
+                    time.sleep(0.01)
+                    continue
                 with socket.create_connection(("127.0.0.1", port), timeout=10) as connection:
                     replies = connection.makefile("rb")
                     while not self._stop.is_set():

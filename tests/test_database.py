@@ -357,7 +357,8 @@ class DatabaseOverTCPTestCase(SynchronousTestCase):
         self.assertEqual(clients.other, [])
         self.assertGreater(len(clients.answered), least)
         rows = self.rows()
-        self.assertEqual([m for m in clients.answered if rows[m] != 1], [], "each answer recorded exactly once")
+        self.assertEqual([(m, rows[m]) for m in clients.answered if rows[m] != 1], [],
+                         "each answer recorded exactly once (message, rows)")
         self.assertEqual([m for m, n in rows.items() if n > 1], [], "no row twice")
 
 
@@ -418,6 +419,7 @@ class TroubleTests(DatabaseOverTCPTestCase):
             if clients is None:
                 clients = Clients(ports, 8, keepAlive=True, tag="kill")
             time.sleep(1.0)
+            ports[0] = 0  # no client reconnects to the dead server's port (L{ClientThreads})
             os.kill(server.process.pid, signal.SIGKILL)
             server.process.wait(10)
         assert clients is not None

@@ -341,7 +341,8 @@ class KilledWritersOverTCPTests(SharedFileTestCase):
                                capture_output=True, text=True)
         self.assertEqual(check.returncode, 0, check.stdout + check.stderr)
         stored = Counter(self.messages())
-        self.assertEqual([m for m in answered if stored[m] != 1], [], "each answered request recorded exactly once")
+        self.assertEqual([(m, stored[m]) for m in answered if stored[m] != 1], [],
+                         "each answered request recorded exactly once (message, records)")
         for name, fragment in self.tornFiles().items():
             self.assertNotIn(b"\n", fragment, f"{name} holds only the partial line of a write cut short")
 
@@ -386,6 +387,7 @@ class KilledWritersOverTCPTests(SharedFileTestCase):
         try:
             for _ in range(3):
                 time.sleep(random.uniform(0.2, 0.6))
+                ports[1] = 0  # no client reconnects to the dead server's port (L{ClientThreads})
                 victim.process.kill()
                 victim.process.wait(30)
                 victim = ServerProcess(self.path, *options)
