@@ -1,12 +1,13 @@
 """Measure what one records batch costs the database itself, for the table primecount creates and its variants.
 
 A throwaway PostgreSQL cluster (Debian's initdb/pg_ctl, pinned to one core) gets,
-per variant and round (the order turning each round), a fresh table, a warm-up and C{--batches} batches of C{--rows} rows,
-each the prepared C{INSERT} primecount sends (L{insertStatement}), in autocommit
-mode with C{synchronous_commit=off} (C{--fsync everysec}). It prints the server
-backend's CPU per batch (from C{/proc/PID/stat}), the calling thread's CPU and the
-wall time per batch. Variants: the schema primecount creates (a BRIN time index), a
-B-tree time index instead, no time index, and no index at all (not even the key).
+per variant and round (the order turning each round), a fresh table, a warm-up and
+C{--batches} batches of C{--rows} rows, each the prepared C{INSERT} primecount sends
+(L{insertStatement}), in autocommit mode with C{synchronous_commit=off} (C{--fsync
+everysec}). It prints the server backend's CPU per batch (from C{/proc/PID/schedstat},
+to the nanosecond), the calling thread's CPU and the wall time per batch. Variants:
+the schema primecount creates (a BRIN time index), a B-tree time index instead, no
+time index, and no index at all (not even the key).
 Run: C{python contrib/bench/table_cost.py} (needs PostgreSQL and C{primecount[postgres]}).
 """
 
