@@ -45,6 +45,12 @@ def sendNow(transport: ITransport, data: bytes) -> None:
     transport.write(data)
 
 
+# The reason every orderly close reports, made once: a Failure works out its exception's class names the
+# first time it is checked, which per connection cost more than the close's own Python (Twisted's reactor
+# keeps one ConnectionDone failure for all its closes the same way, in _disconnectSelectable).
+_CONNECTION_DONE = Failure(main.CONNECTION_DONE)
+
+
 def closeNow(transport: ITransport) -> None:
     """Close C{transport} in this call when everything written has been handed to the kernel; otherwise
     (bytes still queued, a producer registered, any other transport) with C{loseConnection}.
@@ -55,13 +61,13 @@ def closeNow(transport: ITransport) -> None:
     C{loseConnection} does for a connection whose write side is already shut:
     stop reading and writing, then C{connectionLost} with C{CONNECTION_DONE}
     (an orderly close: shutdown, then close; the protocol's C{connectionLost}
-    runs before this returns). Reads C{tcp.Connection}'s C{dataBuffer} and
+    runs before this returns, with one shared failure). Reads C{tcp.Connection}'s C{dataBuffer} and
     C{_tempDataBuffer}.
     """
     if _idleTCP(transport) and transport.producer is None:
         transport.stopReading()
         transport.stopWriting()
-        transport.connectionLost(Failure(main.CONNECTION_DONE))
+        transport.connectionLost(_CONNECTION_DONE)
         return
     transport.loseConnection()
 

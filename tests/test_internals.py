@@ -8,8 +8,10 @@ import struct
 from twisted.internet import reactor, task, threads
 from twisted.internet.abstract import FileDescriptor
 from twisted.internet.defer import Deferred
+from twisted.internet.error import ConnectionDone
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.testing import MemoryReactor
+from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from primecount.internals import closeNow, queuedBytes, readWaiting, sendNow
@@ -244,6 +246,29 @@ class CloseNowTests(TestCase):
             self.assertEqual(self.readAll(client), b"2 s\xc3\xad\n")
 
         return self.connected(lost).addCallback(check)
+
+    def test_oneReasonForEveryClose(self) -> None:
+        """Every close in the call tells the protocol C{ConnectionDone} with one failure made once (building a
+        failure per close costs more than the close itself), and the reactor carries on after it."""
+        reasons: list[Failure] = []
+
+        class Noting(Protocol):
+            def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
+                reasons.append(reason)
+
+        def close(both: tuple[Protocol, socket.socket]) -> None:
+            closeNow(both[0].transport)
+            self.assertEqual(self.readAll(both[1]), b"")
+
+        first = loopbackPair(self, Noting).addCallback(close)
+        first.addCallback(lambda _: loopbackPair(self, Noting)).addCallback(close)
+
+        def check(_: None) -> None:
+            self.assertEqual(len(reasons), 2)
+            self.assertTrue(reasons[0].check(ConnectionDone))
+            self.assertIs(reasons[0], reasons[1])
+
+        return first.addCallback(check)
 
     def test_queuedWaits(self) -> None:
         """Bytes still queued in Twisted: the close waits for them (C{loseConnection}); the client reads all."""
