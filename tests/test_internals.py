@@ -248,8 +248,8 @@ class CloseNowTests(TestCase):
         return self.connected(lost).addCallback(check)
 
     def test_oneReasonForEveryClose(self) -> None:
-        """Every close in the call tells the protocol C{ConnectionDone} with one failure made once (building a
-        failure per close costs more than the close itself), and the reactor carries on after it."""
+        """Every close in the call tells the protocol C{ConnectionDone} with one failure made once, not one per
+        connection, and the next connection is accepted and closed the same way."""
         reasons: list[Failure] = []
 
         class Noting(Protocol):
