@@ -4,7 +4,10 @@ Every batch of records becomes rows of one transaction (a single multi-row
 C{INSERT} in autocommit mode), and the batch's replies are released only once
 the server has said it completed, i.e. committed. While a
 transaction is in flight, the batches that arrive wait and then go together
-in the next one (group commit). A batch that fails, or whose outcome is not
+in the next one (group commit); while requests are being analysed, whose
+records are on their way, the next transaction waits for them too, up to
+C{GATHER_MOST} seconds (one transaction instead of two halves of the clients
+each waiting for the other's). A batch that fails, or whose outcome is not
 known within C{timeout} seconds, is answered C{ERROR storage unavailable},
 logged once per incident and counted; it is never retried, so no row is
 written twice. After a failure the connection is made again with backoff
@@ -44,6 +47,9 @@ SCHEMES = ("postgresql://", "postgres://")
 DEFAULT_TABLE = "primecount_records"
 DEFAULT_TIMEOUT = 2.0  # seconds a batch may wait for its commit (--records-timeout)
 BACKOFF_FIRST, BACKOFF_MOST = 0.1, 5.0
+# How long the next transaction may wait for the records of requests still being analysed (the pool's turn
+# around is well under a millisecond; this bounds the wait when analysis never stops, under steady load).
+GATHER_MOST = 0.002
 SYNCHRONOUS_COMMIT = {"always": "on", "everysec": "off", "never": "off"}
 # PostgreSQL text cannot hold NUL; a message's NUL is stored as U+2400 SYMBOL FOR NULL.
 NUL_STAND_IN = "\u2400"
@@ -257,6 +263,8 @@ class DatabaseRecordsService(Service):
         self._deadlines: deque[tuple[float, Deferred[None], int]] = deque()
         self._deadlineCall: Optional[IDelayedCall] = None
         self._inFlight = False
+        self._analysing = False  # whether the responder has requests in analysis (L{gathering})
+        self._waitingSince = 0.0  # when the oldest waiting batch was written
         self._retryAt = 0.0
         self._backoff = BACKOFF_FIRST
         self._failingSince: Optional[float] = None
@@ -281,6 +289,7 @@ class DatabaseRecordsService(Service):
         done: Deferred[None] = Deferred()
 
         def whenIdle() -> None:
+            self._next()  # a transaction held for records on their way goes once its wait is up
             if self._inFlight or self._waiting:
                 self._reactor.callLater(0.05, whenIdle)
                 return
@@ -305,15 +314,26 @@ class DatabaseRecordsService(Service):
             self._refused(len(records))
             return fail(StorageUnavailable("records database unavailable"))
         stored: Deferred[None] = Deferred()
+        if not self._waiting:
+            self._waitingSince = now
         self._waiting.append((records, stored))
         self._deadlines.append((now + self._timeout, stored, len(records)))
         self._watchDeadlines(now)
         self._next()
         return stored
 
+    def gathering(self, analysing: bool) -> None:
+        """The responder has requests in analysis (C{True}) or none any more (C{False}): while it has, the next
+        transaction waits for their records, up to L{GATHER_MOST} seconds after the oldest waiting batch
+        (checked whenever the responder says so, after each of its pool calls returns)."""
+        self._analysing = analysing
+        self._next()
+
     def _next(self) -> None:
         if self._inFlight or not self._waiting:
             return
+        if self._analysing and self._reactor.seconds() - self._waitingSince < GATHER_MOST:
+            return  # the records being analysed join this transaction; told again when they are written
         batch = [(records, stored) for records, stored in self._waiting if not stored.called]  # not timed out
         self._waiting = []
         if not batch:

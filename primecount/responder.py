@@ -4,6 +4,8 @@ One step per turn: the turn's requests are analysed with a single thread-pool
 call, their records are appended with a single write, and only then are the
 replies released. One C{deferToThread} per request would cost more than the
 analysis itself; one per turn keeps the pool busy without paying that per request.
+The records sink is told while analysis is in flight, so that a store whose
+writes are transactions can make one of what is on its way (L{RecordSink.gathering}).
 """
 
 from __future__ import annotations
@@ -26,6 +28,11 @@ class RecordSink(Protocol):
     def write(self, records: Sequence[Record]) -> Deferred[None]:
         """Store C{records} together; fire once stored, fail with L{StorageUnavailable} otherwise."""
 
+    def gathering(self, analysing: bool) -> None:
+        """Whether requests are being analysed, whose records will be written soon: a store may hold a
+        transaction for them while C{analysing}. Told C{True} when analysis starts, then after each returned
+        pool call's write whether any other is still out."""
+
 
 class Requester(Protocol):
     """Who asked: a connection, told once per batch of the replies to its requests in that batch."""
@@ -46,6 +53,7 @@ class Responder:
         self._records = records
         self._pending: list[tuple[bytes, str, Requester, int]] = []
         self._dispatchCall: Optional[IDelayedCall] = None
+        self._analysing = 0  # pool calls not yet returned
 
     def respond(self, raw: bytes, client: str, requester: Requester, sequence: int) -> None:
         """Answer the request C{raw} from C{client} at the end of this turn: C{requester.answered} gets its
@@ -57,10 +65,24 @@ class Responder:
     def _dispatch(self) -> None:
         self._dispatchCall = None
         batch, self._pending = self._pending, []
+        self._analysing += 1
+        if self._analysing == 1:
+            self._records.gathering(True)
         evaluated: Deferred[list[wire.Outcome]] = self._runInThread(wire.evaluateAll, [entry[0] for entry in batch])
+        evaluated.addBoth(self._analysed)
         evaluated.addCallback(self._record, batch)
         evaluated.addErrback(self._internalError, len(batch))
         evaluated.addCallback(self._release, batch)
+
+    def _analysed(self, result: object) -> object:
+        """A pool call returned (whatever its result)."""
+        self._analysing -= 1
+        return result
+
+    def _settled(self) -> None:
+        """After a returned call's write: tell the sink whether more records are on their way (told after every
+        call, so that a sink bounding its wait sees the time pass even when analysis never stops)."""
+        self._records.gathering(self._analysing > 0)
 
     def _record(self, outcomes: list[wire.Outcome], batch: list) -> Deferred[list[wire.Reply]] | list[wire.Reply]:
         """Append the answers' records in one write; answers whose records failed become C{storage unavailable}."""
@@ -71,11 +93,14 @@ class Responder:
             if isinstance(outcome, wire.Answer)
         ]
         if not records:
+            self._settled()
             return _replies(outcomes)
         stored = self._records.write(records)
+        self._settled()
         return stored.addCallbacks(lambda _: _replies(outcomes), lambda failure: _storageFailed(failure, outcomes))
 
     def _internalError(self, failure: Failure, size: int) -> list[wire.Reply]:
+        self._settled()  # told twice if _record failed after telling: harmless
         self.log.failure("analysing a batch of {size} requests failed", failure, size=size)
         return [wire.errorReply(wire.INTERNAL_ERROR, closes=True)] * size
 

@@ -279,6 +279,10 @@ class RecordsService(Service):
             return self._writeFailed(error, len(records))
         return self._stored(len(records))
 
+    def gathering(self, analysing: bool) -> None:
+        """Nothing to do: each batch is one C{write(2)} at once, with nothing to gain from waiting for the next
+        (see L{primecount.responder.RecordSink.gathering})."""
+
     def _append(self, data: bytes) -> None:
         """Append C{data} with the multi-writer protocol (or, unshared, as it is)."""
         target = self._file

@@ -41,6 +41,7 @@ class MemoryRecords:
         self.batches: list[int] = []
         self.hold = False
         self.waiting: list[Deferred[None]] = []
+        self.told: list[bool] = []  # each gathering() call
 
     def write(self, records: Sequence[Record]) -> Deferred[None]:
         """Store C{records} now, or queue their acknowledgement while held."""
@@ -52,6 +53,10 @@ class MemoryRecords:
         else:
             acknowledged.callback(None)
         return acknowledged
+
+    def gathering(self, analysing: bool) -> None:
+        """Keep what the responder said of its analysis."""
+        self.told.append(analysing)
 
     def release(self) -> None:
         """Acknowledge every held batch."""

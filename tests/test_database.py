@@ -20,7 +20,7 @@ from twisted.logger import Logger
 from twisted.python import usage
 from twisted.trial.unittest import SynchronousTestCase
 
-from primecount.database import NUL_STAND_IN, DatabaseRecordsService, DatabaseWriter, insertParameters
+from primecount.database import GATHER_MOST, NUL_STAND_IN, DatabaseRecordsService, DatabaseWriter, insertParameters
 from primecount.records import Record
 from primecount.storage import StorageUnavailable
 from primecount.tap import Options
@@ -91,6 +91,42 @@ class ServiceTests(SynchronousTestCase):
         for stored in later:
             self.successResultOf(stored)
 
+    def test_transactionWaitsForRecordsBeingAnalysed(self) -> None:
+        """While the responder has requests in analysis, a batch waits for their records; once none are left,
+        all go in one transaction."""
+        self.service.gathering(True)
+        first = self.service.write([record("a")])
+        self.service.gathering(True)  # another pool call returned, one more is out
+        second = self.service.write([record("b")])
+        self.service.gathering(True)
+        self.assertEqual(self.thread.calls, [])
+        self.service.gathering(False)
+        self.assertEqual([[r.message for r in rows] for rows, _ in self.thread.calls], [["a", "b"]])
+        self.thread.finish()
+        self.successResultOf(first)
+        self.successResultOf(second)
+
+    def test_waitForAnalysisIsBounded(self) -> None:
+        """When analysis never stops, a waiting batch goes once it has waited GATHER_MOST, the next time the
+        responder says how its analysis stands; a transaction in flight still comes first."""
+        self.service.gathering(True)
+        stored = self.service.write([record("a")])
+        self.clock.advance(GATHER_MOST / 2)
+        self.service.gathering(True)
+        self.assertEqual(self.thread.calls, [])
+        self.clock.advance(GATHER_MOST / 2)
+        self.service.gathering(True)
+        self.assertEqual([[r.message for r in rows] for rows, _ in self.thread.calls], [["a"]])
+        later = self.service.write([record("b")])
+        self.clock.advance(GATHER_MOST)
+        self.service.gathering(True)
+        self.assertEqual(len(self.thread.calls), 1, "one transaction in flight at a time")
+        self.thread.finish(0)
+        self.successResultOf(stored)
+        self.assertEqual([[r.message for r in rows] for rows, _ in self.thread.calls[1:]], [["b"]])
+        self.thread.finish(1)
+        self.successResultOf(later)
+
     def test_failureRefusesAndBacksOff(self) -> None:
         """A failed transaction fails its batches and those waiting; for the backoff, batches are refused at
         once; one log line for the incident, one when it is over."""
@@ -156,19 +192,24 @@ class ServiceTests(SynchronousTestCase):
         self.assertEqual(self.clock.getDelayedCalls(), [])
 
     @settings(max_examples=300, deadline=None)
-    @given(st.lists(st.one_of(st.just(("write",)), st.tuples(st.just("advance"), st.sampled_from([0.3, 0.7, 1.1, 2.0])),
-                              st.tuples(st.just("finish"), st.booleans())), max_size=40))
+    @given(st.lists(st.one_of(st.just(("write",)),
+                              st.tuples(st.just("advance"), st.sampled_from([0.001, 0.3, 0.7, 1.1, 2.0])),
+                              st.tuples(st.just("finish"), st.booleans()), st.tuples(st.just("gathering"), st.booleans())),
+                    max_size=40))
     def test_deadlinesAgainstAModel(self, steps: list[tuple[Any, ...]]) -> None:
-        """Random interleavings of writes, time passing and commits ending (or failing): every batch is answered
-        exactly once; it is answered as stored only if its transaction committed before its deadline, and
-        it fails by its deadline otherwise; one timer at most is armed, and none once every batch is answered."""
+        """Random interleavings of writes, time passing, commits ending (or failing) and the responder saying
+        whether it has requests in analysis: every batch is answered exactly once; it is answered as stored
+        only if its transaction committed before its deadline, and it fails by its deadline otherwise; one
+        timer at most is armed, and none once every batch is answered; with no transaction in flight, no
+        batch waits once the responder has none in analysis, nor once it has waited GATHER_MOST and the
+        responder has spoken."""
         clock, thread = Clock(), HeldThread()
         service = DatabaseRecordsService("postgresql:///x", "t", clock, timeout=2.0, runInThread=thread)
         service.log = Logger(observer=lambda event: None)
         writtenAt: dict[str, float] = {}
         outcomes: dict[str, object] = {}  # None for stored, else the failure
         committedAt: dict[str, float] = {}
-        finished = 0
+        finished, analysing = 0, False
         for step in steps:
             if step[0] == "write":
                 message = str(len(writtenAt))
@@ -176,6 +217,9 @@ class ServiceTests(SynchronousTestCase):
                 service.write([record(message)]).addBoth(lambda result, m=message: outcomes.__setitem__(m, result))
             elif step[0] == "advance":
                 clock.advance(step[1])
+            elif step[0] == "gathering":
+                analysing = step[1]
+                service.gathering(analysing)
             elif finished < len(thread.calls):
                 rows, _ = thread.calls[finished]
                 if step[1]:
@@ -195,6 +239,14 @@ class ServiceTests(SynchronousTestCase):
             self.assertLessEqual(len(clock.getDelayedCalls()), 1)
             if len(outcomes) == len(writtenAt):
                 self.assertEqual(clock.getDelayedCalls(), [])
+            inCalls = {row.message for rows, _ in thread.calls for row in rows}
+            stranded = [m for m in writtenAt if m not in outcomes and m not in inCalls]
+            if finished == len(thread.calls) and step[0] in ("write", "gathering", "finish"):
+                if not analysing:
+                    self.assertEqual(stranded, [], "a batch waits with nothing in analysis or in flight")
+                elif step[0] == "gathering":
+                    self.assertEqual([m for m in stranded if now - writtenAt[m] >= GATHER_MOST], [],
+                                     "a batch waited past GATHER_MOST")
 
     def _text(self, event: dict) -> str:
         from twisted.logger import formatEvent

@@ -104,6 +104,55 @@ class BatchTests(SynchronousTestCase):
         self.assertEqual([reply.data for reply in asker.replies], ["2 sí\n".encode()])
 
 
+class GatheringTests(SynchronousTestCase):
+    """The records sink is told while requests are in analysis, so that a database can wait for their records."""
+
+    def setUp(self) -> None:
+        self.clock, self.records = Clock(), MemoryRecords()
+        self.running: list[tuple[Deferred[list[wire.Outcome]], list[bytes]]] = []
+        self.responder = Responder(self.clock, self._held, self.records)
+
+    def _held(self, function: object, raws: list[bytes]) -> Deferred[list[wire.Outcome]]:
+        """A pool call that returns when the test says (L{_finish})."""
+        self.running.append((Deferred(), raws))
+        return self.running[-1][0]
+
+    def _finish(self, index: int) -> None:
+        running, raws = self.running[index]
+        running.callback(wire.evaluateAll(raws))
+
+    def test_toldUntilTheLastCallReturns(self) -> None:
+        """Two overlapping pool calls: C{True} when the first starts; after each returns and its records are
+        written, whether another is still out."""
+        asker = Asker()
+        self.responder.respond(b"aa", "192.0.2.1", asker, 0)
+        self.clock.advance(0)
+        self.responder.respond(b"bbb", "192.0.2.1", asker, 1)
+        self.clock.advance(0)
+        self.assertEqual(self.records.told, [True])
+        self._finish(0)
+        self.assertEqual((self.records.told, self.records.batches), ([True, True], [1]))
+        self._finish(1)
+        self.assertEqual((self.records.told, self.records.batches), ([True, True, False], [1, 1]))
+        self.responder.respond(b"c", "192.0.2.1", asker, 2)
+        self.clock.advance(0)
+        self.assertEqual(self.records.told[-1], True)
+
+    def test_toldAfterRejectionsAndFailures(self) -> None:
+        """A call with nothing to record, or one that failed, still tells the sink when analysis is over."""
+        asker = Asker()
+        self.responder.respond(b"\xff", "192.0.2.1", asker, 0)
+        self.clock.advance(0)
+        self._finish(0)
+        self.assertEqual(self.records.told, [True, False])
+        self.responder.respond(b"aa", "192.0.2.1", asker, 1)
+        self.clock.advance(0)
+        self.running[1][0].errback(ZeroDivisionError())
+        self.assertEqual(self.records.told, [True, False, True, False])
+        self.assertEqual(len(self.flushLoggedErrors(ZeroDivisionError)), 1)
+        self.assertEqual([reply.outcome for reply in asker.replies], ["invalid_utf8", "internal_error"])
+
+
 class RecordBeforeReplyTests(SynchronousTestCase):
     """The responder records answers before releasing their replies."""
 
