@@ -575,7 +575,11 @@ class RecordsToolTests(FollowingProcess, DatabaseOverTCPTestCase):
         writer.append([record("old")])
         follower = self.startFollowing(self.cluster.uri, "--table", self.table)
         self.addCleanup(follower.kill)
-        time.sleep(1.0)  # follow starts from the end: "old" is before it
+        # follow starts from the end: write only once it has read where that is ("old" is before it), i.e. once
+        # its session has asked for the rows after it (a fixed sleep lost that race on a loaded machine).
+        waitUntil(lambda: self.cluster.query(
+            "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'primecount-records' AND query LIKE %s",
+            "%WHERE id > %")[0][0] > 0, 60, "follow to have read where the table ends")
         writer.append([record("new one"), record("new two")])
         try:
             self.assertEqual([self.nextMessage(follower), self.nextMessage(follower)], ["new one", "new two"])
