@@ -118,6 +118,7 @@ class GatheringTests(SynchronousTestCase):
         return self.running[-1][0]
 
     def _finish(self, index: int) -> None:
+        """Return pool call C{index} with the analysis of its requests."""
         running, raws = self.running[index]
         running.callback(wire.evaluateAll(raws))
 
