@@ -30,18 +30,22 @@ def sendNow(transport: ITransport, data: bytes) -> None:
     C{transport.write} only queues: the bytes go out on the reactor's next
     turn, after registering for writability and being told of it, two
     C{epoll_ctl} calls and a poll per write. For a TCP connection with an
-    empty write buffer this sends at once with the transport's own
-    C{writeSomeData}; anything the kernel does not take, and every other
-    transport (TLS, tests), goes through C{write} as usual, so the buffer
-    limits and producer pausing still apply. Reads C{tcp.Connection}'s
-    C{dataBuffer}, C{_tempDataBuffer} and C{_writeDisconnecting}.
+    empty write buffer this sends at once on the transport's socket (as its
+    own C{writeSomeData} would, without the two calls around it); anything
+    the kernel does not take, an error, and every other transport (TLS,
+    tests) go through C{write} as usual, so the buffer limits, producer
+    pausing and error handling still apply. Reads C{tcp.Connection}'s
+    C{socket}, C{dataBuffer}, C{_tempDataBuffer} and C{_writeDisconnecting}.
     """
-    if _idleTCP(transport) and not transport._writeDisconnecting:
-        sent = transport.writeSomeData(data)
-        if isinstance(sent, int) and sent >= 0:
-            data = data[sent:]
-        if not data:
+    if (isinstance(transport, tcp.Connection) and transport.connected and not transport.disconnecting
+            and not transport.dataBuffer and not transport._tempDataBuffer and not transport._writeDisconnecting):
+        try:
+            sent = transport.socket.send(data)
+        except OSError:  # full (EAGAIN) or failing: write queues it, and its own send sees any error
+            sent = 0
+        if sent == len(data):
             return
+        data = data[sent:]
     transport.write(data)
 
 

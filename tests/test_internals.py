@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import select
 import socket
 import struct
 
@@ -130,6 +131,43 @@ class SendNowTests(TestCase):
             return flushed.addCallback(lambda _: self.assertEqual(self.receive(client, 13), b"first\nsecond\n"))
 
         return self.connected().addCallback(check)
+
+    def test_restQueuedWhenTheKernelIsFull(self) -> None:
+        """What the kernel does not take in the call waits in Twisted's write buffer, after the part sent, and
+        the client reads every byte in order once it reads."""
+        payload = bytes(range(256)) * (8 << 12)  # 8 MiB, far past the small socket buffers set below
+
+        def check(both: tuple[Protocol, socket.socket]) -> Deferred[None]:
+            server, client = both
+            server.transport.getHandle().setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 65536)
+            client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 65536)
+            sendNow(server.transport, payload)
+            self.assertTrue(server.transport.dataBuffer or server.transport._tempDataBuffer, "the rest is queued")
+            self.assertLessEqual(queuedBytes(server.transport), len(payload))
+            received = threads.deferToThread(self.receive, client, len(payload))
+            return received.addCallback(lambda data: self.assertTrue(data == payload, "bytes lost or reordered"))
+
+        return self.connected().addCallback(check)
+
+    def test_errorLeftToTwisted(self) -> None:
+        """A send that fails (the client reset the connection) does not raise: the bytes go to C{write}, and
+        Twisted's own handling loses the connection."""
+        lost: Deferred[None] = Deferred()
+
+        class Noting(Protocol):
+            def connectionLost(self, reason: object = None) -> None:
+                lost.callback(None)
+
+        def check(both: tuple[Protocol, socket.socket]) -> Deferred[None]:
+            server, client = both
+            client.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            client.close()
+            readable, _, _ = select.select([server.transport.getHandle()], [], [], 10)  # the reset has arrived
+            self.assertTrue(readable)
+            sendNow(server.transport, b"1 no\n")
+            return lost
+
+        return loopbackPair(self, Noting).addCallback(check)
 
     def test_otherTransportsWrite(self) -> None:
         """A transport that is not a TCP connection gets a plain C{write}."""
