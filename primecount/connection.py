@@ -207,7 +207,8 @@ class Connection:
             self._discarded += len(data)
             if self._discarded > LINGER_MAX_BYTES:
                 self._close()
-        return self._take()  # ANSWERING and CLOSED read and discard, so that closing does not reset
+        actions, self._actions = self._actions, []  # _take, inline on the two events of every request
+        return actions  # ANSWERING and CLOSED read and discard, so that closing does not reset
 
     def halfClosed(self, now: float) -> list[Action]:
         """The client half-closed: what it sent is answered, then the connection closes."""
@@ -248,7 +249,8 @@ class Connection:
             return []
         self._ready.update(replies)
         self._flush(now)
-        return self._take()
+        actions, self._actions = self._actions, []
+        return actions
 
     def writesBlocked(self) -> list[Action]:
         """The transport's write buffer is full (the client is not reading its replies)."""
@@ -354,18 +356,17 @@ class Connection:
 
     def _frame(self, data: bytes, now: float) -> None:
         """Cut C{data}, after the line held so far, into requests, as far as the pipeline bound allows."""
-        if b"\n" not in data:
+        end = data.find(b"\n")
+        if end < 0:
             if data:
                 self._partialLine(data, now)
             return
         # Whole lines end at once: a request that starts and ends in this call needs no deadline.
         if self._partial:
-            data = self._takePartial() + data
-        maxLine, position = self.limits.maxLine, 0
+            held = self._takePartial()  # holds no newline: the first one moves by its length
+            data, end = held + data, end + len(held)
+        maxLine, position, size = self.limits.maxLine, 0, len(data)
         while True:
-            end = data.find(b"\n", position)
-            if end < 0:
-                break
             line = data[position:end]
             position = end + 1
             if line[-1:] == b"\r":
@@ -374,14 +375,15 @@ class Connection:
                 self._refuse(wire.errorReply(wire.lineTooLong(maxLine), closes=True), now)
                 return
             self._requestEnded(line, now)
-            if self.phase is not BETWEEN:
-                return  # one-shot or draining: the rest is discarded
+            if self.phase is not BETWEEN or position == size:
+                return  # one-shot or draining: the rest is discarded; or nothing is left
             if self._paused:
                 self._unread = data[position:]
                 return
-        rest = data[position:]
-        if rest:
-            self._partialLine(rest, now)
+            end = data.find(b"\n", position)
+            if end < 0:
+                break
+        self._partialLine(data[position:], now)
 
     def _partialLine(self, data: bytes, now: float) -> None:
         size = self._partialSize + len(data)
@@ -412,7 +414,8 @@ class Connection:
         if self._oneShot or self._draining:
             self._enter(ANSWERING)
             return
-        self._enter(BETWEEN)
+        if self.phase is not BETWEEN:  # a whole line read between requests stays there
+            self._enter(BETWEEN)
         due[DEADLINE] = None  # the wait for our own replies is not the client's to bound
         if self._writesBlocked or len(self._startedAts) >= self._pipeline:
             self._hold()
@@ -439,9 +442,8 @@ class Connection:
         data: list[bytes] = []
         finished: list[tuple[wire.Reply, float]] = []
         count = self._heard or not self._readClosed  # a connect and close is counted when gone, not logged
-        oneShot = self._oneShot
-        while sequence in ready:
-            reply = ready.pop(sequence)
+        oneShot, take = self._oneShot, ready.pop
+        while (reply := take(sequence, None)) is not None:
             startedAt = startedAts.popleft()
             sequence += 1
             data.append(reply.data)
@@ -463,13 +465,16 @@ class Connection:
         if data:
             self._send(data, finished, now)
         if startedAts:
-            self._release(now)
+            if self._paused:
+                self._release(now)
         elif self.phase is ANSWERING:
             self._close()
         elif self.phase is BETWEEN:
-            if self.limits.idleTimeout:
-                self._want(DEADLINE, now + self.limits.idleTimeout, now)
-            self._release(now)
+            idleTimeout = self.limits.idleTimeout
+            if idleTimeout:
+                self._want(DEADLINE, now + idleTimeout, now)
+            if self._paused:
+                self._release(now)
 
     def _send(self, data: list[bytes], finished: list[tuple[wire.Reply, float]], now: float,
               closing: bool = False) -> None:
