@@ -51,17 +51,27 @@ class Driven(Protocol):
 
     def _run(self, actions: Sequence[Action]) -> None:
         """Carry out C{actions} in order; actions of events they cause (a write that fills the buffer) wait for
-        the ones before them."""
-        if not actions:
-            return
+        the ones before them. Sending and asking, one or two per request, are carried out here directly."""
         if self._running:
             self._backlog.extend(actions)
+            return
+        if not actions:
             return
         self._running = True
         try:
             while True:
                 for action in actions:
-                    self._carryOut(action)
+                    kind = type(action)
+                    if kind is Send:
+                        sendNow(self.transport, action.data)
+                        if action.finished and self._counting:
+                            self._finished(action.finished)
+                        if action.watch:
+                            self.factory.watchSending(self)
+                    elif kind is Ask:
+                        self._responder.respond(action.raw, self._peer, self, action.sequence)  # type: ignore[union-attr]
+                    else:
+                        self._carryOut(action)
                 if not self._backlog:
                     return
                 actions, self._backlog = self._backlog, []
@@ -69,16 +79,9 @@ class Driven(Protocol):
             self._running = False
 
     def _carryOut(self, action: Action) -> None:
+        """Carry out an action other than L{Send} and L{Ask}."""
         kind = type(action)
-        if kind is Send:
-            sendNow(self.transport, action.data)
-            if action.finished and self._counting:
-                self._finished(action.finished)
-            if action.watch:
-                self.factory.watchSending(self)
-        elif kind is Ask:
-            self._responder.respond(action.raw, self._peer, self, action.sequence)  # type: ignore[union-attr]
-        elif kind is Arm:
+        if kind is Arm:
             call = self._timers.get(action.timer)
             if call is not None and call.active():
                 call.reset(action.delay)
