@@ -121,9 +121,10 @@ class Responder:
 def _replies(outcomes: list[wire.Outcome], unavailable: Optional[wire.Reply] = None) -> list[wire.Reply]:
     """The replies to C{outcomes}, in order: a rejection's C{ERROR}, an answer's own reply or, when the
     answers' records could not be stored, C{unavailable}."""
+    countReply, Answer = wire.countReply, wire.Answer
     return [
-        (wire.answerReply(outcome) if unavailable is None else unavailable)  # type: ignore[arg-type]
-        if type(outcome) is wire.Answer else wire.errorReply(outcome.reason)  # type: ignore[union-attr]
+        (countReply(outcome.count, outcome.isPrime) if unavailable is None else unavailable)  # type: ignore[union-attr]
+        if type(outcome) is Answer else wire.errorReply(outcome.reason)  # type: ignore[union-attr]
         for outcome in outcomes
     ]
 

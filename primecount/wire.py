@@ -5,7 +5,7 @@ from __future__ import annotations
 from functools import lru_cache
 from typing import NamedTuple, Union
 
-from primecount.analysis import analyse
+from primecount.analysis import countLastCharacter, isPrime
 
 EMPTY_MESSAGE = "empty message"
 INVALID_UTF8 = "invalid UTF-8"
@@ -45,8 +45,8 @@ def evaluate(raw: bytes) -> Outcome:
         return Rejection(INVALID_UTF8)
     if not message:
         return Rejection(EMPTY_MESSAGE)
-    count, prime = analyse(message)
-    return Answer(message, count, prime)
+    count = countLastCharacter(message)  # what analyse does, without its intermediate tuple
+    return Answer(message, count, isPrime(count))
 
 
 def evaluateAll(raws: list[bytes]) -> list[Outcome]:
@@ -81,11 +81,12 @@ def errorLine(reason: str) -> bytes:
 
 def answerReply(answer: Answer) -> Reply:
     """The typed reply to an answered request (made once per count and verdict)."""
-    return _answerReply(answer.count, answer.isPrime)
+    return countReply(answer.count, answer.isPrime)
 
 
 @lru_cache(maxsize=1024)
-def _answerReply(count: int, isPrime: bool) -> Reply:
+def countReply(count: int, isPrime: bool) -> Reply:
+    """The typed reply C{<count> sí|no} (made once per count and verdict)."""
     return Reply(replyLine(Answer("", count, isPrime)), "ok")
 
 
