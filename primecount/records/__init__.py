@@ -86,8 +86,8 @@ def _escapeOne(match: re.Match[str]) -> str:
 def escapeField(text: str) -> str:
     """Escape backslash, TAB, CR, LF and every other control character so C{text} fits in one tab-separated
     field and prints as text."""
-    if _ESCAPE_PATTERN.search(text) is None:
-        return text
+    if (text.isprintable() and "\\" not in text) or _ESCAPE_PATTERN.search(text) is None:
+        return text  # printable text holds no control character: most messages are, and isprintable is cheaper
     return _ESCAPE_PATTERN.sub(_escapeOne, text)
 
 
