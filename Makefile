@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 PORT   ?= 5050
 
-.PHONY: run test bench bench-loadgen bench-path bench-hostile clean
+.PHONY: run test bench bench-loadgen bench-path bench-instructions bench-hostile clean
 
 # The service alone, for `make run`.
 $(VENV)/.installed: setup.cfg pyproject.toml
@@ -40,6 +40,10 @@ PEER_PYTHON ?= $(PYTHON)
 bench-path: $(VENV)/.installed-test
 	$(BIN)/python contrib/bench/request_path.py --peer-python $(PEER_PYTHON)
 	$(BIN)/python contrib/bench/request_path.py --peer-python $(PEER_PYTHON) --unpinned
+
+# Instructions per request under callgrind (needs valgrind): the request path's cost without machine noise.
+bench-instructions: $(VENV)/.installed-test
+	$(BIN)/python contrib/bench/instructions.py --peer-python $(PEER_PYTHON)
 
 # Real clients with and without slowloris-style and 10,000 idle clients, and the server's memory.
 bench-hostile: $(VENV)/.installed-test
