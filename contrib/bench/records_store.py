@@ -7,7 +7,8 @@ default durability, C{--fsync everysec}, i.e. C{synchronous_commit=off}).
 Pinned by default: primecount and the database on core 0, the load on core 1
 (C{--database-core any} lets the kernel place the database).
 Prints medians of the rounds: req/s, primecount's CPU per request, and for the
-table the rows/s, commits/s and rows per commit (from C{pg_stat_database}).
+table the rows/s, commits/s and rows per commit (from C{pg_stat_database});
+then each row's table / file ratio, of the medians and round by round.
 Run: C{python contrib/bench/records_store.py} (needs ../shared/tools, taskset,
 PostgreSQL and C{primecount[postgres]}).
 """
@@ -109,11 +110,15 @@ def main() -> None:
             line += (f" {figures['rows']:>9.0f} {figures['commits']:>10.0f} "
                      f"{figures['rows'] / figures['commits'] if figures['commits'] else float('nan'):>12.1f}")
         print(line)
-    print()
+    print("\nratios of the medians; in brackets each round's own ratio (a round's two stores run one after the other,"
+          " so its ratio is spared most of the machine's drift between rounds)")
     for row, target in (("keep-alive, 50 clients", 0.7), ("one-shot, 50 clients", 0.9)):
         if (row, "file") in median and (row, "postgresql") in median:
             ratio = median[(row, "postgresql")]["rps"] / median[(row, "file")]["rps"]
-            print(f"{row}: table / file req/s {ratio:.2f}x (target >= {target})")
+            rounds = [table["rps"] / file["rps"] for table, file in zip(results[(row, "postgresql")],
+                                                                          results[(row, "file")])]
+            print(f"{row}: table / file req/s {ratio:.2f}x (target >= {target})"
+                  f" (rounds {', '.join(f'{r:.2f}' for r in rounds)}; median {statistics.median(rounds):.2f})")
 
 
 if __name__ == "__main__":
