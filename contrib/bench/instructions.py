@@ -29,31 +29,23 @@ from pathlib import Path
 from typing import Optional
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from loadgen_compare import ROOT, buildLoadgen, freePort, runLoad, waitForPort  # noqa: E402
+from loadgen_compare import ROOT, buildLoadgen, runLoad  # noqa: E402
+from request_path import KEPT, start  # noqa: E402
 
-from primecount.tools.serverprocess import ServerProcess  # noqa: E402
-
-# name: (loadgen arguments, how the server is started: primecount's options, or a command with PORT and RECORDS)
-SERVERS: dict[str, tuple[list[str], "list[str]"]] = {
-    "primecount, one-shot": ([], ["--max-per-ip", "0"]),
-    "Twisted floor, one-shot": ([], [sys.executable, str(ROOT / "contrib/bench/floor_server.py"), "PORT", "RECORDS"]),
-    "primecount --keep-alive": (["--keepalive"], ["--max-per-ip", "0", "--keep-alive"]),
-    "uvloop keep-alive peer": (["--keepalive"], ["PEER_PYTHON", "SHARED/tools/peers/asyncio_keepalive.py", "PORT",
-                                                 "RECORDS", "--uvloop"]),
-}
+# The servers, by their names in request_path.py: primecount and the floor one-shot, the two kept ones.
+SERVERS = ["primecount", "Twisted floor", "primecount --keep-alive", "uvloop keep-alive peer"]
 
 
 def callgrind(workdir: Path, name: str) -> list[str]:
     """The command prefix that runs a server pinned to core 0 under callgrind, its output in C{workdir}."""
-    stem = workdir / name.replace(" ", "_").replace(",", "")
+    stem = workdir / name.replace(" ", "_")
     return ["taskset", "-c", "0", "valgrind", "--tool=callgrind", f"--callgrind-out-file={stem}.%p",
             f"--log-file={stem}.valgrind.log"]
 
 
 def dumpedInstructions(workdir: Path, name: str, pid: int) -> int:
     """The instructions in the dump taken after the zeroing (the first part file of process C{pid})."""
-    stem = workdir / name.replace(" ", "_").replace(",", "")
-    for line in Path(f"{stem}.{pid}.1").read_text().splitlines():
+    for line in Path(f"{workdir / name.replace(' ', '_')}.{pid}.1").read_text().splitlines():
         if line.startswith(("summary:", "totals:")):
             return int(line.split()[1])
     raise SystemExit(f"no totals in the callgrind dump of {name}")
@@ -62,35 +54,22 @@ def dumpedInstructions(workdir: Path, name: str, pid: int) -> int:
 def measure(name: str, workdir: Path, shared: Path, loadgen: Path, messages: Path, peerPython: Optional[str],
             warmup: int, requests: int, conns: int) -> Optional[float]:
     """Instructions per request of server C{name}, or C{None} when it cannot run here (no peer Python)."""
-    scenario, how = SERVERS[name]
-    records = str(workdir / f"{name.replace(' ', '_')}.records")
-    prefix = callgrind(workdir, name)
-    if how and how[0].startswith("--"):
-        server = ServerProcess(records, *how, port="tcp:0:interface=127.0.0.1:backlog=1024", prefix=prefix,
-                               startupSeconds=300)
-        process, port = server.process, server.port
-    else:
-        if "PEER_PYTHON" in how and peerPython is None:
-            return None
-        port = freePort()
-        command = [part.replace("PORT", str(port)).replace("RECORDS", records).replace("SHARED", str(shared))
-                   .replace("PEER_PYTHON", peerPython or "") for part in how]
-        process = subprocess.Popen([*prefix, *command], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                                   cwd=workdir)
-        waitForPort(port, process, seconds=300)
+    if name.startswith("uvloop") and peerPython is None:
+        return None
+    server = start(name, workdir, shared, None, peerPython or "", prefix=callgrind(workdir, name),
+                   startupSeconds=300)
     try:
-        load = ["--conns", str(conns), *scenario]
-        runLoad(loadgen, port, [*load, "--requests", str(warmup)], 600, messages, "1")
-        subprocess.run(["callgrind_control", "--zero", str(process.pid)], check=True, capture_output=True)
-        summary = runLoad(loadgen, port, [*load, "--requests", str(requests)], 600, messages, "1")
-        subprocess.run(["callgrind_control", "--dump", str(process.pid)], check=True, capture_output=True)
+        load = ["--conns", str(conns), *(["--keepalive"] if name in KEPT else [])]
+        runLoad(loadgen, server.port, [*load, "--requests", str(warmup)], 600, messages, "1")
+        subprocess.run(["callgrind_control", "--zero", str(server.process.pid)], check=True, capture_output=True)
+        summary = runLoad(loadgen, server.port, [*load, "--requests", str(requests)], 600, messages, "1")
+        subprocess.run(["callgrind_control", "--dump", str(server.process.pid)], check=True, capture_output=True)
         completed = summary["completed"]
         if completed < requests or summary["ok"] != completed:
             raise SystemExit(f"{name}: {summary['ok']} of {completed} replies verified, {requests} wanted")
-        return dumpedInstructions(workdir, name, process.pid) / completed
+        return dumpedInstructions(workdir, name, server.process.pid) / completed
     finally:
-        process.terminate()
-        process.wait(timeout=120)
+        server.stop()
 
 
 def main() -> None:
@@ -102,12 +81,12 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=3000)
     parser.add_argument("--conns", type=int, default=20)
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--server", action="append", choices=list(SERVERS), help="only these (repeatable)")
+    parser.add_argument("--server", action="append", choices=SERVERS, help="only these (repeatable)")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="primecount-instructions-") as directory:
         workdir = Path(directory)
         loadgen, messages = buildLoadgen(args.shared, workdir)
-        names = args.server or list(SERVERS)
+        names = args.server or SERVERS
         figures: dict[str, list[float]] = {name: [] for name in names}
         for _ in range(args.rounds):
             for name in names:

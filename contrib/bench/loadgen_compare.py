@@ -83,8 +83,10 @@ def pinned(core: Optional[str]) -> list[str]:
     return ["taskset", "-c", core] if core is not None else []
 
 
-def startServer(kind: str, workdir: Path, shared: Path, core: Optional[str], options: list[str]) -> "Baseline | ServerProcess":
-    """Start the baseline or primecount (defaults but no per-address limit, plus C{options}), pinned to C{core}."""
+def startServer(kind: str, workdir: Path, shared: Path, core: Optional[str], options: list[str],
+                prefix: Optional[list[str]] = None, startupSeconds: float = 30.0) -> "Baseline | ServerProcess":
+    """Start the baseline or primecount (defaults but no per-address limit, plus C{options}), pinned to C{core}
+    (primecount: run under C{prefix} instead, when given, e.g. a profiler)."""
     if kind == "baseline":
         return Baseline(workdir, shared, core)
     server = ServerProcess(
@@ -93,7 +95,8 @@ def startServer(kind: str, workdir: Path, shared: Path, core: Optional[str], opt
         "--max-per-ip", "0",
         *options,
         port=f"tcp:0:interface=127.0.0.1:backlog={BARE_PORT_BACKLOG}",
-        prefix=pinned(core),
+        prefix=pinned(core) if prefix is None else prefix,
+        startupSeconds=startupSeconds,
     )
     if "--workers" in options:  # the supervisor listens first; measure once every worker accepts too
         count = int(options[options.index("--workers") + 1])

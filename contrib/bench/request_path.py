@@ -48,10 +48,15 @@ class Started:
         self.port, self.process, self.stop = port, process, stop
 
 
-def start(name: str, workdir: Path, shared: Path, core: Optional[str], peerPython: str) -> Started:
-    """Start the server called C{name} on a free loopback port, pinned to C{core}."""
+def start(name: str, workdir: Path, shared: Path, core: Optional[str], peerPython: str,
+          prefix: Optional[list[str]] = None, startupSeconds: float = 20.0) -> Started:
+    """Start the server called C{name} on a free loopback port, pinned to C{core}, or run under C{prefix} when
+    given (a profiler); C{startupSeconds} bounds the wait for it to listen."""
+    if prefix is None:
+        prefix = pinned(core)
     if name.startswith("primecount"):
-        server = startServer("primecount", workdir, shared, core, ["--keep-alive"] if "keep" in name else [])
+        server = startServer("primecount", workdir, shared, core, ["--keep-alive"] if "keep" in name else [],
+                             prefix=prefix, startupSeconds=startupSeconds)
         return Started(server.port, server.process, server.stop)
     port, records = freePort(), str(workdir / f"{name.replace(' ', '-')}.txt")
     command = {
@@ -62,9 +67,9 @@ def start(name: str, workdir: Path, shared: Path, core: Optional[str], peerPytho
                                    records, "--uvloop"],
         "Twisted floor": [sys.executable, str(ROOT / "contrib/bench/floor_server.py"), str(port), records],
     }[name]
-    process = subprocess.Popen([*pinned(core), *command], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    process = subprocess.Popen([*prefix, *command], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                                cwd=workdir)
-    waitForPort(port, process)
+    waitForPort(port, process, startupSeconds)
     time.sleep(0.3)  # the readiness probe was a request too: let it be answered or given up
 
     def stop() -> None:
