@@ -29,6 +29,8 @@ from tests.helpers import ClientThreads, FollowingProcess, RecordingMetrics, ask
 from tests.postgres import Cluster, freshTable, sharedCluster
 
 STORAGE_UNAVAILABLE = b"ERROR storage unavailable\n"
+INSERT_ROW = ('INSERT INTO "{}" (time, client, message, count, prime, host, pid)'
+              " VALUES (now(), '192.0.2.9', %s, 1, false, 'test', 1)")
 
 
 def record(message: str, client: str = "192.0.2.1") -> Record:
@@ -568,6 +570,73 @@ class RecordsToolTests(FollowingProcess, DatabaseOverTCPTestCase):
         self.assertEqual([line.split("\t")[1:] for line in tail],
                          [["192.0.2.2", "a", "1", "no"], ["192.0.2.1", "x\\ty", "1", "no"]])
 
+    def waitUntilFollowing(self) -> None:
+        """Wait until follow has read where the table ends: its session has committed the transaction that
+        read it (a later write is after the start; a fixed sleep lost that race on a loaded machine)."""
+        waitUntil(lambda: self.cluster.query(
+            "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'primecount-records'"
+            " AND (query = 'COMMIT' OR query LIKE %s)", "%WHERE id > %")[0][0] > 0, 60,
+            "follow to have read where the table ends")
+
+    def insertHeld(self, message: str) -> Any:
+        """Insert a row of C{message} in a transaction left open; the connection, to commit it."""
+        import psycopg
+
+        held = psycopg.connect(self.cluster.uri)
+        self.addCleanup(held.close)
+        held.execute(INSERT_ROW.format(self.table), [message])
+        return held
+
+    def test_followPrintsRowsCommittedBelowPrintedOnes(self) -> None:
+        """A writer still running holds a lower id than rows another writer commits meanwhile: follow prints
+        the later ones, then the held one once it commits, and nothing twice (as a fleet's writers commit)."""
+        writer = DatabaseWriter(self.cluster.uri, self.table, "always")
+        self.addCleanup(writer.close)
+        writer.append([record("old")])
+        follower = self.startFollowing(self.cluster.uri, "--table", self.table)
+        self.addCleanup(follower.kill)
+        self.waitUntilFollowing()
+        held = self.insertHeld("held")
+        writer.append([record("after")])
+        try:
+            self.assertEqual(self.nextMessage(follower), "after")
+            held.commit()
+            self.assertEqual(self.nextMessage(follower), "held")
+            writer.append([record("last")])
+            self.assertEqual(self.nextMessage(follower), "last", "nothing printed twice")
+        finally:
+            self.interrupt(follower)
+
+    def test_pollFindsLateRowsInSQL(self) -> None:
+        """One poll at a time (L{tablerecords._poll}, the SQL of L{FollowHorizon.isLate}): a row below the
+        cursor is found late when its writer was running at the last poll, or began since; rows already
+        visible then are not found again."""
+        import psycopg
+
+        from primecount.tools.tablerecords import FollowHorizon, _poll, _snapshot
+
+        writer = DatabaseWriter(self.cluster.uri, self.table, "always")
+        self.addCleanup(writer.close)
+        writer.append([record("old")])
+        connection = psycopg.connect(self.cluster.uri, autocommit=True)
+        self.addCleanup(connection.close)
+        horizon = FollowHorizon(1, _snapshot(connection), 0.0)
+
+        def poll() -> tuple[list[str], list[str]]:
+            snapshot, late, rows = _poll(connection, self.table, horizon)
+            horizon.polled(snapshot, rows[-1][0] if rows else None, 0.0)
+            return [values[3] for values in late], [values[3] for values in rows]
+
+        held = self.insertHeld("held")  # id 2, its transaction running
+        (reserved,), = self.cluster.query(f"SELECT nextval(pg_get_serial_sequence('\"{self.table}\"', 'id'))")
+        writer.append([record("after")])  # id 4
+        self.assertEqual(poll(), ([], ["after"]))
+        held.commit()
+        self.cluster.query(INSERT_ROW.replace("(time", "(id, time").replace("VALUES (", "VALUES (%s, ").format(
+            self.table), reserved, "reserved")  # id 3, by a transaction begun after that poll
+        self.assertEqual(poll(), (["held", "reserved"], []))
+        self.assertEqual(poll(), ([], []))
+
     def test_follow(self) -> None:
         """follow prints the rows committed after it started, as records lines, until interrupted."""
         writer = DatabaseWriter(self.cluster.uri, self.table, "always")
@@ -575,11 +644,8 @@ class RecordsToolTests(FollowingProcess, DatabaseOverTCPTestCase):
         writer.append([record("old")])
         follower = self.startFollowing(self.cluster.uri, "--table", self.table)
         self.addCleanup(follower.kill)
-        # follow starts from the end: write only once it has read where that is ("old" is before it), i.e. once
-        # its session has asked for the rows after it (a fixed sleep lost that race on a loaded machine).
-        waitUntil(lambda: self.cluster.query(
-            "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'primecount-records' AND query LIKE %s",
-            "%WHERE id > %")[0][0] > 0, 60, "follow to have read where the table ends")
+        # follow starts from the end: write only once it has read where that is ("old" is before it).
+        self.waitUntilFollowing()
         writer.append([record("new one"), record("new two")])
         try:
             self.assertEqual([self.nextMessage(follower), self.nextMessage(follower)], ["new one", "new two"])
