@@ -9,6 +9,10 @@ Pinned by default: primecount and the database on core 0, the load on core 1
 Prints medians of the rounds: req/s, primecount's CPU per request, and for the
 table the rows/s, commits/s and rows per commit (from C{pg_stat_database});
 then each row's table / file ratio, of the medians and round by round.
+With C{--latency-only SECONDS}, each round also runs a third store: the table's
+code path, but the database writer only waits SECONDS per transaction and
+stores nothing (C{latencyonly/sitecustomize.py}): a database that costs no CPU,
+to tell what waiting for commits costs from what the database costs.
 Run: C{python contrib/bench/records_store.py} (needs ../shared/tools, taskset,
 PostgreSQL and C{primecount[postgres]}).
 """
@@ -16,6 +20,7 @@ PostgreSQL and C{primecount[postgres]}).
 from __future__ import annotations
 
 import argparse
+import os
 import shutil
 import statistics
 import sys
@@ -40,6 +45,13 @@ def counters(cluster: Cluster, table: str) -> tuple[int, int]:
     return commits, rows
 
 
+def latencyOnly(seconds: float) -> dict[str, str]:
+    """The environment that makes primecount's database writer only wait C{seconds} per transaction."""
+    path = os.pathsep.join(filter(None, [str(Path(__file__).resolve().parent / "latencyonly"),
+                                         os.environ.get("PYTHONPATH")]))
+    return {**os.environ, "PYTHONPATH": path, "PRIMECOUNT_BENCH_COMMIT_SECONDS": repr(seconds)}
+
+
 def main() -> None:
     """Run the rounds and print the table of medians and the ratios."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -47,6 +59,8 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--duration", type=float, default=5.0)
     parser.add_argument("--unpinned", action="store_true")
+    parser.add_argument("--latency-only", type=float, metavar="SECONDS",
+                        help="also run the table's path with a writer that only waits SECONDS per transaction")
     parser.add_argument("--database-core", default="0",
                         help="core the database runs on when pinned (default 0, beside primecount); 'any' leaves "
                              "it to the kernel")
@@ -64,14 +78,15 @@ def main() -> None:
     try:
         for round in range(1, args.rounds + 1):
             for row, (load, options) in ROWS.items():
-                stores = ["file", "postgresql"] if round % 2 else ["postgresql", "file"]
-                for store in stores:
+                stores = ["file", "postgresql"] + (["latency only"] if args.latency_only else [])
+                for store in stores if round % 2 else stores[::-1]:
                     table = f"bench_{round}_{row.split(',')[0].replace('-', '_')}"
-                    records = cluster.uri if store == "postgresql" else str(workdir / f"records-{round}.tsv")
-                    extra = ["--records-table", table] if store == "postgresql" else []
+                    records = str(workdir / f"records-{round}.tsv") if store == "file" else cluster.uri
+                    extra = [] if store == "file" else ["--records-table", table]
                     # A later --records wins over the file startServer names first.
+                    environment = latencyOnly(args.latency_only) if store == "latency only" else None
                     server = startServer("primecount", workdir, args.shared, serverCore,
-                                         options + extra + ["--records", records])
+                                         options + extra + ["--records", records], environment=environment)
                     try:
                         before, (commits0, rows0) = treeCpuSeconds(server.process.pid), counters(cluster, table)
                         summary = runLoad(loadgen, server.port, load, args.duration, messages, clientCore)
@@ -113,12 +128,13 @@ def main() -> None:
     print("\nratios of the medians; in brackets each round's own ratio (a round's two stores run one after the other,"
           " so its ratio is spared most of the machine's drift between rounds)")
     for row, target in (("keep-alive, 50 clients", 0.7), ("one-shot, 50 clients", 0.9)):
-        if (row, "file") in median and (row, "postgresql") in median:
-            ratio = median[(row, "postgresql")]["rps"] / median[(row, "file")]["rps"]
-            rounds = [table["rps"] / file["rps"] for table, file in zip(results[(row, "postgresql")],
-                                                                          results[(row, "file")])]
-            print(f"{row}: table / file req/s {ratio:.2f}x (target >= {target})"
-                  f" (rounds {', '.join(f'{r:.2f}' for r in rounds)}; median {statistics.median(rounds):.2f})")
+        for store, name in (("postgresql", "table"), ("latency only", "latency only")):
+            if (row, "file") in median and (row, store) in median:
+                ratio = median[(row, store)]["rps"] / median[(row, "file")]["rps"]
+                rounds = [other["rps"] / file["rps"] for other, file in zip(results[(row, store)],
+                                                                              results[(row, "file")])]
+                print(f"{row}: {name} / file req/s {ratio:.2f}x" + (f" (target >= {target})" if name == "table" else "")
+                      + f" (rounds {', '.join(f'{r:.2f}' for r in rounds)}; median {statistics.median(rounds):.2f})")
 
 
 if __name__ == "__main__":

@@ -8,7 +8,7 @@ import signal
 import subprocess
 import sys
 import time
-from typing import Optional, Sequence
+from typing import Mapping, Optional, Sequence
 
 TWISTD = [sys.executable, "-c", "from twisted.scripts.twistd import run; run()"]
 _LISTENING = re.compile(rb"primecount listening on \S+ port (\d+)")
@@ -31,13 +31,16 @@ class ServerProcess:
         prefix: Sequence[str] = (),
         startupSeconds: float = 30.0,
         twistdOptions: Sequence[str] = (),
+        environment: Optional[Mapping[str, str]] = None,
     ) -> None:
+        """Start it (with C{environment} instead of this process's own, when given) and wait until it listens."""
         self.records = records
         self.process = subprocess.Popen(
             [*prefix, *TWISTD, "-n", "--pidfile=", *twistdOptions, "primecount", "--port", port, "--records", records,
              *options],
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
+            env=environment,
         )
         self.output = b""
         self._stopping = False
