@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import time
 from collections import deque
-from typing import Any, Callable, NamedTuple, Optional, TextIO
+from contextlib import contextmanager
+from typing import Any, Callable, Iterator, NamedTuple, Optional, TextIO
 
 from primecount.database import NUL_STAND_IN, tableIdentifier
 from primecount.records import Record, formatTSV, formatTimestamp, terminalSafe
@@ -135,15 +136,21 @@ def _snapshot(connection: Any) -> Snapshot:
     return Snapshot(frozenset(running), xmax)
 
 
+@contextmanager
+def _inOneSnapshot(connection: Any) -> Iterator[Snapshot]:
+    """A read-only transaction whose every query sees the same snapshot; what it says of the writers."""
+    with connection.transaction():
+        connection.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ READ ONLY")
+        yield _snapshot(connection)
+
+
 def _poll(connection: Any, table: str, horizon: FollowHorizon) -> tuple[Snapshot, list[Any], list[Any]]:
     """One poll in one snapshot: the snapshot; the late rows (L{FollowHorizon.isLate}); the rows past the
     cursor (each list in id order)."""
     from psycopg import sql
 
     name = tableIdentifier(table)
-    with connection.transaction():
-        connection.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ READ ONLY")
-        snapshot = _snapshot(connection)
+    with _inOneSnapshot(connection) as snapshot:
         late: list[Any] = []
         lateRange = horizon.lateRange()
         if lateRange is not None:  # L{FollowHorizon.isLate}, in SQL
@@ -177,9 +184,7 @@ def follow(uri: str, table: str, out: TextIO, interval: float = 0.5, fromEnd: bo
     from psycopg import sql
 
     with _connect(uri) as connection:
-        with connection.transaction():
-            connection.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ READ ONLY")
-            snapshot = _snapshot(connection)
+        with _inOneSnapshot(connection) as snapshot:
             start = connection.execute(sql.SQL("SELECT coalesce(max(id), 0) FROM {}").format(
                 tableIdentifier(table))).fetchone()[0] if fromEnd else 0
         horizon = FollowHorizon(start, snapshot, clock())
