@@ -607,6 +607,33 @@ class RecordsToolTests(FollowingProcess, DatabaseOverTCPTestCase):
         finally:
             self.interrupt(follower)
 
+    @slow
+    def test_followTwoWritersUnderLoad(self) -> None:
+        """Two instances write at once under load while follow runs: it prints every row they commit exactly
+        once, though their batches commit in no particular order of ids."""
+        writer = DatabaseWriter(self.cluster.uri, self.table, "always")
+        self.addCleanup(writer.close)
+        writer.append([record("old")])
+        follower = self.startFollowing(self.cluster.uri, "--table", self.table)
+        self.addCleanup(follower.kill)
+        self.waitUntilFollowing()
+        first, second = self.server("--keep-alive"), self.server("--keep-alive")
+        clients = Clients([first.port, second.port], 8, keepAlive=True, tag="followed")
+        time.sleep(2)
+        self.assertGreater(len(clients.stop().answered), 50)
+        for server in (first, second):  # a stopped server has committed or refused every batch it took
+            self.assertEqual(server.stop(), 0)
+        committed = self.rows() - Counter(["old"])
+        printed: Counter[str] = Counter()
+        try:
+            while sum(printed.values()) < sum(committed.values()):
+                printed[self.nextMessage(follower)] += 1
+        finally:
+            self.interrupt(follower)
+        while not self.printed.empty():  # anything printed twice is still queued
+            printed[self.printed.get().split("\t")[2]] += 1
+        self.assertEqual(printed, committed)
+
     def test_pollFindsLateRowsInSQL(self) -> None:
         """One poll at a time (L{tablerecords._poll}, the SQL of L{FollowHorizon.isLate}): a row below the
         cursor is found late when its writer was running at the last poll, or began since; rows already
