@@ -578,6 +578,17 @@ class RecordsToolTests(FollowingProcess, DatabaseOverTCPTestCase):
             " AND (query = 'COMMIT' OR query LIKE %s)", "%WHERE id > %")[0][0] > 0, 60,
             "follow to have read where the table ends")
 
+    def followFromTheEnd(self) -> tuple[DatabaseWriter, "subprocess.Popen[str]"]:
+        """A writer whose row "old" is in the table, and C{follow} started from the end, past it, once it has
+        read where that is (so anything written later is after its start)."""
+        writer = DatabaseWriter(self.cluster.uri, self.table, "always")
+        self.addCleanup(writer.close)
+        writer.append([record("old")])
+        follower = self.startFollowing(self.cluster.uri, "--table", self.table)
+        self.addCleanup(follower.kill)
+        self.waitUntilFollowing()
+        return writer, follower
+
     def insertHeld(self, message: str) -> Any:
         """Insert a row of C{message} in a transaction left open; the connection, to commit it."""
         import psycopg
@@ -590,12 +601,7 @@ class RecordsToolTests(FollowingProcess, DatabaseOverTCPTestCase):
     def test_followPrintsRowsCommittedBelowPrintedOnes(self) -> None:
         """A writer still running holds a lower id than rows another writer commits meanwhile: follow prints
         the later ones, then the held one once it commits, and nothing twice (as a fleet's writers commit)."""
-        writer = DatabaseWriter(self.cluster.uri, self.table, "always")
-        self.addCleanup(writer.close)
-        writer.append([record("old")])
-        follower = self.startFollowing(self.cluster.uri, "--table", self.table)
-        self.addCleanup(follower.kill)
-        self.waitUntilFollowing()
+        writer, follower = self.followFromTheEnd()
         held = self.insertHeld("held")
         writer.append([record("after")])
         try:
@@ -611,12 +617,7 @@ class RecordsToolTests(FollowingProcess, DatabaseOverTCPTestCase):
     def test_followTwoWritersUnderLoad(self) -> None:
         """Two instances write at once under load while follow runs: it prints every row they commit exactly
         once, though their batches commit in no particular order of ids."""
-        writer = DatabaseWriter(self.cluster.uri, self.table, "always")
-        self.addCleanup(writer.close)
-        writer.append([record("old")])
-        follower = self.startFollowing(self.cluster.uri, "--table", self.table)
-        self.addCleanup(follower.kill)
-        self.waitUntilFollowing()
+        _, follower = self.followFromTheEnd()
         first, second = self.server("--keep-alive"), self.server("--keep-alive")
         clients = Clients([first.port, second.port], 8, keepAlive=True, tag="followed")
         time.sleep(2)
@@ -666,13 +667,7 @@ class RecordsToolTests(FollowingProcess, DatabaseOverTCPTestCase):
 
     def test_follow(self) -> None:
         """follow prints the rows committed after it started, as records lines, until interrupted."""
-        writer = DatabaseWriter(self.cluster.uri, self.table, "always")
-        self.addCleanup(writer.close)
-        writer.append([record("old")])
-        follower = self.startFollowing(self.cluster.uri, "--table", self.table)
-        self.addCleanup(follower.kill)
-        # follow starts from the end: write only once it has read where that is ("old" is before it).
-        self.waitUntilFollowing()
+        writer, follower = self.followFromTheEnd()
         writer.append([record("new one"), record("new two")])
         try:
             self.assertEqual([self.nextMessage(follower), self.nextMessage(follower)], ["new one", "new two"])

@@ -38,7 +38,6 @@ class FollowMachine(RuleBasedStateMachine):
         self.nextId, self.nextXid = 1, XID_SPACE - 3  # transaction ids wrap around modulo 2**32 in xmin
         self.writers: list[Writer] = []
         self.committed: dict[int, int] = {}  # row id -> the transaction that inserted it
-        self.aborted: set[int] = set()
         self.polls = 0
         self.printed: list[int] = []
         self.horizon = FollowHorizon(0, self.snapshot(), 0.0, settleMost=float("inf"))
@@ -46,6 +45,13 @@ class FollowMachine(RuleBasedStateMachine):
     def snapshot(self) -> Snapshot:
         """What a snapshot taken now says of the writers."""
         return Snapshot(frozenset(w.xid for w in self.writers if w.xid is not None), self.nextXid)
+
+    def commit(self, writer: Writer) -> None:
+        """The writer commits: its rows, inserted under its transaction id, become visible at once."""
+        self.writers.remove(writer)
+        if writer.ids:
+            self.giveXid(writer)
+            self.committed.update((rowId, writer.xid) for rowId in writer.ids)  # type: ignore[misc]
 
     def giveXid(self, writer: Writer) -> None:
         """The writer's first row reaches the heap: it gets its transaction id."""
@@ -71,13 +77,10 @@ class FollowMachine(RuleBasedStateMachine):
     def end(self, data: st.DataObject, commits: bool) -> None:
         """A writer commits (its rows become visible at once) or aborts."""
         writer = data.draw(st.sampled_from(self.writers))
-        self.writers.remove(writer)
         if commits:
-            if writer.ids:
-                self.giveXid(writer)
-            self.committed.update((rowId, writer.xid) for rowId in writer.ids)  # type: ignore[misc]
+            self.commit(writer)
         else:
-            self.aborted.update(writer.ids)
+            self.writers.remove(writer)  # its ids are never seen
 
     @rule()
     def poll(self) -> None:
@@ -88,8 +91,9 @@ class FollowMachine(RuleBasedStateMachine):
         self.polls += 1
         snapshot, horizon = self.snapshot(), self.horizon
         late: list[int] = []
-        if horizon.lateRange() is not None:
-            above, upTo = horizon.lateRange()  # type: ignore[misc]
+        lateRange = horizon.lateRange()
+        if lateRange is not None:
+            above, upTo = lateRange
             late = [i for i in sorted(self.committed)
                     if above < i <= upTo and horizon.isLate(self.committed[i] % XID_SPACE)]
         rows = [i for i in sorted(self.committed) if i > horizon.cursor][:READ_MOST]
@@ -105,10 +109,7 @@ class FollowMachine(RuleBasedStateMachine):
     def teardown(self) -> None:
         """Once every writer has ended and follow has caught up, every committed row has been printed."""
         for writer in list(self.writers):
-            self.writers.remove(writer)
-            if writer.ids:
-                self.giveXid(writer)
-                self.committed.update((rowId, writer.xid) for rowId in writer.ids)  # type: ignore[misc]
+            self.commit(writer)
         for _ in range(len(self.committed) // READ_MOST + 3):
             self.poll()
         self.eachCommittedRowPrintedAtMostOnce()
