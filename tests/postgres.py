@@ -83,6 +83,11 @@ class Cluster:
         self.stop("immediate")
         shutil.rmtree(self.folder, ignore_errors=True)
 
+    def serverPid(self) -> int:
+        """The process id of the running cluster's postmaster (every PostgreSQL process is its child)."""
+        with open(os.path.join(self.data, "postmaster.pid")) as file:
+            return int(file.readline())
+
     def query(self, statement: str, *parameters: Any) -> list[tuple[Any, ...]]:
         """Run one statement and return its rows (none for a statement without)."""
         import psycopg

@@ -6,9 +6,12 @@ of a throwaway PostgreSQL cluster on this machine (Debian's initdb/pg_ctl, its
 default durability, C{--fsync everysec}, i.e. C{synchronous_commit=off}).
 Pinned by default: primecount and the database on core 0, the load on core 1
 (C{--database-core any} lets the kernel place the database).
-Prints medians of the rounds: req/s, primecount's CPU per request, and for the
-table the rows/s, commits/s and rows per commit (from C{pg_stat_database});
-then each row's table / file ratio, of the medians and round by round.
+Prints medians of the rounds: req/s, primecount's CPU per request, PostgreSQL's
+(all its processes), and for the table the rows/s, commits/s and rows per
+commit (from C{pg_stat_database}); then each row's table / file ratio, of the
+medians and round by round, and, with the database on primecount's core, the
+ratio that core allows at the table's CPU per request, primecount's and
+PostgreSQL's together, if it were as busy as with the file.
 With C{--latency-only SECONDS}, each round also runs a third store: the table's
 code path, but the database writer only waits SECONDS per transaction and
 stores nothing (C{latencyonly/sitecustomize.py}): a database that costs no CPU,
@@ -74,6 +77,7 @@ def main() -> None:
     databaseCore = None if args.unpinned or args.database_core == "any" else args.database_core
     cluster = Cluster(binaries, prefix=pinned(databaseCore))
     cluster.start(durable=True)
+    postmaster = cluster.serverPid()
     results: dict[tuple[str, str], list[dict[str, float]]] = {}
     try:
         for round in range(1, args.rounds + 1):
@@ -88,10 +92,12 @@ def main() -> None:
                     server = startServer("primecount", workdir, args.shared, serverCore,
                                          options + extra + ["--records", records], environment=environment)
                     try:
-                        before, (commits0, rows0) = treeCpuSeconds(server.process.pid), counters(cluster, table)
+                        commits0, rows0 = counters(cluster, table)
+                        before, databaseBefore = treeCpuSeconds(server.process.pid), treeCpuSeconds(postmaster)
                         summary = runLoad(loadgen, server.port, load, args.duration, messages, clientCore)
                         time.sleep(0.2)
                         used = treeCpuSeconds(server.process.pid) - before
+                        databaseUsed = treeCpuSeconds(postmaster) - databaseBefore
                         commits1, rows1 = counters(cluster, table)
                     finally:
                         server.stop()
@@ -99,13 +105,14 @@ def main() -> None:
                         raise SystemExit(f"{summary['mismatches']} wrong replies")
                     requests = summary["rps"] * args.duration
                     figures = {"rps": summary["rps"], "cpu": used / requests * 1e6 if requests else float("nan"),
+                               "database": databaseUsed / requests * 1e6 if requests else float("nan"),
                                "errors": summary.get("errors_total", 0)}
                     if store == "postgresql":
                         figures.update(rows=(rows1 - rows0) / args.duration,
                                        commits=(commits1 - commits0) / args.duration)
                     results.setdefault((row, store), []).append(figures)
                     print(f"round {round} {row:<24} {store:<10} {figures['rps']:>9.0f} req/s "
-                          f"{figures['cpu']:>6.1f} µs CPU" + (f"  {figures['rows']:>8.0f} rows/s "
+                          f"{figures['cpu']:>6.1f} µs CPU, PostgreSQL {figures['database']:>5.1f}" + (f"  {figures['rows']:>8.0f} rows/s "
                           f"{figures['commits']:>7.0f} commits/s" if store == "postgresql" else ""),
                           file=sys.stderr, flush=True)
     finally:
@@ -115,12 +122,12 @@ def main() -> None:
                  f"primecount on core 0, PostgreSQL on {'any core' if databaseCore is None else 'core ' + databaseCore}"
                  ", load on core 1")
     print(f"\nmedians of {args.rounds} rounds, {args.duration:g} s each; {placement}; every reply verified")
-    print(f"{'row':<24} {'records':<11} {'req/s':>9} {'CPU µs/req':>11} {'rows/s':>9} {'commits/s':>10} "
-          f"{'rows/commit':>12}")
+    print(f"{'row':<24} {'records':<11} {'req/s':>9} {'CPU µs/req':>11} {'PG µs/req':>10} {'rows/s':>9} "
+          f"{'commits/s':>10} {'rows/commit':>12}")
     median = {key: {name: statistics.median(run[name] for run in runs) for name in runs[0]}
               for key, runs in results.items()}
     for (row, store), figures in median.items():
-        line = f"{row:<24} {store:<11} {figures['rps']:>9.0f} {figures['cpu']:>11.1f}"
+        line = f"{row:<24} {store:<11} {figures['rps']:>9.0f} {figures['cpu']:>11.1f} {figures['database']:>10.1f}"
         if store == "postgresql":
             line += (f" {figures['rows']:>9.0f} {figures['commits']:>10.0f} "
                      f"{figures['rows'] / figures['commits'] if figures['commits'] else float('nan'):>12.1f}")
@@ -135,6 +142,14 @@ def main() -> None:
                                                                               results[(row, "file")])]
                 print(f"{row}: {name} / file req/s {ratio:.2f}x" + (f" (target >= {target})" if name == "table" else "")
                       + f" (rounds {', '.join(f'{r:.2f}' for r in rounds)}; median {statistics.median(rounds):.2f})")
+        if databaseCore == "0" and (row, "postgresql") in median and (row, "file") in median:
+            file, table = median[(row, "file")], median[(row, "postgresql")]
+            busy = {name: store["rps"] * (store["cpu"] + store["database"]) / 1e6
+                    for name, store in (("file", file), ("table", table))}
+            print(f"{row}: primecount + PostgreSQL µs per request, table {table['cpu']:.1f} + {table['database']:.1f},"
+                  f" file {file['cpu']:.1f} + {file['database']:.1f}; core 0 busy {busy['table']:.0%} and"
+                  f" {busy['file']:.0%}; as busy as with the file, the table's CPU per request allows"
+                  f" {(file['cpu'] + file['database']) / (table['cpu'] + table['database']):.2f}x")
 
 
 if __name__ == "__main__":
