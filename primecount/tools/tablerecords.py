@@ -144,9 +144,9 @@ def _inOneSnapshot(connection: Any) -> Iterator[Snapshot]:
         yield _snapshot(connection)
 
 
-def _poll(connection: Any, table: str, horizon: FollowHorizon) -> tuple[Snapshot, list[Any], list[Any]]:
-    """One poll in one snapshot: the snapshot; the late rows (L{FollowHorizon.isLate}); the rows past the
-    cursor (each list in id order)."""
+def _poll(connection: Any, table: str, horizon: FollowHorizon, now: float) -> tuple[list[Any], list[Any]]:
+    """One poll in one snapshot, recorded in C{horizon} as made at C{now}: the late rows
+    (L{FollowHorizon.isLate}) and the rows past the cursor, each list in id order."""
     from psycopg import sql
 
     name = tableIdentifier(table)
@@ -162,7 +162,8 @@ def _poll(connection: Any, table: str, horizon: FollowHorizon) -> tuple[Snapshot
             ).fetchall()
         rows = connection.execute(sql.SQL("SELECT {} FROM {} WHERE id > %s ORDER BY id LIMIT %s").format(
             sql.SQL(COLUMNS), name), [horizon.cursor, READ_MOST]).fetchall()
-    return snapshot, late, rows
+    horizon.polled(snapshot, rows[-1][0] if rows else None, now)
+    return late, rows
 
 
 def _line(values: tuple[Any, ...]) -> str:
@@ -189,10 +190,9 @@ def follow(uri: str, table: str, out: TextIO, interval: float = 0.5, fromEnd: bo
                 tableIdentifier(table))).fetchone()[0] if fromEnd else 0
         horizon = FollowHorizon(start, snapshot, clock())
         while True:
-            snapshot, late, rows = _poll(connection, table, horizon)
+            late, rows = _poll(connection, table, horizon, clock())
             for values in late + rows:
                 out.write(_line(values))
             out.flush()
-            horizon.polled(snapshot, rows[-1][0] if rows else None, clock())
             if len(rows) < READ_MOST:
                 time.sleep(interval)
