@@ -40,8 +40,16 @@ ROWS = {"one-shot, 50 clients": (["--conns", "50"], []),
         "keep-alive, 50 clients": (["--conns", "50", "--keepalive"], ["--keep-alive"])}
 
 
-def counters(cluster: Cluster, table: str) -> tuple[int, int]:
-    """Transactions committed in the database so far, and rows in C{table} (0 before it exists)."""
+def counters(cluster: Cluster, table: str, afterDisconnect: bool = False) -> tuple[int, int]:
+    """Transactions committed in the database so far, and rows in C{table} (0 before it exists). A session
+    reports its commits to C{pg_stat_database} only now and then while it lives, and in full as it ends: with
+    C{afterDisconnect}, read once primecount's sessions have ended."""
+    deadline = time.monotonic() + 10
+    while afterDisconnect and cluster.query(
+            "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'primecount'")[0][0]:
+        if time.monotonic() > deadline:
+            raise SystemExit("primecount's database session outlived the server")
+        time.sleep(0.05)
     (commits,), = cluster.query("SELECT xact_commit FROM pg_stat_database WHERE datname = current_database()")
     exists = cluster.query("SELECT to_regclass(%s) IS NOT NULL", table)[0][0]
     rows = cluster.query(f'SELECT count(*) FROM "{table}"')[0][0] if exists else 0
@@ -98,9 +106,9 @@ def main() -> None:
                         time.sleep(0.2)
                         used = treeCpuSeconds(server.process.pid) - before
                         databaseUsed = treeCpuSeconds(postmaster) - databaseBefore
-                        commits1, rows1 = counters(cluster, table)
                     finally:
                         server.stop()
+                    commits1, rows1 = counters(cluster, table, afterDisconnect=True)
                     if summary["mismatches"]:
                         raise SystemExit(f"{summary['mismatches']} wrong replies")
                     requests = summary["rps"] * args.duration
@@ -112,8 +120,9 @@ def main() -> None:
                                        commits=(commits1 - commits0) / args.duration)
                     results.setdefault((row, store), []).append(figures)
                     print(f"round {round} {row:<24} {store:<10} {figures['rps']:>9.0f} req/s "
-                          f"{figures['cpu']:>6.1f} µs CPU, PostgreSQL {figures['database']:>5.1f}" + (f"  {figures['rows']:>8.0f} rows/s "
-                          f"{figures['commits']:>7.0f} commits/s" if store == "postgresql" else ""),
+                          f"{figures['cpu']:>6.1f} µs CPU, PostgreSQL {figures['database']:>5.1f}"
+                          + (f"  {figures['rows']:>8.0f} rows/s {figures['commits']:>7.0f} commits/s"
+                             if store == "postgresql" else ""),
                           file=sys.stderr, flush=True)
     finally:
         cluster.destroy()
