@@ -115,6 +115,20 @@ class Drain(Service):
         self._finish()
 
 
+def announceListening(reactor: Any, log: Logger, port: Any) -> None:
+    """Log the listening line for C{port} once the reactor runs: after L{ProcessSignals} has installed its
+    handlers (it asks for the same moment first), so that whoever waits for the line may send SIGTERM at once
+    and get the drain."""
+
+    def announce() -> None:
+        address = port.getHost()
+        # Tools and tests find the bound port from this event (its text is stable), not from Twisted's wording.
+        log.info("{event} {host} port {port}", event=LISTENING_EVENT, host=getattr(address, "host", address),
+                 port=getattr(address, "port", None))
+
+    reactor.callWhenRunning(announce)
+
+
 class Listener(Service):
     """Listens on an endpoint; on stop, first takes in the connections the kernel has already completed.
 
@@ -126,9 +140,10 @@ class Listener(Service):
 
     log = Logger()
 
-    def __init__(self, endpoint: Any, factory: Any) -> None:
+    def __init__(self, endpoint: Any, factory: Any, reactor: Any) -> None:
         self._endpoint = endpoint
         self._factory = factory
+        self._reactor = reactor
         self._listening: Optional[Deferred[Any]] = None
         self._port: Any = None
 
@@ -140,11 +155,12 @@ class Listener(Service):
     def startService(self) -> None:
         """Listen if not done yet, and say so.
 
-        The listening line comes only now, once the services before this one
-        (signals, records) have started as the service user: a records file
-        that user cannot open stops the start before primecount ever says it
-        listens, with or without C{--uid}, and whoever waits for that line can
-        rely on the records file and the signal handlers being in place.
+        The listening line comes only once the services before this one
+        (signals, records) have started as the service user and the reactor
+        runs: a records file that user cannot open stops the start before
+        primecount ever says it listens, with or without C{--uid}, and whoever
+        waits for that line can rely on the records file and the signal
+        handlers being in place (L{announceListening}).
         """
         super().startService()
         listenedBefore = self._port is not None
@@ -176,10 +192,7 @@ class Listener(Service):
         return port
 
     def _announce(self, port: Any) -> None:
-        address = port.getHost()
-        # Tools and tests find the bound port from this event (its text is stable), not from Twisted's wording.
-        self.log.info("{event} {host} port {port}", event=LISTENING_EVENT, host=getattr(address, "host", address),
-                      port=getattr(address, "port", None))
+        announceListening(self._reactor, self.log, port)
 
     def stopService(self) -> Deferred[None]:
         """Accept what the kernel has queued, then stop listening."""

@@ -349,7 +349,7 @@ def makeService(options: Options, reactor: Optional[Any] = None) -> IService:
     # Every request ends within --timeout of its connect, an ERROR's lingering close within
     # limits.linger after that; the extra second covers analysis and the record.
     Drain(factory, reactor, grace=options["timeout"] + limits.linger + 1).setServiceParent(top)
-    Listener(*_listening(options, reactor, factory, metrics)).setServiceParent(top)
+    Listener(*_listening(options, reactor, factory, metrics), reactor).setServiceParent(top)
     if options["worker-fd"] is None:  # a worker's readiness is its supervisor's business
         Readiness(reactor).setServiceParent(top)
     return top
@@ -402,7 +402,7 @@ def _supervisor(options: Options, reactor: Any) -> IService:
     endpoint = _portEndpoint(options, reactor)
     environ = dict(os.environ)
     folder = MetricsDirectory(environ) if options["metrics"] else None
-    shared = SharedSocket(endpoint)
+    shared = SharedSocket(endpoint, reactor)
     # Each worker drains within its own grace (--timeout, the linger, a second); then it is killed.
     pool = WorkerPool(reactor, count, partial(workerArguments, options), shared, environ,
                       grace=options["timeout"] + DEFAULTS.linger + 5,

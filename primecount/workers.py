@@ -29,7 +29,7 @@ from twisted.internet.protocol import Factory, ProcessProtocol, Protocol
 from twisted.logger import Logger, LogLevel
 from twisted.python.failure import Failure
 
-from primecount.lifecycle import LISTENING_EVENT, listenFailed
+from primecount.lifecycle import LISTENING_EVENT, announceListening, listenFailed
 
 TWISTD = [sys.executable, "-c", "from twisted.scripts.twistd import run; run()"]
 # The inherited listening socket's descriptor number in every worker.
@@ -68,8 +68,9 @@ class SharedSocket(Service):
 
     log = Logger()
 
-    def __init__(self, endpoint: Any) -> None:
+    def __init__(self, endpoint: Any, reactor: Any) -> None:
         self._endpoint = endpoint
+        self._reactor = reactor
         self._port: Any = None
 
     def privilegedStartService(self) -> None:
@@ -88,8 +89,7 @@ class SharedSocket(Service):
     def _listened(self, port: Any) -> None:
         port.stopReading()
         self._port = port
-        address = port.getHost()
-        self.log.info("{event} {host} port {port}", event=LISTENING_EVENT, host=address.host, port=address.port)
+        announceListening(self._reactor, self.log, port)
 
     @property
     def fileno(self) -> int:

@@ -221,13 +221,35 @@ class FakeEndpoint:
         return fail(self.error) if self.error else succeed(self.port)
 
 
+def runningReactor() -> MemoryReactorClock:
+    """A memory reactor that has started: what is asked for when it runs happens at once."""
+    reactor = MemoryReactorClock()
+    reactor.hasRun = True
+    return reactor
+
+
+def listeningEvents(test: SynchronousTestCase) -> list[dict]:
+    """The "primecount listening on" events logged from now until C{test} ends."""
+    from twisted.logger import globalLogPublisher
+
+    events: list[dict] = []
+
+    def observe(event: dict) -> None:
+        if event.get("event") == "primecount listening on":
+            events.append(event)
+
+    globalLogPublisher.addObserver(observe)
+    test.addCleanup(globalLogPublisher.removeObserver, observe)
+    return events
+
+
 class ListenerTests(SynchronousTestCase):
     """The listener takes in queued connections before it closes, and reports a failure to listen at once."""
 
     def test_acceptsQueuedBeforeClosing(self) -> None:
         """57 connections waiting in the kernel's queue are all accepted, then the port closes."""
         port = QueuedPort(57)
-        listener = Listener(FakeEndpoint(port), factory=None)
+        listener = Listener(FakeEndpoint(port), None, runningReactor())
         listener.privilegedStartService()
         listener.startService()
         self.successResultOf(listener.stopService())
@@ -237,18 +259,15 @@ class ListenerTests(SynchronousTestCase):
         """A port that cannot be bound stops the start with one line naming it, before the service runs."""
         from twisted.internet.error import CannotListenError
 
-        listener = Listener(FakeEndpoint(error=CannotListenError("", 5050, OSError("in use"))), factory=None)
+        listener = Listener(FakeEndpoint(error=CannotListenError("", 5050, OSError("in use"))), None,
+                            runningReactor())
         stopped = self.assertRaises(SystemExit, listener.privilegedStartService)
         self.assertEqual(str(stopped), "primecount: Couldn't listen on any:5050: in use.")
 
     def test_saysItListensOnlyOnceStarted(self) -> None:
         """Bound before privileges drop, the listener says it listens only when started, after the services
         before it: a records file the service user cannot open stops the start before any listening line."""
-        from twisted.logger import globalLogPublisher
-
-        events: list[dict] = []
-        globalLogPublisher.addObserver(events.append)
-        self.addCleanup(globalLogPublisher.removeObserver, events.append)
+        listening = listeningEvents(self)
 
         class FailingRecords(Service):
             """A records service whose file the service user cannot open."""
@@ -259,23 +278,40 @@ class ListenerTests(SynchronousTestCase):
 
         top = SequentialMultiService()
         FailingRecords().setServiceParent(top)
-        Listener(FakeEndpoint(QueuedPort(0)), factory=None).setServiceParent(top)
+        Listener(FakeEndpoint(QueuedPort(0)), None, runningReactor()).setServiceParent(top)
         top.privilegedStartService()
         self.assertRaises(SystemExit, top.startService)
-        listening = [e for e in events if e.get("event") == "primecount listening on"]
         self.assertEqual(listening, [])
 
     def test_saysItListensOnce(self) -> None:
         """Started with or without a privileged start, the listener says it listens exactly once."""
-        from twisted.logger import globalLogPublisher
-
         for privileged in (True, False):
-            events: list[dict] = []
-            globalLogPublisher.addObserver(events.append)
-            listener = Listener(FakeEndpoint(QueuedPort(0)), factory=None)
+            listening = listeningEvents(self)
+            listener = Listener(FakeEndpoint(QueuedPort(0)), None, runningReactor())
             if privileged:
                 listener.privilegedStartService()
-                self.assertEqual([e for e in events if e.get("event") == "primecount listening on"], [])
+                self.assertEqual(listening, [])
             listener.startService()
-            globalLogPublisher.removeObserver(events.append)
-            self.assertEqual(len([e for e in events if e.get("event") == "primecount listening on"]), 1, privileged)
+            self.assertEqual(len(listening), 1, privileged)
+
+    def test_saysItListensOnlyOnceSignalsAreHandled(self) -> None:
+        """Started before the reactor runs (as under twistd), the listener says it listens only once the reactor
+        runs, after the signal handlers are in: SIGTERM sent on seeing the line drains instead of killing."""
+        reactor = CallRecordingReactor()
+        for number in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            self.addCleanup(signal.signal, number, signal.getsignal(number))
+        listening = listeningEvents(self)
+        handlersWhenAnnounced: list[object] = []
+        top = SequentialMultiService()
+        signals = ProcessSignals(reactor)
+        signals.setServiceParent(top)
+        Listener(FakeEndpoint(QueuedPort(0)), None, reactor).setServiceParent(top)
+        top.privilegedStartService()
+        top.startService()
+        self.assertEqual(listening, [])
+        for hook, args, kwargs in reactor.whenRunningHooks:
+            hook(*args, **kwargs)
+            if listening and not handlersWhenAnnounced:
+                handlersWhenAnnounced.append(signal.getsignal(signal.SIGTERM))
+        self.assertEqual(len(listening), 1)
+        self.assertEqual(handlersWhenAnnounced, [signals._stop])

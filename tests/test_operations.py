@@ -75,6 +75,25 @@ class DrainTests(SynchronousTestCase):
         self.assertEqual({r.message for r in readRecords(records)}, answered)
 
 
+class StopAtOnceTests(SynchronousTestCase):
+    """Whoever waits for the listening line may send SIGTERM the moment it appears and still get the drain."""
+
+    def test_termOnTheListeningLine(self) -> None:
+        """Five starts, each sent SIGTERM as soon as it says it listens: each drains and exits 0."""
+        for start in range(5):
+            server = ServerProcess(os.path.abspath(self.mktemp()))
+            server.signal(signal.SIGTERM)
+            self.assertEqual(server.stop(), 0, server.log)
+            self.assertIn("received SIGTERM, draining and shutting down", server.log)
+
+    def test_supervisorTermOnTheListeningLine(self) -> None:
+        """With C{--workers 2}, SIGTERM on the supervisor's listening line: it stops its workers and exits 0."""
+        server = ServerProcess(os.path.abspath(self.mktemp()), "--workers", "2")
+        server.signal(signal.SIGTERM)
+        self.assertEqual(server.stop(), 0, server.log)
+        self.assertIn("received SIGTERM, draining and shutting down", server.log)
+
+
 class ReopenTests(SynchronousTestCase):
     """Rotation by rename + SIGHUP while clients run loses and repeats nothing."""
 
