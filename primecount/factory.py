@@ -20,6 +20,12 @@ from primecount.responder import Responder
 
 # Busy connections linger too, but only this many at once: past it a flood is closed outright.
 BUSY_LINGER_MAX = 1024
+# Why a connection was aborted, by its metrics label, as the log line says it.
+_ABORT_REASONS = {
+    "send_timeout": "their replies made no progress for {sendTimeout:g} s: their clients do not read",
+    "handshake_timeout": "their TLS handshake was not over within {timeout:g} s",
+    "close_timeout": "their TLS close was not over within {linger:g} s of the last reply",
+}
 
 
 class PrimeCountFactory(Factory):
@@ -51,7 +57,7 @@ class PrimeCountFactory(Factory):
         self._watched: set[Driven] = set()
         self._sendSweep: Optional[LoopingCall] = None
         self._listenerGone = False
-        self._abortLog = Throttle()
+        self._abortLogs: dict[str, Throttle] = {}
 
     def buildProtocol(self, addr: IAddress) -> Protocol:
         """A protocol for the connection from C{addr}, or a L{BusyProtocol} if it is over a limit."""
@@ -116,15 +122,17 @@ class PrimeCountFactory(Factory):
             self._sendSweep = None
 
     def aborted(self, protocol: Driven, reason: str) -> None:
-        """C{protocol} is aborted for C{reason} (its replies made no progress): counted, logged once a second."""
+        """C{protocol} is aborted for C{reason} (a label of L{ABORTED}): counted, logged once a second per reason."""
         self._watched.discard(protocol)
         self.metrics.connectionAborted(reason)
-        now = self.clock.seconds()
-        aborted = self._abortLog.event(now)
+        throttle = self._abortLogs.get(reason)
+        if throttle is None:
+            throttle = self._abortLogs[reason] = Throttle()
+        aborted = throttle.event(self.clock.seconds())
         if aborted is not None:
-            self.log.warn("aborted {aborted} connections whose replies made no progress for {seconds:g} s "
-                          "(last to {peer}): their clients do not read", aborted=aborted,
-                          seconds=self.limits.sendTimeout, peer=peerHost(protocol.transport.getPeer()))
+            self.log.warn("aborted {aborted} connections (last to {peer}): " + _ABORT_REASONS[reason],
+                          aborted=aborted, peer=peerHost(protocol.transport.getPeer()),
+                          sendTimeout=self.limits.sendTimeout, timeout=self.limits.timeout, linger=self.limits.linger)
 
     def connectionOpened(self, protocol: PrimeCountProtocol) -> None:
         """Count C{protocol} as open."""

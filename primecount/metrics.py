@@ -17,7 +17,7 @@ from primecount import __version__
 OUTCOMES = ("ok", "empty_message", "invalid_utf8", "line_too_long", "timeout", "storage_unavailable",
             "internal_error", "busy")
 WITHOUT_REQUEST = ("empty", "health_check", "untrusted", "malformed", "incomplete", "timeout")
-ABORTED = ("send_timeout",)
+ABORTED = ("send_timeout", "handshake_timeout", "close_timeout")
 
 
 class NoMetrics:
@@ -40,7 +40,9 @@ class NoMetrics:
         """A connection got C{ERROR busy} for being over C{limit} (C{total} or C{per_address})."""
 
     def connectionAborted(self, reason: str) -> None:
-        """A connection was aborted (reset) instead of closed: C{send_timeout}, its output made no progress."""
+        """A connection was aborted (reset) instead of closed: C{send_timeout}, its output made no progress;
+        C{handshake_timeout}, its TLS handshake did not finish within the request deadline; C{close_timeout}, its
+        TLS close was not over within the linger time."""
 
     def recordsWritten(self, count: int) -> None:
         """C{count} records reached the records file."""
@@ -82,7 +84,9 @@ class PrometheusMetrics(NoMetrics):
             ["reason"], registry=self.registry)
         self._aborted = Counter(
             "primecount_connections_aborted", "Connections aborted instead of closed, by reason (send_timeout: "
-            "their queued output made no progress for --send-timeout seconds).", ["reason"], registry=self.registry)
+            "their queued output made no progress for --send-timeout seconds; handshake_timeout: their TLS "
+            "handshake did not finish within --timeout; close_timeout: their TLS close was not over within the "
+            "linger time).", ["reason"], registry=self.registry)
         self._written = Counter("primecount_records_written", "Records appended to the records file.",
                                 registry=self.registry)
         self._writeErrors = Counter("primecount_record_write_errors",

@@ -6,7 +6,9 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Callable, Optional, Sequence
 
-from twisted.internet.interfaces import IAddress, IDelayedCall, IHalfCloseableProtocol, IPushProducer, IReactorTime
+from twisted.internet.interfaces import (
+    IAddress, IDelayedCall, IHalfCloseableProtocol, IHandshakeListener, IPushProducer, IReactorTime,
+)
 from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 from zope.interface import implementer
@@ -19,6 +21,7 @@ from primecount.internals import closeNow, readWaiting, sendNow
 from primecount.limits import canonicalHost
 from primecount.metrics import NoMetrics
 from primecount.responder import Responder
+from primecount.tls import tlsLayer
 
 if TYPE_CHECKING:
     from primecount.factory import PrimeCountFactory
@@ -33,11 +36,23 @@ def peerHost(address: IAddress) -> str:
     return canonicalHost(host) if host else str(address)
 
 
-@implementer(IHalfCloseableProtocol, IPushProducer)
+@implementer(IHalfCloseableProtocol, IPushProducer, IHandshakeListener)
 class Driven(Protocol):
-    """A protocol that feeds a L{Connection} and carries out its actions on the transport and the clock."""
+    """A protocol that feeds a L{Connection} and carries out its actions on the transport and the clock.
+
+    Over TLS it also bounds what the TLS layer waits for: Twisted's TLS holds
+    every write until the handshake is over, and a close until the client
+    answers it, so the handshake must finish within the request deadline and a
+    close be over within the linger time (else the connection is aborted), and
+    an ERROR is never followed by a TCP half-close under the TLS layer.
+    """
 
     factory: "PrimeCountFactory"
+    _tls: object = None  # the TLS layer under the transport, if any
+    _handshaking = False  # over TLS: the handshake is not over yet
+    _closeAsked = False
+    _gone = False
+    _tlsTimer: Optional[IDelayedCall] = None
 
     def __init__(self, connection: Connection, clock: IReactorTime, responder: Optional[Responder] = None) -> None:
         self._connection = connection
@@ -91,6 +106,9 @@ class Driven(Protocol):
             self._unregister()
             self._cancelTimers()
             closeNow(self.transport)  # at once if all was sent: connectionLost may run within this call
+            if self._tls is not None:
+                self._closeAsked = True
+                self._boundTLSClose()
         elif action is PAUSE:
             self.transport.pauseProducing()
         elif action is RESUME:
@@ -99,9 +117,14 @@ class Driven(Protocol):
             self._unregister()
             self.transport.loseWriteConnection()
         elif kind is Abort:
-            self._cancelTimers()
-            self.factory.aborted(self, action.reason)
-            self.transport.abortConnection()
+            self._abort(action.reason)
+
+    def _abort(self, reason: str) -> None:
+        """Reset the connection at once, counted and logged by the factory under C{reason}."""
+        self._cancelTimers()
+        self._cancelTLSTimer()
+        self.factory.aborted(self, reason)
+        self.transport.abortConnection()
 
     def _finished(self, replies: Sequence[tuple[wire.Reply, float]]) -> None:
         """Replies went out (with when their requests began)."""
@@ -118,6 +141,47 @@ class Driven(Protocol):
                     call.cancel()
             self._timers.clear()
 
+    def _cancelTLSTimer(self) -> None:
+        if self._tlsTimer is not None:
+            if self._tlsTimer.active():
+                self._tlsTimer.cancel()
+            self._tlsTimer = None
+
+    # Over TLS: the handshake within the request deadline, the close within the linger time.
+
+    def _watchHandshake(self) -> None:
+        """Note a TLS layer under the transport; if this protocol is connected before its handshake, the
+        handshake must be over by the request deadline."""
+        tls = self._tls = tlsLayer(self.transport)
+        if tls is not None and tls.wrappedProtocol is self:  # type: ignore[attr-defined]
+            self._handshaking = True
+            self._tlsTimer = self._clock.callLater(self._connection.limits.timeout, self._tlsTimedOut,
+                                                   "handshake_timeout")
+
+    def handshakeCompleted(self) -> None:
+        """The TLS handshake is over: what was written meanwhile goes out now; a close asked meanwhile starts."""
+        self._handshaking = False
+        self._cancelTLSTimer()
+        if self._closeAsked:
+            self._boundTLSClose()
+
+    def _boundTLSClose(self) -> None:
+        """The TLS layer closes once its writes are out and the client answers its close_notify: give that the
+        linger time (the handshake's own deadline covers the wait before it); with no linger time (a flood of
+        refusals), abort now."""
+        if self._gone:
+            return
+        linger = self._connection.limits.linger
+        if linger <= 0:
+            self._tlsTimedOut("close_timeout")
+        elif not self._handshaking and self._tlsTimer is None:
+            self._tlsTimer = self._clock.callLater(linger, self._tlsTimedOut, "close_timeout")
+
+    def _tlsTimedOut(self, reason: str) -> None:
+        self._tlsTimer = None
+        if not self._gone:
+            self._abort(reason)
+
     def _timerFired(self, timer: Timer) -> None:
         del self._timers[timer]
         self._run(self._connection.timerFired(timer, self._clock.seconds()))
@@ -128,7 +192,9 @@ class Driven(Protocol):
         self._start()
 
     def _start(self, waiting: bytes = b"") -> None:
-        canHalfClose = hasattr(self.transport, "loseWriteConnection")
+        self._watchHandshake()
+        # A half-close under a TLS layer would end the TCP stream without TLS's close_notify, cutting the reply.
+        canHalfClose = self._tls is None and hasattr(self.transport, "loseWriteConnection")
         self._run(self._connection.start(self._clock.seconds(), canHalfClose, waiting))
 
     def dataReceived(self, data: bytes) -> None:
@@ -160,8 +226,10 @@ class Driven(Protocol):
 
     def connectionLost(self, reason: object = None) -> None:
         """The connection is gone: nothing more is sent, and no timer is left."""
+        self._gone = True
         self._connection.lost()
         self._cancelTimers()
+        self._cancelTLSTimer()
 
 
 class BusyProtocol(Driven):

@@ -9,7 +9,11 @@ OpenSSL has them.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Optional
+
+from twisted.internet.interfaces import IOpenSSLContextFactory
+from twisted.protocols.policies import ProtocolWrapper
+from zope.interface import implementer
 
 # https://ssl-config.mozilla.org/ "intermediate", version 5.7: the TLS 1.2 suites, in its order.
 MOZILLA_INTERMEDIATE = ":".join([
@@ -31,8 +35,10 @@ def cipherProblem(ciphers: str) -> str | None:
     return None
 
 
+@implementer(IOpenSSLContextFactory)
 class _RestrictedCiphers:
-    """An old-style TLS context factory: another one's context, with its TLS 1.2 cipher list replaced."""
+    """A TLS context factory (declared as one, so that Twisted does not warn of a legacy factory at every
+    start): another one's context, with its TLS 1.2 cipher list replaced."""
 
     def __init__(self, contextFactory: Any, ciphers: str) -> None:
         self._contextFactory = contextFactory
@@ -57,3 +63,20 @@ def withCiphers(endpoint: Any, ciphers: str) -> Any:
     """
     endpoint._sslContextFactory = _RestrictedCiphers(endpoint._sslContextFactory, ciphers)
     return endpoint
+
+
+def tlsLayer(transport: Any) -> Optional[Any]:
+    """The TLS layer (Twisted's C{TLSMemoryBIOProtocol}) a connection's transport runs over, under any wrapping
+    layers such as the PROXY-header reader; C{None} for plain TCP, at the cost of one C{isinstance}."""
+    if not isinstance(transport, ProtocolWrapper):
+        return None
+    try:
+        from twisted.protocols.tls import TLSMemoryBIOProtocol
+    except ImportError:  # without pyOpenSSL no TLS port can exist
+        return None
+    layer = transport
+    while isinstance(layer, ProtocolWrapper):
+        if isinstance(layer, TLSMemoryBIOProtocol):
+            return layer
+        layer = layer.transport
+    return None

@@ -11,11 +11,12 @@ import ssl
 import subprocess
 import sys
 import time
+from typing import Any
 
 from twisted.trial.unittest import SynchronousTestCase
 
 from primecount.tools.serverprocess import ServerProcess
-from tests.helpers import expectedReply, requireTool
+from tests.helpers import expectedReply, requireTool, scrape
 
 
 def selfSignedCertificate(folder: str) -> tuple[str, str]:
@@ -187,3 +188,194 @@ class WithoutTLSSupportTests(SynchronousTestCase):
         self.assertTrue(result.stdout.startswith("--port: 'ssl:5051:privateKey=key.pem:certKey=cert.pem' needs TLS "
                                                  "support, which is not installed"), result.stdout)
         self.assertIn("pip install 'primecount[tls]'", result.stdout)
+
+
+class InMemoryTLS:
+    """A primecount factory behind Twisted's own TLS layer on a L{StringTransport}, with a pyOpenSSL client
+    driven by hand: the bytes each side sends are moved only when L{pump} is called."""
+
+    def __init__(self, test: SynchronousTestCase, limits: Any = None, maxConnections: int = 100) -> None:
+        from OpenSSL import SSL
+        from twisted.internet.address import IPv4Address
+        from twisted.internet.ssl import DefaultOpenSSLContextFactory
+        from twisted.internet.task import Clock
+        from twisted.protocols.tls import TLSMemoryBIOFactory
+
+        from primecount.connection import RequestLimits
+        from primecount.factory import PrimeCountFactory
+        from primecount.limits import ConnectionLimits
+        from primecount.responder import Responder
+        from tests.helpers import HalfCloseTransport, InlineThreads, MemoryRecords, RecordingMetrics
+
+        folder = os.path.abspath(test.mktemp())
+        os.makedirs(folder)
+        key, certificate = selfSignedCertificate(folder)
+        self.clock, self.metrics = Clock(), RecordingMetrics()
+        self.limits = limits or RequestLimits(timeout=5.0, quiet=0)
+        factory = PrimeCountFactory(self.limits, self.clock, Responder(self.clock, InlineThreads(), MemoryRecords()),
+                                    self.metrics, ConnectionLimits(maxConnections, 0))
+        tlsFactory = TLSMemoryBIOFactory(DefaultOpenSSLContextFactory(key, certificate), False, factory, self.clock)
+        self.transport = HalfCloseTransport(peerAddress=IPv4Address("TCP", "192.0.2.9", 40000))
+        self.server = tlsFactory.buildProtocol(self.transport.getPeer())
+        self.server.makeConnection(self.transport)
+        self.client = SSL.Connection(SSL.Context(SSL.TLS_METHOD), None)
+        self.client.set_connect_state()
+        self.received = b""
+        self.closeNotified = False
+
+    def pump(self, send: bytes = b"") -> None:
+        """Move bytes both ways until neither side has more; C{send} goes out once the handshake allows."""
+        from OpenSSL import SSL
+
+        pending = send
+        for _ in range(20):
+            try:
+                self.client.do_handshake()
+                if pending:
+                    self.client.send(pending)
+                    pending = b""
+            except SSL.WantReadError:
+                pass
+            try:
+                toServer = self.client.bio_read(65536)
+            except SSL.WantReadError:
+                toServer = b""
+            if toServer and not self.transport.disconnecting:
+                self.server.dataReceived(toServer)
+            self.clock.advance(0)
+            toClient = self.transport.value()
+            self.transport.clear()
+            if toClient:
+                self.client.bio_write(toClient)
+                self._read()
+            if not toServer and not toClient:
+                return
+
+    def _read(self) -> None:
+        from OpenSSL import SSL
+
+        while True:
+            try:
+                self.received += self.client.recv(65536)
+            except SSL.ZeroReturnError:
+                self.closeNotified = True
+                return
+            except SSL.Error:
+                return
+
+
+class TLSLayerTests(SynchronousTestCase):
+    """Over Twisted's TLS layer, byte by byte: a refusal waits for the handshake and is read whole, nothing
+    half-closes the TCP stream under TLS, and the handshake and the close are bounded."""
+
+    def test_busyReadAfterHandshake(self) -> None:
+        """A connection over the limit gets C{ERROR busy} once its handshake is over, then TLS's close_notify;
+        the TCP stream is never half-closed under it."""
+        tls = InMemoryTLS(self, maxConnections=0)
+        tls.pump()
+        self.assertEqual((tls.received, tls.closeNotified), (b"ERROR busy\n", True))
+        self.assertFalse(tls.transport.writeClosed, "a half-close under TLS cuts the reply")
+
+    def test_errorReplyEndsWithCloseNotify(self) -> None:
+        """An ERROR over TLS (an empty line) arrives whole, followed by close_notify, not by a bare TCP FIN."""
+        tls = InMemoryTLS(self)
+        tls.pump(b"\n")
+        self.assertEqual((tls.received, tls.closeNotified), (b"ERROR empty message\n", True))
+        self.assertFalse(tls.transport.writeClosed)
+
+    def test_handshakeWithinTheRequestDeadline(self) -> None:
+        """A client that never finishes its handshake is aborted at the request deadline, and counted."""
+        tls = InMemoryTLS(self)
+        tls.clock.advance(tls.limits.timeout - 0.01)
+        self.assertFalse(tls.transport.disconnected)
+        tls.clock.advance(0.01)
+        self.assertTrue(tls.transport.disconnected)
+        self.assertIn(("connectionAborted", "handshake_timeout"), tls.metrics.events)
+
+    def test_closeWithinTheLinger(self) -> None:
+        """After the reply and close_notify, a client that never answers them is aborted after the linger time;
+        the handshake's deadline no longer applies once it is over."""
+        tls = InMemoryTLS(self)
+        tls.pump(b"abc2a\n")
+        self.assertEqual((tls.received, tls.closeNotified), (expectedReply("abc2a"), True))
+        tls.clock.advance(tls.limits.linger - 0.01)
+        self.assertFalse(tls.transport.disconnected)
+        tls.clock.advance(0.01)
+        self.assertTrue(tls.transport.disconnected)
+        self.assertIn(("connectionAborted", "close_timeout"), tls.metrics.events)
+        self.assertNotIn(("connectionAborted", "handshake_timeout"), tls.metrics.events)
+
+    def test_answeredCloseIsNotAborted(self) -> None:
+        """A client that answers close_notify is closed cleanly (its TCP connection closed, not reset)."""
+        tls = InMemoryTLS(self)
+        tls.pump(b"abc2a\n")
+        tls.client.shutdown()
+        tls.pump()
+        self.assertTrue(tls.transport.disconnecting)
+        tls.server.connectionLost(None)
+        tls.clock.advance(60)
+        self.assertFalse(tls.transport.disconnected)
+        self.assertEqual([e for e in tls.metrics.events if e[0] == "connectionAborted"], [])
+
+
+class RefusedOverTLSTests(SynchronousTestCase):
+    """A real twistd on an ssl: port at its connection limit: refused clients read C{ERROR busy}, nothing is
+    logged as a traceback, and a client that never handshakes is closed by the request deadline."""
+
+    def test_refusedClientsReadBusy(self) -> None:
+        """With both slots held, 20 more TLS clients each read C{ERROR busy}; no traceback is logged; a raw TCP
+        connect that never handshakes is closed within the deadline and counted."""
+        import threading
+
+        folder = os.path.abspath(self.mktemp())
+        os.makedirs(folder)
+        key, certificate = selfSignedCertificate(folder)
+        server = ServerProcess(os.path.join(folder, "records.txt"), "--max-connections", "3", "--max-per-ip", "0",
+                               "--timeout", "2", "--metrics", "tcp:0:interface=127.0.0.1",
+                               port=f"ssl:0:interface=127.0.0.1:privateKey={key}:certKey={certificate}")
+        metricsPort = int(server.waitFor(rb"Site starting on (\d+)").group(1))
+        context = ssl.create_default_context(cafile=certificate)
+        held = []
+        try:
+            silent = socket.create_connection(("127.0.0.1", server.port), timeout=10)  # never handshakes
+            held.append(silent)
+            for _ in range(2):
+                raw = socket.create_connection(("127.0.0.1", server.port), timeout=10)
+                held.append(context.wrap_socket(raw, server_hostname="localhost"))
+            replies: list[bytes] = []
+
+            def refused() -> None:
+                with socket.create_connection(("127.0.0.1", server.port), timeout=10) as raw:
+                    with context.wrap_socket(raw, server_hostname="localhost") as connection:
+                        connection.sendall(b"hello\n")
+                        received = b""
+                        while True:
+                            try:
+                                chunk = connection.recv(100)
+                            except ssl.SSLZeroReturnError:
+                                break
+                            if not chunk:
+                                break
+                            received += chunk
+                        replies.append(received)
+
+            threads = [threading.Thread(target=refused) for _ in range(20)]
+            for thread in threads:
+                thread.start()
+            for thread in threads:
+                thread.join(30)
+            self.assertEqual(replies, [b"ERROR busy\n"] * 20)
+            try:
+                ended = silent.recv(100)
+            except ConnectionResetError:  # aborted: nothing could be said to a client that is not yet on TLS
+                ended = b""
+            self.assertEqual(ended, b"", "the silent client is closed by the deadline")
+            aborted = scrape(metricsPort)['primecount_connections_aborted_total{reason="handshake_timeout"}']
+            self.assertGreaterEqual(aborted, 1)
+        finally:
+            for connection in held:
+                connection.close()
+            status = server.stop()
+        self.assertEqual(status, 0, server.log)
+        self.assertNotIn("Traceback", server.log)
+        self.assertNotIn("Unhandled Error", server.log)
