@@ -43,10 +43,15 @@ class ProcessSignals(Service):
         signal.signal(signal.SIGHUP, self._hangUp)
 
     def _stop(self, number: int, frame: Optional[FrameType]) -> None:
+        self.stop(f"received {signal.Signals(number).name}")
+
+    def stop(self, why: str) -> None:
+        """Stop the reactor (every service stops in order: the drain, then the records) for the reason C{why},
+        once; safe from a signal handler."""
         if self._stopping:
             return
         self._stopping = True
-        self.log.info("received {signal}, draining and shutting down", signal=signal.Signals(number).name)
+        self.log.info("{why}, draining and shutting down", why=why)
         self._reactor.callFromThread(self._reactor.stop)
 
     def _hangUp(self, number: int, frame: Optional[FrameType]) -> None:

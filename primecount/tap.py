@@ -23,7 +23,9 @@ from primecount.limits import ConnectionLimits, raiseFileLimit
 from primecount.lifecycle import Drain, Listener, ProcessSignals, SequentialMultiService
 from primecount.metrics import NoMetrics, PrometheusMetrics, workersRegistry
 from primecount.metricsendpoint import MetricsSite
-from primecount.workers import WORKER_FD, MetricsDirectory, SharedSocket, WorkerPool, cpuCount, socketFamily
+from primecount.workers import (
+    WORKER_FD, MetricsDirectory, SharedSocket, SupervisorWatch, WorkerPool, cpuCount, socketFamily,
+)
 from primecount.connection import RequestLimits
 from primecount.factory import PrimeCountFactory
 from primecount.proxied import LOOPBACK, ProxiedFactory, listensBeyondLoopback, parseNetworks
@@ -333,7 +335,10 @@ def makeService(options: Options, reactor: Optional[Any] = None) -> IService:
             # For contrib/bench/workers_scaling.py only: what the multi-writer append protocol costs.
             shared=os.environ.get(UNLOCKED_APPEND_SWITCH) != "1",
         )
-    ProcessSignals(reactor, onHangUp=records.reopen).setServiceParent(top)
+    signals = ProcessSignals(reactor, onHangUp=records.reopen)
+    signals.setServiceParent(top)
+    if options["worker-fd"] is not None:
+        SupervisorWatch(reactor, signals.stop).setServiceParent(top)
     records.setServiceParent(top)
     if options["metrics"]:
         strports.service(options["metrics"], MetricsSite(metrics.registry, reactor), reactor=reactor).setServiceParent(top)

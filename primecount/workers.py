@@ -10,6 +10,9 @@ records file (one C{write(2)} per batch on an C{O_APPEND} file, so lines never
 interleave). The supervisor relays the workers' logs, forwards SIGHUP, drains
 them all on SIGTERM, restarts one that dies with a growing delay, and serves
 C{/metrics} summed over all of them (C{prometheus_client}'s multiprocess mode).
+A worker whose supervisor dies (even by C{kill -9}) sees its standard input,
+the supervisor's pipe, end: it drains and exits, so that nothing is left
+holding the port (L{SupervisorWatch}).
 """
 
 from __future__ import annotations
@@ -23,11 +26,14 @@ from typing import Any, Callable, Optional, Sequence
 
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred, DeferredList, succeed
+from twisted.internet import fdesc
 from twisted.internet.error import ProcessExitedAlready
-from twisted.internet.interfaces import IDelayedCall
+from twisted.internet.interfaces import IDelayedCall, IReadDescriptor
+from twisted.internet.main import CONNECTION_DONE
 from twisted.internet.protocol import Factory, ProcessProtocol, Protocol
 from twisted.logger import Logger, LogLevel
 from twisted.python.failure import Failure
+from zope.interface import implementer
 
 from primecount.lifecycle import LISTENING_EVENT, announceListening, listenFailed
 
@@ -281,3 +287,74 @@ class MetricsDirectory(Service):
         super().stopService()
         if self.path is not None:
             shutil.rmtree(self.path, ignore_errors=True)
+
+
+@implementer(IReadDescriptor)
+class _EndOfInput:
+    """Reads a pipe only to learn that its writer is gone (the end of input); anything read is dropped."""
+
+    def __init__(self, fd: int, ended: Callable[[], None]) -> None:
+        self._fd = fd
+        self._ended = ended
+
+    def fileno(self) -> int:
+        """The pipe's descriptor."""
+        return self._fd
+
+    def doRead(self) -> Any:
+        """Drop what the pipe holds; at its end, say so (the reactor then stops reading it and calls
+        L{connectionLost})."""
+        try:
+            if os.read(self._fd, 4096):
+                return None
+        except BlockingIOError:
+            return None
+        except OSError:
+            pass
+        return CONNECTION_DONE
+
+    def connectionLost(self, reason: Failure) -> None:
+        """The pipe ended (epoll reports a hang-up without calling L{doRead}): tell whoever waits."""
+        self._ended()
+
+    def logPrefix(self) -> str:
+        """How the reactor names it in a log."""
+        return "supervisor pipe"
+
+
+class SupervisorWatch(Service):
+    """In a worker: the supervisor holds the other end of the worker's standard input, which the kernel closes
+    when the supervisor dies, however it dies. At that end of input the worker stops as on SIGTERM (drains,
+    records, exits), within a reactor turn, so that a restart of the service can bind the port at once."""
+
+    log = Logger()
+
+    def __init__(self, reactor: Any, stop: Callable[[str], None], fd: int = 0,
+                 silence: Callable[[], None] = lambda: _writeNowhere(1, 2)) -> None:
+        self._reactor = reactor
+        self._stop = stop
+        self._silence = silence
+        self._reader = _EndOfInput(fd, self._supervisorGone)
+
+    def startService(self) -> None:
+        """Watch the pipe."""
+        super().startService()
+        fdesc.setNonBlocking(self._reader.fileno())
+        self._reactor.addReader(self._reader)
+
+    def stopService(self) -> None:
+        """Stop watching."""
+        super().stopService()
+        self._reactor.removeReader(self._reader)
+
+    def _supervisorGone(self) -> None:
+        self._reactor.removeReader(self._reader)  # gone already when the reactor reported the end
+        self._silence()  # the log went to the supervisor's pipe, which is gone: write nowhere, not fail at each line
+        self._stop("the supervisor is gone (its pipe closed)")
+
+
+def _writeNowhere(*fds: int) -> None:
+    """Point C{fds} at the null device."""
+    with open(os.devnull, "wb") as nowhere:
+        for fd in fds:
+            os.dup2(nowhere.fileno(), fd)

@@ -279,3 +279,55 @@ class TwistdWorkersTests(SynchronousTestCase):
         self.assertEqual(scraped[0]["primecount_connections_total"], len(answered))
 
 
+
+    @slow
+    def test_deadSupervisorsWorkersLeaveThePort(self) -> None:
+        """kill -9 of the supervisor under load: both workers drain and exit by themselves, every answer they
+        gave is recorded, and a new server binds the same port at once."""
+        server = self.start("--workers", "2")
+        workers = self.workerPids(server).values()
+        threading.Timer(0.5, server.process.kill).start()
+        answered = self.load(server.port, 1.5, clients=4)
+        server.process.wait(10)
+        waitUntil(lambda: not any(map(running, workers)), seconds=10, what="the workers to exit")
+        self.assertEqual(set(answered) - set(self.recorded(server.records)), set())
+        self.assertGreater(len(answered), 50)
+        again = ServerProcess(os.path.abspath(self.mktemp()), port=f"tcp:{server.port}:interface=127.0.0.1")
+        self.addCleanup(again.stop)
+        self.assertEqual(ask(again.port, b"again\n"), expectedReply("again"))
+
+
+def running(pid: int) -> bool:
+    """Whether process C{pid} exists and has not ended (a zombie waiting for its parent has ended)."""
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+class SupervisorWatchTests(SynchronousTestCase):
+    """A worker learns of its supervisor's death from the end of its standard input, and stops."""
+
+    def test_stopsAtTheEndOfInput(self) -> None:
+        """Bytes on the pipe change nothing; its end stops the worker once, and the pipe is no longer read."""
+        from twisted.internet.main import CONNECTION_DONE
+        from twisted.internet.testing import MemoryReactor
+
+        from primecount.workers import SupervisorWatch
+
+        reading, writing = os.pipe()
+        self.addCleanup(os.close, reading)
+        reactor, stops = MemoryReactor(), []
+        watch = SupervisorWatch(reactor, stops.append, fd=reading, silence=lambda: None)
+        watch.startService()
+        (reader,) = reactor.getReaders()
+        os.write(writing, b"anything")
+        self.assertIsNone(reader.doRead())
+        self.assertIsNone(reader.doRead())  # nothing left to read: not an end
+        os.close(writing)
+        self.assertIs(reader.doRead(), CONNECTION_DONE)  # the reactor then removes it and calls connectionLost
+        self.assertEqual(stops, [])
+        reader.connectionLost(Failure(CONNECTION_DONE))
+        self.assertEqual(stops, ["the supervisor is gone (its pipe closed)"])
+        self.assertEqual(reactor.getReaders(), [])
