@@ -16,6 +16,10 @@ nothing another live writer is writing is ever touched. The lock is only
 tried, never waited for on the reactor thread: a writer that finds it held
 retries on a short timer, and after L{LOCK_WAIT_SECONDS} answers C{ERROR
 storage unavailable}.
+
+A file removed (or replaced at its path) while open would swallow every later
+batch: the C{fstat} under the lock, and one more after each write, see that the
+open file has no name left, and the batch goes to a new file at the path.
 """
 
 from __future__ import annotations
@@ -47,6 +51,8 @@ LOCK_WAIT_SECONDS = 1.0
 # The first retry comes on the reactor's next turn (a peer holds the lock for one write(2), microseconds);
 # the second LOCK_RETRY_SECOND later, each after that twice as long as the one before, up to LOCK_RETRY_MAX.
 LOCK_RETRY_SECOND, LOCK_RETRY_MAX = 0.0005, 0.05
+# How many times one append follows the records file to a new one when it keeps being removed under it.
+REMOVED_RETRIES = 3
 
 
 def _inline(function: Callable[..., Any], *args: Any) -> Deferred:
@@ -97,6 +103,15 @@ def _createAside(path: str, mode: int) -> tuple[str, int]:
 
 class LockBusy(Exception):
     """Another process holds the records file's lock: try again soon."""
+
+
+class FileRemoved(Exception):
+    """The open records file has no name left (removed, or replaced at its path by another file); C{written}
+    says whether the batch being appended went into it before that was seen."""
+
+    def __init__(self, written: bool) -> None:
+        super().__init__(written)
+        self.written = written
 
 
 class FileOperations:
@@ -284,21 +299,57 @@ class RecordsService(Service):
         (see L{primecount.responder.RecordSink.gathering})."""
 
     def _append(self, data: bytes) -> None:
-        """Append C{data} with the multi-writer protocol (or, unshared, as it is)."""
-        target = self._file
-        if target is None:
-            raise OSError(errno.EBADF, "records file is closed")
-        if not self._shared:
-            self._writeAll(target.fd, data, self._ops.fstat(target.fd).st_size)
-            return
+        """Append C{data} to the file at the path: with the multi-writer protocol (or, unshared, as it is), in a
+        new file there if the open one was removed."""
+        for _ in range(REMOVED_RETRIES):
+            target = self._file
+            if target is None:
+                raise OSError(errno.EBADF, "records file is closed")
+            try:
+                self._appendTo(target, data)
+                return
+            except FileRemoved as removed:
+                self._replaceRemoved(target, removed.written, data.count(b"\n"))
+        raise OSError(errno.ENOENT, f"records file removed {REMOVED_RETRIES} times during one append")
+
+    def _appendTo(self, target: _OpenFile, data: bytes) -> None:
+        """Append C{data} to C{target}; L{FileRemoved} if it has no name left, seen before the write or after it.
+
+        Checked under the lock with the C{fstat} the append takes anyway, and
+        once more after the write: a file removed at any moment before this
+        returns (so before the batch's replies) is never the only home of its
+        records.
+        """
+        ops = self._ops
 
         def appendUnderLock(status: os.stat_result) -> None:
-            # Still where our own last append ended: nobody wrote since, and the file ends in our newline.
-            end = status.st_size if status.st_size == target.end else self._cutTornTail(target.fd, status)
+            if status.st_nlink == 0:
+                raise FileRemoved(written=False)
+            if not self._shared:
+                end = status.st_size
+            else:
+                # Still where our own last append ended: nobody wrote since, and the file ends in our newline.
+                end = status.st_size if status.st_size == target.end else self._cutTornTail(target.fd, status)
             self._writeAll(target.fd, data, end)
             target.end = end + len(data)
+            if target.regular and ops.fstat(target.fd).st_nlink == 0:
+                raise FileRemoved(written=True)
 
-        self._locked(target, appendUnderLock)
+        if self._shared:
+            self._locked(target, appendUnderLock)
+        else:
+            appendUnderLock(ops.fstat(target.fd))
+
+    def _replaceRemoved(self, removed: _OpenFile, written: bool, count: int) -> None:
+        """The open file lost its name: continue in a new file at the path (logged once per removal)."""
+        self._file = _OpenFile(openRecordsFile(self.path))
+        self._unsynced = False
+        removed.close()  # nobody can read it any more: no fsync
+        self.log.warn(
+            "records file {path} was removed or replaced while open; appending to a new file at {path} from now on"
+            "{rewritten}", path=self.path,
+            rewritten=f" ({count} records just written to the removed file are written again there)" if written else "",
+        )
 
     def _locked(self, target: _OpenFile, action: Callable[[os.stat_result], object]) -> None:
         """Run C{action} with the file's status while holding its lock; L{LockBusy} if another process holds

@@ -141,6 +141,53 @@ class ReopenTests(SynchronousTestCase):
         self.assertTrue(all(os.path.getsize(f) for f in files), "every rotated file received records")
 
 
+class RemovedRecordsFileTests(SynchronousTestCase):
+    """An C{rm} of the records file under load loses nothing answered after it: the server notices before its
+    next batch, says so once, and writes to a new file at the path."""
+
+    @slow
+    def test_removedUnderLoad(self) -> None:
+        """Four client threads run while the records file is removed twice: every request sent after the last
+        removal and answered is in the new file, once; the removals are logged, one line each."""
+        import time
+
+        records = os.path.abspath(self.mktemp())
+        server = ServerProcess(records)
+        replied: list[tuple[float, str]] = []
+        stop = threading.Event()
+
+        def client(number: int) -> None:
+            for i in range(1_000_000):
+                if stop.is_set():
+                    return
+                message, sentAt = f"rm {number}-{i}", time.monotonic()
+                if ask(server.port, message.encode() + b"\n") == expectedReply(message):
+                    replied.append((sentAt, message))
+
+        threads = [threading.Thread(target=client, args=(n,)) for n in range(4)]
+        for thread in threads:
+            thread.start()
+        try:
+            for removal in (1, 2):
+                waitUntil(lambda: len(replied) >= 500 * removal, what="client progress")
+                os.remove(records)
+                removedAt = time.monotonic()
+            waitUntil(lambda: len(replied) >= 1500, what="client progress")
+        finally:
+            stop.set()
+            for thread in threads:
+                thread.join(30)
+            status = server.stop()
+        self.assertEqual(status, 0, server.log)
+        stored = Counter(r.message for r in readRecords(records))
+        after = {message for sentAt, message in replied if sentAt > removedAt}
+        self.assertGreater(len(after), 100)
+        self.assertEqual(after - set(stored), set(), "answered after the removal, and not in the file")
+        self.assertEqual(max(stored.values()), 1)
+        self.assertEqual(set(stored) - {message for _, message in replied}, set(), "nothing unanswered")
+        self.assertEqual(server.log.count("was removed or replaced while open"), 2, server.log)
+
+
 class DaemonTests(SynchronousTestCase):
     """Classic daemon mode: twistd forks, writes its pidfile, and removes it on SIGTERM."""
 

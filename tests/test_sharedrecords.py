@@ -315,6 +315,131 @@ class ModelTests(SharedFileTestCase):
             self.assertTrue(any(fragment in whole for whole in unanswered), fragment)
 
 
+class RemovedFileTests(SharedFileTestCase):
+    """A records file removed (or replaced) under its writers at any moment: nothing acknowledged after that is
+    left only in the removed file; a rename (logrotate's way) is followed only on SIGHUP, as before."""
+
+    def test_removedBetweenBatches(self) -> None:
+        """The batch after an C{rm} goes to a new file at the path, and the removal is logged once."""
+        writer = self.writer()
+        self.successResultOf(writer.write([record("before")]))
+        os.remove(self.path)
+        self.successResultOf(writer.write([record("after")]))
+        self.successResultOf(writer.write([record("later")]))
+        self.assertEqual(self.messages(), ["after", "later"])
+        self.assertEqual(len([w for w in self.warnings if "was removed or replaced" in w["log_format"]]), 1)
+
+    def test_removedBetweenStatusAndWrite(self) -> None:
+        """Removed after the writer looked at the file and before it wrote: the batch is in the new file."""
+        ops = HookedOperations()
+        writer = self.writer(ops)
+
+        def before(name: str) -> None:
+            if name == "write":
+                ops.before = lambda name: None
+                os.remove(self.path)
+
+        ops.before = before
+        self.successResultOf(writer.write([record("raced")]))
+        self.assertEqual(self.messages(), ["raced"])
+
+    def test_removedJustAfterTheWrite(self) -> None:
+        """Removed once the batch is written, before its replies: it is written again in the new file, once."""
+        ops = HookedOperations()
+        writer = self.writer(ops)
+
+        def writeThenRemove(fd: int, data: bytes) -> int:
+            written = os.write(fd, data)
+            del ops.write  # once
+            os.remove(self.path)
+            return written
+
+        ops.write = writeThenRemove  # type: ignore[method-assign]
+        self.successResultOf(writer.write([record("one"), record("two")]))
+        self.assertEqual(self.messages(), ["one", "two"])
+        self.assertEqual(writer._file.end, os.path.getsize(self.path))  # type: ignore[union-attr]
+
+    def test_replacedByAnotherFile(self) -> None:
+        """Another file moved over the path: later records are appended to it, after its own lines."""
+        writer = self.writer()
+        self.successResultOf(writer.write([record("old")]))
+        other = os.path.join(self.folder, "other.txt")
+        with open(other, "w", encoding="utf-8") as file:
+            file.write(TSV.format(record("theirs")))
+        os.rename(other, self.path)
+        self.successResultOf(writer.write([record("new")]))
+        self.assertEqual(self.messages(), ["theirs", "new"])
+
+    def test_twoWritersBothFollow(self) -> None:
+        """Two writers on the removed file each move to the one new file at the path, nothing cut or glued."""
+        first, second = self.writer(), self.writer()
+        os.remove(self.path)
+        self.successResultOf(first.write([record("a")]))
+        self.successResultOf(second.write([record("b")]))
+        self.successResultOf(first.write([record("c")]))
+        self.assertEqual(self.messages(), ["a", "b", "c"])
+
+    def test_renameIsFollowedOnlyOnHangUp(self) -> None:
+        """A renamed file still has a name: records go on into it until C{reopen}, as logrotate expects."""
+        writer = self.writer()
+        os.rename(self.path, self.path + ".1")
+        self.successResultOf(writer.write([record("rotated")]))
+        self.assertFalse(os.path.exists(self.path))
+        writer.reopen()
+        self.successResultOf(writer.write([record("fresh")]))
+        self.assertEqual(self.messages(), ["fresh"])
+        with open(self.path + ".1", encoding="utf-8") as file:
+            self.assertEqual([r.message for r in parseRecords(file)], ["rotated"])
+
+    def test_unreachablePathIsUnavailable(self) -> None:
+        """Removed along with its folder: the batch is refused (ERROR storage unavailable), not lost."""
+        writer = self.writer()
+        os.remove(self.path)
+        os.rmdir(self.folder)
+        self.failureResultOf(writer.write([record("nowhere")]), StorageUnavailable)
+
+    @settings(max_examples=60, deadline=None)
+    @given(st.lists(st.tuples(st.integers(0, 1), st.integers(1, 3), st.integers(-1, 6), st.booleans()),
+                    min_size=1, max_size=20))
+    def test_removalsAnywhere(self, steps: list[tuple[int, int, int, bool]]) -> None:
+        """Two writers append while the file is removed, or replaced by another, between any two of their file
+        operations: every record acknowledged since the last removal is in the file at the path exactly once."""
+        self.setUp()
+        operations = [HookedOperations() for _ in range(2)]
+        writers = [self.writer(ops) for ops in operations]
+        removals, acknowledged = [0], []
+        counter = iter(range(10_000))
+        replacement = os.path.join(self.folder, "replacement.txt")
+
+        def remove(replace: bool) -> None:
+            removals[0] += 1
+            if replace:
+                with open(replacement, "w", encoding="utf-8") as file:
+                    file.write(TSV.format(record(f"replacement-{removals[0]}")))
+                os.rename(replacement, self.path)
+            elif os.path.exists(self.path):
+                os.remove(self.path)
+
+        for index, size, removeAt, replace in steps:
+            ops, seen = operations[index], [0]
+
+            def before(name: str) -> None:
+                seen[0] += 1
+                if seen[0] == removeAt + 1:
+                    remove(replace)
+
+            ops.before = before
+            messages = [f"w{index}-{next(counter)}" for _ in range(size)]
+            result = writers[index].write([record(m) for m in messages])
+            ops.before = lambda name: None
+            self.assertIsNone(self.successResultOf(result))
+            acknowledged += [(m, removals[0]) for m in messages]
+        stored = self.messages() if os.path.exists(self.path) else []
+        since = [m for m, removal in acknowledged if removal == removals[0]]
+        self.assertEqual(sorted(m for m in stored if not m.startswith("replacement-")), sorted(since))
+        self.assertEqual(len(stored), len(set(stored)), "nothing twice")
+
+
 class JSONLInterleavingTests(InterleavingTests):
     """The same interleavings with JSON lines."""
 
