@@ -77,12 +77,13 @@ class Send(NamedTuple):
     """Write C{data}: the replies C{finished} (each with when its request began; those worth counting), in
     order. C{closing} when these are the last bytes: a close or a lingering close follows;
     C{watch} when output was not queued before: call L{Connection.sendChecked} now and then until it has left
-    (the send deadline)."""
+    (the send deadline); C{errors} when one of C{finished} is an C{ERROR} (every one is logged)."""
 
     data: bytes
     finished: Sequence[tuple[wire.Reply, float]]
     closing: bool = False
     watch: bool = False
+    errors: bool = False
 
 
 class Ask(NamedTuple):
@@ -446,16 +447,18 @@ class Connection:
         data: list[bytes] = []
         finished: list[tuple[wire.Reply, float]] = []
         count = self._heard or not self._readClosed  # a connect and close is counted when gone, not logged
-        oneShot, take = self._oneShot, ready.pop
+        oneShot, take, errors = self._oneShot, ready.pop, False
         while (reply := take(sequence, None)) is not None:
             startedAt = startedAts.popleft()
             sequence += 1
             data.append(reply.data)
             if count:
                 finished.append((reply, startedAt))
+                if reply.isError:
+                    errors = True
             if reply.closes or oneShot:
                 self._firstSequence = sequence
-                self._send(data, finished, now, closing=True)
+                self._send(data, finished, now, True, errors)
                 if self.phase is not ANSWERING:
                     self._enter(ANSWERING)
                 startedAts.clear()
@@ -467,7 +470,7 @@ class Connection:
                 return
         self._firstSequence = sequence
         if data:
-            self._send(data, finished, now)
+            self._send(data, finished, now, False, errors)
         if startedAts:
             if self._paused:
                 self._release(now)
@@ -481,7 +484,7 @@ class Connection:
                 self._release(now)
 
     def _send(self, data: list[bytes], finished: list[tuple[wire.Reply, float]], now: float,
-              closing: bool = False) -> None:
+              closing: bool = False, errors: bool = False) -> None:
         joined = data[0] if len(data) == 1 else b"".join(data)
         if finished:
             self._counted = True
@@ -492,7 +495,7 @@ class Connection:
             self._sentAtProgress = self._written
             self._progressAt = now
         self._written += len(joined)
-        self._actions.append(_make(Send, (joined, finished, closing, watch)))
+        self._actions.append(_make(Send, (joined, finished, closing, watch, errors)))
 
     # Reading held: at the pipeline bound until half of it has drained, and while writes are blocked.
 

@@ -6,14 +6,14 @@ from __future__ import annotations
 from typing import Callable, Optional
 
 from twisted.internet.defer import Deferred, succeed
-from twisted.internet.interfaces import IAddress, IReactorTime, ITransport
+from twisted.internet.interfaces import IAddress, IDelayedCall, IReactorTime, ITransport
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
 from primecount.connection import RequestLimits
 from primecount.internals import queuedBytes
-from primecount.limits import ConnectionLimits, Throttle
+from primecount.limits import SUMMARY_SOURCES, ConnectionLimits, Summary, SummaryLine, Throttle
 from primecount.metrics import NoMetrics
 from primecount.protocol import BusyProtocol, Driven, PrimeCountProtocol, peerHost
 from primecount.responder import Responder
@@ -58,6 +58,8 @@ class PrimeCountFactory(Factory):
         self._sendSweep: Optional[LoopingCall] = None
         self._listenerGone = False
         self._abortLogs: dict[str, Throttle] = {}
+        self._errorReplies = Summary()
+        self._errorFlush: Optional[IDelayedCall] = None
 
     def buildProtocol(self, addr: IAddress) -> Protocol:
         """A protocol for the connection from C{addr}, or a L{BusyProtocol} if it is over a limit."""
@@ -133,6 +135,37 @@ class PrimeCountFactory(Factory):
             self.log.warn("aborted {aborted} connections (last to {peer}): " + _ABORT_REASONS[reason],
                           aborted=aborted, peer=peerHost(protocol.transport.getPeer()),
                           sendTimeout=self.limits.sendTimeout, timeout=self.limits.timeout, linger=self.limits.linger)
+
+    def errorReplied(self, reply: str, peer: str) -> None:
+        """The reply C{reply} (an C{ERROR}) went to C{peer}: logged at once if it is the first of its kind for
+        a second, otherwise counted into one line per kind a second later (L{Summary})."""
+        line = self._errorReplies.event(reply, peer, self.clock.seconds())
+        if line is not None:
+            self._logErrorReplies(line)
+        if self._errorFlush is None:
+            due = self._errorReplies.due()
+            if due is not None:
+                self._errorFlush = self.clock.callLater(max(0.0, due - self.clock.seconds()), self.flushLogs)
+
+    def flushLogs(self, everything: bool = False) -> None:
+        """Log the summaries whose second is over (C{everything}: all that wait, as the drain ends)."""
+        if self._errorFlush is not None and self._errorFlush.active():
+            self._errorFlush.cancel()
+        self._errorFlush = None
+        for line in self._errorReplies.flush(self.clock.seconds(), everything):
+            self._logErrorReplies(line)
+        due = self._errorReplies.due()
+        if due is not None:
+            self._errorFlush = self.clock.callLater(max(0.0, due - self.clock.seconds()), self.flushLogs)
+
+    def _logErrorReplies(self, line: SummaryLine) -> None:
+        if line.count == 1:
+            self.log.info("{reply} to {peer}", reply=line.kind, peer=line.lastSource)
+        else:
+            self.log.info("{reply} to {count} requests in {seconds:.1f} s from {sources} addresses (last {peer})",
+                          reply=line.kind, count=line.count, seconds=line.seconds,
+                          sources=f"{line.sources}+" if line.sources >= SUMMARY_SOURCES else line.sources,
+                          peer=line.lastSource)
 
     def connectionOpened(self, protocol: PrimeCountProtocol) -> None:
         """Count C{protocol} as open."""

@@ -102,10 +102,12 @@ class Drain(Service):
         return self._idle
 
     def _finish(self, _: object = None) -> None:
-        """Stop waiting: cancel the pending timer and fire the stop, once."""
+        """Stop waiting: cancel the pending timer, log what the connections' summaries still hold, and fire the
+        stop, once."""
         if self._timer is not None and self._timer.active():
             self._timer.cancel()
         if not self._idle.called:
+            self._connections.flushLogs(everything=True)
             self._idle.callback(None)
 
     def _abortRemaining(self) -> None:

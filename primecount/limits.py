@@ -51,6 +51,64 @@ class Throttle:
         return count
 
 
+class SummaryLine(NamedTuple):
+    """What one summary line says of one kind of event: how many there were over how many seconds, from how
+    many sources (at most L{SUMMARY_SOURCES} are told apart), and the last source."""
+
+    kind: str
+    count: int
+    seconds: float
+    sources: int
+    lastSource: str
+
+
+# Distinct sources counted per kind and interval; a flood from more is reported as at least this many.
+SUMMARY_SOURCES = 1000
+
+
+class Summary:
+    """Events that clients cause at will, by kind (an ERROR reply's text), summarised so that each kind takes
+    at most one line per C{interval}: the first of a quiet spell is told at once, the rest of its interval
+    as one line with their count once the interval is over (L{flush}), whether or not more come."""
+
+    def __init__(self, interval: float = 1.0) -> None:
+        self._interval = interval
+        self._toldAt: dict[str, float] = {}
+        # Kind -> [count, distinct sources, last source], for events not yet told.
+        self._pending: dict[str, list] = {}
+
+    def event(self, kind: str, source: str, now: float) -> Optional[SummaryLine]:
+        """One event of C{kind} from C{source}: the line to log now, or C{None} (it waits for L{flush})."""
+        pending = self._pending.get(kind)
+        if pending is None:
+            if now - self._toldAt.get(kind, float("-inf")) >= self._interval:
+                self._toldAt[kind] = now
+                return SummaryLine(kind, 1, 0.0, 1, source)
+            pending = self._pending[kind] = [0, set(), source]
+        pending[0] += 1
+        if len(pending[1]) < SUMMARY_SOURCES:
+            pending[1].add(source)
+        pending[2] = source
+        return None
+
+    def due(self) -> Optional[float]:
+        """When the next waiting line is due (C{None} if nothing waits)."""
+        if not self._pending:
+            return None
+        return min(self._toldAt[kind] for kind in self._pending) + self._interval
+
+    def flush(self, now: float, everything: bool = False) -> list[SummaryLine]:
+        """The waiting lines whose interval is over (C{everything}: all of them, as when stopping)."""
+        lines = []
+        for kind, (count, sources, last) in list(self._pending.items()):
+            toldAt = self._toldAt[kind]
+            if everything or now - toldAt >= self._interval:
+                del self._pending[kind]
+                self._toldAt[kind] = now
+                lines.append(SummaryLine(kind, count, now - toldAt, len(sources), last))
+        return lines
+
+
 class ConnectionLimits:
     """Counts open connections in all and per client address, refusing those over either limit."""
 

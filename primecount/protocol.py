@@ -79,7 +79,7 @@ class Driven(Protocol):
                     kind = type(action)
                     if kind is Send:
                         sendNow(self.transport, action.data)
-                        if action.finished and self._counting:
+                        if action.errors or (self._counting and action.finished):
                             self._finished(action.finished)
                         if action.watch:
                             self.factory.watchSending(self)
@@ -283,11 +283,14 @@ class PrimeCountProtocol(Driven):
         self._run(self._connection.answered(replies, self._clock.seconds()))
 
     def _finished(self, replies: Sequence[tuple[wire.Reply, float]]) -> None:
+        """Count the replies; log each with C{--log-requests}, otherwise only the C{ERROR}s, summarised."""
         metrics, now, logRequests = self.factory.metrics, self._clock.seconds(), self._limits.logRequests
         for reply, startedAt in replies:
-            if logRequests or reply.isError:
+            if logRequests:
                 self.log.info("{kind}{reply} to {peer}", kind="" if reply.isError else "reply ",
                               reply=reply.text, peer=self._peer)
+            elif reply.isError:
+                self.factory.errorReplied(reply.text, self._peer)
             metrics.requestFinished(reply.outcome, now - startedAt)
 
     def stopTakingRequests(self) -> None:

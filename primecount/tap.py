@@ -166,7 +166,8 @@ class Options(usage.Options):
     )
     optFlags = [
         ["worker-metrics", None, "Internal, set by --workers: keep metrics for the supervisor to sum."],
-        ["log-requests", None, "Log every connection and reply, not only errors (costly under load)."],
+        ["log-requests", None, "Log every connection and reply, one line each (costly under load); without it, "
+         "ERROR replies are logged as a summary, at most a line a second per kind, with their count."],
         ["keep-alive", None, "Let a connection carry any number of requests, pipelined or one by one, "
          "instead of closing after the first reply."],
     ]

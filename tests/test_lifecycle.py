@@ -131,6 +131,10 @@ class FakeConnections:
         self.openCount = 0
         self.idle.callback(None)
 
+    def flushLogs(self, everything: bool = False) -> None:
+        """Remember that the drain asked for every summary still waiting."""
+        self.flushed = everything
+
 
 class DrainTests(SynchronousTestCase):
     """Stopping waits for open connections, at most C{grace} seconds."""
@@ -150,6 +154,7 @@ class DrainTests(SynchronousTestCase):
         self.successResultOf(stopped)
         self.assertEqual(clock.getDelayedCalls(), [])
         self.assertFalse(connections.aborted)
+        self.assertTrue(connections.flushed, "the summaries still waiting are logged before the stop goes on")
 
     def test_abortsAfterGrace(self) -> None:
         """Connections still open after the grace period are aborted."""

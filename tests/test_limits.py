@@ -8,7 +8,10 @@ from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
-from primecount.limits import FD_HEADROOM, ConnectionLimits, FileLimit, Throttle, canonicalHost, raiseFileLimit
+from primecount.limits import (
+    FD_HEADROOM, SUMMARY_SOURCES, ConnectionLimits, FileLimit, Summary, SummaryLine, Throttle, canonicalHost,
+    raiseFileLimit,
+)
 from primecount.connection import RequestLimits
 from primecount.factory import PrimeCountFactory
 from primecount.protocol import BusyProtocol, PrimeCountProtocol
@@ -42,6 +45,52 @@ class ThrottleTests(SynchronousTestCase):
         """The first event logs; those within the second wait; the next after it logs them all."""
         throttle = Throttle(1.0)
         self.assertEqual([throttle.event(t) for t in (0.0, 0.1, 0.5, 1.0, 1.2, 5.0)], [1, None, None, 3, None, 2])
+
+
+class SummaryTests(SynchronousTestCase):
+    """Events of each kind take at most one line per interval, and every event is told in some line."""
+
+    def test_firstAtOnceRestWhenTheIntervalEnds(self) -> None:
+        """The first event of a kind is told at once; the rest of its second as one line once it is over, with
+        the count, the seconds, how many sources and the last one; another kind has its own second."""
+        summary = Summary(1.0)
+        self.assertEqual(summary.event("ERROR timeout", "a", 10.0), SummaryLine("ERROR timeout", 1, 0.0, 1, "a"))
+        self.assertIsNone(summary.event("ERROR timeout", "b", 10.2))
+        self.assertIsNone(summary.event("ERROR timeout", "b", 10.4))
+        self.assertEqual(summary.event("ERROR busy", "c", 10.5), SummaryLine("ERROR busy", 1, 0.0, 1, "c"))
+        self.assertEqual(summary.due(), 11.0)
+        self.assertEqual(summary.flush(10.9), [])
+        self.assertEqual(summary.flush(11.0), [SummaryLine("ERROR timeout", 2, 1.0, 1, "b")])
+        self.assertIsNone(summary.due())
+        self.assertIsNone(summary.event("ERROR timeout", "d", 11.5), "within a second of the last line")
+        self.assertEqual(summary.flush(11.5, everything=True), [SummaryLine("ERROR timeout", 1, 0.5, 1, "d")])
+
+    def test_everyEventToldOnce(self) -> None:
+        """However events and flushes interleave, the counts of all lines add up to the events, and no kind
+        gets two lines within an interval."""
+        import random
+
+        randomly = random.Random(7)
+        summary, told, now = Summary(1.0), [], 0.0
+        for _ in range(5000):
+            now += randomly.random() * 0.01
+            line = summary.event(randomly.choice("xyz"), str(randomly.randrange(50)), now)
+            told += [(line, now)] if line else []
+            if randomly.random() < 0.05:
+                told += [(line, now) for line in summary.flush(now)]
+        self.assertEqual(sum(line.count for line, _ in told + [(line, now) for line in summary.flush(now, True)]), 5000)
+        for kind in "xyz":
+            times = [at for line, at in told if line.kind == kind]
+            self.assertTrue(all(later - earlier >= 1.0 for earlier, later in zip(times, times[1:])), kind)
+
+    def test_sourcesBounded(self) -> None:
+        """A flood from many sources keeps at most L{SUMMARY_SOURCES} of them apart."""
+        summary = Summary(1.0)
+        summary.event("k", "first", 0.0)
+        for n in range(SUMMARY_SOURCES * 3):
+            summary.event("k", str(n), 0.5)
+        (line,) = summary.flush(1.0)
+        self.assertEqual((line.count, line.sources), (SUMMARY_SOURCES * 3, SUMMARY_SOURCES))
 
 
 class ConnectionLimitsTests(SynchronousTestCase):

@@ -1,11 +1,14 @@
 """Byte-level tests of L{primecount.protocol} over L{StringTransport} and a L{Clock}."""
 
+from twisted.internet.task import Clock
+from twisted.logger import Logger, formatEvent
 from twisted.trial.unittest import SynchronousTestCase
 
-from twisted.logger import Logger, formatEvent
-
 from primecount.connection import Connection, RequestLimits
-from tests.helpers import ProtocolHarness
+from primecount.factory import PrimeCountFactory
+from primecount.metrics import NoMetrics
+from primecount.responder import Responder
+from tests.helpers import InlineThreads, MemoryRecords, ProtocolHarness, RecordingMetrics
 
 ABC2A = "2 sí\n".encode()
 
@@ -266,9 +269,9 @@ class LoggingTests(SynchronousTestCase):
     """Errors are always logged with the peer; connections and replies only with C{logRequests}."""
 
     def capture(self, harness: ProtocolHarness) -> list[dict]:
-        """Route the protocol's log events into a list."""
+        """Route the protocol's and its factory's log events into a list."""
         events: list[dict] = []
-        harness.protocol.log = Logger(observer=events.append)
+        harness.protocol.log = harness.factory.log = Logger(observer=events.append)
         return events
 
     def test_errorLoggedWithPeer(self) -> None:
@@ -277,6 +280,29 @@ class LoggingTests(SynchronousTestCase):
         events = self.capture(harness)
         harness.send(b"\n")
         self.assertEqual([(e["reply"], e["peer"]) for e in events], [("ERROR empty message", "198.51.100.9")])
+
+    def test_errorsSummarisedPerReply(self) -> None:
+        """Without C{--log-requests} each ERROR reply is logged, as a summary: the first of a second at once,
+        the others of that second as one line with their count, whether or not another comes; an answer is
+        not logged; the same with or without metrics."""
+        for metrics in (NoMetrics(), RecordingMetrics()):
+            clock = Clock()
+            factory = PrimeCountFactory(RequestLimits(), clock, Responder(clock, InlineThreads(), MemoryRecords()),
+                                        metrics)
+            events: list[dict] = []
+            factory.log = Logger(observer=events.append)
+            for peer, payload in [("192.0.2.1", b"\n"), ("192.0.2.2", b"\n"), ("192.0.2.3", b"abc\n"),
+                                  ("192.0.2.2", b"\xff\n"), ("192.0.2.4", b"\n")]:
+                ProtocolHarness(peer=peer, factory=factory).send(payload)
+                clock.advance(0)  # the factory's own clock runs the responder's turn
+            clock.advance(0.5)
+            self.assertEqual([formatEvent(e) for e in events],
+                             ["ERROR empty message to 192.0.2.1", "ERROR invalid UTF-8 to 192.0.2.2"])
+            clock.advance(0.5)
+            self.assertEqual([formatEvent(e) for e in events[2:]],
+                             ["ERROR empty message to 2 requests in 1.0 s from 2 addresses (last 192.0.2.4)"])
+            clock.advance(10)
+            self.assertEqual(len(events), 3, "nothing more to tell")
 
     def test_quietByDefault(self) -> None:
         """By default an answered request logs nothing (the record is its trace)."""
@@ -405,7 +431,7 @@ class EmptyConnectionTests(SynchronousTestCase):
         """A client that stays silent until the deadline is still logged and counted as a timeout."""
         harness = ProtocolHarness(RequestLimits(timeout=1))
         events: list[dict] = []
-        harness.protocol.log = Logger(observer=events.append)
+        harness.factory.log = Logger(observer=events.append)
         harness.clock.advance(1.1)
         self.assertEqual([e["reply"] for e in events], ["ERROR timeout"])
         self.assertIn(("requestFinished", "timeout", 1.1), [e[:2] + (round(e[2], 3),) if len(e) == 3 else e

@@ -226,6 +226,31 @@ class PerAddressCapTests(SynchronousTestCase):
         self.assertIn("answered ERROR busy to 1 connections (last from 127.0.0.1)", server.log)
 
 
+class ErrorLoggingTests(SynchronousTestCase):
+    """Every ERROR reply is logged, the same way with and without C{--metrics}: summarised per reply, at most a
+    line a second each, the counts adding up to what was sent."""
+
+    def test_floodSummarised(self) -> None:
+        """100 each of empty lines, invalid UTF-8 and lines too long, one connection each: the log's counts for
+        each reply add up to 100, in at most a line per second of the flood (and one more), with or without
+        metrics."""
+        import re
+
+        for extra in ([], ["--metrics", "tcp:0:interface=127.0.0.1"]):
+            server = ServerProcess(os.path.abspath(self.mktemp()), "--max-line", "10", "--max-per-ip", "0", *extra)
+            started = time.monotonic()
+            try:
+                for payload in (b"\n", b"\xff\n", b"x" * 20 + b"\n") * 100:
+                    ask(server.port, payload, halfClose=True)
+                elapsed = time.monotonic() - started
+            finally:
+                self.assertEqual(server.stop(), 0, server.log)
+            for reply in ("ERROR empty message", "ERROR invalid UTF-8", "ERROR line too long (max 10 bytes)"):
+                lines = re.findall(rf"{re.escape(reply)} to (?:(\d+) requests|127\.0\.0\.1$)", server.log, re.M)
+                self.assertEqual(sum(int(count or 1) for count in lines), 100, (extra, reply, server.log))
+                self.assertLessEqual(len(lines), elapsed + 2, (extra, reply))
+
+
 class StorageFaultTests(SynchronousTestCase):
     """A failing records device gets ERROR storage unavailable, one log line, and recovers after SIGHUP."""
 
