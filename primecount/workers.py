@@ -95,7 +95,13 @@ class SharedSocket(Service):
     def _listened(self, port: Any) -> None:
         port.stopReading()
         self._port = port
-        announceListening(self._reactor, self.log, port)
+
+    def startService(self) -> None:
+        """Say that the service listens: now, in the started order, so that the signal handlers of the services
+        before this one are asked for first (L{announceListening})."""
+        super().startService()
+        if self._port is not None:
+            announceListening(self._reactor, self.log, self._port)
 
     @property
     def fileno(self) -> int:

@@ -213,6 +213,16 @@ class QueuedPort:
         self.listening = False
 
 
+class ReadingPort(QueuedPort):
+    """A port the supervisor stops reading from at once."""
+
+    def __init__(self) -> None:
+        super().__init__(0)
+
+    def stopReading(self) -> None:
+        """Stop accepting."""
+
+
 class FakeEndpoint:
     """An endpoint whose listen gives C{port}, or fails with C{error}."""
 
@@ -314,6 +324,29 @@ class ListenerTests(SynchronousTestCase):
         top.privilegedStartService()
         top.startService()
         self.assertEqual(listening, [])
+        for hook, args, kwargs in reactor.whenRunningHooks:
+            hook(*args, **kwargs)
+            if listening and not handlersWhenAnnounced:
+                handlersWhenAnnounced.append(signal.getsignal(signal.SIGTERM))
+        self.assertEqual(len(listening), 1)
+        self.assertEqual(handlersWhenAnnounced, [signals._stop])
+
+    def test_supervisorSaysItListensOnlyOnceSignalsAreHandled(self) -> None:
+        """The supervisor's shared socket, bound in the privileged start (before any service has started), also
+        says it listens only after the signal handlers are in."""
+        from primecount.workers import SharedSocket
+
+        reactor = CallRecordingReactor()
+        for number in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            self.addCleanup(signal.signal, number, signal.getsignal(number))
+        listening = listeningEvents(self)
+        handlersWhenAnnounced: list[object] = []
+        top = SequentialMultiService()
+        signals = ProcessSignals(reactor)
+        signals.setServiceParent(top)
+        SharedSocket(FakeEndpoint(ReadingPort()), reactor).setServiceParent(top)
+        top.privilegedStartService()
+        top.startService()
         for hook, args, kwargs in reactor.whenRunningHooks:
             hook(*args, **kwargs)
             if listening and not handlersWhenAnnounced:
