@@ -50,6 +50,19 @@ class RequestLimits(NamedTuple):
 LINGER_MAX_BYTES = 1 << 20
 
 
+class BufferBudget:
+    """How many request bytes every connection of a process may hold at once, in all (the parts of lines not
+    yet ended, and lines received while reading is held), and how many they hold now. A connection whose new
+    bytes would take the total past C{limit} is answered C{ERROR busy}; a line that arrives whole in one read
+    is never held, so it never counts."""
+
+    __slots__ = ("limit", "held")
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.held = 0
+
+
 class Phase(enum.Enum):
     """Where a connection's input stands."""
 
@@ -139,14 +152,17 @@ class Connection:
 
     __slots__ = (
         "limits", "_canHalfClose", "_refusal", "_lowWater", "phase", "requests", "_nextSequence", "_startedAts",
-        "_ready", "_firstSequence", "_oneShot", "_pipeline", "_partial", "_partialSize", "_unread", "_startedAt", "_due", "_armed", "_readClosed",
+        "_ready", "_firstSequence", "_oneShot", "_pipeline", "_partial", "_partialSize", "_unread", "_budget",
+        "_startedAt", "_due", "_armed", "_readClosed",
         "_writesBlocked", "_draining", "_paused", "_heard", "_counted", "_discarded", "_written", "_watching",
         "_sentAtProgress", "_progressAt", "_actions",
     )
 
-    def __init__(self, limits: RequestLimits, refusal: Optional[str] = None) -> None:
+    def __init__(self, limits: RequestLimits, refusal: Optional[str] = None,
+                 budget: Optional[BufferBudget] = None) -> None:
         """With C{refusal}, answer only C{ERROR <refusal>} at L{start}, read nothing, and close (a connection
-        over a limit)."""
+        over a limit). With C{budget}, the bytes held count against it (shared with the process's other
+        connections)."""
         self.limits = limits
         self._canHalfClose = True
         self._refusal = refusal
@@ -160,9 +176,12 @@ class Connection:
         self._firstSequence = 0
         self._oneShot = not limits.keepAlive
         self._pipeline = limits.pipeline
-        self._partial: list[bytes] = []  # the current line, unjoined until its newline (joining per chunk is quadratic)
+        # The current line so far: extended in place (amortised, never quadratic), so that it costs about a
+        # byte per byte held however small the reads that brought it.
+        self._partial = bytearray()
         self._partialSize = 0
         self._unread = b""  # bytes received while framing was held (the pipeline bound), not yet framed
+        self._budget = budget
         self._startedAt = 0.0  # when the request being read began (phase REQUEST)
         self._due: list[Optional[float]] = [None, None, None]  # when each timer should fire, by Timer
         self._armed: list[Optional[float]] = [None, None, None]  # when the timer asked for will fire
@@ -205,7 +224,7 @@ class Connection:
         phase = self.phase
         if phase is REQUEST or phase is BETWEEN:
             if self._paused:
-                self._unread += data  # the transport delivered more after being asked to pause
+                self._keepUnread(self._unread + data, now)  # the transport delivered more after being asked to pause
             else:
                 self._frame(data, now)
         elif phase is LINGERING:
@@ -335,7 +354,8 @@ class Connection:
         if phase is not REQUEST and phase is not BETWEEN:
             if self._partial:
                 self._takePartial()
-            self._unread = b""
+            if self._unread:
+                self._keepUnread(b"", 0.0)
             due = self._due
             due[DEADLINE] = due[QUIET] = None
         self.phase = phase
@@ -383,7 +403,7 @@ class Connection:
             if self.phase is not BETWEEN or position == size:
                 return  # one-shot or draining: the rest is discarded; or nothing is left
             if self._paused:
-                self._unread = data[position:]
+                self._keepUnread(data[position:], now)
                 return
             end = data.find(b"\n", position)
             if end < 0:
@@ -396,17 +416,36 @@ class Connection:
         if size > maxLine and not (size == maxLine + 1 and data.endswith(b"\r")):  # a CRLF's CR does not count
             self._refuse(wire.errorReply(wire.lineTooLong(maxLine), closes=True), now)
             return
+        budget = self._budget
+        if budget is not None:
+            if budget.held + len(data) > budget.limit:
+                self._refuse(wire.errorReply(wire.BUSY, closes=True), now)
+                return
+            budget.held += len(data)
         if self.phase is BETWEEN:
             self._startRequest(now)
-        self._partial.append(data)
+        self._partial += data
         self._partialSize = size
         if self.limits.quiet:
             self._want(QUIET, now + self.limits.quiet, now)
 
     def _takePartial(self) -> bytes:
-        held = b"".join(self._partial)
-        self._partial, self._partialSize = [], 0
+        held = bytes(self._partial)
+        if self._budget is not None:
+            self._budget.held -= self._partialSize
+        self._partial, self._partialSize = bytearray(), 0
         return held
+
+    def _keepUnread(self, unread: bytes, now: float) -> None:
+        """Keep C{unread} (instead of what was kept) until reading resumes; past the budget, C{ERROR busy}."""
+        budget = self._budget
+        if budget is not None:
+            grows = len(unread) - len(self._unread)
+            if grows > 0 and budget.held + grows > budget.limit:
+                self._refuse(wire.errorReply(wire.BUSY, closes=True), now)  # leaving the reading phases drops it
+                return
+            budget.held += grows
+        self._unread = unread
 
     def _requestEnded(self, raw: bytes, now: float) -> None:
         self._startedAts.append(self._startedAt if self.phase is REQUEST else now)
@@ -513,8 +552,9 @@ class Connection:
             return
         self._paused = False
         self._actions.append(RESUME)
-        unread, self._unread = self._unread, b""
+        unread = self._unread
         if unread:
+            self._keepUnread(b"", now)
             self._frame(unread, now)
         if self._readClosed and not self._paused and self.phase in (REQUEST, BETWEEN):
             self._endOfInput(now)

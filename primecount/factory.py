@@ -11,7 +11,7 @@ from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
-from primecount.connection import RequestLimits
+from primecount.connection import BufferBudget, RequestLimits
 from primecount.internals import queuedBytes
 from primecount.limits import SUMMARY_SOURCES, ConnectionLimits, Summary, SummaryLine, Throttle
 from primecount.metrics import NoMetrics
@@ -43,6 +43,7 @@ class PrimeCountFactory(Factory):
         metrics: NoMetrics = NoMetrics(),
         connectionLimits: Optional[ConnectionLimits] = None,
         queued: Callable[[ITransport], int] = queuedBytes,
+        bufferBudget: Optional[BufferBudget] = None,
     ) -> None:
         self.limits = limits
         self.clock = clock
@@ -54,6 +55,7 @@ class PrimeCountFactory(Factory):
         self.busyLingering = 0
         self._busyLog = Throttle()
         self.queued = queued
+        self.bufferBudget = bufferBudget
         self._watched: set[Driven] = set()
         self._sendSweep: Optional[LoopingCall] = None
         self._listenerGone = False
@@ -67,7 +69,7 @@ class PrimeCountFactory(Factory):
         over = self.connectionLimits.tryAcquire(key)
         if over is not None:
             return self._busy(key, over)
-        protocol = PrimeCountProtocol(self.limits, self.clock, self.responder)
+        protocol = PrimeCountProtocol(self.limits, self.clock, self.responder, self.bufferBudget)
         protocol.factory = self
         protocol.limitKey = key
         return protocol

@@ -37,7 +37,8 @@ class NoMetrics:
         C{health_check}, C{untrusted}, C{malformed}, C{incomplete}, C{timeout} (its PROXY header)."""
 
     def busyRefusal(self, limit: str) -> None:
-        """A connection got C{ERROR busy} for being over C{limit} (C{total} or C{per_address})."""
+        """A connection got C{ERROR busy} for being over C{limit}: C{total} or C{per_address} (connections), or
+        C{buffered} (the request bytes held in all)."""
 
     def connectionAborted(self, reason: str) -> None:
         """A connection was aborted (reset) instead of closed: C{send_timeout}, its output made no progress;
@@ -52,6 +53,9 @@ class NoMetrics:
 
     def fsyncObserved(self, seconds: float) -> None:
         """An fsync of the records file took C{seconds}."""
+
+    def watchBufferBudget(self, budget: Any) -> None:
+        """Report how many request bytes C{budget} (a L{primecount.connection.BufferBudget}) holds."""
 
 
 class PrometheusMetrics(NoMetrics):
@@ -76,7 +80,7 @@ class PrometheusMetrics(NoMetrics):
             "primecount_connection_requests", "Requests carried by each closed connection (1 in one-shot mode).",
             buckets=(0, 1, 2, 5, 10, 100, 1000, 10000, 100000), registry=self.registry)
         self._busy = Counter("primecount_busy_refusals", "Connections answered ERROR busy, by the limit they were "
-                             "over (total: --max-connections, per_address: --max-per-ip).", ["limit"],
+                             "over (total: --max-connections, per_address: --max-per-ip, buffered: --max-buffered).", ["limit"],
                              registry=self.registry)
         self._withoutRequest = Counter(
             "primecount_connections_without_request", "Connections closed before sending a request, by reason "
@@ -98,16 +102,22 @@ class PrometheusMetrics(NoMetrics):
         # Every series exists from the start, at 0, so rates and alerts work before the first such event.
         for outcome in OUTCOMES:
             self._requests.labels(outcome)
-        for limit in ("total", "per_address"):
+        for limit in ("total", "per_address", "buffered"):
             self._busy.labels(limit)
         for reason in WITHOUT_REQUEST:
             self._withoutRequest.labels(reason)
         for reason in ABORTED:
             self._aborted.labels(reason)
+        self._worker = worker
         if not worker:
             registerProcessCollectors(self.registry, limits)
             if threadPool is not None:
                 self.registry.register(_ThreadPoolCollector(threadPool))
+
+    def watchBufferBudget(self, budget: Any) -> None:
+        """Read the bytes held at scrape time (in a single process; workers' values are not summed)."""
+        if not self._worker:
+            self.registry.register(_BufferCollector(budget))
 
     def connectionOpened(self) -> None:
         """A client connected."""
@@ -161,6 +171,18 @@ class _ThreadPoolCollector:
                                 "Work items waiting for a thread of the analysis pool.", value=self._pool.q.qsize())
         yield GaugeMetricFamily("primecount_threadpool_busy_threads",
                                 "Threads of the analysis pool running work now.", value=len(self._pool.working))
+
+
+class _BufferCollector:
+    """Reads the request bytes held by every connection (the buffer budget's use) when Prometheus scrapes."""
+
+    def __init__(self, budget: Any) -> None:
+        self._budget = budget
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        """The gauge, as of now."""
+        yield GaugeMetricFamily("primecount_buffered_request_bytes", "Request bytes held by every connection "
+                                "(lines not yet ended), against --max-buffered.", value=self._budget.held)
 
 
 def registerProcessCollectors(registry: CollectorRegistry, limits: Mapping[str, float]) -> None:

@@ -15,7 +15,7 @@ from zope.interface import implementer
 
 from primecount import wire
 from primecount.connection import (
-    CLOSE, HALF_CLOSE, PAUSE, RESUME, Abort, Action, Arm, Ask, Connection, RequestLimits, Send, Timer,
+    CLOSE, HALF_CLOSE, PAUSE, RESUME, Abort, Action, Arm, Ask, BufferBudget, Connection, RequestLimits, Send, Timer,
 )
 from primecount.internals import closeNow, readWaiting, sendNow
 from primecount.limits import canonicalHost
@@ -252,8 +252,9 @@ class PrimeCountProtocol(Driven):
     log = Logger()
     limitKey: Optional[str] = None  # the client's canonical address, as the factory counted it
 
-    def __init__(self, limits: RequestLimits, clock: IReactorTime, responder: Responder) -> None:
-        super().__init__(Connection(limits), clock, responder)
+    def __init__(self, limits: RequestLimits, clock: IReactorTime, responder: Responder,
+                 budget: Optional[BufferBudget] = None) -> None:
+        super().__init__(Connection(limits, budget=budget), clock, responder)
         self._limits = limits
 
     @property
@@ -291,6 +292,8 @@ class PrimeCountProtocol(Driven):
                               reply=reply.text, peer=self._peer)
             elif reply.isError:
                 self.factory.errorReplied(reply.text, self._peer)
+            if reply.outcome == "busy":  # a connection already served is busy only past the buffer budget
+                metrics.busyRefusal("buffered")
             metrics.requestFinished(reply.outcome, now - startedAt)
 
     def stopTakingRequests(self) -> None:

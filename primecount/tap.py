@@ -26,7 +26,7 @@ from primecount.metricsendpoint import MetricsSite
 from primecount.workers import (
     WORKER_FD, MetricsDirectory, SharedSocket, SupervisorWatch, WorkerPool, cpuCount, socketFamily,
 )
-from primecount.connection import RequestLimits
+from primecount.connection import BufferBudget, RequestLimits
 from primecount.factory import PrimeCountFactory
 from primecount.proxied import LOOPBACK, ProxiedFactory, listensBeyondLoopback, parseNetworks
 from primecount.readiness import Readiness
@@ -38,6 +38,8 @@ from primecount.threads import batchScheduledPool
 from primecount.tls import MOZILLA_INTERMEDIATE, cipherProblem, withCiphers
 
 DEFAULTS = RequestLimits()
+# 64 MiB of lines not yet ended, in all: about a thousand clients each a whole --max-line into their request.
+DEFAULT_MAX_BUFFERED = 64 << 20
 # A benchmark-only switch: "1" appends records without the multi-writer lock (unsafe with several writers).
 UNLOCKED_APPEND_SWITCH = "PRIMECOUNT_BENCH_UNLOCKED_APPEND"
 PROXIED_PREFIX = "haproxy:"
@@ -214,6 +216,9 @@ class Options(usage.Options):
          _number("max-connections", int, 1, strict=False)],
         ["max-per-ip", None, 64, "Most connections open at once from one address; more get ERROR busy "
          "(0: no per-address limit).", _number("max-per-ip", int, 0, strict=False)],
+        ["max-buffered", None, DEFAULT_MAX_BUFFERED, "Most request bytes held in all connections at once (lines "
+         "not yet ended, in bytes; at least --max-line); a connection whose bytes would pass it gets ERROR busy.",
+         _number("max-buffered", int, 1, strict=False)],
         ["tls-ciphers", None, None, "With an ssl: --port: the OpenSSL cipher list offered for TLS 1.2 "
          "(default: Mozilla's intermediate profile, forward-secret AEAD suites only; TLS 1.3 is not affected)"],
         ["metrics", None, None, "Serve Prometheus metrics at /metrics on this endpoint (a bare port "
@@ -232,6 +237,10 @@ class Options(usage.Options):
             self["proxy-from"] = parseNetworks(self["proxy-from"])
         if self["proxy-from"] != parseNetworks(LOOPBACK) and not self["port"].startswith(PROXIED_PREFIX):
             raise usage.UsageError("--proxy-from: only applies with a haproxy: --port (e.g. haproxy:tcp:5050)")
+        if self["max-buffered"] < self["max-line"] * (self["workers"] if self["worker-fd"] is None else 1):
+            raise usage.UsageError(f"--max-buffered: {self['max-buffered']} cannot hold one line of --max-line "
+                                   f"{self['max-line']} bytes" + (f" in each of {self['workers']} workers"
+                                                                  if self["workers"] > 1 else ""))
         if not self["keep-alive"]:
             for option, default in (("pipeline", DEFAULTS.pipeline), ("idle-timeout", DEFAULTS.idleTimeout)):
                 if self[option] != default:
@@ -348,9 +357,11 @@ def makeService(options: Options, reactor: Optional[Any] = None) -> IService:
         keepAlive=bool(options["keep-alive"]), pipeline=options["pipeline"], idleTimeout=options["idle-timeout"],
         sendTimeout=options["send-timeout"],
     )
+    bufferBudget = BufferBudget(options["max-buffered"])
+    metrics.watchBufferBudget(bufferBudget)
     factory = PrimeCountFactory(
         limits, reactor, Responder(reactor, runInThread, records), metrics,
-        ConnectionLimits(maxConnections, options["max-per-ip"]),
+        ConnectionLimits(maxConnections, options["max-per-ip"]), bufferBudget=bufferBudget,
     )
     # Every request ends within --timeout of its connect, an ERROR's lingering close within
     # limits.linger after that; the extra second covers analysis and the record.
@@ -431,6 +442,7 @@ def configuredLimits(options: Options, maxConnections: int) -> dict[str, float]:
     """The limits in force, for the C{primecount_limit} gauges (0 where a limit is off)."""
     return {
         "max_connections": maxConnections, "max_per_ip": options["max-per-ip"], "max_line_bytes": options["max-line"],
+        "max_buffered_bytes": options["max-buffered"],
         "timeout_seconds": options["timeout"], "quiet_seconds": options["quiet"], "threads": options["threads"],
         "workers": options["workers"], "keep_alive": int(bool(options["keep-alive"])),
         "pipeline": options["pipeline"] if options["keep-alive"] else 0,
@@ -448,7 +460,7 @@ def workerArguments(options: Options) -> list[str]:
         value = options[name]
         if name in ("workers", "worker-fd", "metrics") or value is None:
             continue
-        if name == "max-connections":
+        if name in ("max-connections", "max-buffered"):
             value = -(-value // count)
         elif name == "proxy-from":
             value = ",".join(str(network) for network in value)

@@ -19,7 +19,7 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from primecount import wire
 from primecount.connection import (
-    CLOSE, HALF_CLOSE, LINGER_MAX_BYTES, PAUSE, RESUME, Abort, Action, Arm, Ask, Connection, Phase,
+    CLOSE, HALF_CLOSE, LINGER_MAX_BYTES, PAUSE, RESUME, Abort, Action, Arm, Ask, BufferBudget, Connection, Phase,
     RequestLimits, Send, Timer,
 )
 
@@ -261,18 +261,91 @@ ALPHABET = st.sampled_from([b"a", b"b", b"\n", b"\r", b"\r\n", b"\xff", b"aaaaaa
 CHUNKS = st.lists(ALPHABET, min_size=1, max_size=6).map(b"".join)
 
 
+class BufferBudgetTests(SynchronousTestCase):
+    """Connections share one budget of held request bytes: the one that would pass it is refused, and every
+    byte is given back when its line ends or its connection goes."""
+
+    def test_theConnectionThatWouldPassItIsBusy(self) -> None:
+        """With 60 of 100 bytes held by one connection, another's 50-byte partial line gets C{ERROR busy}, while a
+        whole line in one read is answered as ever; the first finishes its line and frees its bytes."""
+        budget = BufferBudget(100)
+        first, second, third = (Connection(RequestLimits(quiet=0), budget=budget) for _ in range(3))
+        for connection in (first, second, third):
+            connection.start(0.0)
+        first.received(b"x" * 60, 0.1)
+        refused = second.received(b"y" * 50, 0.2)
+        self.assertEqual(refused[0], Send(b"ERROR busy\n", refused[0].finished, closing=True, watch=True,
+                                          errors=True))
+        self.assertEqual(budget.held, 60)
+        self.assertIsInstance(third.received(b"z" * 50 + b"\n", 0.3)[0], Ask)
+        first.received(b"\n", 0.4)
+        self.assertEqual(budget.held, 0)
+
+    def test_givenBackWhenGone(self) -> None:
+        """A connection that goes away, or is refused for its line's length, holds nothing any more."""
+        budget = BufferBudget(1000)
+        gone, tooLong = Connection(RequestLimits(quiet=0), budget=budget), Connection(
+            RequestLimits(quiet=0, maxLine=10), budget=budget)
+        gone.start(0.0)
+        tooLong.start(0.0)
+        gone.received(b"abc", 0.1)
+        tooLong.received(b"12345", 0.1)
+        self.assertEqual(budget.held, 8)
+        gone.lost()
+        tooLong.received(b"6789012", 0.2)
+        self.assertEqual(budget.held, 0)
+
+    def test_heldWhileReadingPausedCounts(self) -> None:
+        """Lines a pipelining client sent past the pipeline bound count while they wait to be framed."""
+        budget = BufferBudget(16)
+        connection = Connection(KEEP._replace(pipeline=1), budget=budget)
+        connection.start(0.0)
+        connection.received(b"one\ntwo\nthree\n", 0.1)
+        self.assertEqual(budget.held, len(b"two\nthree\n"))
+        self.assertEqual(connection.received(b"four\n", 0.2), [])  # within the budget: kept for its turn
+        self.assertEqual(budget.held, len(b"two\nthree\nfour\n"))
+        connection.received(b"xx", 0.3)  # past it: the connection answers what it took, then ERROR busy
+        self.assertEqual((budget.held, connection.phase), (0, Phase.ANSWERING))
+        sent = connection.answered([(0, wire.countReply(1, False))], 0.4)
+        self.assertEqual([a.data for a in sent if isinstance(a, Send)], [b"1 no\nERROR busy\n"])
+
+    def test_aByteHeldCostsAboutAByte(self) -> None:
+        """10,000 bytes of a line in two-byte reads cost about 10 KB of memory, not an object per read."""
+        import tracemalloc
+
+        connection = Connection(RequestLimits(quiet=0, maxLine=100_000), budget=BufferBudget(1 << 20))
+        connection.start(0.0)
+        tracemalloc.start()
+        try:
+            before = tracemalloc.take_snapshot()
+            for n in range(5_000):
+                connection.received(b"%02d" % (n % 100), 0.1)  # a new object per read, as a socket's are
+            grown = sum(stat.size_diff for stat in tracemalloc.take_snapshot().compare_to(before, "filename"))
+        finally:
+            tracemalloc.stop()
+        self.assertEqual(connection.bufferedBytes, 10_000)
+        self.assertLess(grown, 2 * 10_000)
+
+
 class ConnectionMachine(RuleBasedStateMachine):
     """Random interleavings of every event, checked against a reference of what the core may do."""
 
     @initialize(keepAlive=st.booleans(), pipeline=st.integers(1, 4), maxLine=st.integers(3, 10),
                 quiet=st.sampled_from([0.0, 0.2]), canHalfClose=st.booleans(),
-                waiting=st.one_of(st.just(b""), CHUNKS))
+                waiting=st.one_of(st.just(b""), CHUNKS),
+                budget=st.one_of(st.none(), st.tuples(st.integers(1, 24), st.integers(0, 24))))
     def open(self, keepAlive: bool, pipeline: int, maxLine: int, quiet: float, canHalfClose: bool,
-             waiting: bytes) -> None:
-        """A connection opens at time 0, with C{waiting} already received."""
+             waiting: bytes, budget: Optional[tuple[int, int]]) -> None:
+        """A connection opens at time 0, with C{waiting} already received; with C{budget} (a limit, and how
+        much of it other connections hold), the bytes it holds count against a shared buffer budget."""
         self.limits = RequestLimits(timeout=1.0, quiet=quiet, maxLine=maxLine, linger=0.5, keepAlive=keepAlive,
                                     pipeline=pipeline, idleTimeout=3.0, sendTimeout=2.0)
-        self.core = Connection(self.limits)
+        self.budget, self.others = None, 0
+        if budget is not None:
+            self.budget, self.others = BufferBudget(budget[0]), min(budget)
+            self.budget.held = self.others
+        self.heldBefore, self.lastReceived, self.stoppedOverBudget = 0, len(waiting), False
+        self.core = Connection(self.limits, budget=self.budget)
         self.now = 0.0
         self.armed: dict[Timer, float] = {}
         self.asked: dict[int, bytes] = {}
@@ -331,6 +404,7 @@ class ConnectionMachine(RuleBasedStateMachine):
             self.reading = False  # what was left unasked, and when, for checking a refusal sent later
             self.stopped = (self.pending, self.requestStart, self.now)
             self.pending = b""
+            self.stoppedOverBudget = self.overBudget()
 
     def checkAsk(self, action: Ask) -> None:
         """A request asked is exactly the next line of the input, or all of it at a quiet gap or half-close."""
@@ -365,6 +439,9 @@ class ConnectionMachine(RuleBasedStateMachine):
                     self.pending, self.requestStart, self.now)  # stopped by this very event
                 if data == b"ERROR timeout\n":
                     assert requestStart is not None and stoppedAt >= requestStart + self.limits.timeout
+                elif data == b"ERROR busy\n":
+                    assert self.budget is not None, "busy without a budget"
+                    assert (self.stoppedOverBudget if not self.reading else self.overBudget()), "busy within it"
                 else:
                     assert data == tooLong, f"unexpected {data!r}"
                     line = pending.split(b"\n")[0]
@@ -377,6 +454,10 @@ class ConnectionMachine(RuleBasedStateMachine):
                 data = b""
             self.nextSent += 1
 
+    def overBudget(self) -> bool:
+        """Whether the bytes held before the last receive, and those it brought, would pass the budget."""
+        return self.budget is not None and self.others + self.heldBefore + self.lastReceived > self.budget.limit
+
     # Events.
 
     @precondition(lambda self: not self.clientClosed and not self.serverClosed)
@@ -387,6 +468,7 @@ class ConnectionMachine(RuleBasedStateMachine):
             if not self.pending and self.requestStart is None:
                 self.requestStart = self.now
             self.pending += data
+        self.heldBefore, self.lastReceived = self.core.bufferedBytes, len(data)
         self.carryOut(self.core.received(data, self.now), received=len(data))
 
     @precondition(lambda self: not self.clientClosed and not self.serverClosed)
@@ -457,6 +539,16 @@ class ConnectionMachine(RuleBasedStateMachine):
         assert self.core._partialSize <= self.limits.maxLine + 1
         unread = self.core.bufferedBytes - self.core._partialSize
         assert unread <= (self.sincePause + self.limits.maxLine + 1 if self.paused else 0), "held too much"
+
+    @invariant()
+    def budgetKept(self) -> None:
+        """The shared budget counts exactly what this connection holds (and the others' share), never more
+        than its limit; once the connection is gone, none of it."""
+        if self.budget is not None:
+            assert self.budget.held == self.others + self.core.bufferedBytes, "the budget lost count"
+            assert self.budget.held <= max(self.budget.limit, self.others)
+            if self.serverClosed:
+                assert self.core.bufferedBytes == 0
 
     @invariant()
     def checkDeadlines(self) -> None:

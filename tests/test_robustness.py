@@ -19,7 +19,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from primecount.records import parseRecords
 from primecount.tools.records import scan
 from primecount.tools.serverprocess import TWISTD, ServerProcess
-from tests.helpers import ask, expectedReply, slow
+from tests.helpers import ask, expectedReply, scrape, slow, waitUntil
 
 LOOPBACK_BACKLOG = "tcp:0:interface=127.0.0.1:backlog=1024"
 
@@ -224,6 +224,51 @@ class PerAddressCapTests(SynchronousTestCase):
                 connection.close()
             self.assertEqual(server.stop(), 0)
         self.assertIn("answered ERROR busy to 1 connections (last from 127.0.0.1)", server.log)
+
+
+class BufferBudgetTests(SynchronousTestCase):
+    """C{--max-buffered} bounds the request bytes all connections hold: past it, the connection whose bytes
+    would pass it gets C{ERROR busy}, while whole lines are answered as ever."""
+
+    def test_partialLinesPastTheBudgetAreBusy(self) -> None:
+        """20 clients each hold 60,000 bytes of an unfinished line against a 200,000-byte budget: three or four
+        fit, every other one reads C{ERROR busy} (counted under C{buffered}); a whole line is still answered,
+        and the ones that fit get their answers once they end their lines."""
+        server = ServerProcess(os.path.abspath(self.mktemp()), "--max-buffered", "200000", "--max-per-ip", "0",
+                               "--timeout", "30", "--quiet", "0", "--metrics", "tcp:0:interface=127.0.0.1")
+        metricsPort = int(server.waitFor(rb"Site starting on (\d+)").group(1))
+        clients = []
+        try:
+            for _ in range(20):
+                client = socket.create_connection(("127.0.0.1", server.port), timeout=10)
+                client.sendall(b"a" * 60_000)
+                clients.append(client)
+            scraped: list[dict[str, float]] = []
+
+            def everyByteRead() -> bool:
+                scraped[:] = [scrape(metricsPort)]
+                held = scraped[0]["primecount_buffered_request_bytes"]
+                return held % 60_000 == 0 and held / 60_000 + self.busy(scraped[0]) == 20
+
+            waitUntil(everyByteRead, what="the server to read every client's bytes")
+            fits = int(scraped[0]["primecount_buffered_request_bytes"] // 60_000)
+            self.assertEqual(fits, 3, "as many whole partial lines as the budget holds")
+            self.assertEqual(ask(server.port, b"whole\n"), expectedReply("whole"))
+            replies = []
+            for client in clients:
+                client.sendall(b"\n")
+                replies.append(client.makefile("rb").readline())
+            self.assertEqual(sorted(replies), sorted([expectedReply("a" * 60_000)] * 3 + [b"ERROR busy\n"] * 17))
+            self.assertEqual(scrape(metricsPort)["primecount_buffered_request_bytes"], 0)
+        finally:
+            for client in clients:
+                client.close()
+            self.assertEqual(server.stop(), 0, server.log)
+
+    @staticmethod
+    def busy(samples: dict[str, float]) -> float:
+        """Connections refused for the buffer budget."""
+        return samples['primecount_busy_refusals_total{limit="buffered"}']
 
 
 class ErrorLoggingTests(SynchronousTestCase):
