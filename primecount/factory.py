@@ -18,8 +18,6 @@ from primecount.metrics import NoMetrics
 from primecount.protocol import BusyProtocol, Driven, PrimeCountProtocol, peerHost
 from primecount.responder import Responder
 
-# Busy connections linger too, but only this many at once: past it a flood is closed outright.
-BUSY_LINGER_MAX = 1024
 # Why a connection was aborted, by its metrics label, as the log line says it.
 _ABORT_REASONS = {
     "send_timeout": "their replies made no progress for {sendTimeout:g} s: their clients do not read",
@@ -52,7 +50,6 @@ class PrimeCountFactory(Factory):
         self.connectionLimits = connectionLimits or ConnectionLimits(maxTotal=1 << 30, maxPerPeer=0)
         self._open: dict[PrimeCountProtocol, str] = {}
         self._idleWaiters: list[Deferred[None]] = []
-        self.busyLingering = 0
         self._busyLog = Throttle()
         self.queued = queued
         self.bufferBudget = bufferBudget
@@ -68,18 +65,18 @@ class PrimeCountFactory(Factory):
         key = peerHost(addr)
         over = self.connectionLimits.tryAcquire(key)
         if over is not None:
-            return self._busy(key, over)
+            return self.refuse(key, over)
         protocol = PrimeCountProtocol(self.limits, self.clock, self.responder, self.bufferBudget)
         protocol.factory = self
         protocol.limitKey = key
         return protocol
 
-    def _busy(self, key: str, limit: str) -> Protocol:
+    def refuse(self, key: str, limit: str) -> Protocol:
+        """The protocol of a connection from C{key} over C{limit}: it answers C{ERROR busy} and lingers to
+        deliver it, or, past the descriptors lingering may take, closes at once."""
         self.metrics.requestFinished("busy", 0.0)
         self.metrics.busyRefusal(limit)
-        lingering = self.busyLingering < BUSY_LINGER_MAX
-        if lingering:
-            self.busyLingering += 1
+        lingering = self.connectionLimits.tryLinger()
         refused = self._busyLog.event(self.clock.seconds())
         if refused is not None:  # at most one line a second, however hard the flood
             self.log.warn(
@@ -91,7 +88,7 @@ class PrimeCountFactory(Factory):
 
         def closed() -> None:
             if lingering:
-                self.busyLingering -= 1
+                self.connectionLimits.lingerEnded()
             self._watched.discard(busy)
 
         busy = BusyProtocol(self.limits._replace(linger=self.limits.linger if lingering else 0.0), self.clock,

@@ -16,6 +16,9 @@ from typing import NamedTuple, Optional
 # Descriptors kept free for everything that is not a client: listeners, the records file,
 # logs, the thread pool's wake-up pipe, metrics, imports.
 FD_HEADROOM = 128
+# Refused connections linger (to deliver their ERROR busy) only this many at once: past it, a flood is closed
+# outright. The default --max-connections leaves them this many descriptors (or an eighth, if fewer).
+BUSY_LINGER_MAX = 1024
 
 
 def canonicalHost(host: str) -> str:
@@ -112,33 +115,54 @@ class Summary:
 class ConnectionLimits:
     """Counts open connections in all and per client address, refusing those over either limit."""
 
-    def __init__(self, maxTotal: int, maxPerPeer: int) -> None:
-        """C{maxPerPeer} of 0 means no per-address limit."""
+    def __init__(self, maxTotal: int, maxPerPeer: int, descriptors: Optional[int] = None) -> None:
+        """C{maxPerPeer} of 0 means no per-address limit. C{descriptors}: how many client descriptors the process
+        may hold in all, counting refused connections that linger (L{lingering}); none past it."""
         self.maxTotal = maxTotal
         self.maxPerPeer = maxPerPeer
+        self.descriptors = descriptors if descriptors is not None else maxTotal + BUSY_LINGER_MAX
         self.total = 0
+        self.lingering = 0  # refused connections lingering to deliver their ERROR busy
         self._perPeer: Counter[str] = Counter()
 
     def acquire(self, key: str) -> bool:
         """Count a new connection from C{key} if both limits allow it; say whether they did."""
         return self.tryAcquire(key) is None
 
-    def tryAcquire(self, key: str) -> Optional[str]:
-        """Count a new connection from C{key}, or name the limit it is over: C{total} or C{per_address}."""
+    def tryAcquire(self, key: Optional[str]) -> Optional[str]:
+        """Count a new connection from C{key}, or name the limit it is over: C{total}, C{descriptors} or
+        C{per_address}. A C{key} of C{None} (a proxy's connection before its PROXY header names the client)
+        counts in the total only."""
         if self.total >= self.maxTotal:
             return "total"
-        if self.maxPerPeer and self._perPeer[key] >= self.maxPerPeer:
-            return "per_address"
+        if self.total + self.lingering >= self.descriptors:
+            return "descriptors"
+        if key is not None:
+            if self.maxPerPeer and self._perPeer[key] >= self.maxPerPeer:
+                return "per_address"
+            self._perPeer[key] += 1
         self.total += 1
-        self._perPeer[key] += 1
         return None
 
-    def release(self, key: str) -> None:
-        """A connection counted under C{key} has closed."""
+    def release(self, key: Optional[str]) -> None:
+        """A connection counted under C{key} has closed (or, for C{None}, read its PROXY header)."""
         self.total -= 1
-        self._perPeer[key] -= 1
-        if not self._perPeer[key]:
-            del self._perPeer[key]
+        if key is not None:
+            self._perPeer[key] -= 1
+            if not self._perPeer[key]:
+                del self._perPeer[key]
+
+    def tryLinger(self) -> bool:
+        """Whether a refused connection may linger: it then holds its descriptor until L{lingerEnded}. Not past
+        L{BUSY_LINGER_MAX} at once, nor past the descriptors."""
+        if self.lingering >= BUSY_LINGER_MAX or self.total + self.lingering >= self.descriptors:
+            return False
+        self.lingering += 1
+        return True
+
+    def lingerEnded(self) -> None:
+        """A lingering refused connection has closed."""
+        self.lingering -= 1
 
     def openFrom(self, key: str) -> int:
         """How many connections from C{key} are counted now."""
@@ -153,9 +177,14 @@ class FileLimit(NamedTuple):
     hard: int
 
     @property
-    def defaultMaxConnections(self) -> int:
-        """As many clients as the soft limit allows, less headroom for everything else."""
+    def clientDescriptors(self) -> int:
+        """The descriptors clients may hold in all: the soft limit, less headroom for everything else."""
         return max(1, self.soft - FD_HEADROOM)
+
+    @property
+    def defaultMaxConnections(self) -> int:
+        """As many clients as the client descriptors allow, less those refused connections may linger on."""
+        return max(1, self.clientDescriptors - min(BUSY_LINGER_MAX, self.clientDescriptors // 8))
 
 
 def raiseFileLimit() -> FileLimit:

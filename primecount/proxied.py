@@ -184,6 +184,7 @@ class ProxyHeaderProtocol(ProtocolWrapper):
         self._deadline: Optional[IDelayedCall] = None
         self._received = 0
         self._closing = False
+        self._counted = True  # holds a place in the connection total until the request protocol takes over
 
     def makeConnection(self, transport: Any) -> None:
         """Take the transport; the request protocol comes later, once the header is read."""
@@ -216,6 +217,7 @@ class ProxyHeaderProtocol(ProtocolWrapper):
             self._refuse("health_check", None)  # LOCAL or UNKNOWN: the proxy checking that we are up
             return
         self._client = client
+        self._uncount()  # the request protocol counts the connection now, under the client's address
         protocol = self.factory.wrappedFactory.buildProtocol(self._client)
         if protocol is None:
             self._refuse("refused", None)
@@ -248,6 +250,7 @@ class ProxyHeaderProtocol(ProtocolWrapper):
         if self.wrappedProtocol is not None:
             super().connectionLost(reason)
             return
+        self._uncount()
         self.factory.unregisterProtocol(self)
         if not self._closing:
             self.factory.metrics.connectionWithoutRequest("empty" if not self._received else "incomplete")
@@ -267,6 +270,11 @@ class ProxyHeaderProtocol(ProtocolWrapper):
                               "(last from {proxy}: {problem})",
                               count=count, proxy=self.transport.getPeer().host, problem=problem)
         self.transport.loseConnection()
+
+    def _uncount(self) -> None:
+        if self._counted:
+            self._counted = False
+            self.factory.wrappedFactory.connectionLimits.release(None)
 
     def _cancelDeadline(self) -> None:
         if self._deadline is not None and self._deadline.active():
@@ -294,9 +302,14 @@ class ProxiedFactory(WrappingFactory):
         self._untrustedLog = Throttle()
 
     def buildProtocol(self, addr: IAddress) -> Optional[Protocol]:
-        """A header reader for a trusted proxy; C{None} (Twisted closes the socket at once) for anyone else."""
+        """A header reader for a trusted proxy, counted in the connection total while it reads (or, over the
+        total, C{ERROR busy} for the proxy to pass on); C{None} (Twisted closes the socket at once) for anyone
+        else."""
         host = getattr(addr, "host", "")
         if isTrusted(host, self.trusted):
+            over = self.wrappedFactory.connectionLimits.tryAcquire(None)
+            if over is not None:
+                return self.wrappedFactory.refuse(canonicalHost(host), over)
             return self.protocol(self)
         self.metrics.connectionWithoutRequest("untrusted")
         count = self._untrustedLog.event(self.clock.seconds())

@@ -212,7 +212,8 @@ class Options(usage.Options):
         ["fsync", None, "everysec", "When records are fsynced: always (before each reply), everysec "
          "(at most once a second) or never (left to the OS).", _choice("fsync", FSYNC_POLICIES)],
         ["max-connections", None, None, "Most client connections open at once; more get ERROR busy "
-         "(default: the descriptor limit, raised to its hard limit, less 128)",
+         "(default: the descriptor limit, raised to its hard limit, less 128, less an eighth of the rest, at most "
+         "1024, kept for refusals)",
          _number("max-connections", int, 1, strict=False)],
         ["max-per-ip", None, 64, "Most connections open at once from one address; more get ERROR busy "
          "(0: no per-address limit).", _number("max-per-ip", int, 0, strict=False)],
@@ -319,14 +320,17 @@ def makeService(options: Options, reactor: Optional[Any] = None) -> IService:
     fileLimit = raiseFileLimit()
     maxConnections = options["max-connections"] or fileLimit.defaultMaxConnections
     log.info(
-        "descriptor limit (RLIMIT_NOFILE): soft {before} raised to {soft}, hard {hard}; "
+        "descriptor limit (RLIMIT_NOFILE): {soft}, hard {hard}; {clients} for clients; "
         "at most {maxConnections} connections, {perIP} per address",
-        before=fileLimit.softBefore, soft=fileLimit.soft, hard=fileLimit.hard,
+        soft=f"soft {fileLimit.softBefore} raised to {fileLimit.soft}" if fileLimit.soft != fileLimit.softBefore
+        else f"soft {fileLimit.soft}", hard=fileLimit.hard, clients=fileLimit.clientDescriptors,
         maxConnections=maxConnections, perIP=options["max-per-ip"] or "no limit",
     )
     if maxConnections > fileLimit.defaultMaxConnections:
-        log.warn("--max-connections {maxConnections} exceeds what the descriptor limit {soft} leaves for clients",
-                 maxConnections=maxConnections, soft=fileLimit.soft)
+        log.warn("--max-connections {maxConnections} exceeds what the descriptor limit {soft} leaves for clients "
+                 "and refusals ({default}): past {clients} descriptors in all, clients get ERROR busy",
+                 maxConnections=maxConnections, soft=fileLimit.soft, default=fileLimit.defaultMaxConnections,
+                 clients=fileLimit.clientDescriptors)
     reactor.suggestThreadPoolSize(options["threads"])
     threadPool = batchScheduledPool(reactor.getThreadPool())
     runInThread = partial(deferToThreadPool, reactor, threadPool)
@@ -361,7 +365,7 @@ def makeService(options: Options, reactor: Optional[Any] = None) -> IService:
     metrics.watchBufferBudget(bufferBudget)
     factory = PrimeCountFactory(
         limits, reactor, Responder(reactor, runInThread, records), metrics,
-        ConnectionLimits(maxConnections, options["max-per-ip"]), bufferBudget=bufferBudget,
+        ConnectionLimits(maxConnections, options["max-per-ip"], fileLimit.clientDescriptors), bufferBudget=bufferBudget,
     )
     # Every request ends within --timeout of its connect, an ERROR's lingering close within
     # limits.linger after that; the extra second covers analysis and the record.

@@ -9,7 +9,7 @@ from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
 from primecount.limits import (
-    FD_HEADROOM, SUMMARY_SOURCES, ConnectionLimits, FileLimit, Summary, SummaryLine, Throttle, canonicalHost,
+    BUSY_LINGER_MAX, FD_HEADROOM, SUMMARY_SOURCES, ConnectionLimits, FileLimit, Summary, SummaryLine, Throttle, canonicalHost,
     raiseFileLimit,
 )
 from primecount.connection import RequestLimits
@@ -130,9 +130,34 @@ class FileLimitTests(SynchronousTestCase):
         self.assertEqual((raised.soft, resource.getrlimit(resource.RLIMIT_NOFILE)[0]), (expected, expected))
 
     def test_defaultMaxConnections(self) -> None:
-        """Clients may use the soft limit less the headroom, and at least one."""
-        self.assertEqual(FileLimit(1024, 4096, 4096).defaultMaxConnections, 4096 - FD_HEADROOM)
+        """Clients may use the soft limit less the headroom, less what refusals may linger on (an eighth of
+        that, at most L{BUSY_LINGER_MAX}), and at least one."""
+        self.assertEqual(FileLimit(1024, 4096, 4096).clientDescriptors, 4096 - FD_HEADROOM)
+        self.assertEqual(FileLimit(1024, 4096, 4096).defaultMaxConnections, 3968 - 3968 // 8)
+        self.assertEqual(FileLimit(1024, 65536, 65536).defaultMaxConnections, 65536 - FD_HEADROOM - BUSY_LINGER_MAX)
         self.assertEqual(FileLimit(10, 10, 10).defaultMaxConnections, 1)
+
+    def test_descriptorsNeverPassed(self) -> None:
+        """Connections and lingering refusals together never hold more than the client descriptors: a refusal
+        lingers only while one is free, and past them even a connection under --max-connections is refused."""
+        limits = ConnectionLimits(maxTotal=10, maxPerPeer=0, descriptors=8)
+        self.assertEqual([limits.tryAcquire(str(n)) for n in range(6)], [None] * 6)
+        self.assertEqual([limits.tryLinger(), limits.tryLinger(), limits.tryLinger()], [True, True, False])
+        self.assertEqual(limits.tryAcquire("x"), "descriptors")
+        limits.lingerEnded()
+        self.assertIsNone(limits.tryAcquire("x"))
+        self.assertEqual(limits.total + limits.lingering, 8)
+
+    def test_proxiedBeforeItsHeaderCountsInTheTotal(self) -> None:
+        """A proxy's connection still reading its PROXY header (no client yet) takes a place in the total, not
+        in any address's count."""
+        limits = ConnectionLimits(maxTotal=2, maxPerPeer=1)
+        self.assertIsNone(limits.tryAcquire(None))
+        self.assertIsNone(limits.tryAcquire("a"))
+        self.assertEqual(limits.tryAcquire("b"), "total")
+        limits.release(None)
+        self.assertIsNone(limits.tryAcquire("b"))
+        self.assertEqual((limits.openFrom("a"), limits.openFrom("b")), (1, 1))
 
 
 def connect(factory: PrimeCountFactory, address: object) -> tuple[object, HalfCloseTransport]:

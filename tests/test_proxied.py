@@ -26,7 +26,9 @@ from primecount.proxied import (
 from primecount.records import parseRecords
 from primecount.responder import Responder
 from primecount.tools.serverprocess import ServerProcess
-from tests.helpers import HalfCloseTransport, InlineThreads, MemoryRecords, RecordingMetrics, expectedReply, scrape, slow
+from tests.helpers import (
+    HalfCloseTransport, InlineThreads, MemoryRecords, RecordingMetrics, expectedReply, scrape, slow, waitUntil,
+)
 from twisted.internet.task import Clock
 
 
@@ -293,3 +295,56 @@ class MalformedHeadersOverTCPTests(SynchronousTestCase):
         self.assertLessEqual(lines, elapsed + 2, "at most one log line a second")
         with open(records, encoding="utf-8") as file:
             self.assertEqual([r.client for r in parseRecords(file)], ["6.6.6.9"])
+
+
+class PendingHeaderLimitTests(SynchronousTestCase):
+    """A proxy's connection still reading its PROXY header counts against C{--max-connections}."""
+
+    def test_pendingHeadersHoldPlaces(self) -> None:
+        """With a total of 3, three connections part-way through their header hold every place: the fourth
+        gets C{ERROR busy} (for the proxy to pass on); once a header is whole its client takes the place in
+        its stead, and once a connection goes, its place is free again."""
+        harness = ProxiedHarness()
+        harness.requests.connectionLimits = ConnectionLimits(3, 0)
+        pending = [harness.connect() for _ in range(3)]
+        for protocol, _ in pending:
+            harness.send(protocol, b"PROXY TCP4 ")
+        refused, refusedTransport = harness.connect()
+        self.assertEqual(refusedTransport.value(), b"ERROR busy\n")
+        self.assertEqual(harness.requests.connectionLimits.total, 3)
+        protocol, transport = pending[0]
+        harness.send(protocol, b"198.51.100.1 127.0.0.1 40000 5050\r\nabc2a\n")
+        self.assertEqual(transport.value(), expectedReply("abc2a"))
+        self.assertEqual(harness.requests.connectionLimits.total, 3)
+        pending[1][0].connectionLost(None)  # type: ignore[attr-defined]
+        self.assertEqual(harness.requests.connectionLimits.total, 2)
+        self.assertIsInstance(harness.connect()[0], ProxyHeaderProtocol)
+
+
+class PendingHeadersOverTCPTests(SynchronousTestCase):
+    """The same against a real C{twistd primecount --port haproxy:tcp:…}."""
+
+    def test_slowHeadersCannotExceedTheTotal(self) -> None:
+        """Five connections trickling a PROXY header fill C{--max-connections 5}: a sixth reads C{ERROR busy};
+        once they go, a whole header is served."""
+        server = ServerProcess(os.path.abspath(self.mktemp()), "--max-connections", "5", "--timeout", "30",
+                               "--metrics", "tcp:0:interface=127.0.0.1", port="haproxy:tcp:0:interface=127.0.0.1")
+        self.addCleanup(lambda: server.process.poll() is not None or server.stop())
+        metricsPort = int(server.waitFor(rb"Site starting on (\d+)").group(1))
+        slowHeaders = []
+        try:
+            for _ in range(5):
+                connection = socket.create_connection(("127.0.0.1", server.port), timeout=10)
+                connection.sendall(b"PROXY TCP4 ")
+                slowHeaders.append(connection)
+            with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sixth:
+                self.assertEqual(sixth.makefile("rb").readline(), b"ERROR busy\n")
+        finally:
+            for connection in slowHeaders:
+                connection.close()
+        waitUntil(lambda: scrape(metricsPort)['primecount_connections_without_request_total{reason="incomplete"}']
+                  == 5, what="the server to see the five go")
+        with socket.create_connection(("127.0.0.1", server.port), timeout=10) as connection:
+            connection.sendall(v1("198.51.100.3") + b"abc2a\n")
+            self.assertEqual(connection.makefile("rb").read(), expectedReply("abc2a"))
+        self.assertEqual(server.stop(), 0, server.log)

@@ -10,6 +10,7 @@ import selectors
 import signal
 import socket
 import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -194,6 +195,59 @@ class IdleConnectionTests(SynchronousTestCase):
         self.assertLessEqual(threads, 1 + 10 + 1, "the reactor, at most 10 pool threads, nothing per connection")
 
 
+class DescriptorLimitTests(SynchronousTestCase):
+    """Under a small descriptor limit the server keeps below it whatever a flood does: refusals linger only
+    while descriptors are free, so accept never fails with EMFILE."""
+
+    def test_floodUnderTheLimit(self) -> None:
+        """With 300 descriptors and 500 silent clients connecting at once: as many are served as the defaults
+        allow, every other one reads C{ERROR busy} or is closed, the server never holds 300 descriptors, never
+        logs EMFILE, and serves a newcomer once the flood is gone."""
+        limited = [sys.executable, "-c", "import os, resource, sys; resource.setrlimit(resource.RLIMIT_NOFILE, "
+                   "(300, 300)); os.execv(sys.argv[1], sys.argv[1:])"]
+        server = ServerProcess(os.path.abspath(self.mktemp()), "--max-per-ip", "0", "--timeout", "30",
+                               "--metrics", "tcp:0:interface=127.0.0.1", prefix=limited, port=LOOPBACK_BACKLOG)
+        self.addCleanup(lambda: server.process.poll() is not None or server.stop())
+        metricsPort = int(server.waitFor(rb"Site starting on (\d+)").group(1))
+        flood: list[socket.socket] = []
+        mostDescriptors = 0
+        try:
+            for _ in range(500):
+                flood.append(socket.create_connection(("127.0.0.1", server.port), timeout=10))
+                if len(flood) % 50 == 0:
+                    mostDescriptors = max(mostDescriptors, len(os.listdir(f"/proc/{server.process.pid}/fd")))
+            def everyOneAccepted() -> bool:
+                samples = scrape(metricsPort)
+                busy = sum(value for name, value in samples.items() if name.startswith("primecount_busy_refusals_total"))
+                return samples["primecount_open_connections"] + busy == 500
+
+            waitUntil(everyOneAccepted, what="every client to be served or refused")
+            self.assertEqual(scrape(metricsPort)["primecount_open_connections"], 151, "the default for 300")
+            mostDescriptors = max(mostDescriptors, len(os.listdir(f"/proc/{server.process.pid}/fd")))
+            served, refused = 0, 0
+            for client in flood:
+                client.setblocking(False)
+                try:
+                    early = client.recv(100)
+                except BlockingIOError:
+                    served += 1
+                    continue
+                except ConnectionResetError:
+                    early = b""
+                self.assertIn(early, (b"ERROR busy\n", b""))
+                refused += 1
+            self.assertEqual((served, refused), (151, 349))
+        finally:
+            for client in flood:
+                client.close()
+        waitUntil(lambda: scrape(metricsPort)["primecount_open_connections"] == 0, what="the flood to be gone")
+        self.assertEqual(ask(server.port, b"after\n"), expectedReply("after"))
+        self.assertEqual(server.stop(), 0, server.log)
+        self.assertLess(mostDescriptors, 300)
+        self.assertNotIn("Too many open files", server.log)
+        self.assertNotIn("EMFILE", server.log)
+
+
 class PerAddressCapTests(SynchronousTestCase):
     """--max-per-ip over real sockets: the next connection from that address is busy, others are served."""
 
@@ -236,6 +290,7 @@ class BufferBudgetTests(SynchronousTestCase):
         and the ones that fit get their answers once they end their lines."""
         server = ServerProcess(os.path.abspath(self.mktemp()), "--max-buffered", "200000", "--max-per-ip", "0",
                                "--timeout", "30", "--quiet", "0", "--metrics", "tcp:0:interface=127.0.0.1")
+        self.addCleanup(lambda: server.process.poll() is not None or server.stop())
         metricsPort = int(server.waitFor(rb"Site starting on (\d+)").group(1))
         clients = []
         try:

@@ -286,6 +286,7 @@ class TwistdWorkersTests(SynchronousTestCase):
         gave is recorded, and a new server binds the same port at once."""
         server = self.start("--workers", "2")
         workers = self.workerPids(server).values()
+        self.addCleanup(lambda: [os.kill(pid, signal.SIGKILL) for pid in workers if running(pid)])
         threading.Timer(0.5, server.process.kill).start()
         answered = self.load(server.port, 1.5, clients=4)
         server.process.wait(10)
