@@ -7,6 +7,14 @@ that sends without reading grows the server without end. A scraper needs far
 less: this answers one request per connection and closes, never reads a body,
 reads at most L{MAX_HEAD} bytes of request head, serves at most
 L{MAX_CONNECTIONS} connections at once, and gives each L{DEADLINE} seconds in all.
+
+Slow or flooding clients must not cost the service its scrapes, nor much else:
+a scraper sends its head at once, so a head not whole within L{HEAD_DEADLINE}
+is dropped, and a newcomer at the cap takes the place of the oldest connection
+still without a whole head (a head already waiting at accept is answered
+before anything else); the exposition is rendered at most once per
+L{RENDER_INTERVAL} and shared by every scrape in it, so any scrape rate costs
+the reactor a few system calls per scrape, not a render.
 """
 
 from __future__ import annotations
@@ -18,10 +26,16 @@ from prometheus_client.exposition import choose_encoder
 from twisted.internet.interfaces import IAddress, IDelayedCall, IReactorTime
 from twisted.internet.protocol import Factory, Protocol
 
+from primecount.internals import readWaiting
+
 MAX_HEAD = 8192
 MAX_CONNECTIONS = 16
 # From connect to the last byte of the reply; a scrape takes milliseconds.
 DEADLINE = 10.0
+# From connect to the end of the request head, which a scraper sends at once.
+HEAD_DEADLINE = 2.0
+# The exposition is rendered at most this often (about half a millisecond of the reactor each time).
+RENDER_INTERVAL = 1.0
 # Bytes after the request head that are read (and thrown away) before closing regardless.
 DISCARD_MAX = 65536
 _REASONS = {200: "OK", 400: "Bad Request", 404: "Not Found", 405: "Method Not Allowed",
@@ -71,12 +85,32 @@ class MetricsProtocol(Protocol):
         self._answered = False
         self._discarded = 0
         self._deadline: Optional[IDelayedCall] = None
+        self._headDeadline: Optional[IDelayedCall] = None
+        self._dropped = False
 
     def connectionMade(self) -> None:
-        """Over the connection cap: a 503 at once. Otherwise the whole exchange must end by the deadline."""
-        self._deadline = self._factory.clock.callLater(DEADLINE, self.transport.abortConnection)
-        if self._factory.open > MAX_CONNECTIONS:
+        """Answer a head that is already waiting; otherwise take a place (at the cap, the oldest one still
+        without its head, or a 503 if every place is answering). The head must be whole by L{HEAD_DEADLINE},
+        the whole exchange over by L{DEADLINE}."""
+        clock = self._factory.clock
+        self._deadline = clock.callLater(DEADLINE, self.transport.abortConnection)
+        waiting = readWaiting(self.transport)
+        if waiting:
+            self.dataReceived(waiting)
+            if self._answered:
+                return
+        if not self._factory.makeRoom(self):
             self._answer(response(503, body=b"too many metrics connections\n"))
+            return
+        self._headDeadline = clock.callLater(HEAD_DEADLINE, self.evict)
+
+    def evict(self) -> None:
+        """Drop this connection, still without a whole head (too slow, or its place is wanted)."""
+        self._factory.headDone(self)
+        self._cancel()
+        self._dropped = True
+        self._factory.dropping += 1
+        self.transport.abortConnection()
 
     def dataReceived(self, data: bytes) -> None:
         """Gather the head (bounded), then answer; what follows is read and dropped, up to a bound."""
@@ -101,14 +135,24 @@ class MetricsProtocol(Protocol):
     def _answer(self, data: bytes) -> None:
         self._answered = True
         self._head = b""
+        self._factory.headDone(self)
+        if self._headDeadline is not None and self._headDeadline.active():
+            self._headDeadline.cancel()
         self.transport.write(data)
         self.transport.loseConnection()
 
+    def _cancel(self) -> None:
+        for call in (self._deadline, self._headDeadline):
+            if call is not None and call.active():
+                call.cancel()
+
     def connectionLost(self, reason: Any = None) -> None:
-        """Forget the deadline and free the slot."""
-        if self._deadline is not None and self._deadline.active():
-            self._deadline.cancel()
+        """Forget the deadlines and free the place."""
+        self._cancel()
+        self._factory.headDone(self)
         self._factory.open -= 1
+        if self._dropped:
+            self._factory.dropping -= 1
 
 
 class MetricsSite(Factory):
@@ -120,11 +164,29 @@ class MetricsSite(Factory):
         self.registry = registry
         self.clock = clock
         self.open = 0
+        self.dropping = 0  # dropped connections whose end the transport has yet to report
+        self._waitingHead: dict[MetricsProtocol, None] = {}  # places without a whole head, oldest first
+        self._rendered: dict[str, tuple[float, bytes]] = {}  # by content type: when, and what
 
     def buildProtocol(self, addr: IAddress) -> MetricsProtocol:
         """A protocol for one scrape; counted against the cap until its connection is gone."""
         self.open += 1
         return MetricsProtocol(self)
+
+    def makeRoom(self, protocol: MetricsProtocol) -> bool:
+        """Give C{protocol}, still waiting for its head, a place: past the cap, the oldest connection still
+        waiting for its head is dropped for it; C{False} if every other place is answering."""
+        if self.open - self.dropping > MAX_CONNECTIONS:
+            oldest = next((waiting for waiting in self._waitingHead if waiting is not protocol), None)
+            if oldest is None:
+                return False
+            oldest.evict()
+        self._waitingHead[protocol] = None
+        return True
+
+    def headDone(self, protocol: MetricsProtocol) -> None:
+        """C{protocol} no longer waits for its head (answered, dropped or gone)."""
+        self._waitingHead.pop(protocol, None)
 
     def respond(self, head: RequestHead) -> bytes:
         """The response to C{head}: the metrics in the Prometheus text format (or OpenMetrics when asked)."""
@@ -137,4 +199,12 @@ class MetricsSite(Factory):
         if head.path != "/metrics":
             return response(404, body=b"metrics are at /metrics\n")
         encode, contentType = choose_encoder(head.accept)
-        return response(200, contentType, encode(self.registry), headOnly=head.method == "HEAD")
+        return response(200, contentType, self._render(encode, contentType), headOnly=head.method == "HEAD")
+
+    def _render(self, encode: Any, contentType: str) -> bytes:
+        """The exposition in C{contentType}, rendered again only once L{RENDER_INTERVAL} has passed."""
+        now = self.clock.seconds()
+        rendered = self._rendered.get(contentType)
+        if rendered is None or now - rendered[0] >= RENDER_INTERVAL:
+            rendered = self._rendered[contentType] = (now, encode(self.registry))
+        return rendered[1]

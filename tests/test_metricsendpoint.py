@@ -14,9 +14,9 @@ from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from twisted.trial.unittest import SynchronousTestCase
 
-from primecount.metricsendpoint import DEADLINE, MAX_CONNECTIONS, MetricsSite
+from primecount.metricsendpoint import DEADLINE, HEAD_DEADLINE, MAX_CONNECTIONS, RENDER_INTERVAL, MetricsSite
 from primecount.tools.serverprocess import ServerProcess
-from tests.helpers import slow
+from tests.helpers import slow, waitUntil
 from tests.test_keepalive import _residentKiB
 
 
@@ -87,24 +87,66 @@ class MetricsSiteTests(SynchronousTestCase):
         reply = scrape.send(b"GET /metrics HTTP/1.1\r\nX: " + b"a" * 10_000)
         self.assertTrue(reply.startswith(b"HTTP/1.1 431"))
 
-    def test_connectionCap(self) -> None:
-        """Past the cap a connection gets 503 at once; a closed one frees its place."""
-        scrapes = [Scrape(self.site) for _ in range(MAX_CONNECTIONS)]
-        self.assertEqual([s.transport.value() for s in scrapes], [b""] * MAX_CONNECTIONS)
+    def test_newcomerTakesTheOldestPlaceWithoutAHead(self) -> None:
+        """At the cap, a newcomer takes the place of the oldest connection still without a whole head, and is
+        answered; only when every place is answering does a newcomer get 503; a closed one frees its place."""
+        slow = [Scrape(self.site) for _ in range(MAX_CONNECTIONS)]
+        slow[0].send(b"GET /met")
+        newcomer = Scrape(self.site)
+        self.assertEqual(([s.transport.disconnected for s in slow[:2]], newcomer.transport.value()),
+                         ([True, False], b""))
+        slow[0].protocol.connectionLost()  # the abort, as the transport reports it
+        self.assertTrue(newcomer.send(b"GET /metrics HTTP/1.1\r\n\r\n").startswith(b"HTTP/1.1 200"))
+        for scrape in slow[1:]:
+            scrape.send(b"GET /metrics HTTP/1.1\r\n\r\n")  # answered; their clients do not read yet
         over = Scrape(self.site)
         self.assertTrue(over.transport.value().startswith(b"HTTP/1.1 503"))
         over.protocol.connectionLost()
-        scrapes[0].protocol.connectionLost()
+        slow[1].protocol.connectionLost()
         self.assertEqual(Scrape(self.site).transport.value(), b"")
 
-    def test_deadline(self) -> None:
-        """A connection that never completes its request is aborted at the deadline."""
-        scrape = Scrape(self.site)
+    def test_deadlines(self) -> None:
+        """A connection whose head is not whole within the head deadline is aborted then; one answered but
+        never read is aborted at the whole deadline."""
+        scrape, unread = Scrape(self.site), Scrape(self.site)
         scrape.send(b"GET /met")
-        self.clock.advance(DEADLINE - 0.1)
+        unread.send(b"GET /metrics HTTP/1.1\r\n\r\n")
+        self.clock.advance(HEAD_DEADLINE - 0.1)
         self.assertFalse(scrape.transport.disconnected)
         self.clock.advance(0.1)
         self.assertTrue(scrape.transport.disconnected)
+        self.clock.advance(DEADLINE - HEAD_DEADLINE - 0.1)
+        self.assertFalse(unread.transport.disconnected)
+        self.clock.advance(0.1)
+        self.assertTrue(unread.transport.disconnected)
+
+    def test_renderedOncePerInterval(self) -> None:
+        """However many scrapes come, the registry is rendered at most once per interval (per format)."""
+        collected = []
+
+        class Counting:
+            """A collector that counts how often it is read."""
+
+            def collect(self):  # type: ignore[no-untyped-def]
+                collected.append(self)
+                return iter(())
+
+        self.registry.register(Counting())
+
+        def scrape(request: bytes = b"GET /metrics HTTP/1.1\r\n\r\n") -> bytes:
+            one = Scrape(self.site)
+            reply = one.send(request)
+            one.protocol.connectionLost()
+            return reply
+
+        first = scrape()
+        for _ in range(50):
+            self.assertEqual(scrape(), first)
+        self.assertEqual(len(collected), 1)
+        self.clock.advance(RENDER_INTERVAL)
+        scrape()
+        scrape(b"GET /metrics HTTP/1.1\r\nAccept: application/openmetrics-text\r\n\r\n")
+        self.assertEqual(len(collected), 3)
 
 
 class HostileScrapersOverTCPTests(SynchronousTestCase):
@@ -136,4 +178,53 @@ class HostileScrapersOverTCPTests(SynchronousTestCase):
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as response:
             self.assertIn(b"primecount_requests_total", response.read())
         self.assertLess(_residentKiB(server.process.pid) - before, 8192, f"memory flat after {pushed} bytes")
+        self.assertEqual(server.stop(), 0, server.log)
+
+
+class ScrapesBesideHostileClientsOverTCPTests(SynchronousTestCase):
+    """A real twistd's metrics endpoint while clients hold every place without sending, and keep coming."""
+
+    @slow
+    def test_scrapesSucceed(self) -> None:
+        """While a thread keeps 40 silent connections open to the metrics port (replacing each one dropped),
+        20 real scrapes in a row all succeed, each within the 10 s a Prometheus scrape allows."""
+        import threading
+
+        server = ServerProcess(os.path.abspath(self.mktemp()), "--metrics", "tcp:0:interface=127.0.0.1")
+        self.addCleanup(lambda: server.process.poll() is not None or server.stop())
+        port = int(server.waitFor(rb"Site starting on (\d+)").group(1))
+        stop, held, opened = threading.Event(), [], [0]
+
+        def holdPlaces() -> None:
+            while not stop.is_set():
+                for connection in list(held):
+                    connection.setblocking(False)
+                    try:
+                        gone = connection.recv(1) == b""
+                    except BlockingIOError:
+                        gone = False
+                    except OSError:
+                        gone = True
+                    if gone:
+                        held.remove(connection)
+                        connection.close()
+                while len(held) < 40 and not stop.is_set():
+                    held.append(socket.create_connection(("127.0.0.1", port), timeout=10))
+                    opened[0] += 1
+                time.sleep(0.01)
+
+        holder = threading.Thread(target=holdPlaces)
+        holder.start()
+        try:
+            waitUntil(lambda: opened[0] >= 40, what="the hostile clients to be in place")
+            for _ in range(20):
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as response:
+                    self.assertEqual(response.status, 200)
+                    self.assertIn(b"primecount_requests_total", response.read())
+        finally:
+            stop.set()
+            holder.join(30)
+            for connection in held:
+                connection.close()
+        self.assertGreater(opened[0], 40, "the hostile clients were dropped and came back")
         self.assertEqual(server.stop(), 0, server.log)

@@ -369,7 +369,14 @@ class MetricsTests(SynchronousTestCase):
             before = scrape(metricsPort)
             for payload in (b"abc2a\n", b"aa\n", b"xyz\n", b"\xff\n", b"\n"):
                 ask(server.port, payload)
-            after = scrape(metricsPort)
+            scraped: list[dict[str, float]] = []
+
+            def allCounted() -> bool:  # the exposition is rendered at most once a second
+                scraped[:] = [scrape(metricsPort)]
+                return scraped[0]["primecount_request_duration_seconds_count"] == 5.0
+
+            waitUntil(allCounted, what="the five requests in the metrics")
+            after = scraped[0]
         finally:
             self.assertEqual(server.stop(), 0)
         from primecount import __version__
