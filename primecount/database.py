@@ -14,6 +14,13 @@ written twice. After a failure the connection is made again with backoff
 (0.1 s doubling to 5 s); meanwhile batches are refused at once. All database
 work runs on a thread of its own, never on the analysis pool.
 
+A connection found dead before a batch is sent (a database restarted since the
+last batch, or an idle session the server ended) is replaced and the batch
+sent on the new one: nothing of it reached the server. Only a batch whose
+outcome is unknown is refused. At start the service connects at once, so that
+an unreachable database is said in one warning line then, not first met by a
+client.
+
 C{--fsync} maps onto C{synchronous_commit}: C{always} waits for the commit's
 WAL to reach disk (C{on}); C{everysec} and C{never} do not (C{off}: a crash of
 the database server, not of primecount, can lose the last transactions
@@ -61,6 +68,34 @@ def isDatabaseURI(value: str) -> bool:
     return value.startswith(SCHEMES)
 
 
+# A Unix socket folder that cannot exist: libpq checks a URI's options, then fails to connect there at once.
+_NOWHERE = "/nonexistent/primecount-uri-check"
+
+
+def uriProblem(uri: str) -> Optional[str]:
+    """Why libpq would refuse C{uri} before connecting (its syntax, an unknown parameter, a bad port or
+    C{sslmode}, ports that do not match the hosts), in libpq's words, or C{None}. Connects to nothing: the same
+    options are handed to libpq with every host replaced by a socket that cannot exist."""
+    from psycopg import pq
+    from psycopg.conninfo import conninfo_to_dict, make_conninfo
+
+    try:
+        parameters = conninfo_to_dict(uri)
+    except Exception as error:
+        return str(error).strip()
+    hosts = str(parameters.get("host") or "").split(",")
+    parameters["host"] = ",".join([_NOWHERE] * len(hosts))
+    parameters.pop("hostaddr", None)
+    probe = pq.PGconn.connect_start(make_conninfo(**parameters).encode("utf-8"))
+    try:
+        message = probe.error_message.decode("utf-8", "replace").strip()
+        if probe.status == pq.ConnStatus.BAD and not message.startswith("connection to server on socket"):
+            return message.splitlines()[0]
+        return None
+    finally:
+        probe.finish()
+
+
 def tableIdentifier(name: str) -> Any:
     """The C{psycopg.sql.Identifier} of a table name, C{schema.table} allowed."""
     from psycopg import sql
@@ -79,7 +114,8 @@ def tableProblem(name: str) -> Optional[str]:
 
 
 def schemaStatements(table: str) -> list[Any]:
-    """The idempotent statements that create the records table and its indexes (see docs/records.md)."""
+    """The idempotent statements that create the records table and its indexes (see docs/records.md); a time
+    index that went away with a table renamed away is made again by L{createSchema}."""
     from psycopg import sql
 
     name = tableIdentifier(table)
@@ -198,7 +234,10 @@ class DatabaseWriter:
         per batch that a C{COPY} through the cursor took (docs/benchmarks.md)."""
         from psycopg import pq
 
-        connection = self._connection or self._connect()
+        connection = self._connection
+        if connection is None or not _idleAndAlive(connection):
+            self.close()
+            connection = self._connect()  # nothing of this batch was sent on the dead one: send it on a new one
         try:
             _checked(connection.pgconn.exec_prepared(APPEND_STATEMENT, insertParameters(
                 records, self._host, os.getpid())), pq.ExecStatus.COMMAND_OK)
@@ -220,6 +259,11 @@ class DatabaseWriter:
         self._connection = connection
         return connection
 
+    def connectNow(self) -> None:
+        """Make the connection (and the table) now, if there is none, rather than with the first batch."""
+        if self._connection is None:
+            self._connect()
+
     def close(self) -> None:
         """Drop the connection (the next append makes a new one)."""
         connection, self._connection = self._connection, None
@@ -230,13 +274,42 @@ class DatabaseWriter:
                 pass
 
 
+def _idleAndAlive(connection: Any) -> bool:
+    """Whether an idle connection can still carry a batch. The server sends nothing to an idle session unless
+    it ends it (a shutdown's or an administrator's FATAL, then the end of the stream), so anything readable
+    means it is gone; either way nothing of the next batch has been sent on it."""
+    import select
+
+    from psycopg import pq
+
+    pgconn = connection.pgconn
+    if pgconn.status != pq.ConnStatus.OK:
+        return False
+    readable, _, _ = select.select([pgconn.socket], [], [], 0)
+    return not readable
+
+
 def createSchema(connection: Any, table: str) -> None:
-    """Create the records table if it is missing, in one transaction, one creator at a time (two at once would
-    collide in the catalog)."""
+    """Create the records table and its time index if they are missing, in one transaction, one creator at a
+    time (two at once would collide in the catalog).
+
+    The index is looked for on the table itself: its usual name may still be
+    taken by the index of a table renamed away (indexes keep their names), and
+    then C{CREATE INDEX IF NOT EXISTS} would skip it. A second one gets a name
+    PostgreSQL chooses.
+    """
+    from psycopg import sql
+
     with connection.transaction(), connection.cursor() as cursor:
         cursor.execute("SELECT pg_advisory_xact_lock(hashtext('primecount records schema'))")
         for statement in schemaStatements(table):
             cursor.execute(statement)
+        name = tableIdentifier(table)
+        cursor.execute(
+            "SELECT count(*) FROM pg_index i JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = "
+            "i.indkey[0] WHERE i.indrelid = %s::regclass AND a.attname = 'time'", (name.as_string(connection),))
+        if cursor.fetchone()[0] == 0:
+            cursor.execute(sql.SQL("CREATE INDEX ON {} USING brin (time)").format(name))
 
 
 class DatabaseRecordsService(Service):
@@ -273,7 +346,8 @@ class DatabaseRecordsService(Service):
         self.rowsWritten = 0
 
     def startService(self) -> None:
-        """Start the database thread (the connection is made with the first batch)."""
+        """Start the database thread and connect on it at once: a database that cannot be reached is said now,
+        in one warning line (the service still starts, and connects again with the first batch)."""
         super().startService()
         if self._runInThread is None:
             pool = self._pool = batchScheduledPool(ThreadPool(1, 1, "primecount-records-db"))
@@ -282,6 +356,11 @@ class DatabaseRecordsService(Service):
             self._runInThread = lambda function, *args: deferToThreadPool(threads, pool, function, *args)
         self.log.info("appending records to PostgreSQL table {table} ({conninfo})", table=self.table,
                       conninfo=_withoutPassword(self.conninfo))
+        self._runInThread(self._writer.connectNow).addErrback(self._unreachableAtStart)
+
+    def _unreachableAtStart(self, failure: Failure) -> None:
+        self.log.warn("records database not reachable at start ({error}); requests will get ERROR storage "
+                      "unavailable until it is", error=_describe(failure))
 
     def stopService(self) -> Deferred[None] | None:
         """Let the transaction in flight finish, then close the connection and stop the thread."""

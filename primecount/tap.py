@@ -32,7 +32,9 @@ from primecount.proxied import LOOPBACK, ProxiedFactory, listensBeyondLoopback, 
 from primecount.readiness import Readiness
 from primecount.records import FORMATS
 from primecount.responder import Responder
-from primecount.database import DEFAULT_TABLE, DEFAULT_TIMEOUT, DatabaseRecordsService, isDatabaseURI, tableProblem
+from primecount.database import (
+    DEFAULT_TABLE, DEFAULT_TIMEOUT, DatabaseRecordsService, isDatabaseURI, tableProblem, uriProblem,
+)
 from primecount.storage import FSYNC_POLICIES, RecordsService, recordsPathProblem
 from primecount.threads import batchScheduledPool
 from primecount.tls import MOZILLA_INTERMEDIATE, cipherProblem, withCiphers
@@ -268,14 +270,13 @@ class Options(usage.Options):
     def _checkDatabaseOptions(self) -> None:
         """A database --records: the driver is installed, the URI parses, the table name is one."""
         try:
-            from psycopg.conninfo import conninfo_to_dict
+            import psycopg  # noqa: F401
         except ImportError:
             raise usage.UsageError("--records: a postgresql:// URI needs the PostgreSQL driver: "
                                    "pip install 'primecount[postgres]'") from None
-        try:
-            conninfo_to_dict(self["records"])
-        except Exception as error:
-            raise usage.UsageError(f"--records: not a libpq connection URI: {error}") from None
+        problem = uriProblem(self["records"])
+        if problem is not None:
+            raise usage.UsageError(f"--records: not a usable libpq connection URI: {problem}")
         problem = tableProblem(self["records-table"])
         if problem is not None:
             raise usage.UsageError(f"--records-table: {self['records-table']!r} {problem}")

@@ -313,6 +313,25 @@ class OptionTests(SynchronousTestCase):
         self.assertEqual((options["records"], options["records-table"]), ("postgresql://app@db.example/records",
                                                                            "pc.records"))
 
+    def test_badURIs(self) -> None:
+        """A URI libpq would refuse (an unknown parameter, a bad port, a bad sslmode, more ports than hosts) is a
+        one-line UsageError naming --records, in libpq's words, found without connecting anywhere."""
+        for uri, words in (("postgresql://app@db.example/records?foo=bar", 'invalid URI query parameter: "foo"'),
+                           ("postgresql://app@db.example:99999/records", 'invalid port number: "99999"'),
+                           ("postgresql://app@db.example:abc/records", 'invalid integer value "abc"'),
+                           ("postgresql://app@db.example/records?sslmode=bogus", 'invalid sslmode value: "bogus"'),
+                           ("postgresql://app@a,b/records?port=1,2,3", "could not match 3 port numbers to 2 hosts")):
+            error = str(self.assertRaises(usage.UsageError, self.parse, "--records", uri))
+            self.assertTrue(error.startswith("--records: not a usable libpq connection URI: "), error)
+            self.assertIn(words, error)
+            self.assertNotIn("\n", error)
+
+    def test_goodURIsOfEveryShape(self) -> None:
+        """Host names, sockets, several hosts with their ports and parameters pass, resolved by nobody."""
+        for uri in ("postgresql://app@db.invalid/records", "postgresql:///records?host=/run/postgresql&port=5433",
+                    "postgresql://app@a.invalid:5432,b.invalid:5433/records?sslmode=verify-full&connect_timeout=3"):
+            self.assertEqual(self.parse("--records", uri)["records"], uri)
+
     def test_badTable(self) -> None:
         """A table name with too many parts is refused, naming the option."""
         error = self.assertRaises(usage.UsageError, self.parse, "--records", "postgresql:///db",
@@ -499,6 +518,82 @@ class TroubleTests(DatabaseOverTCPTestCase):
         self.assertEveryAnswerHasOneRow(clients.stop())
         server.waitFor(rb"records database back after", 10)
         self.assertEqual(server.log.count("records database unavailable"), 1, server.log)
+
+
+class RestartTests(DatabaseOverTCPTestCase):
+    """A database restarted cleanly between requests, or unreachable when primecount starts."""
+
+    def ownCluster(self) -> Cluster:
+        """A running cluster of this test's own (it is stopped and started)."""
+        cluster = Cluster(sharedCluster(self).binaries)
+        self.addCleanup(cluster.destroy)
+        cluster.start()
+        self.cluster = cluster
+        return cluster
+
+    def test_firstRequestAfterARestartIsAnswered(self) -> None:
+        """After C{pg_ctl restart -m fast}, the next request of one process, and of each of two idle workers,
+        is answered and recorded: the dead connection is found before the batch is sent, and replaced."""
+        cluster = self.ownCluster()
+        for workers in ("1", "2"):
+            server = ServerProcess(cluster.uri, "--records-table", self.table, "--max-per-ip", "0",
+                                   "--workers", workers)
+            self.addCleanup(server.stop)
+            if workers == "2":
+                server.waitForWorkers(2)
+            before = f"before restart, {workers} workers"
+            self.assertEqual(ask(server.port, before.encode() + b"\n"), expectedReply(before))
+            cluster.stop("fast")
+            cluster.start()
+            after = [f"after restart, {workers} workers, {n}" for n in range(10)]
+            self.assertEqual([ask(server.port, m.encode() + b"\n") for m in after], [expectedReply(m) for m in after])
+            self.assertEqual(server.stop(), 0, server.log)
+            self.assertNotIn("records database unavailable", server.log)
+            rows = self.rows()
+            self.assertEqual([rows[m] for m in [before, *after]], [1] * 11)
+
+    def test_unreachableAtStartIsSaidAtStart(self) -> None:
+        """With the database down at start, primecount says so in one warning line before any client comes,
+        listens, answers ERROR storage unavailable, and records again once the database is up."""
+        cluster = self.ownCluster()
+        cluster.stop()
+        server = self.server()
+        server.waitFor(rb"records database not reachable at start \(OperationalError: [^\n]+\); requests will "
+                       rb"get ERROR storage unavailable until it is")
+        self.assertEqual(ask(server.port, b"while down\n"), STORAGE_UNAVAILABLE)
+        cluster.start()
+        attempts: list[str] = []
+
+        def answered() -> bool:
+            attempts.append(f"once up {len(attempts)}")
+            return ask(server.port, attempts[-1].encode() + b"\n") == expectedReply(attempts[-1])
+
+        waitUntil(answered, what="service once the database is up")
+        self.assertEqual(server.log.count("not reachable at start"), 1)
+        self.assertEqual(self.rows()[attempts[-1]], 1)
+
+
+class SchemaRepairTests(DatabaseOverTCPTestCase):
+    """A records table renamed away is made again whole, its time index included."""
+
+    def test_tableRenamedAway(self) -> None:
+        """After the table is renamed under a writer, the next append makes a new table with a BRIN index on
+        time (the old one keeps its own), and the rows go there."""
+        writer = DatabaseWriter(self.cluster.uri, self.table, "always")
+        self.addCleanup(writer.close)
+        writer.append([record("first")])
+        self.cluster.query(f'ALTER TABLE "{self.table}" RENAME TO "{self.table}_old"')
+        self.addCleanup(self.cluster.query, f'DROP TABLE IF EXISTS "{self.table}_old"')
+        writer.close()  # the next append connects again, as after a failure
+        writer.append([record("second")])
+        for table in (self.table, f"{self.table}_old"):
+            indexes = [definition for (definition,) in self.cluster.query(
+                "SELECT indexdef FROM pg_indexes WHERE tablename = %s", table)]
+            self.assertEqual(len([d for d in indexes if 'USING brin ("time")' in d]), 1, (table, indexes))
+        self.assertEqual(self.rows(), Counter(["second"]))
+        writer.close()
+        writer.append([record("third")])  # and nothing more is made when the index is there
+        self.assertEqual(len(self.cluster.query("SELECT 1 FROM pg_indexes WHERE tablename = %s", self.table)), 2)
 
 
 class SlowDatabaseTests(DatabaseOverTCPTestCase):

@@ -44,6 +44,16 @@ class ToolTestCase(SynchronousTestCase):
 class CheckTests(ToolTestCase):
     """C{check} tells a good file, a torn last line and damage inside apart."""
 
+    def test_databaseIsBadUsage(self) -> None:
+        """C{check} and C{repair} of a database URI say in one line that they work on files, exit 2 (bad
+        usage), and touch no database; run as a user would, without a traceback."""
+        for command in ("check", "repair"):
+            result = subprocess.run([sys.executable, "-m", "primecount.records", command,
+                                     "postgresql://nobody@127.0.0.1:1/nothing"], capture_output=True, text=True)
+            self.assertEqual(result.returncode, 2, result.stderr)
+            self.assertEqual(result.stderr, f"primecount-records: {command} works on records files, not on a "
+                             "database (a table has no torn lines to find); stats, tail and follow read a table\n")
+
     def test_good(self) -> None:
         """A well-formed file exits 0, in either format."""
         for recordFormat in (TSV, JSONL):

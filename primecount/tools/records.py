@@ -273,6 +273,10 @@ def main(argv: Optional[Sequence[str]] = None, out: TextIO = sys.stdout) -> int:
     args = parser().parse_args(argv)
     try:
         uri = next((name for name in getattr(args, "files", [getattr(args, "file", "")]) if isDatabaseURI(name)), None)
+        if uri is not None and args.command in ("check", "repair"):
+            sys.stderr.write(f"primecount-records: {args.command} works on records files, not on a database "
+                             "(a table has no torn lines to find); stats, tail and follow read a table\n")
+            return EXIT_USAGE
         if uri is not None:
             return _table(args, uri, out)
         if args.command == "check":
