@@ -6,17 +6,24 @@ PORT   ?= 5050
 
 .PHONY: run test bench bench-loadgen bench-path bench-instructions bench-hostile clean
 
+# The venv is set up under a lock (util-linux's flock), so that `make run` and `make test` started together do
+# not race inside pip: whoever waited finds the work done (its stamp newer than what it depends on) and goes on.
+LOCKED := flock $(VENV).lock sh -ec
+STALE   = stale=; for source in $^; do [ -f $@ ] && [ $@ -nt $$source ] || stale=1; done; [ -z "$$stale" ]
+
 # The service alone, for `make run`.
 $(VENV)/.installed: setup.cfg pyproject.toml
-	$(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e .
-	touch $@
+	$(LOCKED) '$(STALE) || { \
+	  $(PYTHON) -m venv $(VENV); \
+	  $(BIN)/python -m pip install --quiet --upgrade pip; \
+	  $(BIN)/python -m pip install --quiet -e .; \
+	  touch $@; }'
 
 # Plus the test tools and the report charts.
 $(VENV)/.installed-test: $(VENV)/.installed
-	$(BIN)/python -m pip install --quiet -e '.[test,report]'
-	touch $@
+	$(LOCKED) '$(STALE) || { \
+	  $(BIN)/python -m pip install --quiet -e ".[test,report]"; \
+	  touch $@; }'
 
 run: $(VENV)/.installed
 	$(BIN)/twistd -n --pidfile= primecount --port $(PORT)
@@ -50,4 +57,4 @@ bench-hostile: $(VENV)/.installed-test
 	$(BIN)/python contrib/bench/hostile.py
 
 clean:
-	rm -rf $(VENV) build dist *.egg-info _trial_temp twisted/plugins/dropin.cache jmeter-results
+	rm -rf $(VENV) $(VENV).lock build dist *.egg-info _trial_temp twisted/plugins/dropin.cache jmeter-results

@@ -45,6 +45,8 @@ DEFAULT_MAX_BUFFERED = 64 << 20
 # A benchmark-only switch: "1" appends records without the multi-writer lock (unsafe with several writers).
 UNLOCKED_APPEND_SWITCH = "PRIMECOUNT_BENCH_UNLOCKED_APPEND"
 PROXIED_PREFIX = "haproxy:"
+# Options that only a supervisor gives its workers: accepted, but not shown in --help.
+INTERNAL_OPTIONS = ("worker-fd", "worker-metrics")
 log = Logger()
 # Twisted listens with a backlog of 50; a burst of new clients beyond that waits
 # a full second for the SYN retry. Load tests open hundreds of connections at once.
@@ -100,6 +102,29 @@ def _choice(option: str, choices: Sequence[str]) -> Callable[[str], str]:
     return coerce
 
 
+def _listenedPort(description: str) -> Optional[tuple[str, int]]:
+    """The interface and port number a TCP-like endpoint description (under any C{haproxy:} prefix) binds, or
+    C{None} for other kinds (systemd's socket, a UNIX path) and for port 0 (any free one)."""
+    parts = re.split(r"(?<!\\):", withoutProxyPrefix(description))
+    if parts[0] not in ("tcp", "tcp6", "ssl"):
+        return None
+    positional = [part for part in parts[1:] if "=" not in part]
+    named = dict(part.split("=", 1) for part in parts[1:] if "=" in part)
+    port = named.get("port", positional[0] if positional else "")
+    if not port.isdigit() or int(port) == 0:
+        return None
+    return named.get("interface", ""), int(port)
+
+
+def _sameListeningPort(first: str, second: str) -> bool:
+    """Whether two endpoint descriptions would bind the same port on overlapping interfaces."""
+    one, other = _listenedPort(first), _listenedPort(second)
+    if one is None or other is None or one[1] != other[1]:
+        return False
+    anywhere = ("", "0.0.0.0", "::")
+    return one[0] in anywhere or other[0] in anywhere or one[0] == other[0]
+
+
 def _checkEndpoint(option: str, description: str) -> None:
     """Raise a UsageError naming C{--option} if C{description} is not a usable server endpoint."""
     try:
@@ -123,7 +148,9 @@ def _workers(value: str) -> int:
     """A coercer for C{--workers}: a whole number at least 1, or C{auto} for one per CPU."""
     if value == "auto":
         return cpuCount()
-    return _number("workers", int, 1, strict=False)(value)
+    if not value.isdigit() or int(value) < 1:
+        raise usage.UsageError(f"--workers: must be a whole number at least 1, or auto (one per CPU), not {value!r}")
+    return int(value)
 
 
 _workers.coerceDoc = "A whole number at least 1, or auto (one per CPU)."  # type: ignore[attr-defined]
@@ -256,12 +283,17 @@ class Options(usage.Options):
                 raise usage.UsageError(f"--tls-ciphers: {self['tls-ciphers']!r}: {problem}")
         if self["metrics"] is not None:
             _checkEndpoint("metrics", self["metrics"])
+            if _sameListeningPort(self["metrics"], self["port"]):
+                raise usage.UsageError(f"--metrics: {self['metrics']!r} would listen on the port of --port "
+                                       f"{self['port']!r}; give the metrics a port of their own")
         if isDatabaseURI(self["records"]):
             self._checkDatabaseOptions()
             return
         for option, default in (("records-table", DEFAULT_TABLE), ("records-timeout", DEFAULT_TIMEOUT)):
             if self[option] != default:
                 raise usage.UsageError(f"--{option}: only applies with a postgresql:// --records")
+        if not self["records"]:
+            raise usage.UsageError("--records: must name a records file or a postgresql:// database, not ''")
         # Checked without creating the file: twistd applies --umask and --uid later, and the file must get them.
         problem = recordsPathProblem(self["records"])
         if problem is not None:
@@ -296,6 +328,15 @@ class Options(usage.Options):
             if getattr(self, "parent", None) is None:
                 raise
             raise SystemExit(f"twistd primecount: {error} (twistd primecount --help lists the options)") from None
+
+    def getUsage(self, width: Optional[int] = None) -> str:
+        """The help, without the options a supervisor gives its workers (L{INTERNAL_OPTIONS})."""
+        every = self.longOpt
+        self.longOpt = [name for name in every if name.rstrip("=") not in INTERNAL_OPTIONS]
+        try:
+            return super().getUsage(width)
+        finally:
+            self.longOpt = every
 
     def opt_version(self) -> None:
         """Print primecount's version (and Twisted's) and exit."""

@@ -119,3 +119,46 @@ class ReadmeWalkTests(SynchronousTestCase):
         server = ServerProcess(str(folder / "server_log.txt"), *options)
         self.addCleanup(lambda: server.process.poll() is not None or server.stop())
         return server
+
+
+# A stand-in for the interpreter: `-m venv DIR` makes DIR/bin/python (this same script); `-m pip install` takes
+# a while and fails if another pip of the same venv is running at that moment.
+FAKE_PYTHON = """#!/bin/sh
+set -e
+if [ "$1 $2" = "-m venv" ]; then
+  mkdir -p "$3/bin"; cp "$0" "$3/bin/python"; exit 0
+fi
+if [ "$3" = "install" ]; then
+  here=$(dirname "$0")
+  mkdir "$here/pip-running" 2>/dev/null || { echo overlap >> "$here/../../overlaps"; exit 1; }
+  echo "$@" >> "$here/../../installs"
+  sleep 0.5
+  rmdir "$here/pip-running"
+fi
+"""
+
+
+class MakeSetUpTests(SynchronousTestCase):
+    """The README's two commands share one venv: started together, they set it up once, one after the other."""
+
+    def test_runAndTestStartedTogether(self) -> None:
+        """C{make} of the service's venv and of the test tools', started at once with the Makefile's own
+        recipes (a stand-in interpreter): no two pips run at once, and the venv is set up once."""
+        requireTool(self, "flock")
+        folder = Path(self.mktemp()).resolve()
+        folder.mkdir()
+        fake = folder / "python"
+        fake.write_text(FAKE_PYTHON)
+        fake.chmod(0o755)
+        makefile = README.parent / "Makefile"
+        for name in ("setup.cfg", "pyproject.toml"):
+            (folder / name).write_text((README.parent / name).read_text())
+        starts = [subprocess.Popen(["make", "-s", "-f", str(makefile), f"PYTHON={fake}", "VENV=venv", target],
+                                   cwd=folder, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+                  for target in ("venv/.installed", "venv/.installed-test")]
+        outputs = [start.communicate(timeout=60)[0].decode() for start in starts]
+        self.assertEqual([start.returncode for start in starts], [0, 0], outputs)
+        self.assertFalse((folder / "overlaps").exists(), "two pips ran in one venv at once")
+        installs = (folder / "installs").read_text().splitlines()
+        self.assertEqual(installs, ["-m pip install --quiet --upgrade pip", "-m pip install --quiet -e .",
+                                    "-m pip install --quiet -e .[test,report]"])

@@ -84,6 +84,32 @@ class OptionsTests(SynchronousTestCase):
                 self.parse(option, value)
             self.assertIn(option, str(caught.exception))
 
+    def test_smallMistakesAreOneLine(self) -> None:
+        """An empty --records, a --metrics port that is --port's, and --workers that is neither a number nor
+        auto each name their option (and say what would do)."""
+        for argv, message in (
+            (["--records", ""], "--records: must name a records file or a postgresql:// database, not ''"),
+            (["--port", "5151", "--metrics", "5151"], "--metrics: 'tcp:5151:interface=127.0.0.1' would listen on "
+             "the port of --port 'tcp:5151:backlog=1024'; give the metrics a port of their own"),
+            (["--port", "haproxy:tcp:5151:interface=127.0.0.1", "--metrics", "tcp:port=5151"], "--metrics: "),
+            (["--workers", "many"], "--workers: must be a whole number at least 1, or auto (one per CPU), not 'many'"),
+        ):
+            with self.assertRaises(UsageError, msg=argv) as caught:
+                self.parse(*argv)
+            self.assertTrue(str(caught.exception).startswith(message), str(caught.exception))
+        for argv in (["--port", "5151", "--metrics", "5152"], ["--port", "0", "--metrics", "0"],
+                     ["--port", "tcp:5151:interface=127.0.0.1", "--metrics", "tcp:5151:interface=127.0.0.2"],
+                     ["--port", "unix:/tmp/x", "--metrics", "5151"]):
+            self.assertEqual(self.parse(*argv)["port"], endpointDescription(argv[1]))
+
+    def test_helpShowsNoInternalOption(self) -> None:
+        """--help lists every option a user may give, not those a supervisor gives its workers; they still parse."""
+        text = Options().getUsage()
+        self.assertIn("--max-buffered=", text)
+        self.assertNotIn("--worker-fd", text)
+        self.assertNotIn("--worker-metrics", text)
+        self.assertEqual(self.parse("--worker-fd", "3", "--worker-metrics")["worker-fd"], 3)
+
     def test_keepAlive(self) -> None:
         """One request per connection is the default; --keep-alive turns keep-alive on with its two limits."""
         self.assertEqual({k: self.parse()[k] for k in ("keep-alive", "pipeline", "idle-timeout")},
@@ -276,6 +302,30 @@ class TwistdUsageErrorTests(SynchronousTestCase):
         self.assertEqual(result.stdout, "")
         self.assertEqual(result.stderr, "twistd primecount: --threads: must be a whole number at least 1, not '0' "
                                         "(twistd primecount --help lists the options)\n")
+
+
+class DescriptorLineTests(SynchronousTestCase):
+    """The start line on the descriptor limit says what happened to it."""
+
+    def test_raisedOnlyWhenRaised(self) -> None:
+        """A soft limit that is already the hard one is not said to be raised; one that was raised is."""
+        from twisted.logger import formatEvent, globalLogPublisher
+
+        from primecount import tap
+        from primecount.limits import FileLimit
+
+        for limit, words in ((FileLimit(20000, 20000, 20000), "descriptor limit (RLIMIT_NOFILE): soft 20000, hard "
+                              "20000; 19872 for clients; at most 18848 connections"),
+                             (FileLimit(1024, 4096, 4096), "soft 1024 raised to 4096, hard 4096")):
+            events: list[dict] = []
+            globalLogPublisher.addObserver(events.append)
+            self.patch(tap, "raiseFileLimit", lambda limit=limit: limit)
+            options = Options()
+            options.parseOptions(["--records", self.mktemp()])
+            makeService(options, ThreadedMemoryReactor())
+            globalLogPublisher.removeObserver(events.append)
+            line = next(formatEvent(e) for e in events if "RLIMIT_NOFILE" in e.get("log_format", ""))
+            self.assertIn(words, line)
 
 
 class PluginTests(SynchronousTestCase):
