@@ -176,9 +176,9 @@ class Connection:
         self._firstSequence = 0
         self._oneShot = not limits.keepAlive
         self._pipeline = limits.pipeline
-        # The current line so far: extended in place (amortised, never quadratic), so that it costs about a
-        # byte per byte held however small the reads that brought it.
-        self._partial = bytearray()
+        # The current line so far: a bytearray extended in place (amortised, never quadratic), so that it costs
+        # about a byte per byte held however small the reads that brought it; empty bytes until a line is split.
+        self._partial: bytes | bytearray = b""
         self._partialSize = 0
         self._unread = b""  # bytes received while framing was held (the pipeline bound), not yet framed
         self._budget = budget
@@ -424,7 +424,10 @@ class Connection:
             budget.held += len(data)
         if self.phase is BETWEEN:
             self._startRequest(now)
-        self._partial += data
+        if self._partial:
+            self._partial += data  # type: ignore[operator]
+        else:
+            self._partial = bytearray(data)
         self._partialSize = size
         if self.limits.quiet:
             self._want(QUIET, now + self.limits.quiet, now)
@@ -433,7 +436,7 @@ class Connection:
         held = bytes(self._partial)
         if self._budget is not None:
             self._budget.held -= self._partialSize
-        self._partial, self._partialSize = bytearray(), 0
+        self._partial, self._partialSize = b"", 0
         return held
 
     def _keepUnread(self, unread: bytes, now: float) -> None:

@@ -10,6 +10,7 @@ from twisted.internet.interfaces import (
     IAddress, IDelayedCall, IHalfCloseableProtocol, IHandshakeListener, IPushProducer, IReactorTime,
 )
 from twisted.internet.protocol import Protocol
+from twisted.protocols.policies import ProtocolWrapper
 from twisted.logger import Logger
 from zope.interface import implementer
 
@@ -192,7 +193,8 @@ class Driven(Protocol):
         self._start()
 
     def _start(self, waiting: bytes = b"") -> None:
-        self._watchHandshake()
+        if isinstance(self.transport, ProtocolWrapper):  # TLS, or the PROXY-header reader: not a bare socket
+            self._watchHandshake()
         # A half-close under a TLS layer would end the TCP stream without TLS's close_notify, cutting the reply.
         canHalfClose = self._tls is None and hasattr(self.transport, "loseWriteConnection")
         self._run(self._connection.start(self._clock.seconds(), canHalfClose, waiting))
@@ -229,7 +231,8 @@ class Driven(Protocol):
         self._gone = True
         self._connection.lost()
         self._cancelTimers()
-        self._cancelTLSTimer()
+        if self._tlsTimer is not None:
+            self._cancelTLSTimer()
 
 
 class BusyProtocol(Driven):
