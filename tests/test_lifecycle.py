@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from twisted.internet.address import IPv4Address
-
 import signal
+from typing import Callable
+
+from twisted.internet.address import IPv4Address
 
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred, succeed
@@ -312,44 +313,33 @@ class ListenerTests(SynchronousTestCase):
     def test_saysItListensOnlyOnceSignalsAreHandled(self) -> None:
         """Started before the reactor runs (as under twistd), the listener says it listens only once the reactor
         runs, after the signal handlers are in: SIGTERM sent on seeing the line drains instead of killing."""
-        reactor = CallRecordingReactor()
-        for number in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-            self.addCleanup(signal.signal, number, signal.getsignal(number))
-        listening = listeningEvents(self)
-        handlersWhenAnnounced: list[object] = []
-        top = SequentialMultiService()
-        signals = ProcessSignals(reactor)
-        signals.setServiceParent(top)
-        Listener(FakeEndpoint(QueuedPort(0)), None, reactor).setServiceParent(top)
-        top.privilegedStartService()
-        top.startService()
-        self.assertEqual(listening, [])
-        for hook, args, kwargs in reactor.whenRunningHooks:
-            hook(*args, **kwargs)
-            if listening and not handlersWhenAnnounced:
-                handlersWhenAnnounced.append(signal.getsignal(signal.SIGTERM))
-        self.assertEqual(len(listening), 1)
-        self.assertEqual(handlersWhenAnnounced, [signals._stop])
+        self.assertAnnouncedAfterHandlers(lambda reactor: Listener(FakeEndpoint(QueuedPort(0)), None, reactor))
 
     def test_supervisorSaysItListensOnlyOnceSignalsAreHandled(self) -> None:
         """The supervisor's shared socket, bound in the privileged start (before any service has started), also
         says it listens only after the signal handlers are in."""
         from primecount.workers import SharedSocket
 
+        self.assertAnnouncedAfterHandlers(lambda reactor: SharedSocket(FakeEndpoint(ReadingPort()), reactor))
+
+    def assertAnnouncedAfterHandlers(self, listening: Callable[[CallRecordingReactor], Service]) -> None:
+        """The service C{listening} makes, started after L{ProcessSignals} as under twistd, logs its listening
+        line only once the reactor runs, and by then SIGTERM is handled."""
         reactor = CallRecordingReactor()
         for number in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             self.addCleanup(signal.signal, number, signal.getsignal(number))
-        listening = listeningEvents(self)
+        announced = listeningEvents(self)
         handlersWhenAnnounced: list[object] = []
         top = SequentialMultiService()
         signals = ProcessSignals(reactor)
         signals.setServiceParent(top)
-        SharedSocket(FakeEndpoint(ReadingPort()), reactor).setServiceParent(top)
+        listening(reactor).setServiceParent(top)
         top.privilegedStartService()
         top.startService()
+        self.assertEqual(announced, [])
         for hook, args, kwargs in reactor.whenRunningHooks:
             hook(*args, **kwargs)
-            if listening and not handlersWhenAnnounced:
+            if announced and not handlersWhenAnnounced:
                 handlersWhenAnnounced.append(signal.getsignal(signal.SIGTERM))
-        self.assertEqual(len(listening), 1)
+        self.assertEqual(len(announced), 1)
         self.assertEqual(handlersWhenAnnounced, [signals._stop])
