@@ -1,8 +1,14 @@
-# The two commands of the README: `make run` and `make test`. Both create .venv on first use.
+# The two commands of the README: `make run` and `make test`. Both create the interpreter's venv on first use.
+# PYTHON=pypy3 runs both on PyPy; each interpreter has a venv of its own (.venv for python3, .venv-pypy3 for
+# pypy3, .venv-python3.12 for python3.12, ...), so switching never breaks the other.
 PYTHON ?= python3
-VENV   ?= .venv
+VENV   ?= $(if $(filter python3,$(notdir $(PYTHON))),.venv,.venv-$(notdir $(PYTHON)))
 BIN    := $(VENV)/bin
 PORT   ?= 5050
+# Wheels before newer source releases: on PyPy the newest cryptography and matplotlib come as source only, which
+# would need a Rust or C toolchain to build. Harmless on CPython, where every dependency has wheels.
+export PIP_PREFER_BINARY := 1
+export PIP_ONLY_BINARY := cryptography
 
 .PHONY: run test bench bench-loadgen bench-path bench-instructions bench-hostile clean
 
@@ -57,4 +63,4 @@ bench-hostile: $(VENV)/.installed-test
 	$(BIN)/python contrib/bench/hostile.py
 
 clean:
-	rm -rf $(VENV) $(VENV).lock build dist *.egg-info _trial_temp twisted/plugins/dropin.cache jmeter-results
+	rm -rf $(VENV) $(VENV).lock .venv-* build dist *.egg-info _trial_temp twisted/plugins/dropin.cache jmeter-results

@@ -63,6 +63,52 @@ NUL_STAND_IN = "\u2400"
 COLUMNS = ("time", "client", "message", "count", "prime", "host", "pid")
 
 
+def driver() -> Any:
+    """The C{psycopg} module, made ready for this interpreter: call it before the first connection.
+
+    On PyPy psycopg runs its pure-Python libpq wrapper (ctypes, with the
+    system's libpq5). That wrapper keeps a weak reference to each connection
+    in a C{ctypes.py_object}, which PyPy 7.3.11 (Debian 12's) refuses: its
+    ctypes keeps a weak reference to what a C{py_object} holds, and a weak
+    reference cannot be weakly referenced (PyPy issue 3882). Where that is so,
+    the wrapper's reference becomes an object that can be: it calls back to the
+    same connection. A test fails if psycopg's wrapper changes under it.
+    """
+    import psycopg
+
+    if psycopg.pq.__impl__ == "python" and not _pyObjectTakesWeakReferences():
+        from psycopg.pq import pq_ctypes
+
+        pq_ctypes.ref = _Reference  # type: ignore[attr-defined]
+    return psycopg
+
+
+class _Reference:
+    """A weak reference to a psycopg connection that can itself be weakly referenced (see L{driver})."""
+
+    __slots__ = ("_referent", "__weakref__")
+
+    def __init__(self, referent: Any) -> None:
+        import weakref
+
+        self._referent = weakref.ref(referent)
+
+    def __call__(self) -> Any:
+        return self._referent()
+
+
+def _pyObjectTakesWeakReferences() -> bool:
+    """Whether this interpreter's C{ctypes.py_object} can hold a weak reference."""
+    import ctypes
+    import weakref
+
+    try:
+        ctypes.py_object(weakref.ref(_Reference))
+    except TypeError:
+        return False
+    return True
+
+
 def isDatabaseURI(value: str) -> bool:
     """Whether a C{--records} value names a PostgreSQL database rather than a file."""
     return value.startswith(SCHEMES)
@@ -76,7 +122,7 @@ def uriProblem(uri: str) -> Optional[str]:
     """Why libpq would refuse C{uri} before connecting (its syntax, an unknown parameter, a bad port or
     C{sslmode}, ports that do not match the hosts), in libpq's words, or C{None}. Connects to nothing: the same
     options are handed to libpq with every host replaced by a socket that cannot exist."""
-    from psycopg import pq
+    pq = driver().pq
     from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
     try:
@@ -204,9 +250,7 @@ def _checked(result: Any, expected: Any) -> None:
 def connect(conninfo: str, fsync: str) -> Any:
     """A new connection to the records database, set up for appending: its commit policy, a name in
     C{pg_stat_activity}, bounded connection and statement times."""
-    import psycopg
-
-    return psycopg.connect(
+    return driver().connect(
         conninfo, autocommit=True, connect_timeout=5, application_name="primecount",
         options=f"-c synchronous_commit={SYNCHRONOUS_COMMIT[fsync]} -c statement_timeout=10000",
     )

@@ -7,11 +7,14 @@ from __future__ import annotations
 import fcntl
 import struct
 import termios
-from typing import TypeGuard
+from typing import TYPE_CHECKING
 
 from twisted.internet import abstract, main, tcp
 from twisted.internet.interfaces import ITransport
 from twisted.python.failure import Failure
+
+if TYPE_CHECKING:  # Python 3.10's; the package runs on 3.9 (PyPy's among them), where annotations stay text
+    from typing import TypeGuard
 
 
 def _openTCP(transport: ITransport) -> TypeGuard[tcp.Connection]:

@@ -49,10 +49,19 @@ _LEVELS = {level.name: level for level in LogLevel.iterconstants()}
 
 
 def cpuCount() -> int:
-    """The CPUs this process may run on (its affinity), for C{--workers auto}."""
+    """The CPUs this process may run on (its affinity), for C{--workers auto}: from C{sched_getaffinity}, or
+    where the interpreter has none (PyPy), from the kernel's C{Cpus_allowed_list}."""
     try:
         return len(os.sched_getaffinity(0))
     except (AttributeError, OSError):
+        pass
+    try:
+        with open("/proc/self/status") as status:
+            allowed = next(line.split(":", 1)[1] for line in status if line.startswith("Cpus_allowed_list:"))
+        return sum(int(end) - int(start) + 1 for start, _, end in
+                   (part.strip().partition("-") if "-" in part else (part.strip(), "-", part.strip())
+                    for part in allowed.split(",")))
+    except (OSError, StopIteration, ValueError):
         return os.cpu_count() or 1
 
 

@@ -90,9 +90,9 @@ class Cluster:
 
     def query(self, statement: str, *parameters: Any) -> list[tuple[Any, ...]]:
         """Run one statement and return its rows (none for a statement without)."""
-        import psycopg
+        from primecount.database import driver
 
-        with psycopg.connect(self.uri, autocommit=True) as connection:
+        with driver().connect(self.uri, autocommit=True) as connection:
             cursor = connection.execute(statement, parameters or None)
             return cursor.fetchall() if cursor.description else []
 

@@ -20,7 +20,9 @@ from twisted.logger import Logger
 from twisted.python import usage
 from twisted.trial.unittest import SynchronousTestCase
 
-from primecount.database import GATHER_MOST, NUL_STAND_IN, DatabaseRecordsService, DatabaseWriter, insertParameters
+from primecount.database import (
+    GATHER_MOST, NUL_STAND_IN, DatabaseRecordsService, DatabaseWriter, driver, insertParameters,
+)
 from primecount.records import Record
 from primecount.storage import StorageUnavailable
 from primecount.tap import Options
@@ -379,7 +381,7 @@ class SchemaTests(SynchronousTestCase):
 
     def test_timeIndexIsBRIN(self) -> None:
         """The table's one secondary index is a BRIN index on time, and a query over a time range uses it."""
-        import psycopg
+        psycopg = driver()
 
         cluster = sharedCluster(self)
         table = freshTable(self, cluster)
@@ -573,6 +575,22 @@ class RestartTests(DatabaseOverTCPTestCase):
         self.assertEqual(self.rows()[attempts[-1]], 1)
 
 
+class DriverTests(SynchronousTestCase):
+    """psycopg's pure-Python libpq wrapper (the one PyPy runs) works on this interpreter once L{driver} has run,
+    and still has the name L{driver} replaces."""
+
+    def test_pureWrapperConnects(self) -> None:
+        """A connection of the ctypes wrapper is made and answers, whichever wrapper the interpreter uses."""
+        cluster = sharedCluster(self)
+        driver()
+        from psycopg.pq import pq_ctypes
+
+        self.assertTrue(callable(pq_ctypes.ref), "psycopg's wrapper no longer takes a weak reference here")
+        connection = pq_ctypes.PGconn.connect(cluster.uri.encode())
+        self.addCleanup(connection.finish)
+        self.assertEqual(connection.exec_(b"SELECT 41 + 1").get_value(0, 0), b"42")
+
+
 class SchemaRepairTests(DatabaseOverTCPTestCase):
     """A records table renamed away is made again whole, its time index included."""
 
@@ -603,7 +621,7 @@ class SlowDatabaseTests(DatabaseOverTCPTestCase):
         """While the table is locked, requests get ERROR storage unavailable after the timeout and requests
         that need no record are still answered at once; once unlocked, service resumes by itself, and the
         slowness was logged once."""
-        import psycopg
+        psycopg = driver()
 
         server = self.server("--records-timeout", "1")
         self.assertEqual(ask(server.port, b"before\n"), expectedReply("before"))
@@ -686,7 +704,7 @@ class RecordsToolTests(FollowingProcess, DatabaseOverTCPTestCase):
 
     def insertHeld(self, message: str) -> Any:
         """Insert a row of C{message} in a transaction left open; the connection, to commit it."""
-        import psycopg
+        psycopg = driver()
 
         held = psycopg.connect(self.cluster.uri)
         self.addCleanup(held.close)
@@ -734,7 +752,7 @@ class RecordsToolTests(FollowingProcess, DatabaseOverTCPTestCase):
         """One poll at a time (L{tablerecords._poll}, the SQL of L{FollowHorizon.isLate}): a row below the
         cursor is found late when its writer was running at the last poll, or began since; rows already
         visible then are not found again."""
-        import psycopg
+        psycopg = driver()
 
         from primecount.tools.tablerecords import FollowHorizon, _poll, _snapshot
 

@@ -191,7 +191,7 @@ class IdleConnectionTests(SynchronousTestCase):
             self.assertEqual(server.stop(), 0)
         print(f"\n    server RSS {rssBefore / 2**20:.1f} MB idle, {rss / 2**20:.1f} MB with 10,000 idle "
               f"connections ({(rss - rssBefore) / 10_000:.0f} bytes each); {threads} threads")
-        self.assertLess(rss, 150 * 2**20)
+        self.assertLess(rss - rssBefore, 100 * 2**20, "10 KB a connection at most")
         self.assertLessEqual(threads, 1 + 10 + 1, "the reactor, at most 10 pool threads, nothing per connection")
 
 

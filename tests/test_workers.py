@@ -166,7 +166,12 @@ class WorkerOptionsTests(SynchronousTestCase):
         """A number, or auto for the CPUs this process may use; 0 and words are refused."""
         self.assertEqual(self.parse()["workers"], 1)
         self.assertEqual(self.parse("--workers", "3")["workers"], 3)
-        self.assertEqual(self.parse("--workers", "auto")["workers"], len(os.sched_getaffinity(0)))
+        pinned = subprocess.run(["taskset", "-c", "0", sys.executable, "-c",
+                                 "from primecount.tap import Options; o = Options(); "
+                                 "o.parseOptions(['--workers', 'auto', '--records', '/dev/null']); print(o['workers'])"],
+                                capture_output=True, text=True)
+        self.assertEqual(pinned.stdout, "1\n", pinned.stderr)
+        self.assertEqual(self.parse("--workers", "auto")["workers"], os.cpu_count())
         for bad in ("0", "many"):
             with self.assertRaises(UsageError) as caught:
                 self.parse("--workers", bad)

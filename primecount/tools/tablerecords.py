@@ -8,14 +8,12 @@ from collections import deque
 from contextlib import contextmanager
 from typing import Any, Callable, Iterator, NamedTuple, Optional, TextIO
 
-from primecount.database import NUL_STAND_IN, tableIdentifier
+from primecount.database import NUL_STAND_IN, driver, tableIdentifier
 from primecount.records import Record, formatTSV, formatTimestamp, terminalSafe
 
 
 def _connect(uri: str) -> Any:
-    import psycopg
-
-    return psycopg.connect(uri, autocommit=True, connect_timeout=10, application_name="primecount-records")
+    return driver().connect(uri, autocommit=True, connect_timeout=10, application_name="primecount-records")
 
 
 def _window(since: Optional[int], until: Optional[int]) -> tuple[Any, list[int]]:
