@@ -85,9 +85,10 @@ def pinned(core: Optional[str]) -> list[str]:
 
 def startServer(kind: str, workdir: Path, shared: Path, core: Optional[str], options: list[str],
                 prefix: Optional[list[str]] = None, startupSeconds: float = 30.0,
-                environment: Optional[dict[str, str]] = None) -> "Baseline | ServerProcess":
+                environment: Optional[dict[str, str]] = None, python: str = sys.executable) -> "Baseline | ServerProcess":
     """Start the baseline or primecount (defaults but no per-address limit, plus C{options}), pinned to C{core}
-    (primecount: run under C{prefix} instead, when given, e.g. a profiler; with C{environment}, when given)."""
+    (primecount: on the interpreter C{python}; run under C{prefix} instead, when given, e.g. a profiler; with
+    C{environment}, when given)."""
     if kind == "baseline":
         return Baseline(workdir, shared, core)
     server = ServerProcess(
@@ -99,6 +100,7 @@ def startServer(kind: str, workdir: Path, shared: Path, core: Optional[str], opt
         prefix=pinned(core) if prefix is None else prefix,
         startupSeconds=startupSeconds,
         environment=environment,
+        python=python,
     )
     if "--workers" in options:  # the supervisor listens first; measure once every worker accepts too
         count = int(options[options.index("--workers") + 1])

@@ -11,6 +11,11 @@ import time
 from typing import Mapping, Optional, Sequence
 
 TWISTD = [sys.executable, "-c", "from twisted.scripts.twistd import run; run()"]
+
+
+def twistdCommand(python: str = sys.executable) -> list[str]:
+    """The command that runs twistd with the interpreter C{python} (a venv's own, for its packages)."""
+    return [python, *TWISTD[1:]]
 _LISTENING = re.compile(rb"primecount listening on \S+ port (\d+)")
 
 
@@ -32,11 +37,13 @@ class ServerProcess:
         startupSeconds: float = 30.0,
         twistdOptions: Sequence[str] = (),
         environment: Optional[Mapping[str, str]] = None,
+        python: str = sys.executable,
     ) -> None:
-        """Start it (with C{environment} instead of this process's own, when given) and wait until it listens."""
+        """Start it with the interpreter C{python} (with C{environment} instead of this process's own, when
+        given) and wait until it listens."""
         self.records = records
         self.process = subprocess.Popen(
-            [*prefix, *TWISTD, "-n", "--pidfile=", *twistdOptions, "primecount", "--port", port, "--records", records,
+            [*prefix, *twistdCommand(python), "-n", "--pidfile=", *twistdOptions, "primecount", "--port", port, "--records", records,
              *options],
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
