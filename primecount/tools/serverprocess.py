@@ -38,12 +38,14 @@ class ServerProcess:
         twistdOptions: Sequence[str] = (),
         environment: Optional[Mapping[str, str]] = None,
         python: str = sys.executable,
+        launcher: Sequence[str] = (),
     ) -> None:
-        """Start it with the interpreter C{python} (with C{environment} instead of this process's own, when
-        given) and wait until it listens."""
+        """Start it with the interpreter C{python}, or with C{launcher} when given (a command that runs twistd
+        after something of its own), with C{environment} instead of this process's own when given, and wait
+        until it listens."""
         self.records = records
         self.process = subprocess.Popen(
-            [*prefix, *twistdCommand(python), "-n", "--pidfile=", *twistdOptions, "primecount", "--port", port, "--records", records,
+            [*prefix, *(launcher or twistdCommand(python)), "-n", "--pidfile=", *twistdOptions, "primecount", "--port", port, "--records", records,
              *options],
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
