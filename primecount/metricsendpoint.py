@@ -5,14 +5,18 @@ file before any resource can refuse them) and holds pipelined requests in
 memory without a bound, and its connections count against no limit: a client
 that sends without reading grows the server without end. A scraper needs far
 less: this answers one request per connection and closes, never reads a body,
-reads at most L{MAX_HEAD} bytes of request head, serves at most
-L{MAX_CONNECTIONS} connections at once, and gives each L{DEADLINE} seconds in all.
+reads at most L{MAX_HEAD} bytes of request head, holds L{MAX_CONNECTIONS}
+connections at once (L{MOST_CONNECTIONS} while newcomers are young), and gives
+each L{DEADLINE} seconds in all.
 
 Slow or flooding clients must not cost the service its scrapes, nor much else:
 a scraper sends its head at once, so a head not whole within L{HEAD_DEADLINE}
 is dropped, and a newcomer at the cap takes the place of the oldest connection
-still without a whole head (a head already waiting at accept is answered
-before anything else); the exposition is rendered at most once per
+still without a whole head, unless that one is in its first L{HEAD_GRACE}
+seconds (then the newcomer gets a place beyond the cap, up to
+L{MOST_CONNECTIONS}): a flood of newcomers cannot push out a scraper whose
+head is on its way. A head already waiting at accept is answered before
+anything else; the exposition is rendered at most once per
 L{RENDER_INTERVAL} and shared by every scrape in it, so any scrape rate costs
 the reactor a few system calls per scrape, not a render.
 """
@@ -30,6 +34,10 @@ from primecount.internals import readWaiting
 
 MAX_HEAD = 8192
 MAX_CONNECTIONS = 16
+# While every connection without its head is younger than HEAD_GRACE, newcomers are let in up to this many.
+MOST_CONNECTIONS = 64
+# A connection is not dropped for a newcomer before this: a client's head follows its connect within a round trip.
+HEAD_GRACE = 0.25
 # From connect to the last byte of the reply; a scrape takes milliseconds.
 DEADLINE = 10.0
 # From connect to the end of the request head, which a scraper sends at once.
@@ -165,7 +173,7 @@ class MetricsSite(Factory):
         self.clock = clock
         self.open = 0
         self.dropping = 0  # dropped connections whose end the transport has yet to report
-        self._waitingHead: dict[MetricsProtocol, None] = {}  # places without a whole head, oldest first
+        self._waitingHead: dict[MetricsProtocol, float] = {}  # without a whole head: when they came, oldest first
         self._rendered: dict[str, tuple[float, bytes]] = {}  # by content type: when, and what
 
     def buildProtocol(self, addr: IAddress) -> MetricsProtocol:
@@ -175,13 +183,16 @@ class MetricsSite(Factory):
 
     def makeRoom(self, protocol: MetricsProtocol) -> bool:
         """Give C{protocol}, still waiting for its head, a place: past the cap, the oldest connection still
-        waiting for its head is dropped for it; C{False} if every other place is answering."""
+        waiting for its head is dropped for it if it is past its grace; otherwise the newcomer is let in beyond
+        the cap, up to L{MOST_CONNECTIONS}; C{False} past that."""
+        now = self.clock.seconds()
         if self.open - self.dropping > MAX_CONNECTIONS:
-            oldest = next((waiting for waiting in self._waitingHead if waiting is not protocol), None)
-            if oldest is None:
+            oldest = next(iter(self._waitingHead.items()), None)
+            if oldest is not None and now - oldest[1] >= HEAD_GRACE:
+                oldest[0].evict()
+            elif self.open - self.dropping > MOST_CONNECTIONS:
                 return False
-            oldest.evict()
-        self._waitingHead[protocol] = None
+        self._waitingHead[protocol] = now
         return True
 
     def headDone(self, protocol: MetricsProtocol) -> None:

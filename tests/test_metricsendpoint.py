@@ -14,7 +14,9 @@ from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from twisted.trial.unittest import SynchronousTestCase
 
-from primecount.metricsendpoint import DEADLINE, HEAD_DEADLINE, MAX_CONNECTIONS, RENDER_INTERVAL, MetricsSite
+from primecount.metricsendpoint import (
+    DEADLINE, HEAD_DEADLINE, HEAD_GRACE, MAX_CONNECTIONS, MOST_CONNECTIONS, RENDER_INTERVAL, MetricsSite,
+)
 from primecount.tools.serverprocess import ServerProcess
 from tests.helpers import slow, waitUntil
 from tests.test_keepalive import _residentKiB
@@ -88,22 +90,43 @@ class MetricsSiteTests(SynchronousTestCase):
         self.assertTrue(reply.startswith(b"HTTP/1.1 431"))
 
     def test_newcomerTakesTheOldestPlaceWithoutAHead(self) -> None:
-        """At the cap, a newcomer takes the place of the oldest connection still without a whole head, and is
-        answered; only when every place is answering does a newcomer get 503; a closed one frees its place."""
+        """At the cap, a newcomer takes the place of the oldest connection still without a whole head once that
+        one is past its grace, and is answered; while all are young a newcomer gets a place beyond the cap, up
+        to the most; past that, 503; a closed one frees its place."""
         slow = [Scrape(self.site) for _ in range(MAX_CONNECTIONS)]
         slow[0].send(b"GET /met")
+        young = Scrape(self.site)  # every other one is young too: let in beyond the cap, nobody dropped
+        self.assertEqual(([s.transport.disconnected for s in slow], young.transport.value()),
+                         ([False] * MAX_CONNECTIONS, b""))
+        self.clock.advance(HEAD_GRACE)
         newcomer = Scrape(self.site)
-        self.assertEqual(([s.transport.disconnected for s in slow[:2]], newcomer.transport.value()),
-                         ([True, False], b""))
+        self.assertEqual([s.transport.disconnected for s in slow[:2]], [True, False], "the oldest is dropped")
         slow[0].protocol.connectionLost()  # the abort, as the transport reports it
         self.assertTrue(newcomer.send(b"GET /metrics HTTP/1.1\r\n\r\n").startswith(b"HTTP/1.1 200"))
-        for scrape in slow[1:]:
+        for scrape in [*slow[1:], young]:
             scrape.send(b"GET /metrics HTTP/1.1\r\n\r\n")  # answered; their clients do not read yet
+        flood = [Scrape(self.site) for _ in range(MOST_CONNECTIONS - MAX_CONNECTIONS - 1)]
+        self.assertEqual({scrape.transport.value() for scrape in flood}, {b""}, "let in up to the most")
         over = Scrape(self.site)
         self.assertTrue(over.transport.value().startswith(b"HTTP/1.1 503"))
         over.protocol.connectionLost()
         slow[1].protocol.connectionLost()
         self.assertEqual(Scrape(self.site).transport.value(), b"")
+
+    def test_aFloodCannotPushOutAHeadOnItsWay(self) -> None:
+        """However many newcomers arrive within its grace, a connection whose head is on its way keeps its
+        place, and is answered when the head comes."""
+        holders = [Scrape(self.site) for _ in range(MAX_CONNECTIONS)]
+        self.clock.advance(HEAD_GRACE)
+        scrape = Scrape(self.site)  # takes the oldest holder's place
+        for _ in range(200):
+            flooder = Scrape(self.site)
+            if flooder.transport.value():
+                flooder.protocol.connectionLost()
+            self.clock.advance(0.001)
+        self.assertFalse(scrape.transport.disconnected)
+        self.assertTrue(scrape.send(b"GET /metrics HTTP/1.1\r\n\r\n").startswith(b"HTTP/1.1 200"))
+        self.assertTrue(holders[0].transport.disconnected)
 
     def test_deadlines(self) -> None:
         """A connection whose head is not whole within the head deadline is aborted then; one answered but
@@ -186,8 +209,9 @@ class ScrapesBesideHostileClientsOverTCPTests(SynchronousTestCase):
 
     @slow
     def test_scrapesSucceed(self) -> None:
-        """While a thread keeps 40 silent connections open to the metrics port (replacing each one dropped),
-        20 real scrapes in a row all succeed, each within the 10 s a Prometheus scrape allows."""
+        """While a thread keeps 60 silent connections open to the metrics port (replacing each one dropped, so
+        that the places keep changing hands), real scrapes one after another for three seconds all succeed,
+        each within the 10 s a Prometheus scrape allows."""
         import threading
 
         server = ServerProcess(os.path.abspath(self.mktemp()), "--metrics", "tcp:0:interface=127.0.0.1")
@@ -208,7 +232,7 @@ class ScrapesBesideHostileClientsOverTCPTests(SynchronousTestCase):
                     if gone:
                         held.remove(connection)
                         connection.close()
-                while len(held) < 40 and not stop.is_set():
+                while len(held) < 60 and not stop.is_set():
                     held.append(socket.create_connection(("127.0.0.1", port), timeout=10))
                     opened[0] += 1
                 time.sleep(0.01)
@@ -216,15 +240,17 @@ class ScrapesBesideHostileClientsOverTCPTests(SynchronousTestCase):
         holder = threading.Thread(target=holdPlaces)
         holder.start()
         try:
-            waitUntil(lambda: opened[0] >= 40, what="the hostile clients to be in place")
-            for _ in range(20):
+            waitUntil(lambda: opened[0] >= 60, what="the hostile clients to be in place")
+            scrapes, until = 0, time.monotonic() + HEAD_DEADLINE + 1  # past the head deadline: places change hands
+            while time.monotonic() < until or scrapes < 20:
                 with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as response:
                     self.assertEqual(response.status, 200)
                     self.assertIn(b"primecount_requests_total", response.read())
+                scrapes += 1
         finally:
             stop.set()
             holder.join(30)
             for connection in held:
                 connection.close()
-        self.assertGreater(opened[0], 40, "the hostile clients were dropped and came back")
+        self.assertGreater(opened[0], 60, "the hostile clients were dropped and came back")
         self.assertEqual(server.stop(), 0, server.log)
