@@ -7,7 +7,7 @@ from __future__ import annotations
 import fcntl
 import struct
 import termios
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from twisted.internet import abstract, main, tcp
 from twisted.internet.interfaces import ITransport
@@ -26,6 +26,16 @@ def _idleTCP(transport: ITransport) -> TypeGuard[tcp.Connection]:
     """Whether C{transport} is an open TCP connection with nothing queued in Twisted's write buffers
     (L{sendNow} repeats this check inline, for speed)."""
     return _openTCP(transport) and not transport.dataBuffer and not transport._tempDataBuffer
+
+
+def parseServerEndpoint(description: str) -> Any:
+    """The server endpoint C{description} names, parsed as C{serverFromString} parses it (raising what it
+    raises), against Twisted's C{MemoryReactor}, a testing class: checking options must not import the real
+    reactor, which twistd installs only later, as C{--reactor} says."""
+    from twisted.internet.endpoints import serverFromString
+    from twisted.internet.testing import MemoryReactor
+
+    return serverFromString(MemoryReactor(), description)
 
 
 def sendNow(transport: ITransport, data: bytes) -> None:

@@ -187,6 +187,26 @@ class FileLimit(NamedTuple):
         return max(1, self.clientDescriptors - min(BUSY_LINGER_MAX, self.clientDescriptors // 8))
 
 
+def descriptorLimits(maxConnections: Optional[int], maxPerPeer: int) -> ConnectionLimits:
+    """The connection limits of this process: the descriptor limit raised to its hard limit first, then
+    C{maxConnections} (or the default it leaves), C{maxPerPeer} and the client descriptors; said in the log."""
+    from twisted.logger import Logger
+
+    log, fileLimit = Logger(), raiseFileLimit()
+    maxTotal = maxConnections or fileLimit.defaultMaxConnections
+    log.info("descriptor limit (RLIMIT_NOFILE): {soft}, hard {hard}; {clients} for clients; "
+             "at most {maxConnections} connections, {perIP} per address",
+             soft=f"soft {fileLimit.softBefore} raised to {fileLimit.soft}" if fileLimit.soft != fileLimit.softBefore
+             else f"soft {fileLimit.soft}", hard=fileLimit.hard, clients=fileLimit.clientDescriptors,
+             maxConnections=maxTotal, perIP=maxPerPeer or "no limit")
+    if maxTotal > fileLimit.defaultMaxConnections:
+        log.warn("--max-connections {maxConnections} exceeds what the descriptor limit {soft} leaves for clients "
+                 "and refusals ({default}): past {clients} descriptors in all, clients get ERROR busy",
+                 maxConnections=maxTotal, soft=fileLimit.soft, default=fileLimit.defaultMaxConnections,
+                 clients=fileLimit.clientDescriptors)
+    return ConnectionLimits(maxTotal, maxPerPeer, fileLimit.clientDescriptors)
+
+
 def raiseFileLimit() -> FileLimit:
     """Raise the soft C{RLIMIT_NOFILE} to the hard limit (each client holds a descriptor)."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)

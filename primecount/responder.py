@@ -5,12 +5,12 @@ call, their records are appended with a single write, and only then are the
 replies released. One C{deferToThread} per request would cost more than the
 analysis itself; one per turn keeps the pool busy without paying that per request.
 The records sink is told while analysis is in flight, so that a store whose
-writes are transactions can make one of what is on its way (L{RecordSink.gathering}).
+writes are transactions can make one of what is on its way (L{IRecordsStore.gathering}).
 """
 
 from __future__ import annotations
 
-from typing import Optional, Protocol, Sequence
+from typing import Optional, Protocol
 
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
@@ -19,19 +19,7 @@ from twisted.python.failure import Failure
 
 from primecount import wire
 from primecount.records import Record
-from primecount.storage import RunInThread, StorageUnavailable
-
-
-class RecordSink(Protocol):
-    """Where records go: anything with the records service's C{write}."""
-
-    def write(self, records: Sequence[Record]) -> Deferred[None]:
-        """Store C{records} together; fire once stored, fail with L{StorageUnavailable} otherwise."""
-
-    def gathering(self, analysing: bool) -> None:
-        """Whether requests are being analysed, whose records will be written soon: a store may hold a
-        transaction for them while C{analysing}. Told C{True} when analysis starts, then after each returned
-        pool call's write whether any other is still out."""
+from primecount.records.store import IRecordsStore, RunInThread, StorageUnavailable
 
 
 class Requester(Protocol):
@@ -47,7 +35,7 @@ class Responder:
 
     log = Logger()
 
-    def __init__(self, clock: IReactorTime, runInThread: RunInThread, records: RecordSink) -> None:
+    def __init__(self, clock: IReactorTime, runInThread: RunInThread, records: IRecordsStore) -> None:
         self._clock = clock
         self._runInThread = runInThread
         self._records = records

@@ -1,434 +1,119 @@
-"""The twistd plugin's options and service: C{twistd -n primecount --port 5050}."""
+"""The twistd plugin's service, C{twistd -n primecount --port 5050}: the services of one process, or of a
+supervisor of C{--workers}, built from the L{Options} of L{primecount.options}."""
 
 from __future__ import annotations
 
-import math
 import os
-import re
-import sys
 from functools import partial
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Optional
 
-import twisted
 from twisted.application import strports
-from twisted.application.service import IService
+from twisted.application.service import IService, IServiceCollection
 from twisted.internet.endpoints import AdoptedStreamServerEndpoint, serverFromString
-from twisted.internet.testing import MemoryReactor
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
-from twisted.python import usage
 
-from primecount import __version__
-from primecount.limits import ConnectionLimits, raiseFileLimit
+from primecount.connection import BufferBudget
+from primecount.factory import PrimeCountFactory
 from primecount.lifecycle import Drain, Listener, ProcessSignals, SequentialMultiService
+from primecount.limits import descriptorLimits, raiseFileLimit
 from primecount.metrics import NoMetrics, PrometheusMetrics, workersRegistry
 from primecount.metricsendpoint import MetricsSite
-from primecount.workers import (
-    WORKER_FD, MetricsDirectory, SharedSocket, SupervisorWatch, WorkerPool, cpuCount, socketFamily,
+from primecount.options import (
+    DEFAULTS, PROXIED_PREFIX, Options, configuredLimits, listenedAddress, requestLimits, withBacklog,
+    withoutProxyPrefix, workerArguments,
 )
-from primecount.connection import BufferBudget, RequestLimits
-from primecount.factory import PrimeCountFactory
 from primecount.proxied import LOOPBACK, ProxiedFactory, listensBeyondLoopback, parseNetworks
 from primecount.readiness import Readiness
-from primecount.records import FORMATS
+from primecount.records.store import openStore
 from primecount.responder import Responder
-from primecount.database import (
-    DEFAULT_TABLE, DEFAULT_TIMEOUT, DatabaseRecordsService, isDatabaseURI, tableProblem, uriProblem,
-)
-from primecount.storage import FSYNC_POLICIES, RecordsService, recordsPathProblem
 from primecount.threads import batchScheduledPool
-from primecount.tls import MOZILLA_INTERMEDIATE, cipherProblem, withCiphers
+from primecount.tls import MOZILLA_INTERMEDIATE, withCiphers
+from primecount.workers import MetricsDirectory, SharedSocket, SupervisorWatch, WorkerPool, socketFamily
 
-DEFAULTS = RequestLimits()
-# 64 MiB of lines not yet ended, in all: about a thousand clients each a whole --max-line into their request.
-DEFAULT_MAX_BUFFERED = 64 << 20
-# A benchmark-only switch: "1" appends records without the multi-writer lock (unsafe with several writers).
-UNLOCKED_APPEND_SWITCH = "PRIMECOUNT_BENCH_UNLOCKED_APPEND"
-PROXIED_PREFIX = "haproxy:"
-# Options that only a supervisor gives its workers: accepted, but not shown in --help.
-INTERNAL_OPTIONS = ("worker-fd", "worker-metrics")
+__all__ = ["Options", "makeService"]
 log = Logger()
-# Twisted listens with a backlog of 50; a burst of new clients beyond that waits
-# a full second for the SYN retry. Load tests open hundreds of connections at once.
-BARE_PORT_BACKLOG = 1024
-
-
-def withoutProxyPrefix(description: str) -> str:
-    """The endpoint description under a C{haproxy:} prefix, or C{description} itself."""
-    return description[len(PROXIED_PREFIX):] if description.startswith(PROXIED_PREFIX) else description
-
-
-def _barePort(option: str, value: str, template: str) -> str:
-    """C{template} filled with a bare port number, or an endpoint description as written."""
-    if not value.isdigit():
-        return value
-    if int(value) > 65535:
-        raise usage.UsageError(f"--{option}: {value} is not a TCP port number (0-65535)")
-    return template.format(port=value)
-
-
-def endpointDescription(value: str) -> str:
-    """Turn a bare port number into C{tcp:N:backlog=1024}; pass any endpoint description through unchanged."""
-    return _barePort("port", value, "tcp:{port}:backlog=" + str(BARE_PORT_BACKLOG))
-
-
-# Endpoint types that take a backlog= argument, and are given BARE_PORT_BACKLOG when none is written.
-_BACKLOG_TYPES = ("tcp", "tcp6", "ssl", "unix")
-
-
-def withBacklog(description: str) -> str:
-    """C{description} (under no C{haproxy:} prefix) with C{backlog=1024} added if it is a C{tcp:}, C{tcp6:},
-    C{ssl:} or C{unix:} endpoint that names no backlog of its own."""
-    kind, _, arguments = description.partition(":")
-    if kind in _BACKLOG_TYPES and not re.search(r"(?:^|(?<!\\):)backlog=", arguments):
-        return f"{description}:backlog={BARE_PORT_BACKLOG}"
-    return description
-
-
-def metricsEndpointDescription(value: str) -> str:
-    """A bare port number for metrics listens on loopback only; an endpoint description is used as written."""
-    return _barePort("metrics", value, "tcp:{port}:interface=127.0.0.1")
-
-
-def _choice(option: str, choices: Sequence[str]) -> Callable[[str], str]:
-    """A coercer accepting one of C{choices}, naming C{--option} otherwise."""
-
-    def coerce(value: str) -> str:
-        if value not in choices:
-            raise usage.UsageError(f"--{option}: must be one of {', '.join(choices)}, not {value!r}")
-        return value
-
-    coerce.coerceDoc = f"One of: {', '.join(choices)}."  # type: ignore[attr-defined]
-    return coerce
-
-
-def _listenedPort(description: str) -> Optional[tuple[str, int]]:
-    """The interface and port number a TCP-like endpoint description (under any C{haproxy:} prefix) binds, or
-    C{None} for other kinds (systemd's socket, a UNIX path) and for port 0 (any free one)."""
-    parts = re.split(r"(?<!\\):", withoutProxyPrefix(description))
-    if parts[0] not in ("tcp", "tcp6", "ssl"):
-        return None
-    positional = [part for part in parts[1:] if "=" not in part]
-    named = dict(part.split("=", 1) for part in parts[1:] if "=" in part)
-    port = named.get("port", positional[0] if positional else "")
-    if not port.isdigit() or int(port) == 0:
-        return None
-    return named.get("interface", ""), int(port)
-
-
-def _sameListeningPort(first: str, second: str) -> bool:
-    """Whether two endpoint descriptions would bind the same port on overlapping interfaces."""
-    one, other = _listenedPort(first), _listenedPort(second)
-    if one is None or other is None or one[1] != other[1]:
-        return False
-    anywhere = ("", "0.0.0.0", "::")
-    return one[0] in anywhere or other[0] in anywhere or one[0] == other[0]
-
-
-def _checkEndpoint(option: str, description: str) -> None:
-    """Raise a UsageError naming C{--option} if C{description} is not a usable server endpoint."""
-    try:
-        serverFromString(MemoryReactor(), description)
-    except IndexError:
-        raise usage.UsageError(
-            f"--{option}: {description!r} names an inherited socket this process was not given "
-            "(start it from a systemd .socket unit, or with systemd-socket-activate --fdname=NAME: "
-            "Twisted needs LISTEN_FDS and LISTEN_FDNAMES)"
-        ) from None
-    except (ValueError, TypeError, KeyError, OSError) as error:
-        raise usage.UsageError(f"--{option}: cannot use {description!r}: {error}") from None
-    except ImportError as error:  # ssl: without pyOpenSSL
-        raise usage.UsageError(
-            f"--{option}: {description!r} needs TLS support, which is not installed ({error}): "
-            "pip install 'primecount[tls]'"
-        ) from None
-
-
-def _workers(value: str) -> int:
-    """A coercer for C{--workers}: a whole number at least 1, or C{auto} for one per CPU."""
-    if value == "auto":
-        return cpuCount()
-    if not value.isdigit() or int(value) < 1:
-        raise usage.UsageError(f"--workers: must be a whole number at least 1, or auto (one per CPU), not {value!r}")
-    return int(value)
-
-
-_workers.coerceDoc = "A whole number at least 1, or auto (one per CPU)."  # type: ignore[attr-defined]
-
-
-def _networks(value: str) -> tuple:
-    """A coercer for C{--proxy-from}: comma-separated addresses or CIDR networks."""
-    try:
-        return parseNetworks(value)
-    except ValueError as error:
-        raise usage.UsageError(f"--proxy-from: not a list of addresses or networks (CIDR): {value!r} ({error})")
-
-
-_networks.coerceDoc = "Addresses or networks, comma-separated."  # type: ignore[attr-defined]
-
-
-def _number(option: str, kind: Callable[[str], Any], minimum: float, strict: bool) -> Callable[[str], Any]:
-    """A coercer for C{--option} that names the option in its L{usage.UsageError}."""
-    noun = "a whole number" if kind is int else "a number"
-    bound = f"greater than {minimum}" if strict else f"at least {minimum}"
-
-    def coerce(value: str) -> Any:
-        try:
-            number = kind(value)
-        except ValueError:
-            number = None
-        if number is None or not math.isfinite(number) or (number <= minimum if strict else number < minimum):
-            raise usage.UsageError(f"--{option}: must be {noun} {bound}, not {value!r}")
-        return number
-
-    coerce.coerceDoc = f"Must be {bound}."  # type: ignore[attr-defined]
-    return coerce
-
-
-class Options(usage.Options):
-    """Command-line options of C{twistd primecount}; every bad value is a UsageError naming its option."""
-
-    synopsis = "[options]"
-    longdesc = (
-        "Serve the primecount protocol: a client sends one line, the server replies "
-        "'<count> sí' or '<count> no' (is the count of the line's last character prime?) "
-        "after appending a record, and closes the connection; with --keep-alive a connection "
-        "carries any number of requests."
-    )
-    optFlags = [
-        ["worker-metrics", None, "Internal, set by --workers: keep metrics for the supervisor to sum."],
-        ["log-requests", None, "Log every connection and reply, one line each (costly under load); without it, "
-         "ERROR replies are logged as a summary, at most a line a second per kind, with their count."],
-        ["keep-alive", None, "Let a connection carry any number of requests, pipelined or one by one, "
-         "instead of closing after the first reply."],
-    ]
-    optParameters = [
-        ["port", "p", endpointDescription("5050"), "Endpoint to listen on: a port number N (all IPv4 interfaces) "
-         "or an endpoint description (tcp:5050:interface=127.0.0.1, tcp6:5050, "
-         "systemd:domain=INET:name=primecount, ssl:...), or either behind haproxy: to read a PROXY header "
-         "first (haproxy:tcp:5051); tcp, tcp6, ssl and unix listen with backlog=1024 unless given.",
-         endpointDescription],
-        ["workers", "w", 1, "Worker processes, each a whole server on the one listening socket, supervised by "
-         "this process ('auto': one per CPU).", _workers],
-        ["worker-fd", None, None, "Internal, set by --workers: the inherited listening socket",
-         _number("worker-fd", int, 0, strict=False)],
-        ["threads", "t", 10, "Size of the thread pool that runs the analysis.",
-         _number("threads", int, 1, strict=False)],
-        ["timeout", None, DEFAULTS.timeout, "Seconds from connect (with --keep-alive, for later requests: from "
-         "their first byte) until the request must have ended.",
-         _number("timeout", float, 0, strict=True)],
-        ["quiet", None, DEFAULTS.quiet, "Seconds of silence after some bytes that end a request "
-         "sent without a newline (0 disables).", _number("quiet", float, 0, strict=False)],
-        ["max-line", None, DEFAULTS.maxLine, "Longest request accepted, in bytes.",
-         _number("max-line", int, 1, strict=False)],
-        ["pipeline", None, DEFAULTS.pipeline, "With --keep-alive: most unanswered requests per connection; "
-         "past it the connection is not read until replies go out.", _number("pipeline", int, 1, strict=False)],
-        ["idle-timeout", None, DEFAULTS.idleTimeout, "With --keep-alive: seconds a kept connection may wait for "
-         "its next request before it is closed (0: no limit).", _number("idle-timeout", float, 0, strict=False)],
-        ["send-timeout", None, DEFAULTS.sendTimeout, "Seconds a connection's queued replies may make no progress "
-         "(the client reads none of them) before the connection is aborted (0: no limit).",
-         _number("send-timeout", float, 0, strict=False)],
-        ["proxy-from", None, LOOPBACK, "With a haproxy: --port, the proxies allowed to send PROXY headers, as "
-         "CIDR[,CIDR...]; connections from anywhere else are closed unread.", _networks],
-        ["records", "r", "server_log.txt", "File the records are appended to (SIGHUP reopens it), or a "
-         "PostgreSQL database as a libpq URI (postgresql://user@host/db), appended to its --records-table."],
-        ["records-table", None, DEFAULT_TABLE, "With a postgresql:// --records: the table (or "
-         "schema.table), created if missing."],
-        ["records-timeout", None, DEFAULT_TIMEOUT, "With a postgresql:// --records: seconds a batch may wait for its commit "
-         "before its clients get ERROR storage unavailable.", _number("records-timeout", float, 0, strict=True)],
-        ["records-format", None, "tsv", "Records file format: tsv (the original columns) or jsonl.",
-         _choice("records-format", sorted(FORMATS))],
-        ["fsync", None, "everysec", "When records are fsynced: always (before each reply), everysec "
-         "(at most once a second) or never (left to the OS).", _choice("fsync", FSYNC_POLICIES)],
-        ["max-connections", None, None, "Most client connections open at once; more get ERROR busy "
-         "(default: the descriptor limit, raised to its hard limit, less 128, less an eighth of the rest, at most "
-         "1024, kept for refusals)",
-         _number("max-connections", int, 1, strict=False)],
-        ["max-per-ip", None, 64, "Most connections open at once from one address; more get ERROR busy "
-         "(0: no per-address limit).", _number("max-per-ip", int, 0, strict=False)],
-        ["max-buffered", None, DEFAULT_MAX_BUFFERED, "Most request bytes held in all connections at once (lines "
-         "not yet ended, in bytes; at least --max-line); a connection whose bytes would pass it gets ERROR busy.",
-         _number("max-buffered", int, 1, strict=False)],
-        ["tls-ciphers", None, None, "With an ssl: --port: the OpenSSL cipher list offered for TLS 1.2 "
-         "(default: Mozilla's intermediate profile, forward-secret AEAD suites only; TLS 1.3 is not affected)"],
-        ["metrics", None, None, "Serve Prometheus metrics at /metrics on this endpoint (a bare port "
-         "listens on 127.0.0.1 only); off by default.", metricsEndpointDescription],
-    ]
-
-    def postOptions(self) -> None:
-        """Check what needs the options together: the endpoints parse, the records file can be opened."""
-        if self["worker-fd"] is None:  # a worker is handed its socket; the description only says if it is proxied
-            _checkEndpoint("port", self["port"])
-        if self["workers"] > 1:
-            if withoutProxyPrefix(self["port"]).split(":", 1)[0] not in ("tcp", "tcp6", "systemd"):
-                raise usage.UsageError(f"--workers: needs a TCP --port (a port number, tcp:, tcp6:, systemd:, or "
-                                       f"haproxy: in front of one), not {self['port']!r}")
-        if isinstance(self["proxy-from"], str):  # the default is not passed through its coercer
-            self["proxy-from"] = parseNetworks(self["proxy-from"])
-        if self["proxy-from"] != parseNetworks(LOOPBACK) and not self["port"].startswith(PROXIED_PREFIX):
-            raise usage.UsageError("--proxy-from: only applies with a haproxy: --port (e.g. haproxy:tcp:5050)")
-        if self["max-buffered"] < self["max-line"] * (self["workers"] if self["worker-fd"] is None else 1):
-            raise usage.UsageError(f"--max-buffered: {self['max-buffered']} cannot hold one line of --max-line "
-                                   f"{self['max-line']} bytes" + (f" in each of {self['workers']} workers"
-                                                                  if self["workers"] > 1 else ""))
-        if not self["keep-alive"]:
-            for option, default in (("pipeline", DEFAULTS.pipeline), ("idle-timeout", DEFAULTS.idleTimeout)):
-                if self[option] != default:
-                    raise usage.UsageError(f"--{option}: only applies with --keep-alive")
-        if self["tls-ciphers"] is not None:
-            if not withoutProxyPrefix(self["port"]).startswith("ssl:"):
-                raise usage.UsageError("--tls-ciphers: only applies with an ssl: --port")
-            problem = cipherProblem(self["tls-ciphers"])
-            if problem is not None:
-                raise usage.UsageError(f"--tls-ciphers: {self['tls-ciphers']!r}: {problem}")
-        if self["metrics"] is not None:
-            _checkEndpoint("metrics", self["metrics"])
-            if _sameListeningPort(self["metrics"], self["port"]):
-                raise usage.UsageError(f"--metrics: {self['metrics']!r} would listen on the port of --port "
-                                       f"{self['port']!r}; give the metrics a port of their own")
-        if isDatabaseURI(self["records"]):
-            self._checkDatabaseOptions()
-            return
-        for option, default in (("records-table", DEFAULT_TABLE), ("records-timeout", DEFAULT_TIMEOUT)):
-            if self[option] != default:
-                raise usage.UsageError(f"--{option}: only applies with a postgresql:// --records")
-        if not self["records"]:
-            raise usage.UsageError("--records: must name a records file or a postgresql:// database, not ''")
-        # Checked without creating the file: twistd applies --umask and --uid later, and the file must get them.
-        problem = recordsPathProblem(self["records"])
-        if problem is not None:
-            raise usage.UsageError(f"--records: cannot append to {self['records']!r}: {problem}")
-
-    def _checkDatabaseOptions(self) -> None:
-        """A database --records: the driver is installed, the URI parses, the table name is one."""
-        try:
-            import psycopg  # noqa: F401
-        except ImportError:
-            raise usage.UsageError("--records: a postgresql:// URI needs the PostgreSQL driver: "
-                                   "pip install 'primecount[postgres]'") from None
-        problem = uriProblem(self["records"])
-        if problem is not None:
-            raise usage.UsageError(f"--records: not a usable libpq connection URI: {problem}")
-        problem = tableProblem(self["records-table"])
-        if problem is not None:
-            raise usage.UsageError(f"--records-table: {self['records-table']!r} {problem}")
-        if self["records-format"] != "tsv":
-            raise usage.UsageError("--records-format: only applies to a records file")
-
-    def parseOptions(self, options: Optional[Sequence[str]] = None) -> None:
-        """Parse C{options}; under twistd, a bad one stops the start with one line naming it.
-
-        Called directly (tests, tools) a bad option raises L{usage.UsageError}. Under
-        twistd, which prints this command's whole help before such an error, it
-        becomes that one line on stderr and exit status 1 instead.
-        """
-        try:
-            super().parseOptions(options)
-        except usage.UsageError as error:
-            if getattr(self, "parent", None) is None:
-                raise
-            raise SystemExit(f"twistd primecount: {error} (twistd primecount --help lists the options)") from None
-
-    def getUsage(self, width: Optional[int] = None) -> str:
-        """The help, without the options a supervisor gives its workers (L{INTERNAL_OPTIONS})."""
-        every = self.longOpt
-        self.longOpt = [name for name in every if name.rstrip("=") not in INTERNAL_OPTIONS]
-        try:
-            return super().getUsage(width)
-        finally:
-            self.longOpt = every
-
-    def opt_version(self) -> None:
-        """Print primecount's version (and Twisted's) and exit."""
-        # Command output for whoever asked, not a log event: no log observer exists while options are parsed.
-        sys.stdout.write(f"primecount {__version__} (Twisted {twisted.__version__})\n")
-        raise SystemExit(0)
 
 
 def makeService(options: Options, reactor: Optional[Any] = None) -> IService:
-    """Build the service tree; it starts in this order and stops in the reverse, one service at a time.
-
-    Signals, records, metrics, drain, listener: on stop the listener closes
-    first, then open connections are drained (bounded by C{--timeout}), then
-    the metrics endpoint closes, then the records file is flushed, fsynced
-    and closed.
-    """
+    """The services of one process. They start in this order and stop in the reverse, each once the one after
+    it has stopped: signals, (a worker's watch on its supervisor), records, metrics, drain, listener, readiness.
+    So on stop the listener closes first, open connections are drained (bounded by C{--timeout}), the metrics
+    endpoint closes, and the records are flushed and closed last."""
     if reactor is None:
         from twisted.internet import reactor as globalReactor
 
         reactor = globalReactor
     if options["workers"] > 1:
-        return _supervisor(options, reactor)
-    fileLimit = raiseFileLimit()
-    maxConnections = options["max-connections"] or fileLimit.defaultMaxConnections
-    log.info(
-        "descriptor limit (RLIMIT_NOFILE): {soft}, hard {hard}; {clients} for clients; "
-        "at most {maxConnections} connections, {perIP} per address",
-        soft=f"soft {fileLimit.softBefore} raised to {fileLimit.soft}" if fileLimit.soft != fileLimit.softBefore
-        else f"soft {fileLimit.soft}", hard=fileLimit.hard, clients=fileLimit.clientDescriptors,
-        maxConnections=maxConnections, perIP=options["max-per-ip"] or "no limit",
-    )
-    if maxConnections > fileLimit.defaultMaxConnections:
-        log.warn("--max-connections {maxConnections} exceeds what the descriptor limit {soft} leaves for clients "
-                 "and refusals ({default}): past {clients} descriptors in all, clients get ERROR busy",
-                 maxConnections=maxConnections, soft=fileLimit.soft, default=fileLimit.defaultMaxConnections,
-                 clients=fileLimit.clientDescriptors)
+        return supervisor(options, reactor)
+    limits = descriptorLimits(options["max-connections"], options["max-per-ip"])
     reactor.suggestThreadPoolSize(options["threads"])
     threadPool = batchScheduledPool(reactor.getThreadPool())
     runInThread = partial(deferToThreadPool, reactor, threadPool)
     metrics: NoMetrics = NoMetrics()
     if options["metrics"] or options["worker-metrics"]:
         metrics = PrometheusMetrics(threadPool, worker=bool(options["worker-metrics"]),
-                                    limits=configuredLimits(options, maxConnections))
-    top = SequentialMultiService()
-    records: "RecordsService | DatabaseRecordsService"
-    if isDatabaseURI(options["records"]):
-        records = DatabaseRecordsService(options["records"], options["records-table"], reactor, options["fsync"],
-                                         metrics, options["records-timeout"])
-    else:
-        records = RecordsService(
-            options["records"], reactor, FORMATS[options["records-format"]], options["fsync"], runInThread, metrics,
-            # For contrib/bench/workers_scaling.py only: what the multi-writer append protocol costs.
-            shared=os.environ.get(UNLOCKED_APPEND_SWITCH) != "1",
-        )
+                                    limits=configuredLimits(options, limits.maxTotal))
+    records = openStore(options, reactor, runInThread, metrics)
+    budget = BufferBudget(options["max-buffered"])
+    metrics.watchBufferBudget(budget)
+    factory = PrimeCountFactory(requestLimits(options), reactor, Responder(reactor, runInThread, records), metrics,
+                                limits, bufferBudget=budget)
     signals = ProcessSignals(reactor, onHangUp=records.reopen)
-    signals.setServiceParent(top)
-    if options["worker-fd"] is not None:
-        SupervisorWatch(reactor, signals.stop).setServiceParent(top)
-    records.setServiceParent(top)
-    if options["metrics"]:
-        strports.service(options["metrics"], MetricsSite(metrics.registry, reactor), reactor=reactor).setServiceParent(top)
-    limits = RequestLimits(
-        options["timeout"], options["quiet"], options["max-line"], bool(options["log-requests"]),
-        keepAlive=bool(options["keep-alive"]), pipeline=options["pipeline"], idleTimeout=options["idle-timeout"],
-        sendTimeout=options["send-timeout"],
+    worker = options["worker-fd"] is not None
+    return _inOrder(
+        signals,
+        SupervisorWatch(reactor, signals.stop) if worker else None,
+        records,
+        strports.service(options["metrics"], MetricsSite(metrics.registry, reactor), reactor=reactor)
+        if options["metrics"] else None,
+        # Every request ends within --timeout of its connect, an ERROR's lingering close within the linger
+        # after that; the extra second covers analysis and the record.
+        Drain(factory, reactor, grace=options["timeout"] + factory.limits.linger + 1),
+        Listener(*_listening(options, reactor, factory, metrics), reactor),
+        None if worker else Readiness(reactor),  # a worker's readiness is its supervisor's business
     )
-    bufferBudget = BufferBudget(options["max-buffered"])
-    metrics.watchBufferBudget(bufferBudget)
-    factory = PrimeCountFactory(
-        limits, reactor, Responder(reactor, runInThread, records), metrics,
-        ConnectionLimits(maxConnections, options["max-per-ip"], fileLimit.clientDescriptors), bufferBudget=bufferBudget,
-    )
-    # Every request ends within --timeout of its connect, an ERROR's lingering close within
-    # limits.linger after that; the extra second covers analysis and the record.
-    Drain(factory, reactor, grace=options["timeout"] + limits.linger + 1).setServiceParent(top)
-    Listener(*_listening(options, reactor, factory, metrics), reactor).setServiceParent(top)
-    if options["worker-fd"] is None:  # a worker's readiness is its supervisor's business
-        Readiness(reactor).setServiceParent(top)
+
+
+def supervisor(options: Options, reactor: Any) -> IService:
+    """C{--workers N}: the shared socket, N supervised workers, and the summed metrics; see L{primecount.workers}.
+    Stops in reverse order: every worker drains and exits, then the socket closes, then the metrics endpoint."""
+    environ = dict(os.environ)
+    folder = MetricsDirectory(environ) if options["metrics"] else None
+    shared = SharedSocket(_portEndpoint(options, reactor), reactor)
+    # Each worker drains within its own grace (--timeout, the linger, a second); then it is killed.
+    pool = WorkerPool(reactor, options["workers"], partial(workerArguments, options), shared, environ,
+                      grace=options["timeout"] + DEFAULTS.linger + 5,
+                      onEnded=folder.workerEnded if folder is not None else lambda pid: None)
+    metrics = None
+    if folder is not None:
+        limits = configuredLimits(options, options["max-connections"]
+                                  or raiseFileLimit().defaultMaxConnections * options["workers"])
+        metrics = strports.service(options["metrics"], MetricsSite(workersRegistry(folder, limits), reactor),
+                                   reactor=reactor)
+    log.info("supervising {count} workers on one listening socket", count=options["workers"])
+    return _inOrder(ProcessSignals(reactor, onHangUp=pool.hangUp), folder, metrics, shared, pool,
+                    Readiness(reactor, pool.allListening))
+
+
+def _inOrder(*services: Optional[IService]) -> IServiceCollection:
+    """The services given (not the C{None}s), started in this order and stopped in the reverse, one at a time."""
+    top = SequentialMultiService()
+    for service in services:
+        if service is not None:
+            service.setServiceParent(top)
     return top
 
 
 def _listening(options: Options, reactor: Any, factory: PrimeCountFactory, metrics: NoMetrics) -> tuple[Any, Any]:
     """The endpoint to listen on and the factory for it: behind a C{haproxy:} prefix, the PROXY-header reader
     (trusting only C{--proxy-from}) in front of the request factory."""
-    description = options["port"]
-    proxied = description.startswith(PROXIED_PREFIX)
     if options["worker-fd"] is not None:
         fd = options["worker-fd"]
         endpoint: Any = AdoptedStreamServerEndpoint(reactor, fd, socketFamily(fd))
     else:
         endpoint = _portEndpoint(options, reactor)
-    if not proxied:
+    if not options["port"].startswith(PROXIED_PREFIX):
         return endpoint, factory
     return endpoint, ProxiedFactory(factory, options["proxy-from"], reactor, options["timeout"], metrics)
 
@@ -439,80 +124,10 @@ def _portEndpoint(options: Options, reactor: Any) -> Any:
     endpoint = serverFromString(reactor, withBacklog(description))
     if description.startswith("ssl:"):
         endpoint = withCiphers(endpoint, options["tls-ciphers"] or MOZILLA_INTERMEDIATE)
-    _warnIfProxiesUnlisted(options, endpoint)
+    address = listenedAddress(description)
+    if (options["port"].startswith(PROXIED_PREFIX) and options["proxy-from"] == parseNetworks(LOOPBACK)
+            and listensBeyondLoopback(address[0] if address else "")):
+        log.warn("--port {port} takes PROXY headers on every interface, but only proxies on this host are trusted "
+                 "(--proxy-from {trusted}); connections from proxies elsewhere will be refused: list them with "
+                 "--proxy-from", port=options["port"], trusted=LOOPBACK)
     return endpoint
-
-
-def _warnIfProxiesUnlisted(options: Options, endpoint: Any) -> None:
-    """A PROXY-protocol port reachable from other hosts that trusts only loopback proxies is likely a mistake."""
-    if not options["port"].startswith(PROXIED_PREFIX) or options["proxy-from"] != parseNetworks(LOOPBACK):
-        return
-    if listensBeyondLoopback(getattr(endpoint, "_interface", "")):
-        log.warn(
-            "--port {port} takes PROXY headers on every interface, but only proxies on this host are trusted "
-            "(--proxy-from {trusted}); connections from proxies elsewhere will be refused: list them with "
-            "--proxy-from", port=options["port"], trusted=LOOPBACK,
-        )
-
-
-def _supervisor(options: Options, reactor: Any) -> IService:
-    """C{--workers N}: the shared socket, N supervised workers, and the summed metrics; see L{primecount.workers}.
-
-    Stops in reverse order: every worker drains and exits, then the socket
-    closes, then the metrics endpoint.
-    """
-    count = options["workers"]
-    endpoint = _portEndpoint(options, reactor)
-    environ = dict(os.environ)
-    folder = MetricsDirectory(environ) if options["metrics"] else None
-    shared = SharedSocket(endpoint, reactor)
-    # Each worker drains within its own grace (--timeout, the linger, a second); then it is killed.
-    pool = WorkerPool(reactor, count, partial(workerArguments, options), shared, environ,
-                      grace=options["timeout"] + DEFAULTS.linger + 5,
-                      onEnded=folder.workerEnded if folder is not None else lambda pid: None)
-    top = SequentialMultiService()
-    ProcessSignals(reactor, onHangUp=pool.hangUp).setServiceParent(top)
-    if folder is not None:
-        folder.setServiceParent(top)
-        limits = configuredLimits(options, options["max-connections"] or raiseFileLimit().defaultMaxConnections * count)
-        strports.service(options["metrics"], MetricsSite(workersRegistry(folder, limits), reactor), reactor=reactor
-                         ).setServiceParent(top)
-    shared.setServiceParent(top)
-    pool.setServiceParent(top)
-    Readiness(reactor, pool.allListening).setServiceParent(top)
-    log.info("supervising {count} workers on one listening socket", count=count)
-    return top
-
-
-def configuredLimits(options: Options, maxConnections: int) -> dict[str, float]:
-    """The limits in force, for the C{primecount_limit} gauges (0 where a limit is off)."""
-    return {
-        "max_connections": maxConnections, "max_per_ip": options["max-per-ip"], "max_line_bytes": options["max-line"],
-        "max_buffered_bytes": options["max-buffered"],
-        "timeout_seconds": options["timeout"], "quiet_seconds": options["quiet"], "threads": options["threads"],
-        "workers": options["workers"], "keep_alive": int(bool(options["keep-alive"])),
-        "pipeline": options["pipeline"] if options["keep-alive"] else 0,
-        "idle_timeout_seconds": options["idle-timeout"] if options["keep-alive"] else 0,
-        "send_timeout_seconds": options["send-timeout"],
-    }
-
-
-def workerArguments(options: Options) -> list[str]:
-    """The C{twistd primecount} options of one worker: the supervisor's own, less those it keeps for itself,
-    with its share of C{--max-connections}."""
-    count = options["workers"]
-    arguments = []
-    for name, *_ in Options.optParameters:
-        value = options[name]
-        if name in ("workers", "worker-fd", "metrics") or value is None:
-            continue
-        if name in ("max-connections", "max-buffered"):
-            value = -(-value // count)
-        elif name == "proxy-from":
-            value = ",".join(str(network) for network in value)
-        arguments.append(f"--{name}={value}")
-    arguments += [f"--{name}" for name, *_ in Options.optFlags if options[name]]
-    arguments.append(f"--worker-fd={WORKER_FD}")
-    if options["metrics"]:
-        arguments.append("--worker-metrics")
-    return arguments

@@ -90,7 +90,7 @@ class Cluster:
 
     def query(self, statement: str, *parameters: Any) -> list[tuple[Any, ...]]:
         """Run one statement and return its rows (none for a statement without)."""
-        from primecount.database import driver
+        from primecount.records.table import driver
 
         with driver().connect(self.uri, autocommit=True) as connection:
             cursor = connection.execute(statement, parameters or None)

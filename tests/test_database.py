@@ -1,4 +1,4 @@
-"""Records in PostgreSQL (L{primecount.database}): the service over stand-in writers, then a real cluster of the
+"""Records in PostgreSQL (L{primecount.records.table}): the service over stand-in writers, then a real cluster of the
 tests' own (Debian's PostgreSQL, C{tests/postgres.py}) written by real twistd processes."""
 
 from __future__ import annotations
@@ -20,12 +20,12 @@ from twisted.logger import Logger
 from twisted.python import usage
 from twisted.trial.unittest import SynchronousTestCase
 
-from primecount.database import (
-    GATHER_MOST, NUL_STAND_IN, DatabaseRecordsService, DatabaseWriter, driver, insertParameters,
+from primecount.records.table import (
+    GATHER_MOST, NUL_STAND_IN, TableStore, DatabaseWriter, driver, insertParameters,
 )
 from primecount.records import Record
-from primecount.storage import StorageUnavailable
-from primecount.tap import Options
+from primecount.records.store import StorageUnavailable
+from primecount.options import Options
 from primecount.tools.serverprocess import ServerProcess
 from tests.helpers import ClientThreads, FollowingProcess, RecordingMetrics, ask, expectedReply, slow, threadPolicies, waitUntil
 from tests.postgres import Cluster, freshTable, sharedCluster
@@ -69,9 +69,9 @@ class ServiceTests(SynchronousTestCase):
         self.thread = HeldThread()
         self.metrics = RecordingMetrics()
         self.events: list[dict] = []
-        self.service = DatabaseRecordsService("postgresql:///x", "t", self.clock, metrics=self.metrics,
-                                              timeout=2.0, runInThread=self.thread)
-        self.service.log = Logger(observer=self.events.append)
+        self.patch(TableStore, "log", Logger(observer=self.events.append))
+        self.service = TableStore("postgresql:///x", self.clock, metrics=self.metrics, table="t", timeout=2.0,
+                                  runInThread=self.thread)
 
     def test_releasedOnlyAfterCommit(self) -> None:
         """A batch's result fires only once its transaction has committed."""
@@ -208,7 +208,7 @@ class ServiceTests(SynchronousTestCase):
         batch waits once the responder has none in analysis, nor once it has waited GATHER_MOST and the
         responder has spoken."""
         clock, thread = Clock(), HeldThread()
-        service = DatabaseRecordsService("postgresql:///x", "t", clock, timeout=2.0, runInThread=thread)
+        service = TableStore("postgresql:///x", clock, table="t", timeout=2.0, runInThread=thread)
         service.log = Logger(observer=lambda event: None)
         writtenAt: dict[str, float] = {}
         outcomes: dict[str, object] = {}  # None for stored, else the failure

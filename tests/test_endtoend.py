@@ -21,7 +21,7 @@ from primecount.connection import RequestLimits
 from primecount.factory import PrimeCountFactory
 from primecount.records import parseRecords
 from primecount.responder import Responder
-from primecount.storage import RecordsService
+from primecount.records.file import FileStore
 from primecount.tools import serverprocess
 from primecount.tools.serverprocess import TWISTD, ServerProcess
 from tests.helpers import ask, expectedReply
@@ -55,7 +55,7 @@ class LoopbackServiceTests(TestCase):
 
     def setUp(self) -> None:
         self.path = self.mktemp()
-        self.records = RecordsService(self.path, reactor)
+        self.records = FileStore(self.path, reactor)
         self.records.startService()
         responder = Responder(reactor, partial(deferToThreadPool, reactor, reactor.getThreadPool()), self.records)
         factory = PrimeCountFactory(RequestLimits(timeout=20), reactor, responder)

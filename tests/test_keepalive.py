@@ -16,7 +16,7 @@ from primecount.connection import RequestLimits
 from primecount.records import parseRecords
 from primecount.responder import Requester
 from primecount.tools.serverprocess import ServerProcess
-from primecount.storage import StorageUnavailable
+from primecount.records.store import StorageUnavailable
 from tests.helpers import ProtocolHarness, expectedReply, scrape, slow, waitUntil
 from tests.test_endtoend import MESSAGES
 

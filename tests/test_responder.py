@@ -9,7 +9,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from primecount import wire
 from primecount.records import Record
 from primecount.responder import Responder
-from primecount.storage import StorageUnavailable
+from primecount.records.store import StorageUnavailable
 from tests.helpers import InlineThreads, MemoryRecords
 
 PRIMES = {2, 3, 5, 7, 11, 13, 17, 19, 23, 29, 31, 37, 41, 43, 47}

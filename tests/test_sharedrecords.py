@@ -20,7 +20,8 @@ from twisted.logger import LogLevel, globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase
 
 from primecount.records import JSONL, TSV, Record, RecordFormat, parseRecords
-from primecount.storage import LOCK_WAIT_SECONDS, FileOperations, RecordsService, StorageUnavailable
+from primecount.records.file import LOCK_WAIT_SECONDS, FileOperations, FileStore
+from primecount.records.store import StorageUnavailable
 from primecount.tools.records import scan
 from primecount.tools.serverprocess import ServerProcess
 from tests.helpers import ClientThreads, slow
@@ -69,7 +70,7 @@ class HookedOperations(FileOperations):
 
 
 class SharedFileTestCase(SynchronousTestCase):
-    """Writers on one file in a temporary folder, each a L{RecordsService} with its own descriptor."""
+    """Writers on one file in a temporary folder, each a L{FileStore} with its own descriptor."""
 
     recordFormat: RecordFormat = TSV
 
@@ -91,9 +92,9 @@ class SharedFileTestCase(SynchronousTestCase):
         globalLogPublisher.addObserver(observe)
         self.addCleanup(globalLogPublisher.removeObserver, observe)
 
-    def writer(self, operations: Optional[FileOperations] = None) -> RecordsService:
+    def writer(self, operations: Optional[FileOperations] = None) -> FileStore:
         """A started writer on the shared file."""
-        service = RecordsService(self.path, self.clock, self.recordFormat, fsync="never", operations=operations)
+        service = FileStore(self.path, self.clock, "never", recordFormat=self.recordFormat, operations=operations)
         service.startService()
         self.addCleanup(lambda: service.running and service.stopService())
         return service
@@ -148,7 +149,7 @@ class InterleavingTests(SharedFileTestCase):
                 self.assertNoResult(attempts[0])  # the lock is held: it waits, touching nothing
 
         operations.before = peerTries
-        cutter = RecordsService(self.path, self.clock, fsync="never", operations=operations)
+        cutter = FileStore(self.path, self.clock, fsync="never", operations=operations)
         cutter.startService()
         self.addCleanup(cutter.stopService)
         self.clock.advance(0.01)

@@ -1,4 +1,4 @@
-"""Tests for L{primecount.storage.RecordsService}: batches in one write, acknowledgement, failure and shutdown."""
+"""Tests for L{primecount.records.file.FileStore}: batches in one write, acknowledgement, failure and shutdown."""
 
 from __future__ import annotations
 
@@ -9,9 +9,10 @@ from twisted.internet.task import Clock
 from twisted.logger import LogLevel, globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase
 
-from primecount import storage
+from primecount.records import file as storage
 from primecount.records import Record, formatTSV, parseRecords
-from primecount.storage import RecordsService, StorageUnavailable
+from primecount.records.file import FileStore
+from primecount.records.store import StorageUnavailable
 
 
 def record(message: str) -> Record:
@@ -19,13 +20,13 @@ def record(message: str) -> Record:
     return Record(1_771_322_472, "127.0.0.1", message, 1, False)
 
 
-class RecordsServiceTests(SynchronousTestCase):
+class FileStoreTests(SynchronousTestCase):
     """The records service appends whole batches and acknowledges each."""
 
     def setUp(self) -> None:
         self.path = self.mktemp()
         self.clock = Clock()
-        self.service = RecordsService(self.path, self.clock, fsync="never")
+        self.service = FileStore(self.path, self.clock, fsync="never")
         self.service.startService()
         self.addCleanup(lambda: self.service.running and self.service.stopService())
         self.writes: list[int] = []
@@ -68,7 +69,7 @@ class RecordsServiceTests(SynchronousTestCase):
         """Starting on an existing file keeps its records."""
         self.service.write([record("one")])
         self.service.stopService()
-        again = RecordsService(self.path, self.clock, fsync="never")
+        again = FileStore(self.path, self.clock, fsync="never")
         again.startService()
         again.write([record("two")])
         again.stopService()
@@ -87,10 +88,10 @@ class WriteFailureTests(SynchronousTestCase):
         """The error events logged by the records service."""
         return [e for e in self.events if e.get("log_level") == LogLevel.error]
 
-    def startService(self, path: str) -> tuple[RecordsService, Clock]:
+    def startService(self, path: str) -> tuple[FileStore, Clock]:
         """A started records service on C{path}, stopped at the end of the test."""
         clock = Clock()
-        service = RecordsService(path, clock)
+        service = FileStore(path, clock)
         service.startService()
         self.addCleanup(service.stopService)
         return service, clock
@@ -149,7 +150,7 @@ class WriteFailureTests(SynchronousTestCase):
 
     def test_unwritablePathFailsAtStart(self) -> None:
         """A path in a missing directory stops the process with one line when the service starts."""
-        service = RecordsService(os.path.join(self.mktemp(), "missing", "records.txt"), Clock())
+        service = FileStore(os.path.join(self.mktemp(), "missing", "records.txt"), Clock())
         stopped = self.assertRaises(SystemExit, service.startService)
         self.assertIn("cannot open records file", str(stopped))
         self.assertIn("No such file or directory", str(stopped))
@@ -181,10 +182,10 @@ class ManualThreads:
 class FsyncPolicyTests(SynchronousTestCase):
     """C{always} syncs before acknowledging, C{everysec} from a one-second timer, C{never} only at stop."""
 
-    def start(self, policy: str) -> tuple[RecordsService, Clock, ManualThreads]:
+    def start(self, policy: str) -> tuple[FileStore, Clock, ManualThreads]:
         """A started service with the given policy on a fresh file."""
         clock, threads = Clock(), ManualThreads()
-        service = RecordsService(self.mktemp(), clock, fsync=policy, runInThread=threads)
+        service = FileStore(self.mktemp(), clock, fsync=policy, runInThread=threads)
         service.startService()
         self.addCleanup(lambda: service.running and (service.stopService(), threads.runAll()))
         return service, clock, threads
@@ -249,7 +250,7 @@ class FsyncPolicyTests(SynchronousTestCase):
 
     def test_unknownPolicy(self) -> None:
         """An unknown policy is refused when the service is made."""
-        self.assertRaises(ValueError, RecordsService, "x", Clock(), fsync="sometimes")
+        self.assertRaises(ValueError, FileStore, "x", Clock(), fsync="sometimes")
 
 
 class ReopenTests(SynchronousTestCase):
@@ -258,7 +259,7 @@ class ReopenTests(SynchronousTestCase):
     def test_afterRename(self) -> None:
         """Records before the rename stay in the renamed file; later ones go to a new file at the path."""
         path, clock = self.mktemp(), Clock()
-        service = RecordsService(path, clock, fsync="never")
+        service = FileStore(path, clock, fsync="never")
         service.startService()
         self.addCleanup(service.stopService)
         service.write([record("before")])
@@ -277,7 +278,7 @@ class ReopenTests(SynchronousTestCase):
         directory = self.mktemp()
         os.mkdir(directory)
         path, clock = os.path.join(directory, "records.txt"), Clock()
-        service = RecordsService(path, clock, fsync="never")
+        service = FileStore(path, clock, fsync="never")
         service.startService()
         self.addCleanup(service.stopService)
         os.rename(directory, directory + ".moved")
@@ -299,7 +300,7 @@ class TornTailTests(SynchronousTestCase):
         whole = "".join(formatTSV(record(m)) for m in ("one", "two"))
         with open(path, "w", encoding="utf-8") as file:
             file.write(whole + "2026-11-26 10:00:00\t127.0.0.1\tthr")
-        service = RecordsService(path, clock, fsync="never")
+        service = FileStore(path, clock, fsync="never")
         service.startService()
         self.addCleanup(service.stopService)
         service.write([record("three")])
@@ -314,7 +315,7 @@ class TornTailTests(SynchronousTestCase):
         path = self.mktemp()
         with open(path, "wb") as file:
             file.write(b"\xc3")
-        service = RecordsService(path, Clock(), fsync="never")
+        service = FileStore(path, Clock(), fsync="never")
         service.startService()
         self.addCleanup(service.stopService)
         self.assertEqual(os.path.getsize(path), 0)
@@ -324,7 +325,7 @@ class TornTailTests(SynchronousTestCase):
         path = self.mktemp()
         with open(path, "w", encoding="utf-8") as file:
             file.write(formatTSV(record("one")))
-        service = RecordsService(path, Clock(), fsync="never")
+        service = FileStore(path, Clock(), fsync="never")
         service.startService()
         self.addCleanup(service.stopService)
         self.assertEqual(os.path.getsize(path), len(formatTSV(record("one")).encode()))

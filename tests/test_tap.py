@@ -14,8 +14,9 @@ from twisted.trial.unittest import SynchronousTestCase
 from primecount.metricsendpoint import MetricsSite
 
 from primecount.factory import PrimeCountFactory
-from primecount.storage import RecordsService
-from primecount.tap import Options, endpointDescription, makeService, withBacklog
+from primecount.records.file import FileStore
+from primecount.options import Options, endpointDescription, withBacklog
+from primecount.tap import makeService
 from primecount.tools.serverprocess import TWISTD
 
 
@@ -196,7 +197,7 @@ class MakeServiceTests(SynchronousTestCase):
         children = list(service)
         self.assertEqual(
             [type(child).__name__ for child in children],
-            ["ProcessSignals", RecordsService.__name__, "Drain", "Listener", "Readiness"],
+            ["ProcessSignals", FileStore.__name__, "Drain", "Listener", "Readiness"],
         )
         service.startService()
         self.addCleanup(service.stopService)
@@ -311,7 +312,7 @@ class DescriptorLineTests(SynchronousTestCase):
         """A soft limit that is already the hard one is not said to be raised; one that was raised is."""
         from twisted.logger import formatEvent, globalLogPublisher
 
-        from primecount import tap
+        from primecount import limits
         from primecount.limits import FileLimit
 
         for limit, words in ((FileLimit(20000, 20000, 20000), "descriptor limit (RLIMIT_NOFILE): soft 20000, hard "
@@ -319,7 +320,7 @@ class DescriptorLineTests(SynchronousTestCase):
                              (FileLimit(1024, 4096, 4096), "soft 1024 raised to 4096, hard 4096")):
             events: list[dict] = []
             globalLogPublisher.addObserver(events.append)
-            self.patch(tap, "raiseFileLimit", lambda limit=limit: limit)
+            self.patch(limits, "raiseFileLimit", lambda limit=limit: limit)
             options = Options()
             options.parseOptions(["--records", self.mktemp()])
             makeService(options, ThreadedMemoryReactor())

@@ -141,7 +141,7 @@ class CipherOptionTests(SynchronousTestCase):
         """A cipher list OpenSSL cannot use, or one given without an ssl: port, is a UsageError naming it."""
         from twisted.python.usage import UsageError
 
-        from primecount.tap import Options
+        from primecount.options import Options
 
         folder = os.path.abspath(self.mktemp())
         os.makedirs(folder)
@@ -177,7 +177,7 @@ class WithoutTLSSupportTests(SynchronousTestCase):
         """The error names the option and the extra to install, not a traceback."""
         probe = ("import sys; sys.modules['OpenSSL'] = None\n"
                  "from twisted.python.usage import UsageError\n"
-                 "from primecount.tap import Options\n"
+                 "from primecount.options import Options\n"
                  "try:\n"
                  "    Options().parseOptions(['--port', 'ssl:5051:privateKey=key.pem:certKey=cert.pem',"
                  " '--records', sys.argv[1]])\n"

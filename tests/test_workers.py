@@ -19,7 +19,7 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from primecount.records import parseRecords
 from primecount.tools.serverprocess import ServerProcess
-from primecount.tap import Options, workerArguments
+from primecount.options import Options, workerArguments
 from primecount.workers import FIRST_DELAY, WORKER_FD, MetricsDirectory, WorkerPool
 from tests.helpers import answeredUnderLoad, ask, expectedReply, scrape, slow, waitUntil
 
@@ -167,7 +167,7 @@ class WorkerOptionsTests(SynchronousTestCase):
         self.assertEqual(self.parse()["workers"], 1)
         self.assertEqual(self.parse("--workers", "3")["workers"], 3)
         pinned = subprocess.run(["taskset", "-c", "0", sys.executable, "-c",
-                                 "from primecount.tap import Options; o = Options(); "
+                                 "from primecount.options import Options; o = Options(); "
                                  "o.parseOptions(['--workers', 'auto', '--records', '/dev/null']); print(o['workers'])"],
                                 capture_output=True, text=True)
         self.assertEqual(pinned.stdout, "1\n", pinned.stderr)

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Optional
 
 from primecount.tools.serverprocess import ServerProcess
-from primecount.tap import BARE_PORT_BACKLOG
+from primecount.options import BARE_PORT_BACKLOG
 
 ROOT = Path(__file__).resolve().parents[2]
 # name: (loadgen arguments, primecount options, whether the original server runs it too). The original

@@ -14,7 +14,7 @@ ratio that core allows at the table's CPU per request, primecount's and
 PostgreSQL's together, if it were as busy as with the file.
 With C{--latency-only SECONDS}, each round also runs a third store: the table's
 code path, but the database writer only waits SECONDS per transaction and
-stores nothing (C{latencyonly/sitecustomize.py}): a database that costs no CPU,
+stores nothing (C{patches/sitecustomize.py}): a database that costs no CPU,
 to tell what waiting for commits costs from what the database costs.
 Run: C{python contrib/bench/records_store.py} (needs ../shared/tools, taskset,
 PostgreSQL and C{primecount[postgres]}).
@@ -58,7 +58,7 @@ def counters(cluster: Cluster, table: str, afterDisconnect: bool = False) -> tup
 
 def latencyOnly(seconds: float) -> dict[str, str]:
     """The environment that makes primecount's database writer only wait C{seconds} per transaction."""
-    path = os.pathsep.join(filter(None, [str(Path(__file__).resolve().parent / "latencyonly"),
+    path = os.pathsep.join(filter(None, [str(Path(__file__).resolve().parent / "patches"),
                                          os.environ.get("PYTHONPATH")]))
     return {**os.environ, "PYTHONPATH": path, "PRIMECOUNT_BENCH_COMMIT_SECONDS": repr(seconds)}
 

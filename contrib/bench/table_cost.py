@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-from primecount.database import connect, insertParameters, insertStatement, schemaStatements  # noqa: E402
+from primecount.records.table import connect, insertParameters, insertStatement, schemaStatements  # noqa: E402
 from primecount.records import Record  # noqa: E402
 from tests.postgres import Cluster, postgresBinaries  # noqa: E402
 

@@ -8,7 +8,7 @@ Medians of C{--rounds} runs; needs ../shared/tools.
 
 C{--append-lock} measures instead what the multi-writer append protocol costs:
 2 workers (C{--workers}), one-shot and keep-alive, with the records lock on
-and off (the benchmark-only C{PRIMECOUNT_BENCH_UNLOCKED_APPEND=1}), rounds
+and off (C{PRIMECOUNT_BENCH_UNLOCKED_APPEND=1} with C{patches/} on C{PYTHONPATH}), rounds
 interleaved, pinned to C{--server-core}/C{--client-core} unless C{--unpinned}.
 """
 
@@ -24,7 +24,6 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from loadgen_compare import ROOT, measure, prepare  # noqa: E402
 
-from primecount.tap import UNLOCKED_APPEND_SWITCH  # noqa: E402
 from primecount.workers import cpuCount  # noqa: E402
 
 
@@ -96,14 +95,18 @@ def appendLockCost(args: argparse.Namespace) -> None:
             for mode, options, load in (("one-shot", [], conns),
                                         ("keep-alive", ["--keep-alive"], [*conns, "--keepalive"])):
                 for lock in (("on", "off") if round % 2 else ("off", "on")):  # alternate: no order bias
-                    if lock == "off":
-                        os.environ[UNLOCKED_APPEND_SWITCH] = "1"
+                    saved = dict(os.environ)
+                    if lock == "off":  # the server's records writer skips its lock (patches/sitecustomize.py)
+                        os.environ["PRIMECOUNT_BENCH_UNLOCKED_APPEND"] = "1"
+                        os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [
+                            str(Path(__file__).resolve().parent / "patches"), os.environ.get("PYTHONPATH")]))
                     try:
                         result = measure("primecount", workdir, args.shared, serverCore,
                                          ["--workers", str(args.workers), *options], loadgen, load, args.duration,
                                          messages, clientCore)
                     finally:
-                        os.environ.pop(UNLOCKED_APPEND_SWITCH, None)
+                        os.environ.clear()
+                        os.environ.update(saved)
                     rows.setdefault((mode, lock), []).append(result)
                     print(f"round {round} {mode:<10} lock {lock:<3}  rps {result['rps']:>9.1f}  "
                           f"cpu/req {result['cpu_us_per_request']:.1f} us  mismatches {result['mismatches']}",

@@ -22,7 +22,7 @@ import time
 from collections import Counter
 from typing import Iterator, NamedTuple, Optional, Sequence, TextIO
 
-from primecount.database import DEFAULT_TABLE, isDatabaseURI
+from primecount.records.table import DEFAULT_TABLE, isDatabaseURI
 from primecount.records import MalformedRecord, Record, formatTimestamp, parseRecord, terminalSafe
 
 EXIT_OK, EXIT_IO, EXIT_USAGE, EXIT_TORN, EXIT_MALFORMED = 0, 1, 2, 3, 4

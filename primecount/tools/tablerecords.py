@@ -8,7 +8,7 @@ from collections import deque
 from contextlib import contextmanager
 from typing import Any, Callable, Iterator, NamedTuple, Optional, TextIO
 
-from primecount.database import NUL_STAND_IN, driver, tableIdentifier
+from primecount.records.table import NUL_STAND_IN, driver, tableIdentifier
 from primecount.records import Record, formatTSV, formatTimestamp, terminalSafe
 
 

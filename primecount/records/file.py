@@ -1,4 +1,4 @@
-"""The records service: receives record events, appends each batch with one write, owns the file and its durability.
+"""The file store, the default: appends each batch of records with one write, owns the file and its durability.
 
 Durability follows Redis's C{appendfsync}: C{always} fsyncs each batch before
 its replies are released, C{everysec} fsyncs at most once a second from a
@@ -28,7 +28,7 @@ import errno
 import fcntl
 import os
 import stat
-from typing import Any, Callable, Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred, fail, succeed
@@ -36,15 +36,16 @@ from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
+from zope.interface import implementer
 
 from primecount.metrics import NoMetrics
 from primecount.records import TSV, Record, RecordFormat
+from primecount.records.store import (
+    FSYNC_POLICIES, Backoff, Incident, IRecordsStore, RunInThread, StorageUnavailable, runInline,
+)
 
 # Read as well as write: a torn last line left by a crash is looked for at start.
 _OPEN_FLAGS = os.O_RDWR | os.O_APPEND | os.O_CREAT | getattr(os, "O_CLOEXEC", 0)
-FSYNC_POLICIES = ("always", "everysec", "never")
-# Runs a blocking call off the reactor thread: deferToThreadPool bound to a reactor and pool.
-RunInThread = Callable[..., Deferred]
 # How long a batch may wait for another process to release the records file's lock before its clients are
 # answered ERROR storage unavailable; a live writer holds it for one write(2), microseconds to milliseconds.
 LOCK_WAIT_SECONDS = 1.0
@@ -53,18 +54,7 @@ LOCK_WAIT_SECONDS = 1.0
 LOCK_RETRY_SECOND, LOCK_RETRY_MAX = 0.0005, 0.05
 # How many times one append follows the records file to a new one when it keeps being removed under it.
 REMOVED_RETRIES = 3
-
-
-def _inline(function: Callable[..., Any], *args: Any) -> Deferred:
-    """Run C{function} at once in this thread (for callers without a thread pool)."""
-    try:
-        return succeed(function(*args))
-    except BaseException:
-        return fail()
-
-
-class StorageUnavailable(Exception):
-    """Records could not be written, so the requests they belong to must not get a normal answer."""
+_OPERATIONS = ("write", "fsync", "lock")
 
 
 def openRecordsFile(path: str) -> int:
@@ -174,7 +164,8 @@ class _OpenFile:
             self.closed.callback(None)
 
 
-class RecordsService(Service):
+@implementer(IRecordsStore)
+class FileStore(Service):
     """Appends records to a file, log-observer style: one write(2) per batch, each batch acknowledged.
 
     L{write} returns a L{Deferred} that fires once the batch is written (and,
@@ -189,16 +180,16 @@ class RecordsService(Service):
         self,
         path: str,
         clock: IReactorTime,
-        recordFormat: RecordFormat = TSV,
         fsync: str = "everysec",
-        runInThread: RunInThread = _inline,
         metrics: NoMetrics = NoMetrics(),
-        shared: bool = True,
+        *,
+        recordFormat: RecordFormat = TSV,
+        runInThread: RunInThread = runInline,
         operations: Optional[FileOperations] = None,
     ) -> None:
         if fsync not in FSYNC_POLICIES:
             raise ValueError(f"fsync policy must be one of {', '.join(FSYNC_POLICIES)}, not {fsync!r}")
-        self.path = path
+        self.path = self.location = path
         self._clock = clock
         self._format = recordFormat.format
         self._fsyncPolicy = fsync
@@ -207,13 +198,16 @@ class RecordsService(Service):
         self._file: Optional[_OpenFile] = None
         self._unsynced = False
         self._syncTimer: Optional[LoopingCall] = None
-        self._failures = {"write": 0, "fsync": 0, "lock": 0}
-        self._shared = shared  # False only for the benchmark that measures what the lock costs
+        self._incidents = {operation: Incident(self.log, clock) for operation in _OPERATIONS}
         self._ops = operations or FileOperations()
         self._waiting: list[tuple[bytes, int, Deferred[None]]] = []  # batches waiting for the lock, in order
         self._waitingSince = 0.0
         self._retryCall: Optional[IDelayedCall] = None
-        self._retryDelay = 0.0
+        self._lockBackoff = Backoff(LOCK_RETRY_SECOND, LOCK_RETRY_MAX)
+
+    def healthy(self) -> bool:
+        """Whether the file is open and no write, fsync or lock incident is going on."""
+        return self._file is not None and not any(incident.going for incident in self._incidents.values())
 
     def startService(self) -> None:
         """Open the records file and start the fsync timer.
@@ -252,9 +246,6 @@ class RecordsService(Service):
         holds the lock (otherwise the first append looks, under the lock)."""
         self._file = _OpenFile(openRecordsFile(self.path))
         opened = self._file
-        if not self._shared:
-            self._cutTornTail(opened.fd, self._ops.fstat(opened.fd))
-            return
         try:
             self._locked(opened, lambda status: self._cutTornTail(opened.fd, status))
         except LockBusy:
@@ -296,11 +287,11 @@ class RecordsService(Service):
 
     def gathering(self, analysing: bool) -> None:
         """Nothing to do: each batch is one C{write(2)} at once, with nothing to gain from waiting for the next
-        (see L{primecount.responder.RecordSink.gathering})."""
+        (see L{IRecordsStore.gathering})."""
 
     def _append(self, data: bytes) -> None:
-        """Append C{data} to the file at the path: with the multi-writer protocol (or, unshared, as it is), in a
-        new file there if the open one was removed."""
+        """Append C{data} to the file at the path with the multi-writer protocol, in a new file there if the
+        open one was removed."""
         for _ in range(REMOVED_RETRIES):
             target = self._file
             if target is None:
@@ -325,20 +316,14 @@ class RecordsService(Service):
         def appendUnderLock(status: os.stat_result) -> None:
             if status.st_nlink == 0:
                 raise FileRemoved(written=False)
-            if not self._shared:
-                end = status.st_size
-            else:
-                # Still where our own last append ended: nobody wrote since, and the file ends in our newline.
-                end = status.st_size if status.st_size == target.end else self._cutTornTail(target.fd, status)
+            # Still where our own last append ended: nobody wrote since, and the file ends in our newline.
+            end = status.st_size if status.st_size == target.end else self._cutTornTail(target.fd, status)
             self._writeAll(target.fd, data, end)
             target.end = end + len(data)
             if target.regular and ops.fstat(target.fd).st_nlink == 0:
                 raise FileRemoved(written=True)
 
-        if self._shared:
-            self._locked(target, appendUnderLock)
-        else:
-            appendUnderLock(ops.fstat(target.fd))
+        self._locked(target, appendUnderLock)
 
     def _replaceRemoved(self, removed: _OpenFile, written: bool, count: int) -> None:
         """The open file lost its name: continue in a new file at the path (logged once per removal)."""
@@ -436,10 +421,10 @@ class RecordsService(Service):
         stored: Deferred[None] = Deferred()
         if not self._waiting:
             self._waitingSince = self._clock.seconds()
-            self._retryDelay = 0.0
+            self._lockBackoff.reset()
         self._waiting.append((batch, count, stored))
-        if self._retryCall is None:
-            self._retryCall = self._clock.callLater(self._retryDelay, self._retryWaiting)
+        if self._retryCall is None:  # the first retry on the next turn: a peer holds the lock for one write(2)
+            self._retryCall = self._clock.callLater(0, self._retryWaiting)
         return stored
 
     def _retryWaiting(self, lastTry: bool = False) -> None:
@@ -454,8 +439,7 @@ class RecordsService(Service):
         except LockBusy:
             waited = self._clock.seconds() - self._waitingSince
             if not lastTry and waited < LOCK_WAIT_SECONDS:
-                self._retryDelay = min(self._retryDelay * 2 or LOCK_RETRY_SECOND, LOCK_RETRY_MAX)
-                self._retryCall = self._clock.callLater(self._retryDelay, self._retryWaiting)
+                self._retryCall = self._clock.callLater(self._lockBackoff.next(), self._retryWaiting)
                 return
             self._waiting = []
             self._failed("lock", f"another process has held its lock for {waited:.1f} s", count)
@@ -507,20 +491,13 @@ class RecordsService(Service):
         return self._runInThread(os.fsync, target.fd).addBoth(done)
 
     def _failed(self, operation: str, error: object, records: int) -> None:
-        """Log a failure once per incident, not once per batch."""
-        self._failures[operation] += 1
-        if self._failures[operation] == 1:
-            self.log.error(
-                "cannot {operation} records file {path}: {error} ({records} records refused); "
-                "answering ERROR storage unavailable until it works again",
-                operation=operation, path=self.path, error=error, records=records,
-            )
+        """A failure of C{operation}, logged once per incident, not once per batch."""
+        self._incidents[operation].failed(
+            records, "cannot {operation} records file {path}: {error} ({records} records refused); "
+            "answering ERROR storage unavailable until it works again",
+            operation=operation, path=self.path, error=error, records=records)
 
     def _recovered(self, operation: str) -> None:
-        if self._failures[operation]:
-            self.log.info(
-                "records file {path}: {operation} works again after {failures} failures",
-                path=self.path, operation=operation, failures=self._failures[operation],
-            )
-            self._failures[operation] = 0
+        self._incidents[operation].recovered("records file {path}: {operation} works again after {failures} "
+                                             "failures", path=self.path, operation=operation)
 

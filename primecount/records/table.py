@@ -44,10 +44,11 @@ from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
+from zope.interface import implementer
 
 from primecount.metrics import NoMetrics
 from primecount.records import Record
-from primecount.storage import StorageUnavailable
+from primecount.records.store import Backoff, Incident, IRecordsStore, RunInThread, StorageUnavailable
 from primecount.threads import batchScheduledPool
 
 SCHEMES = ("postgresql://", "postgres://")
@@ -356,17 +357,16 @@ def createSchema(connection: Any, table: str) -> None:
             cursor.execute(sql.SQL("CREATE INDEX ON {} USING brin (time)").format(name))
 
 
-class DatabaseRecordsService(Service):
-    """Appends records to a PostgreSQL table: a records sink for the responder, as L{RecordsService} is for a
-    file."""
+@implementer(IRecordsStore)
+class TableStore(Service):
+    """Appends records to a PostgreSQL table, as L{primecount.records.file.FileStore} appends them to a file."""
 
     log = Logger()
 
-    def __init__(self, conninfo: str, table: str, reactor: Any, fsync: str = "everysec",
-                 metrics: NoMetrics = NoMetrics(), timeout: float = DEFAULT_TIMEOUT,
-                 writer: Optional[DatabaseWriter] = None, runInThread: Optional[Callable[..., Deferred[Any]]] = None,
-                 ) -> None:
-        self.conninfo = conninfo
+    def __init__(self, conninfo: str, reactor: Any, fsync: str = "everysec", metrics: NoMetrics = NoMetrics(), *,
+                 table: str = DEFAULT_TABLE, timeout: float = DEFAULT_TIMEOUT, writer: Optional[DatabaseWriter] = None,
+                 runInThread: Optional[RunInThread] = None) -> None:
+        self.conninfo = self.location = conninfo
         self.table = table
         self._reactor: IReactorTime = reactor
         self._metrics = metrics
@@ -383,9 +383,8 @@ class DatabaseRecordsService(Service):
         self._analysing = False  # whether the responder has requests in analysis (L{gathering})
         self._waitingSince = 0.0  # when the oldest waiting batch was written
         self._retryAt = 0.0
-        self._backoff = BACKOFF_FIRST
-        self._failingSince: Optional[float] = None
-        self._refusedDuringIncident = 0
+        self._backoff = Backoff(BACKOFF_FIRST, BACKOFF_MOST)
+        self._incident = Incident(self.log, reactor)
         self.commits = 0
         self.rowsWritten = 0
 
@@ -489,29 +488,27 @@ class DatabaseRecordsService(Service):
         self._answered()
         self._next()
 
+    def healthy(self) -> bool:
+        """Whether no incident is going on: the last transaction committed, or none has failed yet."""
+        return not self._incident.going
+
     def _failed(self, failure: Failure, size: int) -> None:
         self._notStored(size, "records database unavailable ({error})", error=_describe(failure))
-        self._retryAt = self._reactor.seconds() + self._backoff
-        self._backoff = min(self._backoff * 2, BACKOFF_MOST)
+        self._retryAt = self._reactor.seconds() + self._backoff.next()
 
     def _notStored(self, size: int, why: str, **fields: object) -> None:
         """C{size} records failed: counted as refused and, when this starts an incident, logged once with C{why}."""
-        if self._failingSince is None:
-            self._failingSince = self._reactor.seconds()
-            self._refusedDuringIncident = 0
-            self.log.error(why + "; answering ERROR storage unavailable until it is back", **fields)
-        self._refused(size)
+        self._metrics.recordWriteFailed(size)
+        self._incident.failed(size, why + "; answering ERROR storage unavailable until it is back", **fields)
 
     def _refused(self, size: int) -> None:
         self._metrics.recordWriteFailed(size)
-        self._refusedDuringIncident += size
+        self._incident.refusedMeanwhile(size)
 
     def _recovered(self) -> None:
-        self._backoff = BACKOFF_FIRST
-        if self._failingSince is not None:
-            self.log.info("records database back after {seconds:.1f} s; {refused} records were refused meanwhile",
-                          seconds=self._reactor.seconds() - self._failingSince, refused=self._refusedDuringIncident)
-            self._failingSince = None
+        self._backoff.reset()
+        self._incident.recovered("records database back after {seconds:.1f} s; {refused} records were refused "
+                                 "meanwhile")
 
     def _tooSlow(self) -> None:
         """The oldest batches' commits have not returned in time: their outcome is unknown, so they are not
