@@ -1,0 +1,170 @@
+"""The records store contract (L{primecount.records.store.IRecordsStore}), one suite run against both stores: the
+file store on a real file, the table store on a table of the tests' real PostgreSQL cluster, each with a real
+fault (a full disk, a table that refuses every row) and its repair."""
+
+from __future__ import annotations
+
+import errno
+import time
+from typing import Any
+
+from twisted.internet import defer, reactor
+from twisted.internet.task import deferLater
+from twisted.internet.threads import deferToThread
+from twisted.trial.unittest import TestCase
+from zope.interface.verify import verifyObject
+
+from primecount.records import Record, parseRecords
+from primecount.records.file import FileOperations, FileStore
+from primecount.records.store import IRecordsStore, StorageUnavailable
+from tests.postgres import freshTable, sharedCluster
+
+
+def record(message: str) -> Record:
+    """A record for C{message} with fixed other fields."""
+    return Record(1_771_322_472, "127.0.0.1", message, 1, False)
+
+
+class RecordsStoreContract:
+    """What every records store promises, whatever keeps the records. A subclass says how to make its store,
+    read back what it stored, and break and repair it for real."""
+
+    store: Any
+
+    def makeStore(self) -> Any:
+        """A new store, not started."""
+        raise NotImplementedError
+
+    def storedMessages(self) -> list[str]:
+        """The messages of the records stored now, in the order they were stored."""
+        raise NotImplementedError
+
+    def breakStore(self) -> None:
+        """Make the next writes fail, as the store's real trouble would."""
+        raise NotImplementedError
+
+    def repairStore(self) -> None:
+        """End the trouble L{breakStore} made."""
+        raise NotImplementedError
+
+    def setUp(self) -> Any:
+        self.store = self.makeStore()
+        self.store.startService()
+        self.addCleanup(lambda: self.store.running and self.store.stopService())  # type: ignore[attr-defined]
+
+    async def storedOnceRepaired(self, message: str, within: float = 15.0) -> None:
+        """Write C{message} until it is stored (the store may wait before trying again after trouble)."""
+        deadline = time.monotonic() + within
+        while True:
+            try:
+                await self.store.write([record(message)])
+                return
+            except StorageUnavailable:
+                if time.monotonic() > deadline:
+                    raise
+                await deferLater(reactor, 0.05, lambda: None)
+
+    def test_providesTheInterface(self) -> None:
+        """The store provides every attribute and method of L{IRecordsStore}, and names where records go."""
+        self.assertTrue(verifyObject(IRecordsStore, self.store))
+        self.assertTrue(self.store.location)
+
+    async def test_batchStoredBeforeItFires(self) -> None:
+        """A batch's result fires once its records are stored, all of them, in order; the store is healthy."""
+        self.assertTrue(self.store.healthy())
+        await self.store.write([record("one"), record("two"), record("three")])
+        self.assertEqual(self.storedMessages(), ["one", "two", "three"])
+        self.assertTrue(self.store.healthy())
+
+    async def test_batchesKeepTheirOrder(self) -> None:
+        """Batches written one after another without waiting are stored in the order they were written."""
+        messages = [f"batch {n}" for n in range(40)]
+        await defer.gatherResults([self.store.write([record(m)]) for m in messages], consumeErrors=True)
+        self.assertEqual(self.storedMessages(), messages)
+
+    async def test_gatheringLosesNothing(self) -> None:
+        """Batches written while requests are being analysed are stored once analysis is over."""
+        self.store.gathering(True)
+        written = [self.store.write([record(f"gathered {n}")]) for n in range(3)]
+        self.store.gathering(False)
+        await defer.gatherResults(written, consumeErrors=True)
+        self.assertEqual(self.storedMessages(), ["gathered 0", "gathered 1", "gathered 2"])
+
+    async def test_troubleRefusesThenRecovers(self) -> None:
+        """In trouble, a batch fails with L{StorageUnavailable} and the store says it is not healthy; once the
+        trouble is over it stores again and says it is healthy, by itself."""
+        await self.store.write([record("before")])
+        self.breakStore()
+        with self.assertRaises(StorageUnavailable):
+            await self.store.write([record("refused")])
+        self.assertFalse(self.store.healthy())
+        self.repairStore()
+        await self.storedOnceRepaired("after")
+        self.assertTrue(self.store.healthy())
+        stored = self.storedMessages()
+        self.assertEqual((stored[0], stored[-1]), ("before", "after"))
+
+    async def test_reopenKeepsStoring(self) -> None:
+        """After C{reopen} (SIGHUP) records go on to the same location."""
+        await self.store.write([record("before reopen")])
+        self.store.reopen()
+        await self.store.write([record("after reopen")])
+        self.assertEqual(self.storedMessages(), ["before reopen", "after reopen"])
+
+    async def test_stopStoresWhatWasWritten(self) -> None:
+        """Batches written just before the store stops are stored before the stop is over."""
+        written = [self.store.write([record(f"last {n}")]) for n in range(5)]
+        await self.store.stopService()
+        await defer.gatherResults(written, consumeErrors=True)
+        self.assertEqual(self.storedMessages(), [f"last {n}" for n in range(5)])
+
+
+class FullDisk(FileOperations):
+    """The file store's system calls, with a disk that can be made full: every write then fails with ENOSPC."""
+
+    full = False
+
+    def write(self, fd: int, data: bytes) -> int:
+        """C{os.write}, or C{ENOSPC} while full."""
+        if self.full:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return super().write(fd, data)
+
+
+class FileStoreContractTests(RecordsStoreContract, TestCase):
+    """The file store keeps the contract, on a real file."""
+
+    def makeStore(self) -> Any:
+        self.path = self.mktemp()
+        self.operations = FullDisk()
+        return FileStore(self.path, reactor, "always", runInThread=deferToThread, operations=self.operations)
+
+    def storedMessages(self) -> list[str]:
+        with open(self.path, encoding="utf-8") as file:
+            return [stored.message for stored in parseRecords(file)]
+
+    def breakStore(self) -> None:
+        self.operations.full = True
+
+    def repairStore(self) -> None:
+        self.operations.full = False
+
+
+class TableStoreContractTests(RecordsStoreContract, TestCase):
+    """The table store keeps the contract, on a table of the tests' PostgreSQL cluster."""
+
+    def makeStore(self) -> Any:
+        from primecount.records.table import TableStore
+
+        self.cluster = sharedCluster(self)
+        self.table = freshTable(self, self.cluster)
+        return TableStore(self.cluster.uri, reactor, "always", table=self.table, timeout=5.0)
+
+    def storedMessages(self) -> list[str]:
+        return [message for (message,) in self.cluster.query(f'SELECT message FROM "{self.table}" ORDER BY id')]
+
+    def breakStore(self) -> None:
+        self.cluster.query(f'ALTER TABLE "{self.table}" ADD CONSTRAINT refuse_every_row CHECK (false) NOT VALID')
+
+    def repairStore(self) -> None:
+        self.cluster.query(f'ALTER TABLE "{self.table}" DROP CONSTRAINT refuse_every_row')
