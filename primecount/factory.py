@@ -3,7 +3,7 @@ ones tracked for draining and metrics, and the send-deadline sweep over those wi
 
 from __future__ import annotations
 
-from typing import Callable, Optional
+from typing import Any, Callable, Optional
 
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IAddress, IDelayedCall, IReactorTime, ITransport
@@ -13,9 +13,8 @@ from twisted.logger import Logger
 
 from primecount.connection import BufferBudget, RequestLimits
 from primecount.internals import queuedBytes
-from primecount.limits import SUMMARY_SOURCES, ConnectionLimits, Summary, SummaryLine, Throttle
+from primecount.limits import SUMMARY_SOURCES, ConnectionLimits, Summary, SummaryLine, Throttle, peerHost
 from primecount.metrics import NoMetrics
-from primecount.protocol import BusyProtocol, Driven, PrimeCountProtocol, peerHost
 from primecount.responder import Responder
 
 # Why a connection was aborted, by its metrics label, as the log line says it.
@@ -27,8 +26,9 @@ _ABORT_REASONS = {
 
 
 class PrimeCountFactory(Factory):
-    """Builds one L{PrimeCountProtocol} per connection within the connection limits, and keeps track of the
-    open ones, for draining and metrics."""
+    """Builds one C{protocol} per connection within the connection limits (a C{busyProtocol} past them), and
+    keeps track of the open ones, for draining and metrics: each protocol is handed this factory as its
+    observer (L{primecount.protocol.ConnectionObserver}), and tells it of its connection's life."""
 
     noisy = False
     log = Logger()
@@ -42,18 +42,23 @@ class PrimeCountFactory(Factory):
         connectionLimits: Optional[ConnectionLimits] = None,
         queued: Callable[[ITransport], int] = queuedBytes,
         bufferBudget: Optional[BufferBudget] = None,
+        *,
+        protocol: Callable[..., Any],
+        busyProtocol: Callable[..., Any],
     ) -> None:
+        self.protocol = protocol  # type: ignore[assignment]
+        self._busyProtocol = busyProtocol
         self.limits = limits
         self.clock = clock
         self.responder = responder
         self.metrics = metrics
         self.connectionLimits = connectionLimits or ConnectionLimits(maxTotal=1 << 30, maxPerPeer=0)
-        self._open: dict[PrimeCountProtocol, str] = {}
+        self._open: dict[Any, str] = {}
         self._idleWaiters: list[Deferred[None]] = []
         self._busyLog = Throttle()
         self.queued = queued
         self.bufferBudget = bufferBudget
-        self._watched: set[Driven] = set()
+        self._watched: set[Any] = set()
         self._sendSweep: Optional[LoopingCall] = None
         self._listenerGone = False
         self._abortLogs: dict[str, Throttle] = {}
@@ -61,13 +66,12 @@ class PrimeCountFactory(Factory):
         self._errorFlush: Optional[IDelayedCall] = None
 
     def buildProtocol(self, addr: IAddress) -> Protocol:
-        """A protocol for the connection from C{addr}, or a L{BusyProtocol} if it is over a limit."""
+        """A protocol for the connection from C{addr}, or a busy one if it is over a limit."""
         key = peerHost(addr)
         over = self.connectionLimits.tryAcquire(key)
         if over is not None:
             return self.refuse(key, over)
-        protocol = PrimeCountProtocol(self.limits, self.clock, self.responder, self.bufferBudget)
-        protocol.factory = self
+        protocol = self.protocol(self.limits, self.clock, self, self.responder, self.bufferBudget)
         protocol.limitKey = key
         return protocol
 
@@ -91,12 +95,11 @@ class PrimeCountFactory(Factory):
                 self.connectionLimits.lingerEnded()
             self._watched.discard(busy)
 
-        busy = BusyProtocol(self.limits._replace(linger=self.limits.linger if lingering else 0.0), self.clock,
-                            closed)
-        busy.factory = self
+        busy = self._busyProtocol(self.limits._replace(linger=self.limits.linger if lingering else 0.0),
+                                  self.clock, self, closed)
         return busy
 
-    def watchSending(self, protocol: Driven) -> None:
+    def watchSending(self, protocol: Any) -> None:
         """C{protocol} has output queued: ask it now and then whether its client takes it (the send deadline)."""
         if self._listenerGone:
             return  # once the listener is gone, the drain's own grace bounds every connection
@@ -122,7 +125,7 @@ class PrimeCountFactory(Factory):
             self._sendSweep.stop()
             self._sendSweep = None
 
-    def aborted(self, protocol: Driven, reason: str) -> None:
+    def aborted(self, protocol: Any, reason: str) -> None:
         """C{protocol} is aborted for C{reason} (a label of L{ABORTED}): counted, logged once a second per reason."""
         self._watched.discard(protocol)
         self.metrics.connectionAborted(reason)
@@ -166,12 +169,12 @@ class PrimeCountFactory(Factory):
                           sources=f"{line.sources}+" if line.sources >= SUMMARY_SOURCES else line.sources,
                           peer=line.lastSource)
 
-    def connectionOpened(self, protocol: PrimeCountProtocol) -> None:
+    def connectionOpened(self, protocol: Any) -> None:
         """Count C{protocol} as open."""
         self._open[protocol] = protocol.limitKey
         self.metrics.connectionOpened()
 
-    def connectionClosed(self, protocol: PrimeCountProtocol) -> None:
+    def connectionClosed(self, protocol: Any) -> None:
         """C{protocol}'s connection is gone; wake those waiting for none to be open."""
         self._watched.discard(protocol)
         if protocol in self._open:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import ipaddress
 import resource
 from collections import Counter
-from typing import NamedTuple, Optional
+from typing import Any, NamedTuple, Optional
 
 # Descriptors kept free for everything that is not a client: listeners, the records file,
 # logs, the thread pool's wake-up pipe, metrics, imports.
@@ -34,6 +34,13 @@ def canonicalHost(host: str) -> str:
     if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
         return str(address.ipv4_mapped)
     return str(address)
+
+
+def peerHost(address: Any) -> str:
+    """The client address (an C{IAddress}) as written in records, logs and limits: the IP of a TCP peer, in its
+    one canonical form (L{canonicalHost})."""
+    host = getattr(address, "host", None)
+    return canonicalHost(host) if host else str(address)
 
 
 class Throttle:

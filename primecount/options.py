@@ -15,7 +15,7 @@ from primecount import __version__
 from primecount.connection import RequestLimits
 from primecount.internals import parseServerEndpoint
 from primecount.proxied import LOOPBACK, parseNetworks
-from primecount.records import FORMATS
+from primecount.records.formats import FORMATS
 from primecount.records.file import recordsPathProblem
 from primecount.records.store import FSYNC_POLICIES
 from primecount.records.table import DEFAULT_TABLE, DEFAULT_TIMEOUT, isDatabaseURI, tableProblem, uriProblem

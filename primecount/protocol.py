@@ -4,10 +4,11 @@ L{primecount.connection}."""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Callable, Optional, Sequence
+import typing
+from typing import Callable, Optional, Sequence
 
 from twisted.internet.interfaces import (
-    IAddress, IDelayedCall, IHalfCloseableProtocol, IHandshakeListener, IPushProducer, IReactorTime,
+    IDelayedCall, IHalfCloseableProtocol, IHandshakeListener, IPushProducer, IReactorTime, ITransport,
 )
 from twisted.internet.protocol import Protocol
 from twisted.protocols.policies import ProtocolWrapper
@@ -19,22 +20,37 @@ from primecount.connection import (
     CLOSE, HALF_CLOSE, PAUSE, RESUME, Abort, Action, Arm, Ask, BufferBudget, Connection, RequestLimits, Send, Timer,
 )
 from primecount.internals import closeNow, readWaiting, sendNow
-from primecount.limits import canonicalHost
+from primecount.limits import peerHost
 from primecount.metrics import NoMetrics
 from primecount.responder import Responder
 from primecount.tls import tlsLayer
 
-if TYPE_CHECKING:
-    from primecount.factory import PrimeCountFactory
-
-__all__ = ["BusyProtocol", "Driven", "PrimeCountProtocol", "RequestLimits", "peerHost"]
+__all__ = ["BusyProtocol", "ConnectionObserver", "Driven", "PrimeCountProtocol", "RequestLimits"]
 
 
-def peerHost(address: IAddress) -> str:
-    """The client address as written in records, logs and limits: the IP of a TCP peer, in its one canonical
-    form (L{canonicalHost})."""
-    host = getattr(address, "host", None)
-    return canonicalHost(host) if host else str(address)
+class ConnectionObserver(typing.Protocol):
+    """What a protocol tells of its connection's life, and asks, handed to it when it is built: the factory that
+    keeps track of the open connections (L{primecount.factory}, which provides this without importing it)."""
+
+    metrics: NoMetrics
+
+    def connectionOpened(self, protocol: "PrimeCountProtocol") -> None:
+        """C{protocol} is connected and takes requests."""
+
+    def connectionClosed(self, protocol: "PrimeCountProtocol") -> None:
+        """C{protocol}'s connection is gone."""
+
+    def aborted(self, protocol: "Driven", reason: str) -> None:
+        """C{protocol}'s connection is reset for C{reason} (a label of C{primecount_aborted_connections_total})."""
+
+    def watchSending(self, protocol: "Driven") -> None:
+        """C{protocol} has output queued: call its L{Driven.checkSending} now and then until it says to stop."""
+
+    def errorReplied(self, reply: str, peer: str) -> None:
+        """The C{ERROR} reply C{reply} went to C{peer} (for the log)."""
+
+    def queued(self, transport: ITransport) -> int:
+        """How many bytes written to C{transport} its client has not taken yet."""
 
 
 @implementer(IHalfCloseableProtocol, IPushProducer, IHandshakeListener)
@@ -48,16 +64,17 @@ class Driven(Protocol):
     an ERROR is never followed by a TCP half-close under the TLS layer.
     """
 
-    factory: "PrimeCountFactory"
     _tls: object = None  # the TLS layer under the transport, if any
     _handshaking = False  # over TLS: the handshake is not over yet
     _closeAsked = False
     _gone = False
     _tlsTimer: Optional[IDelayedCall] = None
 
-    def __init__(self, connection: Connection, clock: IReactorTime, responder: Optional[Responder] = None) -> None:
+    def __init__(self, connection: Connection, clock: IReactorTime, observer: ConnectionObserver,
+                 responder: Optional[Responder] = None) -> None:
         self._connection = connection
         self._clock = clock
+        self._observer = observer
         self._responder = responder
         self._timers: dict[Timer, IDelayedCall] = {}
         self._running = False
@@ -83,7 +100,7 @@ class Driven(Protocol):
                         if action.errors or (self._counting and action.finished):
                             self._finished(action.finished)
                         if action.watch:
-                            self.factory.watchSending(self)
+                            self._observer.watchSending(self)
                     elif kind is Ask:
                         self._responder.respond(action.raw, self._peer, self, action.sequence)  # type: ignore[union-attr]
                     else:
@@ -121,10 +138,10 @@ class Driven(Protocol):
             self._abort(action.reason)
 
     def _abort(self, reason: str) -> None:
-        """Reset the connection at once, counted and logged by the factory under C{reason}."""
+        """Reset the connection at once, counted and logged by the observer under C{reason}."""
         self._cancelTimers()
         self._cancelTLSTimer()
-        self.factory.aborted(self, reason)
+        self._observer.aborted(self, reason)
         self.transport.abortConnection()
 
     def _finished(self, replies: Sequence[tuple[wire.Reply, float]]) -> None:
@@ -223,7 +240,7 @@ class Driven(Protocol):
 
     def checkSending(self, now: float) -> bool:
         """Tell the connection how much of its output is still queued; whether it wants to be asked again."""
-        self._run(self._connection.sendChecked(self.factory.queued(self.transport), now))
+        self._run(self._connection.sendChecked(self._observer.queued(self.transport), now))
         return self._connection.watchingSend
 
     def connectionLost(self, reason: object = None) -> None:
@@ -238,12 +255,13 @@ class Driven(Protocol):
 class BusyProtocol(Driven):
     """What a connection over a limit gets: C{ERROR busy}, no reading of its request, a lingering close."""
 
-    def __init__(self, limits: RequestLimits, clock: IReactorTime, onClosed: Callable[[], None]) -> None:
-        super().__init__(Connection(limits, refusal=wire.BUSY), clock)
+    def __init__(self, limits: RequestLimits, clock: IReactorTime, observer: ConnectionObserver,
+                 onClosed: Callable[[], None]) -> None:
+        super().__init__(Connection(limits, refusal=wire.BUSY), clock, observer)
         self._onClosed = onClosed
 
     def connectionLost(self, reason: object = None) -> None:
-        """Forget the timers and tell the factory."""
+        """Forget the timers and say so."""
         super().connectionLost(reason)
         self._onClosed()
 
@@ -255,9 +273,9 @@ class PrimeCountProtocol(Driven):
     log = Logger()
     limitKey: Optional[str] = None  # the client's canonical address, as the factory counted it
 
-    def __init__(self, limits: RequestLimits, clock: IReactorTime, responder: Responder,
-                 budget: Optional[BufferBudget] = None) -> None:
-        super().__init__(Connection(limits, budget=budget), clock, responder)
+    def __init__(self, limits: RequestLimits, clock: IReactorTime, observer: ConnectionObserver,
+                 responder: Responder, budget: Optional[BufferBudget] = None) -> None:
+        super().__init__(Connection(limits, budget=budget), clock, observer, responder)
         self._limits = limits
 
     @property
@@ -273,8 +291,8 @@ class PrimeCountProtocol(Driven):
     def connectionMade(self) -> None:
         """The first request's deadline runs from connect."""
         self._peer = self.limitKey or peerHost(self.transport.getPeer())
-        self._counting = self._limits.logRequests or type(self.factory.metrics) is not NoMetrics
-        self.factory.connectionOpened(self)
+        self._counting = self._limits.logRequests or type(self._observer.metrics) is not NoMetrics
+        self._observer.connectionOpened(self)
         if self._limits.keepAlive:
             self.transport.registerProducer(self, True)
             self._producing = True
@@ -288,13 +306,13 @@ class PrimeCountProtocol(Driven):
 
     def _finished(self, replies: Sequence[tuple[wire.Reply, float]]) -> None:
         """Count the replies; log each with C{--log-requests}, otherwise only the C{ERROR}s, summarised."""
-        metrics, now, logRequests = self.factory.metrics, self._clock.seconds(), self._limits.logRequests
+        metrics, now, logRequests = self._observer.metrics, self._clock.seconds(), self._limits.logRequests
         for reply, startedAt in replies:
             if logRequests:
                 self.log.info("{kind}{reply} to {peer}", kind="" if reply.isError else "reply ",
                               reply=reply.text, peer=self._peer)
             elif reply.isError:
-                self.factory.errorReplied(reply.text, self._peer)
+                self._observer.errorReplied(reply.text, self._peer)
             if reply.outcome == "busy":  # a connection already served is busy only past the buffer budget
                 metrics.busyRefusal("buffered")
             metrics.requestFinished(reply.outcome, now - startedAt)
@@ -307,5 +325,5 @@ class PrimeCountProtocol(Driven):
         """Cancel timers; replies still being prepared find the connection gone."""
         super().connectionLost(reason)
         if self._connection.silent:
-            self.factory.metrics.connectionWithoutRequest("empty")
-        self.factory.connectionClosed(self)
+            self._observer.metrics.connectionWithoutRequest("empty")
+        self._observer.connectionClosed(self)

@@ -18,7 +18,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from primecount import wire
-from primecount.records import Record
+from primecount.records.formats import Record
 from primecount.records.store import IRecordsStore, RunInThread, StorageUnavailable
 
 

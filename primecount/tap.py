@@ -23,9 +23,10 @@ from primecount.options import (
     DEFAULTS, PROXIED_PREFIX, Options, configuredLimits, listenedAddress, requestLimits, withBacklog,
     withoutProxyPrefix, workerArguments,
 )
+from primecount.protocol import BusyProtocol, PrimeCountProtocol
 from primecount.proxied import LOOPBACK, ProxiedFactory, listensBeyondLoopback, parseNetworks
 from primecount.readiness import Readiness
-from primecount.records.store import openStore
+from primecount.records import openStore
 from primecount.responder import Responder
 from primecount.threads import batchScheduledPool
 from primecount.tls import MOZILLA_INTERMEDIATE, withCiphers
@@ -58,7 +59,7 @@ def makeService(options: Options, reactor: Optional[Any] = None) -> IService:
     budget = BufferBudget(options["max-buffered"])
     metrics.watchBufferBudget(budget)
     factory = PrimeCountFactory(requestLimits(options), reactor, Responder(reactor, runInThread, records), metrics,
-                                limits, bufferBudget=budget)
+                                limits, bufferBudget=budget, protocol=PrimeCountProtocol, busyProtocol=BusyProtocol)
     signals = ProcessSignals(reactor, onHangUp=records.reopen)
     worker = options["worker-fd"] is not None
     return _inOrder(

@@ -16,8 +16,8 @@ from twisted.trial.unittest import SkipTest, SynchronousTestCase
 
 from primecount.connection import RequestLimits
 from primecount.factory import PrimeCountFactory
-from primecount.protocol import PrimeCountProtocol
-from primecount.records import Record
+from primecount.protocol import BusyProtocol, PrimeCountProtocol
+from primecount.records.formats import Record
 from primecount.responder import Responder
 
 
@@ -85,6 +85,11 @@ class HalfCloseTransport(StringTransport):
         self.writeClosed = True
 
 
+def requestFactory(*arguments: Any, **keywords: Any) -> PrimeCountFactory:
+    """A L{PrimeCountFactory} of primecount's own protocols, as the plugin builds it."""
+    return PrimeCountFactory(*arguments, protocol=PrimeCountProtocol, busyProtocol=BusyProtocol, **keywords)
+
+
 class ProtocolHarness:
     """One protocol on a L{StringTransport}, with a L{Clock}, inline threads and in-memory records."""
 
@@ -96,7 +101,7 @@ class ProtocolHarness:
         self.threads = InlineThreads()
         self.records = records if records is not None else MemoryRecords()
         self.metrics = RecordingMetrics()
-        self.factory = factory or PrimeCountFactory(
+        self.factory = factory or requestFactory(
             limits, self.clock, Responder(self.clock, self.threads, self.records), self.metrics
         )
         self.transport = HalfCloseTransport(peerAddress=_tcpAddress(peer))

@@ -23,7 +23,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from primecount.records.table import (
     GATHER_MOST, NUL_STAND_IN, TableStore, DatabaseWriter, driver, insertParameters,
 )
-from primecount.records import Record
+from primecount.records.formats import Record
 from primecount.records.store import StorageUnavailable
 from primecount.options import Options
 from primecount.tools.serverprocess import ServerProcess

@@ -18,13 +18,12 @@ from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from primecount.connection import RequestLimits
-from primecount.factory import PrimeCountFactory
-from primecount.records import parseRecords
+from primecount.records.formats import parseRecords
 from primecount.responder import Responder
 from primecount.records.file import FileStore
 from primecount.tools import serverprocess
 from primecount.tools.serverprocess import TWISTD, ServerProcess
-from tests.helpers import ask, expectedReply
+from tests.helpers import ask, expectedReply, requestFactory
 
 MESSAGES = ["abc2a", "añoñ", "ñandú ú", "日本日", "hello world", "x", "a\\b\tb", "zzzzzzz"]
 
@@ -58,7 +57,7 @@ class LoopbackServiceTests(TestCase):
         self.records = FileStore(self.path, reactor)
         self.records.startService()
         responder = Responder(reactor, partial(deferToThreadPool, reactor, reactor.getThreadPool()), self.records)
-        factory = PrimeCountFactory(RequestLimits(timeout=20), reactor, responder)
+        factory = requestFactory(RequestLimits(timeout=20), reactor, responder)
         self.port = reactor.listenTCP(0, factory, interface="127.0.0.1", backlog=512)
 
     @inlineCallbacks

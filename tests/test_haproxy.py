@@ -11,7 +11,7 @@ from pathlib import Path
 
 from twisted.trial.unittest import SynchronousTestCase
 
-from primecount.records import parseRecords
+from primecount.records.formats import parseRecords
 from primecount.tools.serverprocess import ServerProcess
 from tests.helpers import answeredUnderLoad, ask, expectedReply, requireTool, slow, waitUntil
 

@@ -14,7 +14,7 @@ from twisted.trial.unittest import SkipTest, SynchronousTestCase
 
 from primecount.tools.loadtest.__main__ import main, runOnce
 from primecount.tools.loadtest.jmeter import JMeterInstall, JMeterMissing, findJMeter
-from primecount.records import parseRecords
+from primecount.records.formats import parseRecords
 from tests.helpers import slow
 
 

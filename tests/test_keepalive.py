@@ -13,7 +13,7 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from primecount import wire
 from primecount.connection import RequestLimits
-from primecount.records import parseRecords
+from primecount.records.formats import parseRecords
 from primecount.responder import Requester
 from primecount.tools.serverprocess import ServerProcess
 from primecount.records.store import StorageUnavailable

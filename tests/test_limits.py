@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import resource
+from typing import Any
 
 from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.task import Clock
@@ -13,10 +14,11 @@ from primecount.limits import (
     raiseFileLimit,
 )
 from primecount.connection import RequestLimits
-from primecount.factory import PrimeCountFactory
 from primecount.protocol import BusyProtocol, PrimeCountProtocol
 from primecount.responder import Responder
-from tests.helpers import HalfCloseTransport, InlineThreads, MemoryRecords, ProtocolHarness, RecordingMetrics
+from tests.helpers import (
+    HalfCloseTransport, InlineThreads, MemoryRecords, ProtocolHarness, RecordingMetrics, requestFactory,
+)
 
 
 class PeerKeyTests(SynchronousTestCase):
@@ -160,7 +162,7 @@ class FileLimitTests(SynchronousTestCase):
         self.assertEqual((limits.openFrom("a"), limits.openFrom("b")), (1, 1))
 
 
-def connect(factory: PrimeCountFactory, address: object) -> tuple[object, HalfCloseTransport]:
+def connect(factory: Any, address: object) -> tuple[object, HalfCloseTransport]:
     """Build and connect a protocol for C{address}; return it with its transport."""
     protocol = factory.buildProtocol(address)
     transport = HalfCloseTransport(peerAddress=address)
@@ -174,7 +176,7 @@ class FactoryLimitTests(SynchronousTestCase):
     def setUp(self) -> None:
         self.clock = Clock()
         self.metrics = RecordingMetrics()
-        self.factory = PrimeCountFactory(
+        self.factory = requestFactory(
             RequestLimits(), self.clock, Responder(self.clock, InlineThreads(), MemoryRecords()),
             metrics=self.metrics, connectionLimits=ConnectionLimits(maxTotal=5, maxPerPeer=2),
         )

@@ -12,7 +12,7 @@ from primecount.tools.loadtest import jmeter
 from primecount.tools.loadtest.crosscheck import crossCheck, keptMessage, lineMessage, quietMessage
 from primecount.tools.loadtest.jtl import Sample, formatSummary, percentile, readSamples, summarise
 from primecount.tools.loadtest.report import renderReport
-from primecount.records import Record
+from primecount.records.formats import Record
 
 SAMPLE_JTL = Path(__file__).parent / "data" / "sample.jtl"
 ASSERTION_FAILURE = "Test failed: text expected to match /[0-9]+ (sí|no)\\n?/"

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from twisted.trial.unittest import SkipTest, SynchronousTestCase
 
-from primecount.records import parseRecords
+from primecount.records.formats import parseRecords
 from primecount.tools.serverprocess import TWISTD, ServerProcess, listeningPort
 from tests.helpers import ask, expectedReply, requireTool, scrape, slow, waitUntil
 

@@ -5,10 +5,9 @@ from twisted.logger import Logger, formatEvent
 from twisted.trial.unittest import SynchronousTestCase
 
 from primecount.connection import Connection, RequestLimits
-from primecount.factory import PrimeCountFactory
 from primecount.metrics import NoMetrics
 from primecount.responder import Responder
-from tests.helpers import InlineThreads, MemoryRecords, ProtocolHarness, RecordingMetrics
+from tests.helpers import InlineThreads, MemoryRecords, ProtocolHarness, RecordingMetrics, requestFactory
 
 ABC2A = "2 sí\n".encode()
 
@@ -287,7 +286,7 @@ class LoggingTests(SynchronousTestCase):
         not logged; the same with or without metrics."""
         for metrics in (NoMetrics(), RecordingMetrics()):
             clock = Clock()
-            factory = PrimeCountFactory(RequestLimits(), clock, Responder(clock, InlineThreads(), MemoryRecords()),
+            factory = requestFactory(RequestLimits(), clock, Responder(clock, InlineThreads(), MemoryRecords()),
                                         metrics)
             events: list[dict] = []
             factory.log = Logger(observer=events.append)

@@ -13,7 +13,6 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from primecount.limits import ConnectionLimits
 from primecount.connection import RequestLimits
-from primecount.factory import PrimeCountFactory
 from primecount.proxied import (
     LOOPBACK,
     V2_SIGNATURE,
@@ -23,11 +22,12 @@ from primecount.proxied import (
     listensBeyondLoopback,
     parseNetworks,
 )
-from primecount.records import parseRecords
+from primecount.records.formats import parseRecords
 from primecount.responder import Responder
 from primecount.tools.serverprocess import ServerProcess
 from tests.helpers import (
-    HalfCloseTransport, InlineThreads, MemoryRecords, RecordingMetrics, expectedReply, scrape, slow, waitUntil,
+    HalfCloseTransport, InlineThreads, MemoryRecords, RecordingMetrics, expectedReply, requestFactory, scrape, slow,
+    waitUntil,
 )
 from twisted.internet.task import Clock
 
@@ -54,7 +54,7 @@ class ProxiedHarness:
     def __init__(self, proxy: str = "127.0.0.1", trusted: str = LOOPBACK, maxPerPeer: int = 0,
                  limits: RequestLimits = RequestLimits(keepAlive=True)) -> None:
         self.clock, self.records, self.metrics = Clock(), MemoryRecords(), RecordingMetrics()
-        self.requests = PrimeCountFactory(limits, self.clock, Responder(self.clock, InlineThreads(), self.records),
+        self.requests = requestFactory(limits, self.clock, Responder(self.clock, InlineThreads(), self.records),
                                           self.metrics, ConnectionLimits(1000, maxPerPeer))
         self.factory = ProxiedFactory(self.requests, parseNetworks(trusted), self.clock, 5.0, self.metrics)
         self.events: list[dict] = []

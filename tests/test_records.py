@@ -7,7 +7,7 @@ import time
 from hypothesis import given, strategies as st
 from twisted.trial.unittest import SynchronousTestCase
 
-from primecount.records import (
+from primecount.records.formats import (
     CONTROLS,
     JSONL,
     TSV,

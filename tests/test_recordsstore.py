@@ -14,7 +14,7 @@ from twisted.internet.threads import deferToThread
 from twisted.trial.unittest import TestCase
 from zope.interface.verify import verifyObject
 
-from primecount.records import Record, parseRecords
+from primecount.records.formats import Record, parseRecords
 from primecount.records.file import FileOperations, FileStore
 from primecount.records.store import IRecordsStore, StorageUnavailable
 from tests.postgres import freshTable, sharedCluster

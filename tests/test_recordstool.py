@@ -11,7 +11,7 @@ from pathlib import Path
 
 from twisted.trial.unittest import SynchronousTestCase
 
-from primecount.records import CONTROLS, JSONL, TSV, Record
+from primecount.records.formats import CONTROLS, JSONL, TSV, Record
 from primecount.tools.records import main
 from tests.helpers import FollowingProcess, slow
 

@@ -7,7 +7,7 @@ from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
 from primecount import wire
-from primecount.records import Record
+from primecount.records.formats import Record
 from primecount.responder import Responder
 from primecount.records.store import StorageUnavailable
 from tests.helpers import InlineThreads, MemoryRecords

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from twisted.trial.unittest import SynchronousTestCase
 
-from primecount.records import parseRecords
+from primecount.records.formats import parseRecords
 from primecount.tools.records import scan
 from primecount.tools.serverprocess import TWISTD, ServerProcess
 from tests.helpers import ask, expectedReply, scrape, slow, waitUntil

@@ -9,11 +9,10 @@ import socket
 from twisted.trial.unittest import SynchronousTestCase
 
 from primecount.connection import RequestLimits
-from primecount.factory import PrimeCountFactory
 from primecount.responder import Responder
 from primecount.tools.serverprocess import ServerProcess
 from tests.helpers import HalfCloseTransport, InlineThreads, MemoryRecords, ProtocolHarness, RecordingMetrics, \
-    expectedReply, scrape, slow, waitUntil
+    expectedReply, requestFactory, scrape, slow, waitUntil
 
 
 class NeverLeaves:
@@ -29,7 +28,7 @@ class NeverLeaves:
 def harness(limits: RequestLimits, queued: NeverLeaves) -> ProtocolHarness:
     """A harness whose factory sees output as queued until the test says it left."""
     clock, records = ProtocolHarness().clock, MemoryRecords()
-    factory = PrimeCountFactory(limits, clock, Responder(clock, InlineThreads(), records), RecordingMetrics(),
+    factory = requestFactory(limits, clock, Responder(clock, InlineThreads(), records), RecordingMetrics(),
                                 queued=queued)
     built = ProtocolHarness(limits, records=records, factory=factory)
     built.clock = clock

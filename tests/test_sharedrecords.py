@@ -19,7 +19,7 @@ from twisted.internet.task import Clock
 from twisted.logger import LogLevel, globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase
 
-from primecount.records import JSONL, TSV, Record, RecordFormat, parseRecords
+from primecount.records.formats import JSONL, TSV, Record, RecordFormat, parseRecords
 from primecount.records.file import LOCK_WAIT_SECONDS, FileOperations, FileStore
 from primecount.records.store import StorageUnavailable
 from primecount.tools.records import scan

@@ -10,7 +10,7 @@ from twisted.logger import LogLevel, globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase
 
 from primecount.records import file as storage
-from primecount.records import Record, formatTSV, parseRecords
+from primecount.records.formats import Record, formatTSV, parseRecords
 from primecount.records.file import FileStore
 from primecount.records.store import StorageUnavailable
 

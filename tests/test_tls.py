@@ -202,17 +202,16 @@ class InMemoryTLS:
         from twisted.protocols.tls import TLSMemoryBIOFactory
 
         from primecount.connection import RequestLimits
-        from primecount.factory import PrimeCountFactory
         from primecount.limits import ConnectionLimits
         from primecount.responder import Responder
-        from tests.helpers import HalfCloseTransport, InlineThreads, MemoryRecords, RecordingMetrics
+        from tests.helpers import HalfCloseTransport, InlineThreads, MemoryRecords, RecordingMetrics, requestFactory
 
         folder = os.path.abspath(test.mktemp())
         os.makedirs(folder)
         key, certificate = selfSignedCertificate(folder)
         self.clock, self.metrics = Clock(), RecordingMetrics()
         self.limits = limits or RequestLimits(timeout=5.0, quiet=0)
-        factory = PrimeCountFactory(self.limits, self.clock, Responder(self.clock, InlineThreads(), MemoryRecords()),
+        factory = requestFactory(self.limits, self.clock, Responder(self.clock, InlineThreads(), MemoryRecords()),
                                     self.metrics, ConnectionLimits(maxConnections, 0))
         tlsFactory = TLSMemoryBIOFactory(DefaultOpenSSLContextFactory(key, certificate), False, factory, self.clock)
         self.transport = HalfCloseTransport(peerAddress=IPv4Address("TCP", "192.0.2.9", 40000))

@@ -17,7 +17,7 @@ from twisted.python.failure import Failure
 from twisted.python.usage import UsageError
 from twisted.trial.unittest import SynchronousTestCase
 
-from primecount.records import parseRecords
+from primecount.records.formats import parseRecords
 from primecount.tools.serverprocess import ServerProcess
 from primecount.options import Options, workerArguments
 from primecount.workers import FIRST_DELAY, WORKER_FD, MetricsDirectory, WorkerPool

@@ -19,7 +19,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from twisted.internet.task import Clock  # noqa: E402
 
-from primecount.records import Record  # noqa: E402
+from primecount.records.formats import Record  # noqa: E402
 from primecount.records.file import FileOperations, FileStore  # noqa: E402
 
 

@@ -23,7 +23,7 @@ from typing import Any, Callable
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from primecount.records.table import connect, insertParameters, insertStatement, schemaStatements  # noqa: E402
-from primecount.records import Record  # noqa: E402
+from primecount.records.formats import Record  # noqa: E402
 from tests.postgres import Cluster, postgresBinaries  # noqa: E402
 
 PLAIN = ("CREATE TABLE {} (id bigserial{}, time timestamptz NOT NULL, client inet, message text NOT NULL, "

@@ -39,7 +39,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from primecount.metrics import NoMetrics
-from primecount.records import TSV, Record, RecordFormat
+from primecount.records.formats import TSV, Record, RecordFormat
 from primecount.records.store import (
     FSYNC_POLICIES, Backoff, Incident, IRecordsStore, RunInThread, StorageUnavailable, runInline,
 )

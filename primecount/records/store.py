@@ -1,7 +1,6 @@
 """Where records are kept: what every records store promises (L{IRecordsStore}), the error a refused batch fails
 with, and what the two stores share (the incident told once, the backoff of retries). The stores themselves are
-L{primecount.records.file}, the default, and L{primecount.records.table} (PostgreSQL); L{openStore} builds the
-one C{--records} names."""
+L{primecount.records.file}, the default, and L{primecount.records.table} (PostgreSQL)."""
 
 from __future__ import annotations
 
@@ -13,7 +12,7 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from zope.interface import Attribute
 
-from primecount.records import Record
+from primecount.records.formats import Record
 
 # Runs a blocking call off the reactor thread: deferToThreadPool bound to a reactor and pool.
 RunInThread = Callable[..., Deferred]
@@ -111,16 +110,3 @@ class Backoff:
         """Start again from C{first}."""
         self.delay = self._first
 
-
-def openStore(options: Any, reactor: Any, runInThread: RunInThread, metrics: Any) -> IRecordsStore:
-    """The records store C{--records} names: a PostgreSQL table for a C{postgresql://} URI, otherwise a file."""
-    from primecount.records import FORMATS
-    from primecount.records.table import TableStore, isDatabaseURI
-
-    if isDatabaseURI(options["records"]):
-        return TableStore(options["records"], reactor, options["fsync"], metrics, table=options["records-table"],
-                          timeout=options["records-timeout"])
-    from primecount.records.file import FileStore
-
-    return FileStore(options["records"], reactor, options["fsync"], metrics,
-                     recordFormat=FORMATS[options["records-format"]], runInThread=runInThread)

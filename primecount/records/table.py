@@ -47,7 +47,7 @@ from twisted.python.threadpool import ThreadPool
 from zope.interface import implementer
 
 from primecount.metrics import NoMetrics
-from primecount.records import Record
+from primecount.records.formats import Record
 from primecount.records.store import Backoff, Incident, IRecordsStore, RunInThread, StorageUnavailable
 from primecount.threads import batchScheduledPool
 

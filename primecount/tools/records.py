@@ -23,7 +23,7 @@ from collections import Counter
 from typing import Iterator, NamedTuple, Optional, Sequence, TextIO
 
 from primecount.records.table import DEFAULT_TABLE, isDatabaseURI
-from primecount.records import MalformedRecord, Record, formatTimestamp, parseRecord, terminalSafe
+from primecount.records.formats import MalformedRecord, Record, formatTimestamp, parseRecord, terminalSafe
 
 EXIT_OK, EXIT_IO, EXIT_USAGE, EXIT_TORN, EXIT_MALFORMED = 0, 1, 2, 3, 4
 

@@ -9,7 +9,7 @@ from contextlib import contextmanager
 from typing import Any, Callable, Iterator, NamedTuple, Optional, TextIO
 
 from primecount.records.table import NUL_STAND_IN, driver, tableIdentifier
-from primecount.records import Record, formatTSV, formatTimestamp, terminalSafe
+from primecount.records.formats import Record, formatTSV, formatTimestamp, terminalSafe
 
 
 def _connect(uri: str) -> Any:

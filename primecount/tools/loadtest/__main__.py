@@ -29,7 +29,7 @@ from primecount.tools.loadtest.jmeter import (
 )
 from primecount.tools.loadtest.jtl import Summary, formatSummary, readSamples, summarise
 from primecount.tools.loadtest.report import writeReport
-from primecount.records import parseRecords
+from primecount.records.formats import parseRecords
 from primecount.tools.serverprocess import ServerProcess
 
 EXIT_OK, EXIT_FAILED, EXIT_SETUP = 0, 1, 2

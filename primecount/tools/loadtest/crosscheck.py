@@ -6,7 +6,7 @@ from collections import Counter
 from typing import Iterable
 
 from primecount.tools.loadtest.jtl import Sample
-from primecount.records import Record
+from primecount.records.formats import Record
 
 # Sampler names and request texts in jmeter/primecount.jmx; the counters start at 1 in each JMeter run.
 LINE_LABEL = "line"
