@@ -1,13 +1,15 @@
-"""The only code that reaches under Twisted's transports (their private attributes, or the socket itself), for
-speed and for the send deadline; each function here has a test in C{tests/test_internals.py} that fails if
-Twisted changes under it."""
+"""The only code that reaches under Twisted's public interfaces: private attributes and modules, methods of
+concrete classes no interface promises, the socket itself, and a testing class. For speed, the send deadline,
+draining, TLS ciphers, the workers' shared socket and PROXY v2 headers; each function here has a test in
+C{tests/test_internals.py} that fails if Twisted changes under it (C{tests/test_layout.py} checks that no other
+module reaches under)."""
 
 from __future__ import annotations
 
 import fcntl
 import struct
 import termios
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Callable
 
 from twisted.internet import abstract, main, tcp
 from twisted.internet.interfaces import ITransport
@@ -141,3 +143,44 @@ def _kernelQueued(descriptor: abstract.FileDescriptor) -> int:
         return struct.unpack("i", fcntl.ioctl(descriptor.fileno(), termios.TIOCOUTQ, b"\0\0\0\0"))[0]
     except (OSError, ValueError, AttributeError):
         return 0
+
+
+def withContextFactory(endpoint: Any, wrap: Callable[[Any], Any]) -> Any:
+    """The C{ssl:} server endpoint C{endpoint}, listening with the TLS context factory C{wrap} makes of its own:
+    L{twisted.internet.endpoints.SSL4ServerEndpoint} keeps it in C{_sslContextFactory}, with no public way to
+    change it after C{serverFromString} built it."""
+    endpoint._sslContextFactory = wrap(endpoint._sslContextFactory)
+    return endpoint
+
+
+def acceptQueued(port: Any) -> int:
+    """Accept every connection waiting in a TCP C{port}'s queue now; return how many (0 for other ports).
+
+    Calls C{tcp.Port.doRead}, which accepts up to C{numberAccepts} connections
+    and raises that batch size when a batch filled up (so a batch that did
+    not raise it emptied the queue), and counts them by C{sessionno}.
+    """
+    doRead = getattr(port, "doRead", None)
+    if doRead is None or not hasattr(port, "numberAccepts"):
+        return 0
+    before = getattr(port, "sessionno", 0)
+    while True:
+        allowed = port.numberAccepts
+        doRead()
+        if port.numberAccepts <= allowed:
+            return getattr(port, "sessionno", before) - before
+
+
+def stopAccepting(port: Any) -> int:
+    """Keep a listening C{tcp.Port} open but accept nothing on it (C{stopReading}; the workers accept instead);
+    return its socket's descriptor (C{fileno}), for the workers to inherit."""
+    port.stopReading()
+    return port.fileno()
+
+
+def proxyV2Parser() -> Any:
+    """A new parser of PROXY protocol v2 headers: Twisted's own, from its private C{_v2parser} module (its
+    public C{HAProxyProtocol} wraps a whole connection; this is fed bytes)."""
+    from twisted.protocols.haproxy._v2parser import V2Parser
+
+    return V2Parser()

@@ -18,6 +18,8 @@ from twisted.internet.error import CannotListenError
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 
+from primecount.internals import acceptQueued
+
 
 LISTENING_EVENT = "primecount listening on"
 
@@ -207,7 +209,7 @@ class Listener(Service):
         port, self._port = self._port, None
         if port is None:
             return succeed(None)
-        accepted = _acceptQueued(port)
+        accepted = acceptQueued(port)
         if accepted:
             self.log.info("took in {count} connections queued before the listener closed", count=accepted)
         return maybeDeferred(port.stopListening)
@@ -219,16 +221,3 @@ def listenFailed(failure: Any) -> BaseException:
         return SystemExit(f"primecount: {failure.getErrorMessage()}")
     return failure.value
 
-
-def _acceptQueued(port: Any) -> int:
-    """Accept every connection waiting in C{port}'s queue; return how many (TCP ports only)."""
-    doRead = getattr(port, "doRead", None)
-    if doRead is None or not hasattr(port, "numberAccepts"):
-        return 0
-    before = getattr(port, "sessionno", 0)
-    while True:
-        allowed = port.numberAccepts
-        doRead()
-        # The port raises its batch size when a batch filled up; otherwise the queue is empty.
-        if port.numberAccepts <= allowed:
-            return getattr(port, "sessionno", before) - before

@@ -19,10 +19,10 @@ from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.interfaces import IAddress, IDelayedCall, IHalfCloseableProtocol, IReactorTime
 from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
-from twisted.protocols.haproxy._v2parser import V2Parser
 from twisted.protocols.policies import ProtocolWrapper, WrappingFactory
 from zope.interface import directlyProvides, implementer, providedBy
 
+from primecount.internals import proxyV2Parser
 from primecount.limits import Throttle, canonicalHost
 from primecount.metrics import NoMetrics
 
@@ -124,7 +124,7 @@ class _HeaderReader:
 
     def __init__(self) -> None:
         self._held = b""  # until the header's version is known, and a v1 header until its CRLF
-        self._v2: Optional[V2Parser] = None
+        self._v2: Any = None  # a PROXY v2 parser, once the header says it is v2
 
     def feed(self, data: bytes) -> Optional[Header]:
         """The L{Header} once whole, C{None} while incomplete; L{MalformedHeader} if malformed."""
@@ -137,7 +137,7 @@ class _HeaderReader:
             # The header says its own length; refuse one too long to be HAProxy's before buffering it.
             if struct.unpack("!H", held[14:16])[0] + 16 > MAX_HEADER:
                 raise MalformedHeader("v2 header longer than any HAProxy sends")
-            self._v2, self._held = V2Parser(), b""
+            self._v2, self._held = proxyV2Parser(), b""
             return self._feedV2(held)
         if not V1_SIGNATURE.startswith(held[: len(V1_SIGNATURE)]):
             raise MalformedHeader("no valid PROXY header")

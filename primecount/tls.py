@@ -15,6 +15,8 @@ from twisted.internet.interfaces import IOpenSSLContextFactory
 from twisted.protocols.policies import ProtocolWrapper
 from zope.interface import implementer
 
+from primecount.internals import withContextFactory
+
 # https://ssl-config.mozilla.org/ "intermediate", version 5.7: the TLS 1.2 suites, in its order.
 MOZILLA_INTERMEDIATE = ":".join([
     "ECDHE-ECDSA-AES128-GCM-SHA256", "ECDHE-RSA-AES128-GCM-SHA256",
@@ -54,15 +56,8 @@ class _RestrictedCiphers:
 
 
 def withCiphers(endpoint: Any, ciphers: str) -> Any:
-    """The C{ssl:} server endpoint C{endpoint} offering only C{ciphers} for TLS 1.2 (and before, if enabled).
-
-    This is the one place that reads Twisted internals for TLS:
-    L{twisted.internet.endpoints.SSL4ServerEndpoint} keeps its context factory
-    in C{_sslContextFactory} and has no public way to change it after
-    C{serverFromString} built it. A test fails if that attribute goes away.
-    """
-    endpoint._sslContextFactory = _RestrictedCiphers(endpoint._sslContextFactory, ciphers)
-    return endpoint
+    """The C{ssl:} server endpoint C{endpoint} offering only C{ciphers} for TLS 1.2 (and before, if enabled)."""
+    return withContextFactory(endpoint, lambda contextFactory: _RestrictedCiphers(contextFactory, ciphers))
 
 
 def tlsLayer(transport: Any) -> Optional[Any]:

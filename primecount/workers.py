@@ -35,6 +35,7 @@ from twisted.logger import Logger, LogLevel
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from primecount.internals import stopAccepting
 from primecount.lifecycle import LISTENING_EVENT, announceListening, listenFailed
 
 TWISTD = [sys.executable, "-c", "from twisted.scripts.twistd import run; run()"]
@@ -87,6 +88,7 @@ class SharedSocket(Service):
         self._endpoint = endpoint
         self._reactor = reactor
         self._port: Any = None
+        self.fileno = -1  # the listening socket's descriptor, once it listens
 
     def privilegedStartService(self) -> None:
         """Listen now, then stop reading at once: only the workers accept."""
@@ -102,7 +104,7 @@ class SharedSocket(Service):
             raise listenFailed(failures[0])
 
     def _listened(self, port: Any) -> None:
-        port.stopReading()
+        self.fileno = stopAccepting(port)
         self._port = port
 
     def startService(self) -> None:
@@ -111,11 +113,6 @@ class SharedSocket(Service):
         super().startService()
         if self._port is not None:
             announceListening(self._reactor, self.log, self._port)
-
-    @property
-    def fileno(self) -> int:
-        """The listening socket's descriptor."""
-        return self._port.fileno()
 
     def stopService(self) -> Any:
         """Close the socket (after the workers have stopped: this service starts before them)."""

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import os
 import select
 import socket
+import stat
 import struct
 
 from twisted.internet import reactor, task, threads
@@ -15,8 +17,11 @@ from twisted.internet.testing import MemoryReactor
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
-from primecount.internals import closeNow, queuedBytes, readWaiting, sendNow
-from tests.helpers import HalfCloseTransport
+from primecount.internals import (
+    acceptQueued, closeNow, parseServerEndpoint, proxyV2Parser, queuedBytes, readWaiting, sendNow, stopAccepting,
+    withContextFactory,
+)
+from tests.helpers import HalfCloseTransport, waitUntil
 
 
 class QueuedBytesTests(SynchronousTestCase):
@@ -326,3 +331,96 @@ class CloseNowTests(TestCase):
         transport = HalfCloseTransport()
         closeNow(transport)
         self.assertTrue(transport.disconnecting)
+
+
+class ListeningPortTests(TestCase):
+    """What the drain and the workers' shared socket do to a real TCP port of the reactor."""
+
+    def listen(self) -> tuple[object, list[Protocol]]:
+        """A TCP port on loopback and the protocols it has built."""
+        built: list[Protocol] = []
+
+        class Recording(Protocol):
+            def connectionMade(self) -> None:
+                built.append(self)
+
+        port = reactor.listenTCP(0, Factory.forProtocol(Recording), interface="127.0.0.1")
+        self.addCleanup(port.stopListening)
+        return port, built
+
+    def connectClients(self, port: object, count: int) -> None:
+        """C{count} clients connect (the kernel completes their handshakes; nobody has accepted them yet)."""
+        for _ in range(count):
+            client = socket.create_connection(("127.0.0.1", port.getHost().port))  # type: ignore[attr-defined]
+            self.addCleanup(client.close)
+
+    def test_stopAcceptingKeepsTheSocket(self) -> None:
+        """A port that stops accepting is no longer read by the reactor, keeps its socket (the descriptor given),
+        and leaves clients in the kernel's queue, where L{acceptQueued} still takes them."""
+        port, built = self.listen()
+        fd = stopAccepting(port)
+        self.assertNotIn(port, reactor.getReaders())
+        # Not probed with socket.socket(fileno=...): on PyPy that makes the shared listening socket blocking.
+        self.assertEqual((fd, stat.S_ISSOCK(os.fstat(fd).st_mode)), (port.fileno(), True))
+        self.connectClients(port, 3)
+        self.assertEqual(built, [])
+        accepted = [0]
+
+        def acceptedAll() -> bool:
+            accepted[0] += acceptQueued(port)
+            return accepted[0] >= 3
+
+        waitUntil(acceptedAll, 10, "the three queued clients accepted")
+        self.assertEqual((accepted[0], len(built)), (3, 3))
+        for protocol in built:
+            protocol.transport.loseConnection()
+
+    def test_acceptQueuedOfOtherPorts(self) -> None:
+        """A port that is not a TCP port (no accept batches) accepts nothing."""
+        self.assertEqual(acceptQueued(object()), 0)
+
+
+class EndpointTests(SynchronousTestCase):
+    """Endpoints parsed without the real reactor, and an ssl: endpoint's context factory replaced."""
+
+    def test_parsedWithoutTheReactor(self) -> None:
+        """A description is parsed as C{serverFromString} parses it, errors and all."""
+        self.assertEqual(parseServerEndpoint("tcp:5050:interface=127.0.0.1")._interface, "127.0.0.1")
+        with self.assertRaises(ValueError):
+            parseServerEndpoint("nope:5050")
+
+    def test_contextFactoryReplaced(self) -> None:
+        """An ssl: endpoint listens with the context factory made of its own."""
+        from twisted.internet.endpoints import serverFromString
+
+        from tests.test_tls import selfSignedCertificate
+
+        folder = os.path.abspath(self.mktemp())
+        os.makedirs(folder)
+        key, certificate = selfSignedCertificate(folder)
+        memory = MemoryReactor()
+        endpoint = serverFromString(memory, f"ssl:0:privateKey={key}:certKey={certificate}")
+        made: list[object] = []
+
+        def wrap(contextFactory: object) -> object:
+            made.append(contextFactory)
+            return "the replacement"
+
+        withContextFactory(endpoint, wrap).listen(Factory.forProtocol(Protocol))
+        self.assertEqual(len(made), 1)
+        self.assertTrue(hasattr(made[0], "getContext"), made)
+        self.assertEqual(memory.sslServers[0][2], "the replacement")
+
+
+class ProxyV2ParserTests(SynchronousTestCase):
+    """Twisted's PROXY v2 parser, fed bytes the way primecount feeds it."""
+
+    def test_headerThenRest(self) -> None:
+        """A v2 header fed in two parts (the first past its fixed 16 bytes) gives the client address once whole, and the bytes after it."""
+        from tests.test_proxied import v2
+
+        header = v2("192.0.2.5", 40001)
+        parser = proxyV2Parser()
+        self.assertEqual(parser.feed(header[:20]), (None, None))  # primecount feeds it the 16-byte prefix whole
+        info, rest = parser.feed(header[20:] + b"request\n")
+        self.assertEqual((info.source.host, info.source.port, rest), ("192.0.2.5", 40001, b"request\n"))

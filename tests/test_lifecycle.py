@@ -223,6 +223,10 @@ class ReadingPort(QueuedPort):
     def stopReading(self) -> None:
         """Stop accepting."""
 
+    def fileno(self) -> int:
+        """Its socket's descriptor."""
+        return 3
+
 
 class FakeEndpoint:
     """An endpoint whose listen gives C{port}, or fails with C{error}."""

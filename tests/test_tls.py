@@ -153,22 +153,6 @@ class CipherOptionTests(SynchronousTestCase):
                 Options().parseOptions([*arguments, "--records", records])
             self.assertTrue(str(caught.exception).startswith("--tls-ciphers: "), str(caught.exception))
 
-    def test_twistedKeepsTheContextFactoryWhereExpected(self) -> None:
-        """C{serverFromString} still gives an ssl: endpoint with C{_sslContextFactory}, which L{withCiphers}
-        replaces; this fails if Twisted changes under it."""
-        from twisted.internet.endpoints import serverFromString
-        from twisted.internet.testing import MemoryReactor
-
-        from primecount.tls import MOZILLA_INTERMEDIATE, withCiphers
-
-        folder = os.path.abspath(self.mktemp())
-        os.makedirs(folder)
-        key, certificate = selfSignedCertificate(folder)
-        endpoint = serverFromString(MemoryReactor(), f"ssl:0:privateKey={key}:certKey={certificate}")
-        self.assertTrue(hasattr(endpoint, "_sslContextFactory"))
-        context = withCiphers(endpoint, MOZILLA_INTERMEDIATE)._sslContextFactory.getContext()
-        self.assertIs(context, endpoint._sslContextFactory.getContext(), "built once")
-
 
 class WithoutTLSSupportTests(SynchronousTestCase):
     """Without pyOpenSSL an ssl: port is a one-line usage error that says what to install."""
