@@ -8,10 +8,24 @@ each with the time it happened, and answers each with a list of actions
 L{Abort}) that the Twisted side (L{primecount.protocol})
 carries out in order. It never calls a socket, a reactor or a clock.
 
-The input side is in one of five named phases (L{Phase}); every change of
-phase is made by L{Connection._enter}. What else is kept is fact, not state:
-whether the client has half-closed, whether the transport's write buffer is
-full, whether the service is draining.
+The input side is in one of five phases (L{Phase}); only the moves of
+L{TRANSITIONS} change it, all through L{Connection._move}, which refuses any
+other (L{BadMove}):
+
+    phase       move           next        when
+    REQUEST     KEEP           BETWEEN     keep-alive: a request ended, more are taken
+    REQUEST     STOP_TAKING    ANSWERING   one-shot request ended, end of input, drain,
+                                           a framing error or refusal being answered
+    BETWEEN     NEXT_REQUEST   REQUEST     the first bytes of a partial next request
+    BETWEEN     STOP_TAKING    ANSWERING   end of input, drain, idle wait over, an error
+    ANSWERING   LINGER         LINGERING   the closing ERROR is out: FIN, read until EOF
+    any but CLOSED  CLOSE      CLOSED      close asked (every reply out)
+    any         GONE           CLOSED      aborted (send deadline), or the transport lost
+
+What else is kept is fact, not state, in three groups (see C{__slots__}):
+the input side (what is being read, and the budget it counts against), the
+output side (replies awaited and ready, what was written and whether it
+moves), and the timers.
 
 Timers are lazy: the core asks for one (L{Arm}) only when none is armed that
 would fire no later than needed. A timer that fires early (its deadline has
@@ -63,14 +77,29 @@ class BufferBudget:
         self.held = 0
 
 
-class Phase(enum.Enum):
-    """Where a connection's input stands."""
+class Phase(enum.IntEnum):
+    """Where a connection's input stands (small integers: their hash is C's, for L{TRANSITIONS})."""
 
-    REQUEST = "request"  # a request is being read: its deadline runs (the first one's from connect)
-    BETWEEN = "between"  # keep-alive, no byte of the next request yet: idle wait once every reply is out
-    ANSWERING = "answering"  # no more requests are taken: input is discarded, close once every reply is out
-    LINGERING = "lingering"  # the closing ERROR is out and FIN sent: discard input until the client closes
-    CLOSED = "closed"  # close or abort asked: nothing more happens
+    REQUEST = 0  # a request is being read: its deadline runs (the first one's from connect)
+    BETWEEN = 1  # keep-alive, no byte of the next request yet: idle wait once every reply is out
+    ANSWERING = 2  # no more requests are taken: input is discarded, close once every reply is out
+    LINGERING = 3  # the closing ERROR is out and FIN sent: discard input until the client closes
+    CLOSED = 4  # close or abort asked: nothing more happens
+
+
+class Move(enum.IntEnum):
+    """What moves a connection from one phase to the next (see L{TRANSITIONS})."""
+
+    KEEP = 0  # keep-alive: a request ended and more are taken
+    NEXT_REQUEST = 1  # the first bytes of a next request that is not yet whole
+    STOP_TAKING = 2  # no more requests are taken: answer those taken, then close
+    LINGER = 3  # the closing ERROR is out: send FIN, read and discard until the client closes
+    CLOSE = 4  # every reply is out: close
+    GONE = 5  # aborted, or the transport is lost
+
+
+class BadMove(Exception):
+    """A change of phase that L{TRANSITIONS} does not list: a bug in the connection core."""
 
 
 class Timer(enum.IntEnum):
@@ -83,7 +112,19 @@ class Timer(enum.IntEnum):
 
 # The members as plain names: looking a member up on its enum class costs more than the comparison itself.
 REQUEST, BETWEEN, ANSWERING, LINGERING, CLOSED = Phase
+KEEP, NEXT_REQUEST, STOP_TAKING, LINGER_AFTER_ERROR, CLOSE_ASKED, GONE = Move
 DEADLINE, QUIET, LINGER = Timer
+
+# Every change of phase there is: from each phase, the moves it takes and where each leads.
+TRANSITIONS: dict[Phase, dict[Move, Phase]] = {
+    REQUEST: {KEEP: BETWEEN, STOP_TAKING: ANSWERING, CLOSE_ASKED: CLOSED, GONE: CLOSED},
+    BETWEEN: {NEXT_REQUEST: REQUEST, STOP_TAKING: ANSWERING, CLOSE_ASKED: CLOSED, GONE: CLOSED},
+    ANSWERING: {LINGER_AFTER_ERROR: LINGERING, CLOSE_ASKED: CLOSED, GONE: CLOSED},
+    LINGERING: {CLOSE_ASKED: CLOSED, GONE: CLOSED},
+    CLOSED: {GONE: CLOSED},
+}
+# The same as a tuple of tuples, indexed by phase then move (None: no such move), for L{Connection._move}.
+_NEXT = tuple(tuple(TRANSITIONS[phase].get(move) for move in Move) for phase in Phase)
 
 
 class Send(NamedTuple):
@@ -151,11 +192,16 @@ class Connection:
     """
 
     __slots__ = (
-        "limits", "_canHalfClose", "_refusal", "_lowWater", "phase", "requests", "_nextSequence", "_startedAts",
-        "_ready", "_firstSequence", "_oneShot", "_pipeline", "_partial", "_partialSize", "_unread", "_budget",
-        "_startedAt", "_due", "_armed", "_readClosed",
-        "_writesBlocked", "_draining", "_paused", "_heard", "_counted", "_discarded", "_written", "_watching",
-        "_sentAtProgress", "_progressAt", "_actions",
+        # what is settled at the start
+        "limits", "_canHalfClose", "_refusal", "_lowWater", "_oneShot", "_pipeline", "_budget",
+        # the input side: the phase, the request being read, what is held, what the client did
+        "phase", "requests", "_nextSequence", "_partial", "_partialSize", "_unread", "_startedAt", "_paused",
+        "_readClosed", "_heard", "_discarded", "_draining",
+        # the output side: replies awaited and ready, in order; what was written and whether it moves
+        "_startedAts", "_ready", "_firstSequence", "_writesBlocked", "_counted", "_written", "_watching",
+        "_sentAtProgress", "_progressAt",
+        # the timers, and the actions of the event being handled
+        "_due", "_armed", "_actions",
     )
 
     def __init__(self, limits: RequestLimits, refusal: Optional[str] = None,
@@ -167,35 +213,38 @@ class Connection:
         self._canHalfClose = True
         self._refusal = refusal
         self._lowWater = limits.pipeline // 2
+        self._oneShot = not limits.keepAlive
+        self._pipeline = limits.pipeline
+        self._budget = budget
+        # The input side.
         self.phase = REQUEST
         self.requests = 0  # requests taken
         self._nextSequence = 0  # the sequence number of the next request taken
-        # The requests taken and not yet sent, from _firstSequence on: when each began, and the replies known.
-        self._startedAts: deque[float] = deque()
-        self._ready: dict[int, wire.Reply] = {}
-        self._firstSequence = 0
-        self._oneShot = not limits.keepAlive
-        self._pipeline = limits.pipeline
         # The current line so far: a bytearray extended in place (amortised, never quadratic), so that it costs
         # about a byte per byte held however small the reads that brought it; empty bytes until a line is split.
         self._partial: bytes | bytearray = b""
         self._partialSize = 0
         self._unread = b""  # bytes received while framing was held (the pipeline bound), not yet framed
-        self._budget = budget
         self._startedAt = 0.0  # when the request being read began (phase REQUEST)
-        self._due: list[Optional[float]] = [None, None, None]  # when each timer should fire, by Timer
-        self._armed: list[Optional[float]] = [None, None, None]  # when the timer asked for will fire
-        self._readClosed = False
-        self._writesBlocked = False
-        self._draining = False
         self._paused = False  # whether reading is held (and the transport told so)
+        self._readClosed = False
         self._heard = False  # whether any byte arrived
-        self._counted = False  # whether any reply was counted
         self._discarded = 0  # bytes thrown away while lingering
+        self._draining = False
+        # The output side. The requests taken and not yet sent, from _firstSequence on: when each began, and the
+        # replies known.
+        self._startedAts: deque[float] = deque()
+        self._ready: dict[int, wire.Reply] = {}
+        self._firstSequence = 0
+        self._writesBlocked = False
+        self._counted = False  # whether any reply was counted
         self._written = 0  # bytes handed to the transport in all
         self._watching = False  # whether the send deadline watches queued output
         self._sentAtProgress = 0
         self._progressAt = 0.0
+        # The timers.
+        self._due: list[Optional[float]] = [None, None, None]  # when each timer should fire, by Timer
+        self._armed: list[Optional[float]] = [None, None, None]  # when the timer asked for will fire
         self._actions: list[Action] = []
 
     # Events in. Each returns the actions to carry out, in order.
@@ -258,7 +307,7 @@ class Connection:
                 self._takePartial()
                 self._refuse(wire.errorReply(wire.TIMEOUT, closes=True), now)
             elif self.phase is BETWEEN and not self._startedAts:
-                self._enter(ANSWERING)  # idle too long: closed without a reply
+                self._move(STOP_TAKING)  # idle too long: closed without a reply
                 self._close()
         elif timer is QUIET:
             if self.phase is REQUEST and self._partialSize and not self._unread:  # unread bytes: no gap
@@ -292,7 +341,7 @@ class Connection:
         """The service is stopping: a kept connection between requests closes now, others after their request."""
         self._draining = True
         if self.phase is BETWEEN and not self._unread:
-            self._enter(ANSWERING)
+            self._move(STOP_TAKING)
             if not self._startedAts:
                 self._close()
         return self._take()
@@ -310,7 +359,7 @@ class Connection:
             self._sentAtProgress, self._progressAt = sent, now
         elif now - self._progressAt >= self.limits.sendTimeout:
             self._watching = False
-            self._enter(CLOSED)
+            self._move(GONE)
             return [Abort("send_timeout")]
         return []
 
@@ -318,7 +367,7 @@ class Connection:
         """The connection is gone (closed by either side, or reset): nothing more is done."""
         self._watching = False
         if self.phase is not CLOSED:
-            self._enter(CLOSED)
+            self._move(GONE)
             self._due = [None, None, None]
 
     # What the adapter may ask.
@@ -349,8 +398,12 @@ class Connection:
 
     # Transitions.
 
-    def _enter(self, phase: Phase) -> None:
-        """The one place the phase changes; leaving the reading phases drops what is held and their timers."""
+    def _move(self, move: Move) -> None:
+        """The one place the phase changes, by C{move} along L{TRANSITIONS} (L{BadMove} for any other);
+        leaving the reading phases drops what is held and their timers."""
+        phase = _NEXT[self.phase][move]
+        if phase is None:
+            raise BadMove(f"{move.name} in {self.phase.name}")
         if phase is not REQUEST and phase is not BETWEEN:
             if self._partial:
                 self._takePartial()
@@ -375,7 +428,7 @@ class Connection:
         self._actions.append(Arm(timer, at - now))
 
     def _startRequest(self, now: float) -> None:
-        self._enter(REQUEST)
+        self._move(NEXT_REQUEST)
         self._startedAt = now
         self._want(DEADLINE, now + self.limits.timeout, now)
 
@@ -459,10 +512,10 @@ class Connection:
         due = self._due
         due[QUIET] = None
         if self._oneShot or self._draining:
-            self._enter(ANSWERING)
+            self._move(STOP_TAKING)
             return
         if self.phase is not BETWEEN:  # a whole line read between requests stays there
-            self._enter(BETWEEN)
+            self._move(KEEP)
         due[DEADLINE] = None  # the wait for our own replies is not the client's to bound
         if self._writesBlocked or len(self._startedAts) >= self._pipeline:
             self._hold()
@@ -471,14 +524,15 @@ class Connection:
         partial = self._takePartial() if self._partial else b""
         if partial or not self.requests:
             self._requestEnded(partial, now)  # a connection that sent nothing at all asked an empty question
-        self._enter(ANSWERING)
+        if self.phase is not ANSWERING:
+            self._move(STOP_TAKING)
         if not self._startedAts:
             self._close()
 
     def _refuse(self, reply: wire.Reply, now: float) -> None:
         """A framing error (or a refusal): answered in order, after which the connection closes."""
         self._startedAts.append(self._startedAt if self.phase is REQUEST else now)
-        self._enter(ANSWERING)
+        self._move(STOP_TAKING)
         self._ready[self._nextSequence] = reply
         self._nextSequence += 1
         self._flush(now)
@@ -502,7 +556,7 @@ class Connection:
                 self._firstSequence = sequence
                 self._send(data, finished, now, True, errors)
                 if self.phase is not ANSWERING:
-                    self._enter(ANSWERING)
+                    self._move(STOP_TAKING)
                 startedAts.clear()
                 ready.clear()
                 if reply.isError:
@@ -572,13 +626,13 @@ class Connection:
             self._close()
             return
         self._resumeIfPaused()
-        self._enter(LINGERING)
+        self._move(LINGER_AFTER_ERROR)
         self._actions.append(HALF_CLOSE)
         self._want(LINGER, now + self.limits.linger, now)
 
     def _close(self) -> None:
         self._resumeIfPaused()  # read until the transport closes, so that closing does not reset
-        self._enter(CLOSED)
+        self._move(CLOSE_ASKED)
         self._due = [None, None, None]
         self._actions.append(CLOSE)
 

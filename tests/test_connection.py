@@ -17,10 +17,11 @@ from hypothesis.stateful import (
 )
 from twisted.trial.unittest import SkipTest, SynchronousTestCase
 
+import primecount.connection
 from primecount import wire
 from primecount.connection import (
-    CLOSE, HALF_CLOSE, LINGER_MAX_BYTES, PAUSE, RESUME, Abort, Action, Arm, Ask, BufferBudget, Connection, Phase,
-    RequestLimits, Send, Timer,
+    CLOSE, HALF_CLOSE, LINGER_MAX_BYTES, PAUSE, RESUME, TRANSITIONS, Abort, Action, Arm, Ask, BadMove, BufferBudget,
+    Connection, Move, Phase, RequestLimits, Send, Timer,
 )
 
 KEEP = RequestLimits(keepAlive=True, quiet=0, timeout=5, idleTimeout=30, pipeline=4, sendTimeout=10)
@@ -330,6 +331,50 @@ class BufferBudgetTests(SynchronousTestCase):
         self.assertLess(grown, 2 * 10_000)
 
 
+class TransitionTableTests(SynchronousTestCase):
+    """The table of phases and moves, in code and in the module's docstring."""
+
+    def test_docstringIsTheTable(self) -> None:
+        """The table in connection.py's docstring lists exactly the moves of L{TRANSITIONS}."""
+        documented = set()
+        for line in primecount.connection.__doc__.splitlines():
+            words = line.split()
+            if words[:3] == ["any", "but", "CLOSED"]:
+                starts, words = [phase for phase in Phase if phase is not Phase.CLOSED], words[3:]
+            elif words[:1] == ["any"]:
+                starts, words = list(Phase), words[1:]
+            elif words[:1] and words[0] in Phase.__members__:
+                starts, words = [Phase[words[0]]], words[1:]
+            else:
+                continue
+            if len(words) >= 2 and words[0] in Move.__members__ and words[1] in Phase.__members__:
+                documented.update((start, Move[words[0]], Phase[words[1]]) for start in starts)
+        inCode = {(phase, move, after) for phase, moves in TRANSITIONS.items() for move, after in moves.items()}
+        self.assertEqual(documented, inCode)
+
+    def test_moveNotInTheTable(self) -> None:
+        """A move the table does not list from the current phase is refused, and the phase stays."""
+        core = Connection(RequestLimits())
+        with self.assertRaises(BadMove):
+            core._move(Move.LINGER)
+        self.assertIs(core.phase, Phase.REQUEST)
+        core.lost()
+        with self.assertRaises(BadMove):
+            core._move(Move.NEXT_REQUEST)
+        self.assertIs(core.phase, Phase.CLOSED)
+
+
+class RecordingConnection(Connection):
+    """The connection core, remembering every move it makes (for the model's checks)."""
+
+    __slots__ = ("moves",)
+
+    def _move(self, move: Move) -> None:
+        before = self.phase
+        super()._move(move)
+        self.moves.append((before, move, self.phase))
+
+
 class ConnectionMachine(RuleBasedStateMachine):
     """Random interleavings of every event, checked against a reference of what the core may do."""
 
@@ -348,7 +393,10 @@ class ConnectionMachine(RuleBasedStateMachine):
             self.budget, self.others = BufferBudget(budget[0]), min(budget)
             self.budget.held = self.others
         self.heldBefore, self.lastReceived, self.stoppedOverBudget = 0, len(waiting), False
-        self.core = Connection(self.limits, budget=self.budget)
+        self.core = RecordingConnection(self.limits, budget=self.budget)
+        self.core.moves = []
+        self.checkedMoves = 0
+        self.lastSent = b""
         self.now = 0.0
         self.armed: dict[Timer, float] = {}
         self.asked: dict[int, bytes] = {}
@@ -426,7 +474,7 @@ class ConnectionMachine(RuleBasedStateMachine):
 
     def checkSend(self, action: Send) -> None:
         """A write holds the next replies in request order; a refusal is the last thing sent."""
-        data = action.data
+        data = self.lastSent = action.data
         self.written += len(data)
         while data:
             sequence = self.nextSent
@@ -568,6 +616,26 @@ class ConnectionMachine(RuleBasedStateMachine):
         if self.serverClosed:
             return
         assert self.core.dueTimers() or self.outstanding or self.core.watchingSend, f"stuck in {self.core.phase}"
+
+    @invariant()
+    def movesAlongTheTable(self) -> None:
+        """Every change of phase was a move of the table, made by C{_move} (the phase is the last one's end),
+        and agrees with what the model saw: one-shot connections never keep or start another request, a
+        lingering close follows an ERROR, and the phase is CLOSED exactly when a close or abort went
+        out, LINGERING exactly when FIN went out before that."""
+        moves = self.core.moves
+        for before, move, after in moves[self.checkedMoves:]:
+            assert TRANSITIONS[before].get(move) is after, f"{move.name} from {before.name} to {after.name}"
+            if move in (Move.KEEP, Move.NEXT_REQUEST):
+                assert self.limits.keepAlive, f"{move.name} on a one-shot connection"
+            if move is Move.LINGER:
+                assert self.lastSent.rstrip(b"\n").split(b"\n")[-1].startswith(b"ERROR"), "lingering after no ERROR"
+        self.checkedMoves = len(moves)
+        phase = self.core.phase
+        assert phase is (moves[-1][2] if moves else Phase.REQUEST), f"{phase.name} set outside _move"
+        assert (phase is Phase.CLOSED) == self.serverClosed, f"{phase.name}, closed: {self.serverClosed}"
+        if not self.serverClosed:
+            assert (phase is Phase.LINGERING) == self.finSent, f"{phase.name}, FIN sent: {self.finSent}"
 
     def teardown(self) -> None:
         """Let everything finish: every request asked before a closing reply has had its reply, exactly once."""
