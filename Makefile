@@ -47,14 +47,20 @@ test: $(VENV)/.installed-test
 bench: $(VENV)/.installed-test
 	$(BIN)/python -m primecount.tools.loadtest bench --out jmeter-results/bench
 
-# Side-by-side figures against the original server, with the loadgen from ../shared/tools:
-# pinned (server on core 0, load on core 1: cost per core), then unpinned (as deployed).
+# Every bench-* target below runs from a fresh clone: the load generator is the project's own (contrib/loadgen,
+# built with cc into a temporary folder that is removed afterwards). Servers measured beside primecount that live
+# outside the project (the original server, the uvloop peers, a minimal C server: ../shared/tools beside the
+# checkout) are run when they are there and skipped, said once, when not.
+
+# Side-by-side figures against the original server: pinned (server on core 0, load on core 1: cost per core),
+# then unpinned (as deployed).
 bench-loadgen: $(VENV)/.installed-test
 	$(BIN)/python contrib/bench/loadgen_compare.py
 	$(BIN)/python contrib/bench/loadgen_compare.py --unpinned
 
 # The request path beside the original server, the framework's floor and the uvloop peers, pinned then
-# unpinned. The peers want uvloop: PEER_PYTHON is a Python that has it (a scratch venv, not this one).
+# unpinned. The peers want uvloop: PEER_PYTHON is a Python that has it (a scratch venv, not this one), else
+# they are skipped.
 PEER_PYTHON ?= $(PYTHON)
 bench-path: $(VENV)/.installed-test
 	$(BIN)/python contrib/bench/request_path.py --peer-python $(PEER_PYTHON)

@@ -14,7 +14,7 @@ their figure moves by up to 10% between rounds: the median of C{--rounds} is
 printed with the range. Under callgrind a server runs some fifty times
 slower, so its batches are smaller than at full speed; compare servers within
 one run, not with req/s.
-Needs valgrind (Debian's package) and ../shared/tools. Run:
+Needs valgrind (Debian's package); the peers and the original server need ../shared/tools. Run:
 C{python contrib/bench/instructions.py [--peer-python /tmp/venv/bin/python]}.
 """
 
@@ -86,7 +86,15 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="primecount-instructions-") as directory:
         workdir = Path(directory)
         loadgen, messages = buildLoadgen(args.shared, workdir)
-        names = args.server or SERVERS
+        from request_path import unavailable
+
+        names = []
+        for name in args.server or SERVERS:
+            why = unavailable(name, args.shared, args.peer_python or "")
+            if why is None:
+                names.append(name)
+            else:
+                print(f"skipping {name}: {why}", file=sys.stderr)
         figures: dict[str, list[float]] = {name: [] for name in names}
         for _ in range(args.rounds):
             for name in names:

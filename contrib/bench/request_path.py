@@ -13,7 +13,11 @@ C{--unpinned}:
     primecount on each interpreter;
   - keep-alive, 50 clients (loadgen C{--keepalive}): the uvloop keep-alive peer
     and C{primecount --keep-alive} on each interpreter;
-  - one connection pipelining 200,000 lines (bulk.py): the same.
+  - one connection pipelining 200,000 lines (pipelined.py): the same.
+
+The load generator is the project's own (C{contrib/loadgen}, built with cc);
+the original server, the peers and the C server come from C{../shared/tools}
+when it is beside the checkout, and their rows are skipped otherwise.
 
 Each figure is the median of the rounds, with the server's CPU time (user +
 system, its whole process tree, from C{/proc/PID/stat}) per request, which is
@@ -99,8 +103,7 @@ def start(name: str, workdir: Path, shared: Path, core: Optional[str], peerPytho
         "uvloop keep-alive peer": [peerPython, str(shared / "tools/peers/asyncio_keepalive.py"), str(port),
                                    records, "--uvloop"],
         "Twisted floor": [sys.executable, str(ROOT / "contrib/bench/floor_server.py"), str(port), records],
-        "C limit server": [str(buildLimitServer(shared, workdir)), str(port), records],
-    }[name]
+    }.get(name) or [str(buildLimitServer(shared, workdir)), str(port), records]  # the C limit server
     process = subprocess.Popen([*prefix, *command], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                                cwd=workdir)
     waitForPort(port, process, startupSeconds)
@@ -111,6 +114,22 @@ def start(name: str, workdir: Path, shared: Path, core: Optional[str], peerPytho
         process.wait(timeout=30)
 
     return Started(port, process, stop)
+
+
+# Servers measured beside primecount that live outside the project, in ../shared/tools beside the checkout: each
+# row of theirs is skipped, said once, where it is missing (a fresh clone alone), as are the peers without uvloop.
+OUTSIDE = {"original server": "tools/baseline/seed_server.py", "uvloop one-shot peer": "tools/peers/asyncio_oneshot.py",
+           "uvloop keep-alive peer": "tools/peers/asyncio_keepalive.py", "C limit server": "tools/limit"}
+
+
+def unavailable(name: str, shared: Path, peerPython: str) -> Optional[str]:
+    """Why the server C{name} cannot run here, or C{None}."""
+    if name in OUTSIDE and not (shared / OUTSIDE[name]).exists():
+        return f"{shared / OUTSIDE[name]} is not there"
+    if "uvloop" in name and (not peerPython or subprocess.run([peerPython, "-c", "import uvloop"],
+                                                              capture_output=True).returncode):
+        return f"{peerPython} has no uvloop (--peer-python)"
+    return None
 
 
 def buildLimitServer(shared: Path, workdir: Path) -> Path:
@@ -128,8 +147,8 @@ def residentMiB(pid: int) -> float:
 
 
 def runBulk(shared: Path, port: int, lines: int, core: Optional[str]) -> dict:
-    """One bulk.py run (verifying every reply); its JSON summary."""
-    result = subprocess.run([*pinned(core), sys.executable, str(shared / "tools/bulk/bulk.py"), str(port),
+    """One run of the pipelining client (pipelined.py, verifying every reply); its JSON summary."""
+    result = subprocess.run([*pinned(core), sys.executable, str(Path(__file__).with_name("pipelined.py")), str(port),
                              "--lines", str(lines)], capture_output=True, text=True, timeout=600)
     summary = json.loads(result.stdout)
     if result.returncode or not summary.get("all_ok"):
@@ -189,6 +208,11 @@ def main() -> None:
     serverCore, clientCore = (None, None) if args.unpinned else ("0", "1")
     workdir, loadgen, messages = prepare(args.shared, "primecount-path-")
     chosen = {row: names for row, names in rows().items() if not args.row or row in args.row}
+    for name in {name for names in chosen.values() for name in names}:
+        why = unavailable(name, args.shared, args.peer_python)
+        if why is not None:
+            print(f"skipping {name}: {why}", file=sys.stderr)
+            chosen = {row: [other for other in names if other != name] for row, names in chosen.items()}
     runs: dict[tuple[str, str], list[tuple[float, float, float]]] = {}
     try:
         for round in range(1, args.rounds + 1):
