@@ -7,7 +7,7 @@ analysis to one plain thread and back with C{callFromThread}; hand it to the
 reactor's pool with C{deferToThread}) are each driven by the verifying loadgen
 with one keep-alive client, server pinned to one core and loadgen to the other,
 beside the original server's one-shot figure. Run: C{python
-contrib/bench/handoff_floor.py} (needs ../shared/tools and taskset).
+contrib/bench/handoff_floor.py} (needs taskset; the original server from ../shared/tools).
 """
 
 from __future__ import annotations

@@ -16,7 +16,7 @@ With C{--latency-only SECONDS}, each round also runs a third store: the table's
 code path, but the database writer only waits SECONDS per transaction and
 stores nothing (C{patches/sitecustomize.py}): a database that costs no CPU,
 to tell what waiting for commits costs from what the database costs.
-Run: C{python contrib/bench/records_store.py} (needs ../shared/tools, taskset,
+Run: C{python contrib/bench/records_store.py} (needs taskset,
 PostgreSQL and C{primecount[postgres]}).
 """
 

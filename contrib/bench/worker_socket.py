@@ -13,7 +13,7 @@ Balance: loadgen sends one-shot requests from 50 connections for a few
 seconds; each worker reports how many it answered. Loss: worker A is
 stopped (SIGSTOP), 200 clients connect and send a request, then A is killed
 (SIGKILL); we count how many of the 200 are still answered (by worker B).
-Run: C{python contrib/bench/worker_socket.py} (needs ../shared/tools).
+Run: C{python contrib/bench/worker_socket.py}.
 """
 
 from __future__ import annotations

@@ -4,7 +4,7 @@ Everything runs unpinned, as deployed: the servers and loadgen share every
 core, so on a small machine loadgen's own share of the CPU is part of the
 picture. On a bigger machine the same command gives the scaling curve:
 C{python contrib/bench/workers_scaling.py --max-workers 16 --conns 200}.
-Medians of C{--rounds} runs; needs ../shared/tools.
+Medians of C{--rounds} runs; the original server comes from ../shared/tools.
 
 C{--append-lock} measures instead what the multi-writer append protocol costs:
 2 workers (C{--workers}), one-shot and keep-alive, with the records lock on

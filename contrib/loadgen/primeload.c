@@ -106,7 +106,7 @@ static int sendRequest(Slot *s) {
     memcpy(buffer, m->line, total - 1);
     buffer[total - 1] = '\n';
     ssize_t n = send(s->fd, buffer + s->sent, total - s->sent, MSG_NOSIGNAL);
-    if (n < 0) return errno == EAGAIN ? 0 : -1;
+    if (n < 0) return errno == EAGAIN || errno == ENOTCONN ? 0 : -1; /* full, or still connecting */
     s->sent += n;
     return 0;
 }
@@ -127,7 +127,8 @@ static void begin(Slot *s, double at) {
         }
         struct epoll_event event = {.events = EPOLLIN | EPOLLOUT | EPOLLRDHUP, .data.ptr = s};
         epoll_ctl(epollFd, EPOLL_CTL_ADD, s->fd, &event);
-        return; /* the request goes out once the connection is writable */
+        /* On loopback the handshake is usually over already: send now, as a client that writes right after
+         * connect() does, so the request can be waiting when the server accepts; otherwise once writable. */
     }
     if (sendRequest(s) < 0) { errors++; closeSlot(s); }
 }
