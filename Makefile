@@ -61,10 +61,13 @@ bench-loadgen: $(VENV)/.installed-test
 # The request path beside the original server, the framework's floor and the uvloop peers, pinned then
 # unpinned. The peers want uvloop: PEER_PYTHON is a Python that has it (a scratch venv, not this one), else
 # they are skipped.
+# PYTHONS: the interpreters primecount runs on, side by side (e.g. ".venv/bin/python .venv-pypy3/bin/python").
 PEER_PYTHON ?= $(PYTHON)
+PYTHONS ?= $(BIN)/python
+PATH_ARGS = --peer-python $(PEER_PYTHON) $(addprefix --python ,$(PYTHONS)) --server-env PYPY_GC_NURSERY=$(PYPY_GC_NURSERY)
 bench-path: $(VENV)/.installed-test
-	$(BIN)/python contrib/bench/request_path.py --peer-python $(PEER_PYTHON)
-	$(BIN)/python contrib/bench/request_path.py --peer-python $(PEER_PYTHON) --unpinned
+	$(BIN)/python contrib/bench/request_path.py $(PATH_ARGS)
+	$(BIN)/python contrib/bench/request_path.py $(PATH_ARGS) --unpinned
 
 # Instructions per request under callgrind (needs valgrind): the request path's cost without machine noise.
 bench-instructions: $(VENV)/.installed-test
