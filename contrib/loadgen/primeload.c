@@ -224,6 +224,8 @@ int main(int argc, char **argv) {
                 }
             }
         }
+        for (int i = 0; i < conns; i++) /* a slot whose connection failed at once (refused, no port) tries again */
+            if (slots[i].fd < 0 && at < end) begin(&slots[i], at);
     }
     double window = at - start, rps = completed / window;
     if (json)
