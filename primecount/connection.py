@@ -1,16 +1,8 @@
-"""One connection's decisions, without I/O: what happened goes in, what to do comes out (no Twisted import).
+"""One connection's decisions without I/O, as h11 and hyper-h2 make HTTP's: events (bytes, half-close, timers,
+replies, flow control, drain, send-queue checks) go in with their time, actions come out (docs/protocol.md).
 
-As h11 and hyper-h2 do for HTTP, a L{Connection} is fed events (bytes
-received, the client's half-close, a timer that fired, replies that are ready,
-writes blocked or drained, the service stopping, a check of the send queue),
-each with the time it happened, and answers each with a list of actions
-(L{Send}, L{Ask}, L{Arm}, L{PAUSE}, L{RESUME}, L{HALF_CLOSE}, L{CLOSE},
-L{Abort}) that the Twisted side (L{primecount.protocol})
-carries out in order. It never calls a socket, a reactor or a clock.
-
-The input side is in one of five phases (L{Phase}); only the moves of
-L{TRANSITIONS} change it, all through L{Connection._move}, which refuses any
-other (L{BadMove}):
+The input side is in one of five phases; only the moves of L{TRANSITIONS} change it, all through
+L{Connection._move}, which refuses any other (L{BadMove}):
 
     phase       move           next        when
     REQUEST     KEEP           BETWEEN     keep-alive: a request ended, more are taken
@@ -22,16 +14,7 @@ other (L{BadMove}):
     any but CLOSED  CLOSE      CLOSED      close asked (every reply out)
     any         GONE           CLOSED      aborted (send deadline), or the transport lost
 
-What else is kept is fact, not state, in three groups (see C{__slots__}):
-the input side (what is being read, and the budget it counts against), the
-output side (replies awaited and ready, what was written and whether it
-moves), and the timers.
-
-Timers are lazy: the core asks for one (L{Arm}) only when none is armed that
-would fire no later than needed. A timer that fires early (its deadline has
-moved on) is armed again for the rest; one no longer needed is ignored when
-it fires. In a pipeline this arms the request deadline once per C{timeout},
-not once per request.
+Everything else a connection keeps is fact, grouped in C{__slots__}: input side, output side, timers.
 """
 
 from __future__ import annotations
@@ -179,17 +162,8 @@ _make = tuple.__new__
 
 
 class Connection:
-    """Everything one client connection decides: framing, deadlines, the pipeline bound, reply order, closing.
-
-    One-shot (the default): the first request is the only one, and the
-    connection closes after its reply. Keep-alive: any number, at most
-    C{pipeline} unanswered; reading pauses there and resumes once no more
-    than half of that are left (or the write buffer is full, until it has
-    drained). A request ends at a newline (a CR before it dropped), a quiet
-    gap or the client's half-close; C{timeout} bounds it from its first byte
-    (the first one from connect) and trickled bytes never extend it. An
-    ERROR that ends the connection is sent and followed by a lingering close.
-    """
+    """Everything one client connection decides: framing, deadlines, the pipeline bound, reply order, closing
+    (one-shot or keep-alive; docs/protocol.md says how each ends)."""
 
     __slots__ = (
         # what is settled at the start

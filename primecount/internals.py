@@ -1,8 +1,6 @@
-"""The only code that reaches under Twisted's public interfaces: private attributes and modules, methods of
-concrete classes no interface promises, the socket itself, and a testing class. For speed, the send deadline,
-draining, TLS ciphers, the workers' shared socket and PROXY v2 headers; each function here has a test in
-C{tests/test_internals.py} that fails if Twisted changes under it (C{tests/test_layout.py} checks that no other
-module reaches under)."""
+"""The only code that reaches under Twisted's public interfaces (private names, concrete classes' methods, the
+socket itself), each function with a test in C{tests/test_internals.py}; C{tests/test_layout.py} checks no other
+module does."""
 
 from __future__ import annotations
 

@@ -1,10 +1,5 @@
-"""Process life cycle: signals, an orderly stop that drains in-flight requests, and a clean exit status.
-
-twistd on its own re-raises a terminating signal after shutdown, so the
-process dies "killed by SIGTERM" and SIGHUP (the default action) kills it; here
-SIGTERM and SIGINT stop the service in order and exit 0, and SIGHUP reopens the
-records file for log rotation.
-"""
+"""Process life cycle: SIGTERM and SIGINT stop the services in order, draining in-flight requests, and exit 0;
+SIGHUP reopens the records file."""
 
 from __future__ import annotations
 
@@ -62,12 +57,8 @@ class ProcessSignals(Service):
 
 
 class SequentialMultiService(MultiService):
-    """A L{MultiService} that stops its children one at a time, last first, each after the previous has finished.
-
-    L{MultiService} stops all children at once; here the listener must be
-    closed before in-flight requests are drained, and they before the
-    records file is closed.
-    """
+    """A L{MultiService} that stops its children one at a time, last first, each after the previous has finished:
+    the listener closes before in-flight requests drain, and they before the records are closed."""
 
     def stopService(self) -> Deferred[None]:
         """Stop the children in reverse order, waiting for each."""
@@ -139,13 +130,8 @@ def announceListening(reactor: Any, log: Logger, port: Any) -> None:
 
 
 class Listener(Service):
-    """Listens on an endpoint; on stop, first takes in the connections the kernel has already completed.
-
-    Twisted accepts only a few queued connections per reactor turn, and
-    closing a listening socket leaves clients whose handshake had completed
-    without any reply. Their connect succeeded, so they are served (and then
-    drained) like the others.
-    """
+    """Listens on an endpoint; on stop, first takes in the connections whose handshake the kernel has completed
+    (Twisted accepts only a few per turn, and closing would leave them without a reply)."""
 
     log = Logger()
 

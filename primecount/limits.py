@@ -1,10 +1,5 @@
-"""Connection limits: how many connections in all and per client address, the process's descriptor limit, and
-how often something a client can trigger is logged.
-
-Twisted's own C{LimitConnectionsByPeer} indexes its table with the peer's
-address object rather than its host (twisted issue 12183), so it never limits
-anything on current releases; this is the small, correct replacement.
-"""
+"""Connection limits (in all, per client address, and the process's descriptors) and how often something a
+client can trigger is logged."""
 
 from __future__ import annotations
 

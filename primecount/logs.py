@@ -1,11 +1,5 @@
-"""Log observers for twistd: a bounded log file (C{twistd --logger=primecount.logs.rotatingLogObserver ...}),
-and a worker's log for its supervisor to relay.
-
-twistd's own C{--logfile} rotates at 1 MB and keeps every rotated file, so a
-busy daemon fills its disk in the end. This observer rotates at
-C{PRIMECOUNT_LOG_MAX_BYTES} (default 10 MB) and keeps C{PRIMECOUNT_LOG_KEEP}
-(default 10) old files of C{PRIMECOUNT_LOGFILE} (default C{twistd.log}).
-"""
+"""Log observers for twistd: a log file rotated at a size and with a number kept
+(C{twistd --logger=primecount.logs.rotatingLogObserver ...}), and a worker's log for its supervisor to relay."""
 
 from __future__ import annotations
 

@@ -1,9 +1,5 @@
-"""Service metrics: what the server counts, in a Prometheus registry.
-
-The server reports events to a L{Metrics}; L{NoMetrics} (the default) drops
-them at no cost, L{PrometheusMetrics} keeps them in its own registry;
-L{primecount.metricsendpoint} serves a registry at C{/metrics}.
-"""
+"""Service metrics: the server reports events to a L{Metrics}; L{NoMetrics} (the default) drops them at no cost,
+L{PrometheusMetrics} keeps them in a registry that L{primecount.metricsendpoint} serves."""
 
 from __future__ import annotations
 

@@ -1,25 +1,5 @@
-"""The C{--metrics} endpoint: one bounded HTTP/1.x request per connection, C{GET} or C{HEAD} of C{/metrics}.
-
-Twisted's web server reads request bodies (spooling large ones to a temporary
-file before any resource can refuse them) and holds pipelined requests in
-memory without a bound, and its connections count against no limit: a client
-that sends without reading grows the server without end. A scraper needs far
-less: this answers one request per connection and closes, never reads a body,
-reads at most L{MAX_HEAD} bytes of request head, holds L{MAX_CONNECTIONS}
-connections at once (L{MOST_CONNECTIONS} while newcomers are young), and gives
-each L{DEADLINE} seconds in all.
-
-Slow or flooding clients must not cost the service its scrapes, nor much else:
-a scraper sends its head at once, so a head not whole within L{HEAD_DEADLINE}
-is dropped, and a newcomer at the cap takes the place of the oldest connection
-still without a whole head, unless that one is in its first L{HEAD_GRACE}
-seconds (then the newcomer gets a place beyond the cap, up to
-L{MOST_CONNECTIONS}): a flood of newcomers cannot push out a scraper whose
-head is on its way. A head already waiting at accept is answered before
-anything else; the exposition is rendered at most once per
-L{RENDER_INTERVAL} and shared by every scrape in it, so any scrape rate costs
-the reactor a few system calls per scrape, not a render.
-"""
+"""The C{--metrics} endpoint: one bounded C{GET} or C{HEAD} of C{/metrics} per connection, so that neither a
+flood nor a client that never reads can grow the server or lock scrapers out (docs/operations.md)."""
 
 from __future__ import annotations
 

@@ -55,14 +55,8 @@ class ConnectionObserver(typing.Protocol):
 
 @implementer(IHalfCloseableProtocol, IPushProducer, IHandshakeListener)
 class Driven(Protocol):
-    """A protocol that feeds a L{Connection} and carries out its actions on the transport and the clock.
-
-    Over TLS it also bounds what the TLS layer waits for: Twisted's TLS holds
-    every write until the handshake is over, and a close until the client
-    answers it, so the handshake must finish within the request deadline and a
-    close be over within the linger time (else the connection is aborted), and
-    an ERROR is never followed by a TCP half-close under the TLS layer.
-    """
+    """A protocol that feeds a L{Connection} and carries out its actions on the transport and the clock; over TLS
+    it bounds the handshake by the request deadline and the close by the linger time, and never half-closes."""
 
     _tls: object = None  # the TLS layer under the transport, if any
     _handshaking = False  # over TLS: the handshake is not over yet

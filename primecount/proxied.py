@@ -1,13 +1,5 @@
-"""The PROXY protocol (v1 and v2) in front of the request protocol, for a primecount behind HAProxy.
-
-Twisted's own C{haproxy:} wrapper builds the request protocol at connect time,
-with the proxy's address, and learns the client's only later (Twisted issue
-12501); it also gives up on a header split across reads. Here the request
-protocol is built only once the header has been read, with the client address
-it carries, so records, logs, metrics and C{--max-per-ip} all see the client.
-Only connections from the listed proxies (C{--proxy-from}) may send a header;
-any other is closed before a byte of it is read.
-"""
+"""The PROXY protocol (v1 and v2) in front of the request protocol, for a primecount behind HAProxy: the request
+protocol is built only once the header is read, with the client address it carries."""
 
 from __future__ import annotations
 
@@ -167,13 +159,8 @@ class _HeaderReader:
 
 @implementer(IHalfCloseableProtocol)
 class ProxyHeaderProtocol(ProtocolWrapper):
-    """Reads the PROXY header, then hands the connection to a request protocol built for the client address.
-
-    Until then nothing is answered: a missing or malformed header, or one not
-    complete within the request deadline, closes the connection with one log
-    line; a health check (a v2 C{LOCAL} header, v1 C{UNKNOWN}, or a connect and
-    close) closes it quietly.
-    """
+    """Reads the PROXY header, then hands the connection to a request protocol built for the client address; a bad
+    or late header closes it with one log line, a health check (v2 C{LOCAL}, v1 C{UNKNOWN}) quietly."""
 
     log = Logger()
 

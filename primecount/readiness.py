@@ -1,9 +1,5 @@
-"""Readiness for systemd's C{Type=notify}: C{READY=1} once the service accepts, C{STOPPING=1} when it drains.
-
-The messages go to the datagram socket named by C{NOTIFY_SOCKET} (the
-C{sd_notify} protocol); without that variable nothing is sent, so the same
-service runs unchanged outside systemd.
-"""
+"""Readiness for systemd's C{Type=notify}: C{READY=1} once the service accepts, C{STOPPING=1} when it drains,
+sent to C{NOTIFY_SOCKET} when that is set (C{sd_notify})."""
 
 from __future__ import annotations
 
@@ -29,12 +25,8 @@ def notify(message: str, environ: Mapping[str, str] = os.environ) -> bool:
 
 
 class Readiness(Service):
-    """The last service of the tree: starts once everything before it has (listeners bound), stops first.
-
-    C{ready}, when given, fires once the service really accepts (with
-    C{--workers}: every worker listens); otherwise readiness is announced
-    as soon as the reactor runs.
-    """
+    """The last service of the tree: says C{READY=1} once C{ready} fires (with C{--workers}: every worker listens)
+    or, without it, once the reactor runs; stops first, saying C{STOPPING=1}."""
 
     log = Logger()
 

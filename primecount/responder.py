@@ -1,12 +1,5 @@
-"""Turns finished requests into typed replies, one reactor turn's requests at a time.
-
-One step per turn: the turn's requests are analysed with a single thread-pool
-call, their records are appended with a single write, and only then are the
-replies released. One C{deferToThread} per request would cost more than the
-analysis itself; one per turn keeps the pool busy without paying that per request.
-The records sink is told while analysis is in flight, so that a store whose
-writes are transactions can make one of what is on its way (L{IRecordsStore.gathering}).
-"""
+"""Turns finished requests into typed replies, one reactor turn's requests at a time: one pool call analyses
+them, one write stores their records, and only then are the replies released."""
 
 from __future__ import annotations
 

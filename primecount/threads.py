@@ -1,13 +1,5 @@
-"""Threads that work for the reactor without taking the CPU from it: the analysis pool's and the database's.
-
-A pool thread is woken for every batch. Under Linux's default policy the woken
-thread preempts the reactor thread on the spot, only to find the GIL held and
-sleep again; on a busy core that costs two context switches and a GIL hand-off
-per batch (the reactor thread showed about a fifth of its samples inside
-C{Condition.notify}). C{SCHED_BATCH} (sched(7)) keeps the thread's share of the
-CPU and its nice value but never preempts on wakeup: it runs when the reactor
-thread waits, or at its next time slice.
-"""
+"""Threads that work for the reactor without taking the CPU from it: the analysis pool's and the database's,
+under C{SCHED_BATCH}, which never preempts the reactor thread on wakeup (docs/protocol.md)."""
 
 from __future__ import annotations
 

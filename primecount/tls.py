@@ -1,11 +1,5 @@
-"""The cipher suites an C{ssl:} port offers: Mozilla's "intermediate" profile by default, narrowed by C{--tls-ciphers}.
-
-Twisted's C{ssl:} endpoint accepts its own broad default list for TLS 1.2,
-static-RSA and CBC suites included, and its description has no way to change
-it. Mozilla's intermediate profile (TLS 1.2 and 1.3) keeps only forward-secret
-AEAD suites for TLS 1.2; TLS 1.3's suites are all of that kind and are left as
-OpenSSL has them.
-"""
+"""The cipher suites an C{ssl:} port offers: Mozilla's "intermediate" profile by default (forward-secret AEAD
+suites only for TLS 1.2), narrowed by C{--tls-ciphers}."""
 
 from __future__ import annotations
 

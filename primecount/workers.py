@@ -1,19 +1,5 @@
-"""C{--workers N}: the twistd process supervises N worker processes, each a whole primecount server.
-
-The supervisor binds (or adopts from systemd) the one listening socket and
-never accepts on it; every worker inherits it as descriptor 3 and accepts from
-the same queue, so a connection the kernel has queued is taken by whichever
-worker is free, and one queued for a worker that dies is not lost (with
-C{SO_REUSEPORT} each worker would have its own queue, reset with it). Each
-worker runs its own reactor, thread pool and records writer on the shared
-records file (one C{write(2)} per batch on an C{O_APPEND} file, so lines never
-interleave). The supervisor relays the workers' logs, forwards SIGHUP, drains
-them all on SIGTERM, restarts one that dies with a growing delay, and serves
-C{/metrics} summed over all of them (C{prometheus_client}'s multiprocess mode).
-A worker whose supervisor dies (even by C{kill -9}) sees its standard input,
-the supervisor's pipe, end: it drains and exits, so that nothing is left
-holding the port (L{SupervisorWatch}).
-"""
+"""C{--workers N}: the twistd process supervises N worker processes, each a whole server accepting on the one
+listening socket the supervisor binds; see docs/scaling.md."""
 
 from __future__ import annotations
 
@@ -261,13 +247,8 @@ class WorkerPool(Service):
 
 
 class MetricsDirectory(Service):
-    """The folder where the workers' metrics live (C{PROMETHEUS_MULTIPROC_DIR}), made when the service starts
-    and removed when it stops.
-
-    It is made in C{startService}, after twistd has switched to C{--uid}, so
-    that workers running as that user can write in it; C{environ} (the
-    workers' environment) learns its path then.
-    """
+    """The workers' metrics folder (C{PROMETHEUS_MULTIPROC_DIR}), made in C{startService}, after twistd switched to
+    C{--uid}, so that the workers can write in it, and removed on stop."""
 
     def __init__(self, environ: dict[str, str]) -> None:
         self._environ = environ

@@ -1,26 +1,5 @@
-"""The file store, the default: appends each batch of records with one write, owns the file and its durability.
-
-Durability follows Redis's C{appendfsync}: C{always} fsyncs each batch before
-its replies are released, C{everysec} fsyncs at most once a second from a
-timer, C{never} leaves it to the operating system. In every policy a record is
-written (C{write(2)}) before its reply. fsync runs on the thread pool, so a slow
-disk delays the replies that wait for it, not the reactor.
-
-Several processes may append to one file (C{--workers}, or two instances on
-one host): every batch is appended under an exclusive C{flock} on the file,
-and under that lock the writer first looks at the file's last byte. All
-writers write only under the lock, so a last line without its newline can
-only be what a writer left when it died in the middle of its write (never
-answered, since records are written before replies): it is moved aside, and
-nothing another live writer is writing is ever touched. The lock is only
-tried, never waited for on the reactor thread: a writer that finds it held
-retries on a short timer, and after L{LOCK_WAIT_SECONDS} answers C{ERROR
-storage unavailable}.
-
-A file removed (or replaced at its path) while open would swallow every later
-batch: the C{fstat} under the lock, and one more after each write, see that the
-open file has no name left, and the batch goes to a new file at the path.
-"""
+"""The file store, the default: each batch appended with one write under the file's lock, before its replies,
+fsynced as C{--fsync} says; several processes may share the file (docs/records.md says how)."""
 
 from __future__ import annotations
 
@@ -166,13 +145,8 @@ class _OpenFile:
 
 @implementer(IRecordsStore)
 class FileStore(Service):
-    """Appends records to a file, log-observer style: one write(2) per batch, each batch acknowledged.
-
-    L{write} returns a L{Deferred} that fires once the batch is written (and,
-    with C{fsync="always"}, synced), or fails with L{StorageUnavailable};
-    callers reply to their client only after that, so every answered request
-    has a record.
-    """
+    """Appends records to a file, log-observer style: one write(2) per batch, whose L{Deferred} fires once it is
+    written (and synced, with C{fsync="always"}) or fails with L{StorageUnavailable}."""
 
     log = Logger()
 

@@ -1,12 +1,5 @@
-"""The records file formats: one line per answered request, formatted and parsed back losslessly.
-
-C{tsv} (the default, the original project's columns) writes
-C{YYYY-MM-DD HH:MM:SS<TAB>client-ip<TAB>message<TAB>count<TAB>sí|no<LF>} in local
-time, with C{\\} written C{\\\\}, TAB C{\\t}, CR C{\\r} and LF C{\\n} in the message, and every other
-control character (C0, DEL, C1, U+2028, U+2029) as C{\\xHH} or C{\\uHHHH}, so a record is always exactly
-one line that a terminal, C{grep} and C{str.splitlines} take as text. C{jsonl} writes one JSON object per line
-with the same fields plus C{time}, an ISO 8601 timestamp with its UTC offset.
-"""
+"""The records file formats, C{tsv} (the original columns) and C{jsonl}: one line per answered request, every
+control character escaped, formatted and parsed back losslessly (docs/records.md)."""
 
 from __future__ import annotations
 

@@ -1,31 +1,5 @@
-"""Records in a PostgreSQL table: the records service for C{--records postgresql://...}, with the file's promise.
-
-Every batch of records becomes rows of one transaction (a single multi-row
-C{INSERT} in autocommit mode), and the batch's replies are released only once
-the server has said it completed, i.e. committed. While a
-transaction is in flight, the batches that arrive wait and then go together
-in the next one (group commit); while requests are being analysed, whose
-records are on their way, the next transaction waits for them too, up to
-C{GATHER_MOST} seconds (one transaction instead of two halves of the clients
-each waiting for the other's). A batch that fails, or whose outcome is not
-known within C{timeout} seconds, is answered C{ERROR storage unavailable},
-logged once per incident and counted; it is never retried, so no row is
-written twice. After a failure the connection is made again with backoff
-(0.1 s doubling to 5 s); meanwhile batches are refused at once. All database
-work runs on a thread of its own, never on the analysis pool.
-
-A connection found dead before a batch is sent (a database restarted since the
-last batch, or an idle session the server ended) is replaced and the batch
-sent on the new one: nothing of it reached the server. Only a batch whose
-outcome is unknown is refused. At start the service connects at once, so that
-an unreachable database is said in one warning line then, not first met by a
-client.
-
-C{--fsync} maps onto C{synchronous_commit}: C{always} waits for the commit's
-WAL to reach disk (C{on}); C{everysec} and C{never} do not (C{off}: a crash of
-the database server, not of primecount, can lose the last transactions
-acknowledged, up to three times C{wal_writer_delay}, 0.6 s by default).
-"""
+"""Records in a PostgreSQL table (C{--records postgresql://...}) with the file's promise: each batch is one
+transaction, group-committed, its replies released once it committed; see docs/records.md."""
 
 from __future__ import annotations
 

@@ -1,16 +1,5 @@
-"""The records tool: C{python -m primecount.records check|repair|stats|tail|follow FILE...} (also C{primecount-records}).
-
-C{stats}, C{tail} and C{follow} also read a PostgreSQL records table: give its URI
-(C{postgresql://...}) instead of a file, and C{--table} if it is not the default.
-
-It never prints a raw control character: lines of files written before control
-characters were escaped in records are shown with the records' own notation.
-
-Exit statuses scripts can rely on: 0 all well; 1 the file cannot be read or
-written; 2 bad usage; 3 the last line is torn (a write cut short, e.g. by power
-loss; C{repair} fixes it); 4 a line before the last is malformed (not repairable
-by this tool).
-"""
+"""The records tool: C{python -m primecount.records check|repair|stats|tail|follow FILE...} (also
+C{primecount-records}), for files and, in C{stats}, C{tail} and C{follow}, PostgreSQL tables; docs/records.md."""
 
 from __future__ import annotations
 

@@ -1,11 +1,5 @@
-"""Command line: C{python -m primecount.tools.loadtest run|bench|gui} (also C{jmeter/run}, C{make bench}).
-
-C{run} runs the JMeter plan headless against a server it is given or one it
-starts itself, prints a summary, writes an HTML report and, when it started the
-server, checks the records file against the samples. C{bench} runs the plan at
-several thread counts against fresh servers and prints one table. C{gui} opens
-the plan in JMeter's GUI.
-"""
+"""Command line: C{python -m primecount.tools.loadtest run|bench|gui} (also C{jmeter/run}, C{make bench}): run
+the JMeter plan headless, at several thread counts, or in JMeter's GUI; see jmeter/README.md."""
 
 from __future__ import annotations
 

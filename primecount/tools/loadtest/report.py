@@ -1,9 +1,5 @@
-"""A small self-contained HTML report of a JMeter run: the summary, throughput and latency percentiles over
-time, latency over time and as a histogram, and errors by kind.
-
-The charts are drawn with matplotlib when it is installed (C{pip install
-'primecount[report]'}); without it the report holds the figures only.
-"""
+"""A small self-contained HTML report of a JMeter run (summary, throughput and latency over time, histogram,
+errors), with charts when matplotlib is installed (C{primecount[report]})."""
 
 from __future__ import annotations
 
