@@ -9,7 +9,7 @@ from contextlib import contextmanager
 from typing import Any, Callable, Iterator, NamedTuple, Optional, TextIO
 
 from primecount.records.table import NUL_STAND_IN, driver, tableIdentifier
-from primecount.records.formats import Record, formatTSV, formatTimestamp, terminalSafe
+from primecount.records.formats import Record, formatTSV, terminalSafe
 
 
 def _connect(uri: str) -> Any:
@@ -30,9 +30,9 @@ def _window(since: Optional[int], until: Optional[int]) -> tuple[Any, list[int]]
     return sql.SQL(" AND ").join(conditions), parameters
 
 
-def stats(uri: str, table: str, out: TextIO, top: int, since: Optional[int] = None,
-          until: Optional[int] = None) -> None:
-    """Totals, share of sí, requests per client and per minute of the table's rows in [since, until)."""
+def stats(uri: str, table: str, top: int, since: Optional[int] = None, until: Optional[int] = None) -> tuple:
+    """Totals, sí, the first and last time, clients and the C{top} busiest, and rows per minute of the table's
+    rows in [since, until), as L{primecount.tools.records.writeStats} prints them."""
     from psycopg import sql
 
     where, parameters = _window(since, until)
@@ -48,18 +48,7 @@ def stats(uri: str, table: str, out: TextIO, top: int, since: Optional[int] = No
         minutes = connection.execute(sql.SQL(
             "SELECT extract(epoch FROM date_trunc('minute', time))::bigint, count(*) FROM {} WHERE {} "
             "GROUP BY 1 ORDER BY 1").format(name, where), parameters).fetchall()
-    out.write(f"records      {total}\n")
-    if total:
-        out.write(f"sí           {prime} ({prime / total:.1%})\n")
-        out.write(f"no           {total - prime} ({(total - prime) / total:.1%})\n")
-        out.write(f"first        {formatTimestamp(first)}\n")
-        out.write(f"last         {formatTimestamp(last)}\n")
-    out.write(f"clients      {clients}\n")
-    for client, count in busiest:
-        out.write(f"  {count:>10}  {terminalSafe(client)}\n")
-    out.write("per minute\n")
-    for minute, count in minutes:
-        out.write(f"  {formatTimestamp(minute)[:16]}  {count}\n")
+    return total, prime, first, last, clients, busiest, [(minute // 60, count) for minute, count in minutes]
 
 
 COLUMNS = "id, extract(epoch FROM time)::bigint, coalesce(host(client), '-'), message, count, prime"
