@@ -13,6 +13,7 @@ contrib/bench/handoff_floor.py} (needs taskset; the original server from ../shar
 from __future__ import annotations
 
 import argparse
+import shutil
 import statistics
 import subprocess
 import sys
@@ -21,7 +22,9 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from loadgen_compare import ROOT, Baseline, freePort, prepare, runLoad, waitForPort  # noqa: E402
+from loadgen_compare import (  # noqa: E402
+    ROOT, Baseline, freePort, originalServer, prepare, runLoad, waitForPort,
+)
 
 SERVER = textwrap.dedent('''
     import queue, sys, threading
@@ -70,28 +73,33 @@ def main() -> None:
     parser.add_argument("--duration", type=float, default=3.0)
     args = parser.parse_args()
     workdir, loadgen, messages = prepare(args.shared, "primecount-handoff-")
-    script = workdir / "minimal_server.py"
-    script.write_text(SERVER, encoding="utf-8")
-    p50: dict[str, list[float]] = {}
-    for _ in range(args.rounds):
-        baseline = Baseline(workdir, args.shared, "0")
-        try:
-            summary = runLoad(loadgen, baseline.port, ["--conns", "1"], args.duration, messages, "1")
-            p50.setdefault("original server, one-shot", []).append(summary["latency_us"]["p50"])
-        finally:
-            baseline.stop()
-        for mode in MODES:
-            port = freePort()
-            server = subprocess.Popen(["taskset", "-c", "0", sys.executable, str(script), str(port), mode])
-            try:
-                waitForPort(port, server)
-                time.sleep(0.2)
-                summary = runLoad(loadgen, port, ["--conns", "1", "--keepalive"], args.duration, messages, "1")
-                p50.setdefault(f"minimal Twisted, keep-alive, answer in {mode}", []).append(
-                    summary["latency_us"]["p50"])
-            finally:
-                server.terminate()
-                server.wait(timeout=30)
+    original = originalServer(args.shared) is not None
+    try:
+        script = workdir / "minimal_server.py"
+        script.write_text(SERVER, encoding="utf-8")
+        p50: dict[str, list[float]] = {}
+        for _ in range(args.rounds):
+            if original:
+                baseline = Baseline(workdir, args.shared, "0")
+                try:
+                    summary = runLoad(loadgen, baseline.port, ["--conns", "1"], args.duration, messages, "1")
+                    p50.setdefault("original server, one-shot", []).append(summary["latency_us"]["p50"])
+                finally:
+                    baseline.stop()
+            for mode in MODES:
+                port = freePort()
+                server = subprocess.Popen(["taskset", "-c", "0", sys.executable, str(script), str(port), mode])
+                try:
+                    waitForPort(port, server)
+                    time.sleep(0.2)
+                    summary = runLoad(loadgen, port, ["--conns", "1", "--keepalive"], args.duration, messages, "1")
+                    p50.setdefault(f"minimal Twisted, keep-alive, answer in {mode}", []).append(
+                        summary["latency_us"]["p50"])
+                finally:
+                    server.terminate()
+                    server.wait(timeout=30)
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
     print(f"one client, p50 latency, median of {args.rounds} x {args.duration:g} s; server core 0, loadgen core 1")
     for name, values in p50.items():
         print(f"  {statistics.median(values):7.1f} us  {name}")

@@ -103,7 +103,7 @@ def main() -> None:
                     server.stop()
                 results.setdefault(name, []).append((summary, memory))
                 print(f"round {round} {name:<52} rps {summary['rps']:>9.1f}  RSS {memory:.1f} MB  "
-                      f"errors {summary['errors']}", file=sys.stderr, flush=True)
+                      f"errors {summary['errors_total']}", file=sys.stderr, flush=True)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
     print(f"\nmedians of {args.rounds} runs, {args.duration:g} s each; server on core 0; loadgen and the hostile "

@@ -83,7 +83,8 @@ def measure(python: str, variant: str, row: str, args: argparse.Namespace, workd
                            prefix=["taskset", "-c", "0"], environment=environment, python=python,
                            launcher=launcher(python, variant))
     try:
-        runLoad(loadgen, server.port, ROWS[row], args.warmup, messages, "1")
+        if args.warmup:  # 0: no warm-up
+            runLoad(loadgen, server.port, ROWS[row], args.warmup, messages, "1")
         before = treeCpuSeconds(server.process.pid)
         summary = runLoad(loadgen, server.port, ROWS[row], args.duration, messages, "1")
         if summary.get("mismatches"):

@@ -19,6 +19,7 @@ Run: C{python contrib/bench/worker_socket.py}.
 from __future__ import annotations
 
 import argparse
+import shutil
 import os
 import signal
 import socket
@@ -139,17 +140,20 @@ def main() -> None:
     parser.add_argument("--duration", type=float, default=4.0)
     args = parser.parse_args()
     workdir, loadgen, messages = prepare(args.shared, "primecount-sockets-")
-    script = workdir / "worker.py"
-    script.write_text(WORKER, encoding="utf-8")
-    rows = []
-    for mode in ("shared", "reuseport"):
-        port, listener = listenerFor(mode)
-        workers = startWorkers(script, mode, port, listener)
-        summary = runLoad(loadgen, port, ["--conns", "50"], args.duration, messages, None)
-        counts = stopAll(workers)
-        if listener is not None:
-            listener.close()
-        rows.append((mode, summary["rps"], counts, lossWhenOneDies(script, mode)))
+    try:
+        script = workdir / "worker.py"
+        script.write_text(WORKER, encoding="utf-8")
+        rows = []
+        for mode in ("shared", "reuseport"):
+            port, listener = listenerFor(mode)
+            workers = startWorkers(script, mode, port, listener)
+            summary = runLoad(loadgen, port, ["--conns", "50"], args.duration, messages, None)
+            counts = stopAll(workers)
+            if listener is not None:
+                listener.close()
+            rows.append((mode, summary["rps"], counts, lossWhenOneDies(script, mode)))
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
     print(f"two workers, unpinned; balance under {args.duration:g} s of 50 one-shot clients; then 200 clients "
           "connect to a stopped worker A that is killed")
     print(f"{'socket':<10} {'req/s':>8} {'worker A':>9} {'worker B':>9} {'A share':>8} {'answered of 200':>16}")
