@@ -140,7 +140,8 @@ def stats(paths: Sequence[str], out: TextIO, top: int, since: Optional[int] = No
             clients[record.client] += 1
             minutes[record.seconds // 60] += 1
         skipped += len(problems)
-    writeStats(out, total, prime, first, last, len(clients), clients.most_common(top), sorted(minutes.items()))
+    writeStats(out, total, prime, first, last, len(clients), clients.most_common(top),
+               [(minute * 60, count) for minute, count in sorted(minutes.items())])
     if skipped:
         out.write(f"(skipped {skipped} lines that are not records)\n")
     return EXIT_OK
@@ -148,19 +149,20 @@ def stats(paths: Sequence[str], out: TextIO, top: int, since: Optional[int] = No
 
 def writeStats(out: TextIO, total: int, prime: int, first: Optional[int], last: Optional[int], clients: int,
                busiest: Sequence[tuple[str, int]], perMinute: Sequence[tuple[int, int]]) -> None:
-    """Print the totals, the busiest clients and the requests per minute (C{perMinute} by minute number) of a
-    file's or a table's records."""
+    """Print the totals, the busiest clients and the requests per minute (C{perMinute} by the minute's first
+    second) of a file's or a table's records."""
     out.write(f"records      {total}\n")
     if total:
         out.write(f"sí           {prime} ({prime / total:.1%})\n")
         out.write(f"no           {total - prime} ({(total - prime) / total:.1%})\n")
-        out.write(f"first        {formatTimestamp(first)}\nlast         {formatTimestamp(last)}\n")  # type: ignore
+        out.write(f"first        {formatTimestamp(first)}\n")  # type: ignore[arg-type]
+        out.write(f"last         {formatTimestamp(last)}\n")  # type: ignore[arg-type]
     out.write(f"clients      {clients}\n")
     for client, count in busiest:
         out.write(f"  {count:>10}  {terminalSafe(client)}\n")
     out.write("per minute\n")
     for minute, count in perMinute:
-        out.write(f"  {formatTimestamp(minute * 60)[:16]}  {count}\n")
+        out.write(f"  {formatTimestamp(minute)[:16]}  {count}\n")
 
 
 def moment(value: str) -> int:

@@ -48,7 +48,7 @@ def stats(uri: str, table: str, top: int, since: Optional[int] = None, until: Op
         minutes = connection.execute(sql.SQL(
             "SELECT extract(epoch FROM date_trunc('minute', time))::bigint, count(*) FROM {} WHERE {} "
             "GROUP BY 1 ORDER BY 1").format(name, where), parameters).fetchall()
-    return total, prime, first, last, clients, busiest, [(minute // 60, count) for minute, count in minutes]
+    return total, prime, first, last, clients, busiest, minutes
 
 
 COLUMNS = "id, extract(epoch FROM time)::bigint, coalesce(host(client), '-'), message, count, prime"
