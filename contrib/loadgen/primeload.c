@@ -23,6 +23,7 @@
 #define BUCKETS 200000
 #define REPLY_MAX 128
 
+/* line: the request as sent, with its newline (length counts it); expected: the reply owed. */
 typedef struct { char *line; size_t length; char expected[32]; size_t expectedLength; } Message;
 typedef struct { int fd; size_t message, sent, received; double started; char reply[REPLY_MAX]; } Slot;
 
@@ -50,7 +51,7 @@ static int isPrime(unsigned long n) {
 /* The reply the server owes for `line`: count the last code point's UTF-8 bytes at every offset (UTF-8 is
  * self-synchronising, so a whole code point's bytes only match at code point boundaries). */
 static void expect(Message *m) {
-    const char *start = m->line, *end = m->line + m->length;
+    const char *start = m->line, *end = m->line + m->length - 1; /* without the newline */
     while (start < end && (*start == ' ' || *start == '\t')) start++;
     while (end > start && (end[-1] == ' ' || end[-1] == '\t')) end--;
     const char *last = end;
@@ -65,7 +66,7 @@ static void expect(Message *m) {
 }
 
 static void loadMessages(const char *path) {
-    static char fallback[] = "abc2a";
+    static char fallback[] = "abc2a\n";
     char *text = NULL;
     size_t size = 0;
     if (path) {
@@ -83,7 +84,8 @@ static void loadMessages(const char *path) {
         if (next) *next++ = '\0';
         if (length && line[length - 1] == '\r') line[--length] = '\0';
         if (length == 0) continue;
-        messages[messageCount] = (Message){.line = line, .length = length};
+        line[length] = '\n'; /* the newline it was cut at (or the text's end), so the request is sent whole */
+        messages[messageCount] = (Message){.line = line, .length = length + 1};
         expect(&messages[messageCount++]);
     }
     if (!messageCount) {
@@ -97,15 +99,10 @@ static void closeSlot(Slot *s) {
     s->fd = -1;
 }
 
-/* Send as much of the slot's request as the socket takes; the message and its newline in one write. */
+/* Send as much of the slot's request (the message and its newline) as the socket takes. */
 static int sendRequest(Slot *s) {
-    static char buffer[1 << 16];
     Message *m = &messages[s->message];
-    size_t total = m->length + 1;
-    if (total > sizeof buffer) total = sizeof buffer;
-    memcpy(buffer, m->line, total - 1);
-    buffer[total - 1] = '\n';
-    ssize_t n = send(s->fd, buffer + s->sent, total - s->sent, MSG_NOSIGNAL);
+    ssize_t n = send(s->fd, m->line + s->sent, m->length - s->sent, MSG_NOSIGNAL);
     if (n < 0) return errno == EAGAIN || errno == ENOTCONN ? 0 : -1; /* full, or still connecting */
     s->sent += n;
     return 0;
@@ -147,7 +144,7 @@ static void finish(Slot *s, double at, int inWindow) {
             matched++;
         } else if (verify) {
             if (!mismatches)
-                fprintf(stderr, "mismatch: sent '%.*s', expected '%.*s', got '%.*s'\n", (int)m->length, m->line,
+                fprintf(stderr, "mismatch: sent '%.*s', expected '%.*s', got '%.*s'\n", (int)m->length - 1, m->line,
                         (int)m->expectedLength - 1, m->expected, (int)s->received - 1, s->reply);
             mismatches++;
         }
@@ -202,7 +199,7 @@ int main(int argc, char **argv) {
         for (int i = 0; i < ready; i++) {
             Slot *s = events[i].data.ptr;
             if (s->fd < 0) continue;
-            size_t whole = messages[s->message].length + 1;
+            size_t whole = messages[s->message].length;
             if ((events[i].events & EPOLLOUT) && s->sent < whole && sendRequest(s) < 0) {
                 errors++; closeSlot(s); begin(s, at); continue;
             }
@@ -218,7 +215,7 @@ int main(int argc, char **argv) {
             if (memchr(s->reply, '\n', s->received) || s->received == REPLY_MAX) {
                 int kept = s->fd >= 0 && (finish(s, at, at < end), s->fd >= 0);
                 begin(s, at);
-                if (kept && s->fd >= 0 && s->sent < messages[s->message].length + 1) { /* the rest when writable */
+                if (kept && s->fd >= 0 && s->sent < messages[s->message].length) { /* the rest when writable */
                     struct epoll_event event = {.events = EPOLLIN | EPOLLOUT | EPOLLRDHUP, .data.ptr = s};
                     epoll_ctl(epollFd, EPOLL_CTL_MOD, s->fd, &event);
                 }
