@@ -72,7 +72,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--duration", type=float, default=3.0)
     args = parser.parse_args()
-    workdir, loadgen, messages = prepare(args.shared, "primecount-handoff-")
+    workdir, loadgen, messages = prepare("primecount-handoff-")
     original = originalServer(args.shared) is not None
     try:
         script = workdir / "minimal_server.py"

@@ -83,7 +83,7 @@ def main() -> None:
     parser.add_argument("--duration", type=float, default=5.0)
     args = parser.parse_args()
     workdir = Path(tempfile.mkdtemp(prefix="primecount-hostile-"))
-    loadgen, messages = buildLoadgen(args.shared, workdir)
+    loadgen, messages = buildLoadgen(workdir)
     results: dict[str, list[tuple[dict, float]]] = {}
     try:
         for round in range(1, args.rounds + 1):

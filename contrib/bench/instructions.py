@@ -85,7 +85,7 @@ def main() -> None:
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="primecount-instructions-") as directory:
         workdir = Path(directory)
-        loadgen, messages = buildLoadgen(args.shared, workdir)
+        loadgen, messages = buildLoadgen(workdir)
         from request_path import unavailable
 
         names = []

@@ -109,9 +109,9 @@ def startServer(kind: str, workdir: Path, shared: Path, core: Optional[str], opt
     return server
 
 
-def buildLoadgen(shared: Path, workdir: Path) -> tuple[Path, Path]:
+def buildLoadgen(workdir: Path) -> tuple[Path, Path]:
     """Build primeload, the project's verifying load generator (contrib/loadgen), into C{workdir}; return it and
-    its messages file. (C{shared} is not needed: kept for the scripts that pass it.)"""
+    its messages file."""
     subprocess.run(["make", "--quiet", "-C", str(ROOT / "contrib/loadgen"), f"OUT={workdir}"], check=True)
     return workdir / "primeload", ROOT / "contrib/loadgen/messages.txt"
 
@@ -180,11 +180,11 @@ def measure(kind: str, workdir: Path, shared: Path, serverCore: Optional[str], o
         server.stop()
 
 
-def prepare(shared: Path, prefix: str) -> tuple[Path, Path, Path]:
+def prepare(prefix: str) -> tuple[Path, Path, Path]:
     """A temporary folder with the load generator built in it: the folder, loadgen and its messages file."""
     workdir = Path(tempfile.mkdtemp(prefix=prefix))
     try:
-        return (workdir, *buildLoadgen(shared, workdir))
+        return (workdir, *buildLoadgen(workdir))
     except BaseException:
         shutil.rmtree(workdir, ignore_errors=True)
         raise
@@ -207,7 +207,7 @@ def main() -> None:
     args = parser.parse_args()
     serverCore, clientCore = (None, None) if args.unpinned else (args.server_core, args.client_core)
 
-    workdir, loadgen, messages = prepare(args.shared, "primecount-bench-")
+    workdir, loadgen, messages = prepare("primecount-bench-")
     kinds = [args.only] if args.only else ["baseline", "primecount"]
     if "baseline" in kinds and originalServer(args.shared) is None:
         kinds.remove("baseline")

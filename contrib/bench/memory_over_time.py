@@ -36,7 +36,7 @@ def main() -> None:
     parser.add_argument("--conns", type=int, default=50)
     parser.add_argument("--unpinned", action="store_true")
     args = parser.parse_args()
-    workdir, loadgen, messages = prepare(args.shared, "primecount-memory-")
+    workdir, loadgen, messages = prepare("primecount-memory-")
     environment = {**os.environ, **dict(entry.split("=", 1) for entry in args.server_env)}
     serverCore, clientCore = (None, None) if args.unpinned else ("0", "1")
     server = ServerProcess(str(workdir / "records.txt"), "--max-per-ip", "0", "--keep-alive",

@@ -105,7 +105,7 @@ def main() -> None:
     parser.add_argument("--server-env", action="append", default=[], metavar="KEY=VALUE")
     args = parser.parse_args()
     pythons = {interpreterLabel(python): python for python in (args.python or [sys.executable])}
-    workdir, loadgen, messages = prepare(args.shared, "primecount-optimizations-")
+    workdir, loadgen, messages = prepare("primecount-optimizations-")
     runs: dict[tuple[str, str, str], list[float]] = {}
     names = list(VARIANTS)
     try:

@@ -81,7 +81,7 @@ def main() -> None:
     binaries = postgresBinaries()
     if binaries is None:
         raise SystemExit("PostgreSQL is not installed (apt-get install postgresql)")
-    workdir, loadgen, messages = prepare(args.shared, "primecount-store-")
+    workdir, loadgen, messages = prepare("primecount-store-")
     databaseCore = None if args.unpinned or args.database_core == "any" else args.database_core
     cluster = Cluster(binaries, prefix=pinned(databaseCore))
     cluster.start(durable=True)

@@ -206,7 +206,7 @@ def main() -> None:
         INTERPRETERS[interpreterLabel(python)] = python
     SERVER_ENVIRONMENT.update(entry.split("=", 1) for entry in args.server_env)
     serverCore, clientCore = (None, None) if args.unpinned else ("0", "1")
-    workdir, loadgen, messages = prepare(args.shared, "primecount-path-")
+    workdir, loadgen, messages = prepare("primecount-path-")
     chosen = {row: names for row, names in rows().items() if not args.row or row in args.row}
     for name in {name for names in chosen.values() for name in names}:
         why = unavailable(name, args.shared, args.peer_python)

@@ -139,7 +139,7 @@ def main() -> None:
     parser.add_argument("--shared", type=Path, default=ROOT.parent / "shared")
     parser.add_argument("--duration", type=float, default=4.0)
     args = parser.parse_args()
-    workdir, loadgen, messages = prepare(args.shared, "primecount-sockets-")
+    workdir, loadgen, messages = prepare("primecount-sockets-")
     try:
         script = workdir / "worker.py"
         script.write_text(WORKER, encoding="utf-8")

@@ -53,7 +53,7 @@ def main() -> None:
     if args.append_lock:
         appendLockCost(args)
         return
-    workdir, loadgen, messages = prepare(args.shared, "primecount-workers-")
+    workdir, loadgen, messages = prepare("primecount-workers-")
     conns = ["--conns", str(args.conns)]
     rows: dict[tuple[str, int], list[dict]] = {}
     try:
@@ -86,7 +86,7 @@ def main() -> None:
 
 def appendLockCost(args: argparse.Namespace) -> None:
     """The records lock on and off, same run, interleaved rounds: req/s, p99, CPU per request and the ratio."""
-    workdir, loadgen, messages = prepare(args.shared, "primecount-lock-")
+    workdir, loadgen, messages = prepare("primecount-lock-")
     serverCore, clientCore = (None, None) if args.unpinned else (args.server_core, args.client_core)
     conns = ["--conns", str(args.conns)]
     rows: dict[tuple[str, str], list[dict]] = {}
