@@ -5,18 +5,19 @@ fault (a full disk, a table that refuses every row) and its repair."""
 from __future__ import annotations
 
 import errno
+import os
 import time
 from typing import Any
 
 from twisted.internet import defer, reactor
-from twisted.internet.task import deferLater
+from twisted.internet.task import Clock, deferLater
 from twisted.internet.threads import deferToThread
-from twisted.trial.unittest import TestCase
+from twisted.trial.unittest import SynchronousTestCase, TestCase
 from zope.interface.verify import verifyObject
 
 from primecount.records.formats import Record, parseRecords
 from primecount.records.file import FileOperations, FileStore
-from primecount.records.store import IRecordsStore, StorageUnavailable
+from primecount.records.store import PROBE_INTERVAL, IRecordsStore, SelfProbe, StorageUnavailable
 from tests.postgres import freshTable, sharedCluster
 
 
@@ -104,6 +105,22 @@ class RecordsStoreContract:
         stored = self.storedMessages()
         self.assertEqual((stored[0], stored[-1]), ("before", "after"))
 
+    async def test_healthyAgainWithoutTraffic(self) -> None:
+        """A store refused a batch and then gets none (its balancer took its host out): once repaired it says
+        it is healthy again by itself, its own probes storing nothing."""
+        await self.store.write([record("before")])
+        self.breakStore()
+        with self.assertRaises(StorageUnavailable):
+            await self.store.write([record("refused")])
+        await deferLater(reactor, PROBE_INTERVAL * 2.5, lambda: None)
+        self.assertFalse(self.store.healthy(), "a probe found the broken store healthy")
+        self.repairStore()
+        deadline = time.monotonic() + 10.0
+        while not self.store.healthy():
+            self.assertLess(time.monotonic(), deadline, "still unhealthy 10 s after the repair")
+            await deferLater(reactor, 0.05, lambda: None)
+        self.assertEqual(self.storedMessages(), ["before"])
+
     async def test_reopenKeepsStoring(self) -> None:
         """After C{reopen} (SIGHUP) records go on to the same location."""
         await self.store.write([record("before reopen")])
@@ -129,6 +146,11 @@ class FullDisk(FileOperations):
         if self.full:
             raise OSError(errno.ENOSPC, "No space left on device")
         return super().write(fd, data)
+
+    def fstatvfs(self, fd: int) -> os.statvfs_result:
+        """C{os.fstatvfs}, with no block free while full."""
+        real = super().fstatvfs(fd)
+        return os.statvfs_result((*real[:3], 0, 0, *real[5:])) if self.full else real
 
 
 class FileStoreContractTests(RecordsStoreContract, TestCase):
@@ -168,3 +190,58 @@ class TableStoreContractTests(RecordsStoreContract, TestCase):
 
     def repairStore(self) -> None:
         self.cluster.query(f'ALTER TABLE "{self.table}" DROP CONSTRAINT refuse_every_row')
+
+
+class ProbedStore:
+    """A store whose probes wait for the test to answer them."""
+
+    def __init__(self) -> None:
+        self.isHealthy = True
+        self.probes: list[defer.Deferred[None]] = []
+
+    def healthy(self) -> bool:
+        return self.isHealthy
+
+    def probe(self) -> defer.Deferred[None]:
+        self.probes.append(defer.Deferred())
+        return self.probes[-1]
+
+
+class SelfProbeTests(SynchronousTestCase):
+    """L{SelfProbe} probes a failed store every interval, one probe at a time, until it is healthy; nothing
+    runs while it is healthy."""
+
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.store = ProbedStore()
+        self.selfProbe = SelfProbe(self.store, self.clock, interval=1.0)  # type: ignore[arg-type]
+
+    def test_nothingScheduledUntilAFailure(self) -> None:
+        """A store that never failed costs no timer."""
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
+    def test_probesUntilHealthyThenStops(self) -> None:
+        """After a failure a probe comes each interval; none starts while one is out; a refused probe is
+        followed by another; once healthy the timer is gone."""
+        self.store.isHealthy = False
+        self.selfProbe.watch()
+        self.clock.advance(1.0)
+        self.assertEqual(len(self.store.probes), 1)
+        self.clock.advance(3.0)
+        self.assertEqual(len(self.store.probes), 1, "a second probe while the first is out")
+        self.store.probes[0].errback(StorageUnavailable("still broken"))
+        self.clock.advance(1.0)
+        self.assertEqual(len(self.store.probes), 2)
+        self.store.isHealthy = True
+        self.store.probes[1].callback(None)
+        self.clock.advance(1.0)
+        self.assertEqual((len(self.store.probes), self.clock.getDelayedCalls()), (2, []))
+
+    def test_stopEndsProbing(self) -> None:
+        """Once stopped, neither the running timer nor a later failure probes again."""
+        self.store.isHealthy = False
+        self.selfProbe.watch()
+        self.selfProbe.stop()
+        self.selfProbe.watch()
+        self.clock.advance(5.0)
+        self.assertEqual(self.store.probes, [])

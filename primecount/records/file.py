@@ -20,7 +20,7 @@ from zope.interface import implementer
 from primecount.metrics import NoMetrics
 from primecount.records.formats import TSV, Record, RecordFormat
 from primecount.records.store import (
-    FSYNC_POLICIES, Backoff, Incident, IRecordsStore, RunInThread, StorageUnavailable, runInline,
+    FSYNC_POLICIES, Backoff, Incident, IRecordsStore, RunInThread, SelfProbe, StorageUnavailable, runInline,
 )
 
 # Read as well as write: a torn last line left by a crash is looked for at start.
@@ -34,6 +34,8 @@ LOCK_RETRY_SECOND, LOCK_RETRY_MAX = 0.0005, 0.05
 # How many times one append follows the records file to a new one when it keeps being removed under it.
 REMOVED_RETRIES = 3
 _OPERATIONS = ("write", "fsync", "lock")
+# A probe of an unhealthy file store finds room for a batch when the file system has this much free.
+PROBE_ROOM = 64 * 1024
 
 
 def openRecordsFile(path: str) -> int:
@@ -102,6 +104,10 @@ class FileOperations:
     def ftruncate(self, fd: int, size: int) -> None:
         """C{os.ftruncate}."""
         os.ftruncate(fd, size)
+
+    def fstatvfs(self, fd: int) -> os.statvfs_result:
+        """C{os.fstatvfs}."""
+        return os.fstatvfs(fd)
 
     def tryLock(self, fd: int) -> None:
         """Take the exclusive lock on C{fd}'s file without waiting; L{LockBusy} if another holder has it."""
@@ -178,6 +184,7 @@ class FileStore(Service):
         self._waitingSince = 0.0
         self._retryCall: Optional[IDelayedCall] = None
         self._lockBackoff = Backoff(LOCK_RETRY_SECOND, LOCK_RETRY_MAX)
+        self._selfProbe = SelfProbe(self, clock)
 
     def healthy(self) -> bool:
         """Whether the file is open and no write, fsync or lock incident is going on."""
@@ -208,6 +215,7 @@ class FileStore(Service):
         super().stopService()
         if self._syncTimer is not None and self._syncTimer.running:
             self._syncTimer.stop()
+        self._selfProbe.stop()
         if self._waiting:
             self._retryWaiting(lastTry=True)
         current, self._file = self._file, None
@@ -258,6 +266,44 @@ class FileStore(Service):
         except OSError as error:
             return self._writeFailed(error, len(records))
         return self._stored(len(records))
+
+    def probe(self) -> Deferred[None]:
+        """Whether a batch appended now would be stored, found without writing a byte of records: under the
+        lock, the file still has its name and its file system has L{PROBE_ROOM} free; and, after an fsync
+        failure, an fsync succeeds. Ends the incidents that this shows are over.
+
+        A write that fails for another reason than room (an I/O error, a
+        quota) looks fine here: the next batch then meets it again, refused as
+        before, and the incident starts again.
+        """
+        target = self._file
+        if target is None:
+            return fail(StorageUnavailable(f"records file {self.path} is not open"))
+
+        def roomUnderLock(status: os.stat_result) -> None:
+            if status.st_nlink == 0:
+                raise FileRemoved(written=False)
+            room = self._ops.fstatvfs(target.fd)
+            if target.regular and room.f_bavail * room.f_frsize < PROBE_ROOM:
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+        try:
+            self._locked(target, roomUnderLock)
+        except LockBusy:
+            return fail(StorageUnavailable(f"cannot lock {self.path}: held by another process"))
+        except FileRemoved:
+            try:
+                self._replaceRemoved(target, written=False, count=0)
+            except OSError as error:
+                return fail(StorageUnavailable(f"cannot open {self.path}: {error.strerror}"))
+        except OSError as error:
+            return fail(StorageUnavailable(f"cannot write {self.path}: {error.strerror}"))
+        self._recovered("write")
+        self._recovered("lock")
+        if not self._incidents["fsync"].going or self._file is None:
+            return succeed(None)
+        return self._sync(self._file).addErrback(
+            lambda failure: fail(StorageUnavailable(f"cannot fsync {self.path}: {failure.getErrorMessage()}")))
 
     def gathering(self, analysing: bool) -> None:
         """Nothing to do: each batch is one C{write(2)} at once, with nothing to gain from waiting for the next
@@ -465,7 +511,8 @@ class FileStore(Service):
         return self._runInThread(os.fsync, target.fd).addBoth(done)
 
     def _failed(self, operation: str, error: object, records: int) -> None:
-        """A failure of C{operation}, logged once per incident, not once per batch."""
+        """A failure of C{operation}, logged once per incident, not once per batch; probed until it is over."""
+        self._selfProbe.watch()
         self._incidents[operation].failed(
             records, "cannot {operation} records file {path}: {error} ({records} records refused); "
             "answering ERROR storage unavailable until it works again",

@@ -9,6 +9,7 @@ from typing import Any, Callable, Optional, Sequence
 from twisted.application.service import IService
 from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.interfaces import IReactorTime
+from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from zope.interface import Attribute
 
@@ -17,6 +18,9 @@ from primecount.records.formats import Record
 # Runs a blocking call off the reactor thread: deferToThreadPool bound to a reactor and pool.
 RunInThread = Callable[..., Deferred]
 FSYNC_POLICIES = ("always", "everysec", "never")
+# How often an unhealthy store checks by itself whether it can take records again (L{SelfProbe}).
+PROBE_INTERVAL = 1.0
+_log = Logger()
 
 
 class StorageUnavailable(Exception):
@@ -51,6 +55,53 @@ class IRecordsStore(IService):
 
     def healthy() -> bool:
         """Whether a batch written now is expected to be stored: no incident of this store is going on."""
+
+    def probe() -> Deferred[None]:
+        """Check, without storing a record, whether a batch written now would be stored, and if so end the
+        incident going on (C{healthy()} is true again); fail with L{StorageUnavailable} if not. Called by the
+        store itself while it is unhealthy (L{SelfProbe}): a host its balancer took out gets no batch to find
+        out with."""
+
+
+class SelfProbe:
+    """Once its store has failed, probes it every C{interval} seconds, one probe at a time, until it is healthy
+    again, so that its health comes back without traffic; nothing runs while the store is healthy."""
+
+    def __init__(self, store: IRecordsStore, clock: IReactorTime, interval: float = PROBE_INTERVAL) -> None:
+        self._store = store
+        self._loop = LoopingCall(self._tick)
+        self._loop.clock = clock
+        self._interval = interval
+        self._probing = False
+        self._stopped = False
+        self.probes = 0
+
+    def watch(self) -> None:
+        """The store has just failed: probe it every interval from now on, until it is healthy."""
+        if not self._loop.running and not self._stopped:
+            self._loop.start(self._interval, now=False)
+
+    def stop(self) -> None:
+        """Stop probing, for good (the store is stopping)."""
+        self._stopped = True
+        if self._loop.running:
+            self._loop.stop()
+
+    def _tick(self) -> None:
+        if self._store.healthy():
+            self._loop.stop()
+            return
+        if self._probing:
+            return
+        self._probing = True
+        self.probes += 1
+        probed = self._store.probe()
+        probed.addErrback(lambda failure: failure.trap(StorageUnavailable))  # the store has told its incident
+        probed.addErrback(lambda failure: _log.failure("probing the records store failed", failure))
+        probed.addBoth(self._done)
+
+    def _done(self, _: object) -> None:
+        self._probing = False
 
 
 class Incident:

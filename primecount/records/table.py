@@ -22,7 +22,7 @@ from zope.interface import implementer
 
 from primecount.metrics import NoMetrics
 from primecount.records.formats import Record
-from primecount.records.store import Backoff, Incident, IRecordsStore, RunInThread, StorageUnavailable
+from primecount.records.store import Backoff, Incident, IRecordsStore, RunInThread, SelfProbe, StorageUnavailable
 from primecount.threads import batchScheduledPool
 
 SCHEMES = ("postgresql://", "postgres://")
@@ -175,6 +175,8 @@ _ARRAY_ESCAPES = str.maketrans({"\\": "\\\\", '"': '\\"', "\0": NUL_STAND_IN})
 _NEEDS_ESCAPE = re.compile(r'[\\"\x00]')
 _ARRAY_BOOLEANS = {True: "t", False: "f"}
 APPEND_STATEMENT = b"primecount_append"  # the name the prepared INSERT has on each connection
+# What a probe of an unhealthy table store appends, then rolls back.
+PROBE_RECORD = Record(0, "127.0.0.1", "primecount probe", 1, False)
 
 
 @lru_cache(maxsize=4096)
@@ -253,16 +255,41 @@ class DatabaseWriter:
         per batch that a C{COPY} through the cursor took (docs/benchmarks.md)."""
         from psycopg import pq
 
-        connection = self._connection
-        if connection is None or not _idleAndAlive(connection):
-            self.close()
-            connection = self._connect()  # nothing of this batch was sent on the dead one: send it on a new one
+        connection = self._usable()
         try:
             _checked(connection.pgconn.exec_prepared(APPEND_STATEMENT, insertParameters(
                 records, self._host, os.getpid())), pq.ExecStatus.COMMAND_OK)
         except BaseException:
             self.close()  # whatever state it is in, a new connection is cleaner than a rollback on a broken one
             raise
+
+    def tryAppend(self) -> None:
+        """Append one probe row and roll it back, on the connection (a new one if needed, with the table made
+        if missing): raise as L{append} would for a real batch (the database gone, the table refusing rows, no
+        right to insert), store nothing (the row's id is used up, as a failed batch's are)."""
+        from psycopg import pq
+
+        connection = self._usable()
+        pgconn = connection.pgconn
+        try:
+            _checked(pgconn.exec_(b"BEGIN"), pq.ExecStatus.COMMAND_OK)
+            try:
+                _checked(pgconn.exec_prepared(APPEND_STATEMENT, insertParameters(
+                    [PROBE_RECORD], self._host, os.getpid())), pq.ExecStatus.COMMAND_OK)
+            finally:
+                pgconn.exec_(b"ROLLBACK")
+        except BaseException:
+            self.close()
+            raise
+
+    def _usable(self) -> Any:
+        """The connection, or a new one if there is none or it is gone (nothing of the next statement was sent
+        on a dead one: it goes on the new one)."""
+        connection = self._connection
+        if connection is None or not _idleAndAlive(connection):
+            self.close()
+            connection = self._connect()
+        return connection
 
     def _connect(self) -> Any:
         from psycopg import pq
@@ -359,6 +386,7 @@ class TableStore(Service):
         self._retryAt = 0.0
         self._backoff = Backoff(BACKOFF_FIRST, BACKOFF_MOST)
         self._incident = Incident(self.log, reactor)
+        self._selfProbe = SelfProbe(self, reactor)
         self.commits = 0
         self.rowsWritten = 0
 
@@ -382,6 +410,7 @@ class TableStore(Service):
     def stopService(self) -> Deferred[None] | None:
         """Let the transaction in flight finish, then close the connection and stop the thread."""
         super().stopService()
+        self._selfProbe.stop()
         done: Deferred[None] = Deferred()
 
         def whenIdle() -> None:
@@ -466,6 +495,22 @@ class TableStore(Service):
         """Whether no incident is going on: the last transaction committed, or none has failed yet."""
         return not self._incident.going
 
+    def probe(self) -> Deferred[None]:
+        """Whether the table takes a row now (L{DatabaseWriter.tryAppend}: appended, then rolled back), asked
+        on the backoff's schedule (before its next try is due, the answer is no without asking); ends the
+        incident if it does."""
+        if self._runInThread is None or self._reactor.seconds() < self._retryAt:
+            return fail(StorageUnavailable("records database unavailable"))
+
+        def answered(result: object) -> None:
+            if isinstance(result, Failure):
+                self._failed(result, 0)
+                raise StorageUnavailable(f"records database unavailable ({_describe(result)})")
+            self._retryAt = 0.0
+            self._recovered()
+
+        return self._runInThread(self._writer.tryAppend).addBoth(answered)
+
     def _failed(self, failure: Failure, size: int) -> None:
         self._notStored(size, "records database unavailable ({error})", error=_describe(failure))
         self._retryAt = self._reactor.seconds() + self._backoff.next()
@@ -473,6 +518,7 @@ class TableStore(Service):
     def _notStored(self, size: int, why: str, **fields: object) -> None:
         """C{size} records failed: counted as refused and, when this starts an incident, logged once with C{why}."""
         self._metrics.recordWriteFailed(size)
+        self._selfProbe.watch()
         self._incident.failed(size, why + "; answering ERROR storage unavailable until it is back", **fields)
 
     def _refused(self, size: int) -> None:
