@@ -498,8 +498,8 @@ class TableStore(Service):
     def probe(self) -> Deferred[None]:
         """Whether the table takes a row now (L{DatabaseWriter.tryAppend}: appended, then rolled back), asked
         on the backoff's schedule (before its next try is due, the answer is no without asking); ends the
-        incident if it does."""
-        if self._runInThread is None or self._reactor.seconds() < self._retryAt:
+        incident if it does. While a transaction is in flight its outcome will tell: the answer is no."""
+        if self._runInThread is None or self._inFlight or self._reactor.seconds() < self._retryAt:
             return fail(StorageUnavailable("records database unavailable"))
 
         def answered(result: object) -> None:
