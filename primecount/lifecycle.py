@@ -1,5 +1,6 @@
 """Process life cycle: SIGTERM and SIGINT stop the services in order, draining in-flight requests, and exit 0;
-SIGHUP reopens the records file."""
+SIGHUP reopens the records file; SIGUSR2 replaces a supervisor's workers one at a time; the readiness that
+C{/readyz} answers is logged as it changes."""
 
 from __future__ import annotations
 
@@ -11,8 +12,10 @@ from twisted.application.service import MultiService, Service
 from twisted.internet.defer import Deferred, maybeDeferred, succeed
 from twisted.internet.error import CannotListenError
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
-from twisted.logger import Logger
+from twisted.internet.task import LoopingCall, deferLater
+from twisted.logger import Logger, LogLevel
 
+from primecount.health import READINESS_EVENT, ProcessHealth, WorkersHealth
 from primecount.internals import acceptQueued
 
 
@@ -20,13 +23,16 @@ LISTENING_EVENT = "primecount listening on"
 
 
 class ProcessSignals(Service):
-    """Once the reactor runs: SIGTERM and SIGINT stop the reactor (so every service stops), SIGHUP calls C{onHangUp}."""
+    """Once the reactor runs: SIGTERM and SIGINT stop the reactor (so every service stops), SIGHUP calls
+    C{onHangUp}, SIGUSR2 calls C{onReplace} (a supervisor's rolling replacement of its workers)."""
 
     log = Logger()
 
-    def __init__(self, reactor: Any, onHangUp: Callable[[], None] = lambda: None) -> None:
+    def __init__(self, reactor: Any, onHangUp: Callable[[], None] = lambda: None,
+                 onReplace: Optional[Callable[[], object]] = None) -> None:
         self._reactor = reactor
         self._onHangUp = onHangUp
+        self._onReplace = onReplace
         self._stopping = False
 
     def startService(self) -> None:
@@ -38,6 +44,7 @@ class ProcessSignals(Service):
         signal.signal(signal.SIGTERM, self._stop)
         signal.signal(signal.SIGINT, self._stop)
         signal.signal(signal.SIGHUP, self._hangUp)
+        signal.signal(signal.SIGUSR2, self._replace)
 
     def _stop(self, number: int, frame: Optional[FrameType]) -> None:
         self.stop(f"received {signal.Signals(number).name}")
@@ -54,6 +61,13 @@ class ProcessSignals(Service):
     def _hangUp(self, number: int, frame: Optional[FrameType]) -> None:
         self.log.info("received SIGHUP, reopening the records file")
         self._reactor.callFromThread(self._onHangUp)
+
+    def _replace(self, number: int, frame: Optional[FrameType]) -> None:
+        if self._onReplace is None:
+            self.log.info("received SIGUSR2, which replaces workers only with --workers: nothing to do")
+            return
+        self.log.info("received SIGUSR2, replacing the workers one at a time")
+        self._reactor.callFromThread(self._onReplace)
 
 
 class SequentialMultiService(MultiService):
@@ -189,6 +203,11 @@ class Listener(Service):
     def _announce(self, port: Any) -> None:
         announceListening(self._reactor, self.log, port)
 
+    @property
+    def listening(self) -> bool:
+        """Whether the listener accepts (it has listened and not yet closed)."""
+        return self._port is not None
+
     def stopService(self) -> Deferred[None]:
         """Accept what the kernel has queued, then stop listening."""
         super().stopService()
@@ -207,3 +226,47 @@ def listenFailed(failure: Any) -> BaseException:
         return SystemExit(f"primecount: {failure.getErrorMessage()}")
     return failure.value
 
+
+
+class HealthWatch(Service):
+    """Logs the readiness of C{health} each time it changes (a supervisor reads its workers' lines), looking
+    every L{LOOK_INTERVAL} seconds; on stop, the first thing to stop before the listener, turns unready
+    (draining) and then waits C{drainDelay} seconds, for balancers that probe C{/readyz} to take the host out
+    before the listener closes."""
+
+    log = Logger()
+    LOOK_INTERVAL = 0.25
+
+    def __init__(self, health: ProcessHealth | WorkersHealth, clock: IReactorTime, drainDelay: float = 0.0) -> None:
+        self._health = health
+        self._clock = clock
+        self._drainDelay = drainDelay
+        self._said = ""
+        self._loop = LoopingCall(self._look)
+        self._loop.clock = clock
+
+    def startService(self) -> None:
+        """Say the readiness now, and again whenever it changes."""
+        super().startService()
+        self._loop.start(self.LOOK_INTERVAL, now=True)
+
+    def _look(self) -> None:
+        verdict = self._health.ready()
+        line = verdict.line()
+        if line != self._said:
+            self._said = line
+            self.log.emit(LogLevel.info if verdict.ok else LogLevel.warn, "{event} {verdict}",
+                          event=READINESS_EVENT, verdict=line)
+
+    def stopService(self) -> Optional[Deferred[None]]:
+        """Turn unready (draining), say so, and wait C{drainDelay} seconds before the listener closes."""
+        super().stopService()
+        if self._loop.running:
+            self._loop.stop()
+        self._health.draining = True
+        self._look()
+        if self._drainDelay <= 0:
+            return None
+        self.log.info("waiting {delay:g} s for balancers to take this host out before closing the listener",
+                      delay=self._drainDelay)
+        return deferLater(self._clock, self._drainDelay, lambda: None)

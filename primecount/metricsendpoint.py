@@ -1,5 +1,6 @@
-"""The C{--metrics} endpoint: one bounded C{GET} or C{HEAD} of C{/metrics} per connection, so that neither a
-flood nor a client that never reads can grow the server or lock scrapers out (docs/operations.md)."""
+"""The C{--metrics} endpoint: one bounded C{GET} or C{HEAD} of C{/metrics}, C{/healthz} or C{/readyz} per
+connection, so that neither a flood nor a client that never reads can grow the server or lock scrapers and
+balancers out (docs/operations.md)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from prometheus_client.exposition import choose_encoder
 from twisted.internet.interfaces import IAddress, IDelayedCall, IReactorTime
 from twisted.internet.protocol import Factory, Protocol
 
+from primecount.health import ALIVE, NOT_READY, ProcessHealth, Verdict, WorkersHealth
 from primecount.internals import readWaiting
 
 MAX_HEAD = 8192
@@ -143,13 +145,26 @@ class MetricsProtocol(Protocol):
             self._factory.dropping -= 1
 
 
+class _AlwaysReady:
+    """The health of a process that has nothing to tell (tests of the metrics alone)."""
+
+    def live(self) -> Verdict:
+        return ALIVE
+
+    def ready(self) -> Verdict:
+        return Verdict(True, "ready")
+
+
 class MetricsSite(Factory):
-    """Serves a Prometheus registry at C{/metrics} (the class name keeps Twisted's "…Site starting on N" line)."""
+    """Serves a Prometheus registry at C{/metrics} and the process's (or the supervisor's) health at C{/healthz}
+    and C{/readyz} (the class name keeps Twisted's "…Site starting on N" line)."""
 
     noisy = False
 
-    def __init__(self, registry: CollectorRegistry, clock: IReactorTime) -> None:
+    def __init__(self, registry: CollectorRegistry, clock: IReactorTime,
+                 health: ProcessHealth | WorkersHealth | _AlwaysReady = _AlwaysReady()) -> None:
         self.registry = registry
+        self.health = health
         self.clock = clock
         self.open = 0
         self.dropping = 0  # dropped connections whose end the transport has yet to report
@@ -187,8 +202,14 @@ class MetricsSite(Factory):
             return response(405, body=b"only GET and HEAD\n", extra="Allow: GET, HEAD\r\n")
         if head.hasBody:
             return response(400, body=b"a request body is not read here\n")
+        if head.path in ("/healthz", "/readyz"):
+            verdict = self.health.live() if head.path == "/healthz" else self.health.ready()
+            body = verdict.reason if verdict.ok else (NOT_READY if head.path == "/readyz" else "not live: ") + \
+                verdict.reason
+            return response(200 if verdict.ok else 503, body=body.encode("utf-8") + b"\n",
+                            headOnly=head.method == "HEAD")
         if head.path != "/metrics":
-            return response(404, body=b"metrics are at /metrics\n")
+            return response(404, body=b"metrics are at /metrics, health at /healthz and /readyz\n")
         encode, contentType = choose_encoder(head.accept)
         return response(200, contentType, self._render(encode, contentType), headOnly=head.method == "HEAD")
 

@@ -232,8 +232,12 @@ class Options(usage.Options):
          _number("max-buffered", int, 1, strict=False)],
         ["tls-ciphers", None, None, "With an ssl: --port: the OpenSSL cipher list offered for TLS 1.2 "
          "(default: Mozilla's intermediate profile, forward-secret AEAD suites only; TLS 1.3 is not affected)"],
-        ["metrics", None, None, "Serve Prometheus metrics at /metrics on this endpoint (a bare port "
-         "listens on 127.0.0.1 only); off by default.", metricsEndpointDescription],
+        ["metrics", None, None, "Serve Prometheus metrics at /metrics, and health checks at /healthz and "
+         "/readyz, on this endpoint (a bare port listens on 127.0.0.1 only); off by default.",
+         metricsEndpointDescription],
+        ["drain-delay", None, 0.0, "On SIGTERM, seconds between turning unready (/readyz answers 503) and closing "
+         "the listener, for balancers that probe /readyz to take this host out first.",
+         _number("drain-delay", float, 0, strict=False)],
     ]
 
     def postOptions(self) -> None:
@@ -355,7 +359,7 @@ def workerArguments(options: Options) -> list[str]:
     arguments = []
     for name, *_ in Options.optParameters:
         value = options[name]
-        if name in ("workers", "worker-fd", "metrics") or value is None:
+        if name in ("workers", "worker-fd", "metrics", "drain-delay") or value is None:
             continue
         if name in ("max-connections", "max-buffered"):
             value = -(-value // count)

@@ -15,7 +15,8 @@ from twisted.logger import Logger
 
 from primecount.connection import BufferBudget
 from primecount.factory import PrimeCountFactory
-from primecount.lifecycle import Drain, Listener, ProcessSignals, SequentialMultiService
+from primecount.health import ProcessHealth, WorkersHealth
+from primecount.lifecycle import Drain, HealthWatch, Listener, ProcessSignals, SequentialMultiService
 from primecount.limits import descriptorLimits, raiseFileLimit
 from primecount.metrics import NoMetrics, PrometheusMetrics, workersRegistry
 from primecount.metricsendpoint import MetricsSite
@@ -38,9 +39,10 @@ log = Logger()
 
 def makeService(options: Options, reactor: Optional[Any] = None) -> IService:
     """The services of one process. They start in this order and stop in the reverse, each once the one after
-    it has stopped: signals, (a worker's watch on its supervisor), records, metrics, drain, listener, readiness.
-    So on stop the listener closes first, open connections are drained (bounded by C{--timeout}), the metrics
-    endpoint closes, and the records are flushed and closed last."""
+    it has stopped: signals, (a worker's watch on its supervisor), records, metrics, drain, listener, health,
+    readiness. So on stop systemd is told first, then C{/readyz} turns unready (for C{--drain-delay}), the
+    listener closes, open connections are drained (bounded by C{--timeout}), the metrics endpoint closes, and
+    the records are flushed and closed last."""
     if reactor is None:
         from twisted.internet import reactor as globalReactor
 
@@ -62,16 +64,19 @@ def makeService(options: Options, reactor: Optional[Any] = None) -> IService:
                                 limits, bufferBudget=budget, protocol=PrimeCountProtocol, busyProtocol=BusyProtocol)
     signals = ProcessSignals(reactor, onHangUp=records.reopen)
     worker = options["worker-fd"] is not None
+    listener = Listener(*_listening(options, reactor, factory, metrics), reactor)
+    health = ProcessHealth(lambda: listener.listening, records.healthy)
     return _inOrder(
         signals,
         SupervisorWatch(reactor, signals.stop) if worker else None,
         records,
-        strports.service(options["metrics"], MetricsSite(metrics.registry, reactor), reactor=reactor)
+        strports.service(options["metrics"], MetricsSite(metrics.registry, reactor, health), reactor=reactor)
         if options["metrics"] else None,
         # Every request ends within --timeout of its connect, an ERROR's lingering close within the linger
         # after that; the extra second covers analysis and the record.
         Drain(factory, reactor, grace=options["timeout"] + factory.limits.linger + 1),
-        Listener(*_listening(options, reactor, factory, metrics), reactor),
+        listener,
+        HealthWatch(health, reactor, options["drain-delay"]),
         None if worker else Readiness(reactor),  # a worker's readiness is its supervisor's business
     )
 
@@ -82,18 +87,20 @@ def supervisor(options: Options, reactor: Any) -> IService:
     environ = dict(os.environ)
     folder = MetricsDirectory(environ) if options["metrics"] else None
     shared = SharedSocket(_portEndpoint(options, reactor), reactor)
+    health = WorkersHealth()
     # Each worker drains within its own grace (--timeout, the linger, a second); then it is killed.
     pool = WorkerPool(reactor, options["workers"], partial(workerArguments, options), shared, environ,
                       grace=options["timeout"] + DEFAULTS.linger + 5,
-                      onEnded=folder.workerEnded if folder is not None else lambda pid: None)
+                      onEnded=folder.workerEnded if folder is not None else lambda pid: None, health=health)
     metrics = None
     if folder is not None:
         limits = configuredLimits(options, options["max-connections"]
                                   or raiseFileLimit().defaultMaxConnections * options["workers"])
-        metrics = strports.service(options["metrics"], MetricsSite(workersRegistry(folder, limits), reactor),
+        metrics = strports.service(options["metrics"], MetricsSite(workersRegistry(folder, limits), reactor, health),
                                    reactor=reactor)
     log.info("supervising {count} workers on one listening socket", count=options["workers"])
-    return _inOrder(ProcessSignals(reactor, onHangUp=pool.hangUp), folder, metrics, shared, pool,
+    return _inOrder(ProcessSignals(reactor, onHangUp=pool.hangUp, onReplace=pool.replaceAll), folder, metrics,
+                    shared, pool, HealthWatch(health, reactor, options["drain-delay"]),
                     Readiness(reactor, pool.allListening))
 
 

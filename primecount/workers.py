@@ -21,6 +21,7 @@ from twisted.logger import Logger, LogLevel
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from primecount.health import READINESS_EVENT, WorkersHealth, parseVerdict
 from primecount.internals import stopAccepting
 from primecount.lifecycle import LISTENING_EVENT, announceListening, listenFailed
 
@@ -30,6 +31,8 @@ WORKER_FD = 3
 # A worker that ran this long before dying is restarted at once; one that died sooner waits, longer each time.
 STABLE_SECONDS = 10.0
 FIRST_DELAY, MAX_DELAY = 0.5, 30.0
+# A new worker of a rolling replacement that does not listen within this is killed; the old one stays.
+REPLACE_WAIT = 60.0
 # Variables a worker must not inherit: the socket is handed over as descriptor 3, not by systemd.
 _NOT_INHERITED = ("LISTEN_FDS", "LISTEN_PID", "LISTEN_FDNAMES", "NOTIFY_SOCKET")
 _LEVELS = {level.name: level for level in LogLevel.iterconstants()}
@@ -108,14 +111,18 @@ class SharedSocket(Service):
 
 
 class _WorkerProcess(ProcessProtocol):
-    """One worker: relays its log lines into the supervisor's log and reports its exit."""
+    """One worker: relays its log lines into the supervisor's log (its readiness lines to the pool), and reports
+    when it listens and when it exits."""
 
     def __init__(self, pool: "WorkerPool", number: int) -> None:
         self._pool = pool
         self.number = number
         self.exited: Deferred[None] = Deferred()
+        self.listening: Deferred[None] = Deferred()  # fires when it listens; fails if it exits before that
         self._partial = {1: b"", 2: b""}
         self.pid = 0
+        self.incoming = False  # a replacement not yet listening: if it exits, the replacement keeps the old one
+        self.transport: Any = None
         self.startedAt = pool.clock.seconds()
 
     def childDataReceived(self, childFD: int, data: bytes) -> None:
@@ -133,26 +140,40 @@ class _WorkerProcess(ProcessProtocol):
             level, message = LogLevel.info, text
         self._pool.log.emit(level, "worker {number}: {message}", number=self.number, message=message)
         if message.startswith(LISTENING_EVENT):
-            self._pool.workerListening(self.number)
+            self._pool.workerListening(self)
+        elif message.startswith(READINESS_EVENT):
+            verdict = parseVerdict(message[len(READINESS_EVENT):])
+            if verdict is not None:
+                self._pool.health.said(self.pid, verdict)
+
+    def signal(self, name: str) -> None:
+        """Send signal C{name} to this worker, if it still runs."""
+        try:
+            self.transport.signalProcess(name)
+        except ProcessExitedAlready:
+            pass
 
     def processEnded(self, reason: Failure) -> None:
-        """Tell the pool, then anyone waiting for this worker to be gone."""
+        """Tell the pool, then anyone waiting for this worker to listen or to be gone."""
         for rest in self._partial.values():
             if rest:
                 self._relay(rest)
         self._pool.workerEnded(self, reason)
+        if not self.listening.called:
+            self.listening.errback(reason)
         self.exited.callback(None)
 
 
 class WorkerPool(Service):
-    """Starts C{count} workers, restarts those that die, forwards SIGHUP, and stops them all on stop."""
+    """Starts C{count} workers, restarts those that die, forwards SIGHUP, replaces them one at a time on
+    SIGUSR2 (L{replaceAll}), and stops them all on stop."""
 
     log = Logger()
 
     def __init__(
         self, reactor: Any, count: int, arguments: Callable[[], Sequence[str]], listening: SharedSocket,
         environ: Optional[dict[str, str]] = None, grace: float = 10.0,
-        onEnded: Callable[[int], None] = lambda pid: None,
+        onEnded: Callable[[int], None] = lambda pid: None, health: Optional[WorkersHealth] = None,
     ) -> None:
         self.reactor = reactor
         self.clock = reactor
@@ -162,12 +183,19 @@ class WorkerPool(Service):
         self._environ = environ if environ is not None else dict(os.environ)
         self._grace = grace
         self._onEnded = onEnded
-        self.workers: dict[int, Any] = {}  # number -> process transport
+        self.health = health if health is not None else WorkersHealth()
+        self._slots: dict[int, _WorkerProcess] = {}  # number -> the worker serving in that place
+        self._running: set[_WorkerProcess] = set()  # every worker still running: in a place, or being retired
         self._delays: dict[int, float] = {}
         self._restarts: dict[int, IDelayedCall] = {}
-        self._protocols: dict[int, _WorkerProcess] = {}
         self._listeningWorkers: set[int] = set()
         self.allListening: Deferred[None] = Deferred()
+        self.replacing: Optional[Deferred[bool]] = None  # while a rolling replacement runs: whether it completed
+
+    @property
+    def workers(self) -> dict[int, Any]:
+        """The process of the worker in each place, by number."""
+        return {number: protocol.transport for number, protocol in self._slots.items()}
 
     def startService(self) -> None:
         """Start every worker."""
@@ -175,7 +203,7 @@ class WorkerPool(Service):
         for number in range(1, self._count + 1):
             self._start(number)
 
-    def _start(self, number: int) -> None:
+    def _start(self, number: int) -> _WorkerProcess:
         self._restarts.pop(number, None)
         protocol = _WorkerProcess(self, number)
         argv = [*TWISTD, "-n", "--pidfile=", "--logger=primecount.logs.workerLogObserver", "primecount",
@@ -185,23 +213,33 @@ class WorkerPool(Service):
             childFDs={0: "w", 1: "r", 2: "r", WORKER_FD: self._listening.fileno},
         )
         protocol.pid = transport.pid  # the transport forgets it once the process has ended
-        self.workers[number] = transport
-        self._protocols[number] = protocol
+        protocol.transport = transport
+        self._slots[number] = protocol
+        self._running.add(protocol)
+        self.health.started(protocol.pid)
         self.log.info("started worker {number} (pid {pid})", number=number, pid=transport.pid)
+        return protocol
 
-    def workerListening(self, number: int) -> None:
-        """Worker C{number} accepts on the shared socket; once all have, C{allListening} fires."""
-        self._listeningWorkers.add(number)
+    def workerListening(self, protocol: _WorkerProcess) -> None:
+        """C{protocol}'s worker accepts on the shared socket; once every place has, C{allListening} fires."""
+        if not protocol.listening.called:
+            protocol.listening.callback(None)
+        self._listeningWorkers.add(protocol.number)
         if len(self._listeningWorkers) == self._count and not self.allListening.called:
             self.allListening.callback(None)
 
     def workerEnded(self, protocol: _WorkerProcess, reason: Failure) -> None:
-        """A worker is gone: forget it and, unless stopping, start another in its place after a delay."""
+        """A worker is gone: forget it and, if it was serving in its place and the pool is not stopping, start
+        another in its place after a delay. One being retired, or a replacement that failed, is only
+        forgotten (L{replaceAll} puts the old one back)."""
         number, pid = protocol.number, protocol.pid
-        self.workers.pop(number, None)
-        self._protocols.pop(number, None)
+        self._running.discard(protocol)
+        self.health.ended(pid)
         self._onEnded(pid)
-        if not self.running:
+        if self._slots.get(number) is not protocol:
+            return
+        del self._slots[number]
+        if not self.running or protocol.incoming:
             return
         ranFor = self.clock.seconds() - protocol.startedAt
         delay = 0.0 if ranFor >= STABLE_SECONDS else self._delays.get(number, FIRST_DELAY)
@@ -211,17 +249,75 @@ class WorkerPool(Service):
                        delay=delay)
         self._restarts[number] = self.clock.callLater(delay, self._start, number)
 
-    def signalAll(self, name: str) -> None:
-        """Send signal C{name} (C{"HUP"}, C{"TERM"}) to every running worker."""
-        for transport in list(self.workers.values()):
+    def replaceAll(self) -> Deferred[bool]:
+        """SIGUSR2: replace every worker, one place at a time: a new worker (new code on disk, new certificate)
+        starts and listens before the old one in its place is told to stop, and the old one drains before
+        the next place is replaced, so that the socket never lacks a worker and no request is dropped. A new
+        worker that exits before it listens, or does not listen within L{REPLACE_WAIT} seconds, ends the
+        replacement, its place kept by the old worker. Fires with whether every place was replaced."""
+        if self.replacing is not None:
+            self.log.info("already replacing the workers; SIGUSR2 ignored")
+            return self.replacing
+        self.log.info("replacing {count} workers one at a time", count=len(self._slots))
+        self.replacing = Deferred.fromCoroutine(self._replaceEach())
+        self.replacing.addBoth(self._replaced)
+        return self.replacing
+
+    async def _replaceEach(self) -> bool:
+        for number in sorted(self._slots):
+            old = self._slots.get(number)
+            if old is None or not self.running:
+                continue
+            new = self._start(number)
+            new.incoming = True
+            timer = self.clock.callLater(REPLACE_WAIT, new.signal, "KILL")
             try:
-                transport.signalProcess(name)
-            except ProcessExitedAlready:
-                pass
+                await new.listening
+            except Exception:
+                if not self.running:
+                    return False
+                self.log.error("worker {number}'s replacement (pid {pid}) exited before it listened; the old "
+                               "worker (pid {old}) keeps its place, and the replacement stops here",
+                               number=number, pid=new.pid, old=old.pid)
+                if old in self._running:
+                    self._slots[number] = old
+                else:  # the old one died meanwhile: its place gets a new worker as after any death
+                    self._restarts[number] = self.clock.callLater(FIRST_DELAY, self._start, number)
+                return False
+            finally:
+                new.incoming = False
+                if timer.active():
+                    timer.cancel()
+            await self._retire(old)
+        return True
+
+    async def _retire(self, old: _WorkerProcess) -> None:
+        """Stop C{old} as on SIGTERM (it drains), killing it after the grace; return once it is gone."""
+        if old not in self._running:
+            return
+        killer = self.clock.callLater(self._grace, old.signal, "KILL")
+        old.signal("TERM")
+        await old.exited
+        if killer.active():
+            killer.cancel()
+
+    def _replaced(self, result: object) -> object:
+        self.replacing = None
+        if isinstance(result, Failure):
+            self.log.failure("replacing the workers failed", result)
+            return False
+        if result:
+            self.log.info("replaced every worker")
+        return result
+
+    def signalAll(self, name: str) -> None:
+        """Send signal C{name} (C{"HUP"}, C{"TERM"}) to every running worker, retiring ones included."""
+        for protocol in list(self._running):
+            protocol.signal(name)
 
     def hangUp(self) -> None:
         """Every worker reopens its records file."""
-        self.log.info("asking {count} workers to reopen the records file", count=len(self.workers))
+        self.log.info("asking {count} workers to reopen the records file", count=len(self._running))
         self.signalAll("HUP")
 
     def stopService(self) -> Deferred[Any]:
@@ -231,9 +327,9 @@ class WorkerPool(Service):
             if call.active():
                 call.cancel()
         self._restarts.clear()
-        if not self._protocols:
+        if not self._running:
             return succeed(None)
-        waiting = [protocol.exited for protocol in self._protocols.values()]
+        waiting = [protocol.exited for protocol in self._running]
         self.signalAll("TERM")
         killer = self.clock.callLater(self._grace, self._killRemaining)
         done = DeferredList(waiting)
@@ -241,7 +337,7 @@ class WorkerPool(Service):
         return done
 
     def _killRemaining(self) -> None:
-        self.log.warn("killing {count} workers still running after {grace} s", count=len(self.workers),
+        self.log.warn("killing {count} workers still running after {grace} s", count=len(self._running),
                       grace=self._grace)
         self.signalAll("KILL")
 

@@ -35,7 +35,7 @@ class ProcessSignalsTests(SynchronousTestCase):
         """Starting the service installs nothing until the reactor runs, then handles TERM, INT and HUP."""
         reactor = CallRecordingReactor()
         service = ProcessSignals(reactor)
-        for number in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        for number in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR2):
             self.addCleanup(signal.signal, number, signal.getsignal(number))
         before = signal.getsignal(signal.SIGHUP)
         service.startService()
@@ -45,6 +45,7 @@ class ProcessSignalsTests(SynchronousTestCase):
         self.assertEqual(signal.getsignal(signal.SIGTERM), service._stop)
         self.assertEqual(signal.getsignal(signal.SIGINT), service._stop)
         self.assertEqual(signal.getsignal(signal.SIGHUP), service._hangUp)
+        self.assertEqual(signal.getsignal(signal.SIGUSR2), service._replace)
 
     def test_stopsOnce(self) -> None:
         """A second signal while stopping does not ask the reactor to stop again."""
@@ -60,6 +61,14 @@ class ProcessSignalsTests(SynchronousTestCase):
         reopen = lambda: None  # noqa: E731
         ProcessSignals(reactor, onHangUp=reopen)._hangUp(signal.SIGHUP, None)
         self.assertEqual(reactor.fromThread, [reopen])
+
+    def test_userSignal2Replaces(self) -> None:
+        """SIGUSR2 hands the replacement to the reactor thread; without one (no --workers) it does nothing."""
+        reactor = CallRecordingReactor()
+        replace = lambda: None  # noqa: E731
+        ProcessSignals(reactor, onReplace=replace)._replace(signal.SIGUSR2, None)
+        ProcessSignals(reactor)._replace(signal.SIGUSR2, None)
+        self.assertEqual(reactor.fromThread, [replace])
 
 
 class SlowStop(Service):
@@ -337,7 +346,7 @@ class ListenerTests(SynchronousTestCase):
         """The service C{listening} makes, started after L{ProcessSignals} as under twistd, logs its listening
         line only once the reactor runs, and by then SIGTERM is handled."""
         reactor = CallRecordingReactor()
-        for number in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        for number in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR2):
             self.addCleanup(signal.signal, number, signal.getsignal(number))
         announced = listeningEvents(self)
         handlersWhenAnnounced: list[object] = []

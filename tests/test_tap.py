@@ -197,7 +197,7 @@ class MakeServiceTests(SynchronousTestCase):
         children = list(service)
         self.assertEqual(
             [type(child).__name__ for child in children],
-            ["ProcessSignals", FileStore.__name__, "Drain", "Listener", "Readiness"],
+            ["ProcessSignals", FileStore.__name__, "Drain", "Listener", "HealthWatch", "Readiness"],
         )
         service.startService()
         self.addCleanup(service.stopService)

@@ -20,7 +20,9 @@ from twisted.trial.unittest import SynchronousTestCase
 from primecount.records.formats import parseRecords
 from primecount.tools.serverprocess import ServerProcess
 from primecount.options import Options, workerArguments
-from primecount.workers import FIRST_DELAY, WORKER_FD, MetricsDirectory, WorkerPool
+from primecount.health import READINESS_EVENT
+from primecount.lifecycle import LISTENING_EVENT
+from primecount.workers import FIRST_DELAY, REPLACE_WAIT, WORKER_FD, MetricsDirectory, WorkerPool
 from tests.helpers import answeredUnderLoad, ask, expectedReply, scrape, slow, waitUntil
 
 
@@ -135,6 +137,77 @@ class WorkerPoolTests(SynchronousTestCase):
         process.protocol.childDataReceived(1, b"te\n")
         self.assertEqual([(e["log_level"].name, e["number"], e["message"]) for e in events],
                          [("info", 2, "hello"), ("error", 2, "cannot write")])
+
+
+class RollingReplacementTests(SynchronousTestCase):
+    """SIGUSR2: each place gets a new worker that listens before the old one is told to stop, one place at a
+    time; a replacement that fails leaves the old worker in its place."""
+
+    def setUp(self) -> None:
+        self.reactor = SpawningClock()
+        self.pool = WorkerPool(self.reactor, 2, lambda: ["--records=x"], FakeSocket(), {}, grace=5)
+        self.pool.startService()
+        for process, _, _ in self.reactor.spawned:
+            self.listens(process)
+
+    def listens(self, process: FakeProcess) -> None:
+        """C{process} says it listens, and that it is ready."""
+        process.protocol.childDataReceived(1, f"info {LISTENING_EVENT} 127.0.0.1 port 5050\n"
+                                              f"info {READINESS_EVENT} ready\n".encode())
+
+    def test_newBeforeOldOneAtATime(self) -> None:
+        """The new worker of place 1 starts alone; the old one is sent TERM only once it listens; place 2 is
+        replaced only once the old worker 1 has exited; the host stays ready throughout."""
+        (old1, _, _), (old2, _, _) = self.reactor.spawned
+        done = self.pool.replaceAll()
+        self.assertEqual(len(self.reactor.spawned), 3)
+        new1 = self.reactor.spawned[2][0]
+        self.assertEqual((old1.signals, old2.signals), ([], []))
+        self.listens(new1)
+        self.assertEqual(old1.signals, ["TERM"])
+        self.assertEqual(len(self.reactor.spawned), 3, "place 2 replaced before the old worker 1 exited")
+        self.assertTrue(self.pool.health.ready().ok)
+        old1.protocol.processEnded(Failure(ProcessDone(0)))
+        self.assertEqual(len(self.reactor.spawned), 4)
+        new2 = self.reactor.spawned[3][0]
+        self.assertEqual(old2.signals, [])
+        self.listens(new2)
+        old2.protocol.processEnded(Failure(ProcessDone(0)))
+        self.assertTrue(self.successResultOf(done))
+        self.assertEqual(self.pool.workers, {1: new1, 2: new2})
+        self.reactor.advance(60)
+        self.assertEqual(len(self.reactor.spawned), 4, "a retired worker was restarted")
+        self.assertEqual(self.pool.health.ready().reason, "ready: 2 of 2 workers ready")
+
+    def test_failedReplacementKeepsTheOld(self) -> None:
+        """A new worker that exits before it listens ends the replacement; the old one keeps its place and
+        is not signalled, and nothing more is started."""
+        (old1, _, _), _ = self.reactor.spawned
+        done = self.pool.replaceAll()
+        new1 = self.reactor.spawned[2][0]
+        new1.protocol.processEnded(Failure(ProcessTerminated(exitCode=1)))
+        self.assertFalse(self.successResultOf(done))
+        self.assertEqual(old1.signals, [])
+        self.assertIs(self.pool.workers[1], old1)
+        self.reactor.advance(60)
+        self.assertEqual(len(self.reactor.spawned), 3)
+
+    def test_slowReplacementIsKilled(self) -> None:
+        """A new worker that does not listen within REPLACE_WAIT is killed, and the old one stays."""
+        (old1, _, _), _ = self.reactor.spawned
+        done = self.pool.replaceAll()
+        new1 = self.reactor.spawned[2][0]
+        self.reactor.advance(REPLACE_WAIT)
+        self.assertEqual(new1.signals, ["KILL"])
+        new1.protocol.processEnded(Failure(ProcessTerminated(signal=9)))
+        self.assertFalse(self.successResultOf(done))
+        self.assertIs(self.pool.workers[1], old1)
+
+    def test_oneReplacementAtATime(self) -> None:
+        """A second SIGUSR2 during a replacement starts nothing more."""
+        self.pool.replaceAll()
+        self.pool.replaceAll()
+        self.assertEqual(len(self.reactor.spawned), 3)
 
 
 class MetricsDirectoryTests(SynchronousTestCase):
