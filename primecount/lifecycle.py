@@ -255,8 +255,8 @@ class HealthWatch(Service):
         line = verdict.line()
         if line != self._said:
             self._said = line
-            self.log.emit(LogLevel.info if verdict.ok else LogLevel.warn, "{event} {verdict}",
-                          event=READINESS_EVENT, verdict=line)
+            level = LogLevel.info if verdict.ok or self._health.draining else LogLevel.warn
+            self.log.emit(level, "{event} {verdict}", event=READINESS_EVENT, verdict=line)
 
     def stopService(self) -> Optional[Deferred[None]]:
         """Turn unready (draining), say so, and wait C{drainDelay} seconds before the listener closes."""

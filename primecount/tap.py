@@ -4,6 +4,7 @@ supervisor of C{--workers}, built from the L{Options} of L{primecount.options}."
 from __future__ import annotations
 
 import os
+import platform
 from functools import partial
 from typing import Any, Optional
 
@@ -13,6 +14,7 @@ from twisted.internet.endpoints import AdoptedStreamServerEndpoint, serverFromSt
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 
+from primecount import __version__
 from primecount.connection import BufferBudget
 from primecount.factory import PrimeCountFactory
 from primecount.health import ProcessHealth, WorkersHealth
@@ -47,6 +49,8 @@ def makeService(options: Options, reactor: Optional[Any] = None) -> IService:
         from twisted.internet import reactor as globalReactor
 
         reactor = globalReactor
+    log.info("primecount {version} on {python} {pythonVersion}", version=__version__,
+             python=platform.python_implementation(), pythonVersion=platform.python_version())
     if options["workers"] > 1:
         return supervisor(options, reactor)
     limits = descriptorLimits(options["max-connections"], options["max-per-ip"])

@@ -26,14 +26,16 @@ def freePort() -> int:
 
 
 class HAProxy:
-    """HAProxy in the foreground with the shipped configuration, bound to loopback, in front of C{ports}."""
+    """HAProxy in the foreground with the shipped configuration, bound to loopback, in front of C{servers}
+    (each started with C{--metrics}, which HAProxy checks)."""
 
-    def __init__(self, test: SynchronousTestCase, ports: list[int]) -> None:
+    def __init__(self, test: SynchronousTestCase, servers: list[ServerProcess]) -> None:
         text = CONFIG.read_text(encoding="utf-8")
         self.port = freePort()
         text = re.sub(r"(?m)^    bind .*$", f"    bind 127.0.0.1:{self.port}", text)
         text = re.sub(r"(?m)^    server .*\n", "", text)
-        text += "".join(f"    server primecount{n} 127.0.0.1:{port}\n" for n, port in enumerate(ports, 1))
+        text += "".join(f"    server primecount{n} 127.0.0.1:{server.port} port {server.metricsPort}\n"
+                        for n, server in enumerate(servers, 1))
         config = Path(test.mktemp())
         config.write_text(text, encoding="utf-8")
         self.logPath = Path(test.mktemp())
@@ -41,6 +43,11 @@ class HAProxy:
                                         stdout=self.logPath.open("wb"), stderr=subprocess.STDOUT)
         waitUntil(self._accepts, what="HAProxy to listen")
         test.addCleanup(self.stop)
+
+    @property
+    def log(self) -> str:
+        """What HAProxy has logged so far (its traffic and its servers' state changes)."""
+        return self.logPath.read_text(encoding="utf-8", errors="replace")
 
     def _accepts(self) -> bool:
         if self.process.poll() is not None:
@@ -69,7 +76,8 @@ class BehindHAProxyTests(SynchronousTestCase):
 
     def instance(self, *options: str) -> ServerProcess:
         """A primecount instance reading PROXY headers on a loopback port, stopped after the test."""
-        server = ServerProcess(self.mktemp(), *options, port="haproxy:tcp:0:interface=127.0.0.1")
+        server = ServerProcess(self.mktemp(), "--metrics", "tcp:0:interface=127.0.0.1", *options,
+                               port="haproxy:tcp:0:interface=127.0.0.1")
         self.addCleanup(server.stop)
         return server
 
@@ -85,7 +93,7 @@ class BehindHAProxyTests(SynchronousTestCase):
     def test_clientAddressesReachTheRecords(self) -> None:
         """Clients from 127.0.0.2-5 through HAProxy are recorded with their own addresses on both instances."""
         first, second = self.instance("--log-requests"), self.instance("--log-requests")
-        proxy = HAProxy(self, [first.port, second.port])
+        proxy = HAProxy(self, [first, second])
         sent = []
         for n in range(40):
             source = f"127.0.0.{2 + n % 4}"
@@ -104,7 +112,7 @@ class BehindHAProxyTests(SynchronousTestCase):
     def test_perAddressLimitHitsOnlyThatAddress(self) -> None:
         """With --max-per-ip 2, a third connection from 127.0.0.5 is busy; 127.0.0.6 is still answered."""
         server = self.instance("--max-per-ip", "2", "--timeout", "30", "--quiet", "0", "--log-requests")
-        proxy = HAProxy(self, [server.port])
+        proxy = HAProxy(self, [server])
         held = []
         for _ in range(2):
             connection = socket.socket()
@@ -129,7 +137,7 @@ class BehindHAProxyTests(SynchronousTestCase):
     def test_instanceKilledMidLoad(self) -> None:
         """kill -9 of one instance under load: every request that got an answer is in some records file."""
         first, second = self.instance(), self.instance()
-        proxy = HAProxy(self, [first.port, second.port])
+        proxy = HAProxy(self, [first, second])
         answered = answeredUnderLoad(
             [f"127.0.0.{n}" for n in range(2, 6)], 3,
             lambda source, payload: askFrom(source, proxy.port, payload, timeout=5),
@@ -147,9 +155,10 @@ class KeptConnectionsThroughHAProxyTests(SynchronousTestCase):
     @slow
     def test_pipelinedThroughTheProxy(self) -> None:
         """200 pipelined lines from 127.0.0.7 through HAProxy come back in order and are recorded as 127.0.0.7's."""
-        server = ServerProcess(self.mktemp(), "--keep-alive", port="haproxy:tcp:0:interface=127.0.0.1")
+        server = ServerProcess(self.mktemp(), "--keep-alive", "--metrics", "tcp:0:interface=127.0.0.1",
+                               port="haproxy:tcp:0:interface=127.0.0.1")
         self.addCleanup(server.stop)
-        proxy = HAProxy(self, [server.port])
+        proxy = HAProxy(self, [server])
         messages = [f"kept {n} through the proxy" for n in range(200)]
         reply = askFrom("127.0.0.7", proxy.port, b"".join(m.encode() + b"\n" for m in messages), halfClose=True)
         self.assertEqual(server.stop(), 0, server.log)

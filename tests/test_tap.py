@@ -56,12 +56,12 @@ class OptionsTests(SynchronousTestCase):
         """--fsync and --records-format take their choices; --metrics is off by default, a bare port is loopback."""
         options = self.parse()
         self.assertEqual((options["fsync"], options["records-format"], options["metrics"]), ("everysec", "tsv", None))
-        options = self.parse("--fsync", "always", "--records-format", "jsonl", "--metrics", "9100")
+        options = self.parse("--fsync", "always", "--records-format", "jsonl", "--metrics", "5059")
         self.assertEqual(
             (options["fsync"], options["records-format"], options["metrics"]),
-            ("always", "jsonl", "tcp:9100:interface=127.0.0.1"),
+            ("always", "jsonl", "tcp:5059:interface=127.0.0.1"),
         )
-        self.assertEqual(self.parse("--metrics", "tcp6:9100")["metrics"], "tcp6:9100")
+        self.assertEqual(self.parse("--metrics", "tcp6:5059")["metrics"], "tcp6:5059")
 
     def test_endpointDescriptions(self) -> None:
         """Endpoint descriptions pass through unchanged."""

@@ -258,7 +258,7 @@ class WorkerOptionsTests(SynchronousTestCase):
 
     def test_workerArguments(self) -> None:
         """Each worker gets the same options, its share of --max-connections, the socket, and no --metrics."""
-        options = self.parse("--workers", "3", "--max-connections", "100", "--keep-alive", "--metrics", "9100",
+        options = self.parse("--workers", "3", "--max-connections", "100", "--keep-alive", "--metrics", "5059",
                              "--port", "haproxy:tcp:5050", "--proxy-from", "192.0.2.7")
         arguments = workerArguments(options)
         self.assertIn("--max-connections=34", arguments)

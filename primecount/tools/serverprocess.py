@@ -84,6 +84,11 @@ class ServerProcess:
         self.waitFor(re.compile(rb"(?s)(?:.*?worker \d+: primecount listening on){%d}" % count), seconds)
 
     @property
+    def metricsPort(self) -> int:
+        """The port of C{--metrics} (the one the OS chose for port 0), read from the log."""
+        return int(self.waitFor(rb"MetricsSite starting on (\d+)").group(1))
+
+    @property
     def log(self) -> str:
         """What the child has logged so far, as text."""
         return self.output.decode("utf-8", errors="replace")
