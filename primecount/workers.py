@@ -33,8 +33,9 @@ STABLE_SECONDS = 10.0
 FIRST_DELAY, MAX_DELAY = 0.5, 30.0
 # A new worker of a rolling replacement that does not listen within this is killed; the old one stays.
 REPLACE_WAIT = 60.0
-# Variables a worker must not inherit: the socket is handed over as descriptor 3, not by systemd.
-_NOT_INHERITED = ("LISTEN_FDS", "LISTEN_PID", "LISTEN_FDNAMES", "NOTIFY_SOCKET")
+# Variables a worker must not inherit: the socket is handed over as descriptor 3, not by systemd, and systemd
+# speaks with the supervisor alone (its readiness, its watchdog).
+_NOT_INHERITED = ("LISTEN_FDS", "LISTEN_PID", "LISTEN_FDNAMES", "NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID")
 _LEVELS = {level.name: level for level in LogLevel.iterconstants()}
 
 

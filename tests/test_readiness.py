@@ -9,9 +9,10 @@ import socket
 import subprocess
 import tempfile
 
+from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
-from primecount.readiness import Readiness, notify
+from primecount.readiness import Readiness, notify, watchdogInterval
 from primecount.tools.serverprocess import TWISTD
 from tests.helpers import ask, expectedReply, slow
 
@@ -79,6 +80,49 @@ class NotifyTests(SynchronousTestCase):
         self.assertEqual(channel.receive(), "STOPPING=1\nSTATUS=draining")
 
 
+class RunningClock(Clock):
+    """A clock whose C{callWhenRunning} calls at once, as a running reactor would."""
+
+    def callWhenRunning(self, function, *args, **kwargs):  # type: ignore[no-untyped-def]
+        """Call now."""
+        function(*args, **kwargs)
+
+
+class WatchdogTests(SynchronousTestCase):
+    """WATCHDOG=1 at half of WATCHDOG_USEC, from the reactor's turns only, for this process only."""
+
+    def test_interval(self) -> None:
+        """Half the interval systemd gives; none without one, for another pid, or for nonsense."""
+        self.assertEqual(watchdogInterval({"WATCHDOG_USEC": "10000000"}, pid=7), 5.0)
+        self.assertEqual(watchdogInterval({"WATCHDOG_USEC": "10000000", "WATCHDOG_PID": "7"}, pid=7), 5.0)
+        for environ in ({}, {"WATCHDOG_USEC": "10000000", "WATCHDOG_PID": "8"}, {"WATCHDOG_USEC": "0"},
+                        {"WATCHDOG_USEC": "soon"}):
+            self.assertIsNone(watchdogInterval(environ, pid=7), environ)
+
+    def test_pingsOnlyAsTheClockTurns(self) -> None:
+        """A ping at the start and each half interval; a clock that does not turn (a blocked reactor) sends
+        none."""
+        channel = NotifySocket(self)
+        clock = RunningClock()
+        service = Readiness(clock, environ={"NOTIFY_SOCKET": channel.address, "WATCHDOG_USEC": "2000000"})
+        service.startService()
+        self.assertEqual([channel.receive(), channel.receive()], ["READY=1\nSTATUS=accepting requests", "WATCHDOG=1"])
+        channel.socket.settimeout(0.1)
+        self.assertRaises(socket.timeout, channel.receive)  # nothing more while the clock stands still
+        clock.advance(1.0)
+        self.assertEqual(channel.receive(), "WATCHDOG=1")
+        clock.pump([1.0, 1.0])
+        self.assertEqual([channel.receive(), channel.receive()], ["WATCHDOG=1", "WATCHDOG=1"])
+
+
+# Loaded into the twistd of the watchdog test through PYTHONPATH: SIGUSR1 makes the main thread, the reactor's,
+# sleep in the signal handler, a reactor blocked on purpose.
+BLOCKING_SITECUSTOMIZE = """
+import signal, time
+signal.signal(signal.SIGUSR1, lambda number, frame: time.sleep(2.0))
+"""
+
+
 class TwistdReadinessTests(SynchronousTestCase):
     """A real twistd tells a real notification socket it is ready only once its port accepts."""
 
@@ -116,3 +160,48 @@ class TwistdReadinessTests(SynchronousTestCase):
         self.serve("--workers", "2")
         ready = self.log.index("told systemd the service is ready")
         self.assertEqual(len(re.findall(r"worker \d: primecount listening on", self.log[:ready])), 2)
+
+
+class TwistdWatchdogTests(SynchronousTestCase):
+    """A real twistd under a fake systemd's watchdog: pings while its reactor turns, none while it is blocked."""
+
+    @slow
+    def test_blockedReactorStopsThePings(self) -> None:
+        """With WATCHDOG_USEC of 0.4 s a ping comes every 0.2 s; while the reactor sleeps 2 s in a signal
+        handler none comes; then they come again."""
+        import time
+
+        channel = NotifySocket(self)
+        site = self.mktemp()
+        os.makedirs(site)
+        with open(os.path.join(site, "sitecustomize.py"), "w") as file:
+            file.write(BLOCKING_SITECUSTOMIZE)
+        process = subprocess.Popen(
+            [*TWISTD, "-n", "--pidfile=", "primecount", "--port", "tcp:0:interface=127.0.0.1", "--records",
+             os.path.abspath(self.mktemp())],
+            env={**os.environ, "NOTIFY_SOCKET": channel.address, "WATCHDOG_USEC": "400000", "PYTHONPATH":
+                 os.pathsep.join([site, os.environ.get("PYTHONPATH", "")])},
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        )
+        self.addCleanup(lambda: process.poll() is None and (process.kill(), process.communicate()))
+        messages, arrivals = [], []
+
+        def receiveFor(seconds: float) -> None:
+            end = time.monotonic() + seconds
+            while time.monotonic() < end:
+                messages.append(channel.receive())
+                arrivals.append(time.monotonic())
+
+        receiveFor(1.5)
+        self.assertIn("READY=1\nSTATUS=accepting requests", messages)
+        pingsBefore = messages.count("WATCHDOG=1")
+        self.assertGreaterEqual(pingsBefore, 3)
+        process.send_signal(signal.SIGUSR1)
+        signalledAt = time.monotonic()
+        receiveFor(3.5)
+        gaps = [later - earlier for earlier, later in zip(arrivals, arrivals[1:]) if later > signalledAt]
+        self.assertGreaterEqual(max(gaps), 1.7, "pings went on while the reactor was blocked")
+        self.assertGreaterEqual(messages.count("WATCHDOG=1") - pingsBefore, 4, "the pings did not come back")
+        process.send_signal(signal.SIGTERM)
+        output, _ = process.communicate(timeout=30)
+        self.assertEqual(process.returncode, 0, output.decode(errors="replace"))
