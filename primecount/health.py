@@ -51,6 +51,10 @@ class ProcessHealth:
         """Live: this is asked and answered on the reactor thread, so the reactor turns."""
         return ALIVE
 
+    def storeHealthy(self) -> bool:
+        """Whether the records store would store a batch now."""
+        return self._storeHealthy()
+
     def ready(self) -> Verdict:
         """Ready unless draining, not listening, or the records store is unavailable (the first that holds)."""
         if self.draining:
@@ -82,6 +86,10 @@ class WorkersHealth:
     def ended(self, pid: int) -> None:
         """Worker C{pid} is gone."""
         self._said.pop(pid, None)
+
+    def counts(self) -> tuple[int, int]:
+        """How many workers run, and how many of them said they are ready."""
+        return len(self._said), sum(verdict.ok for verdict in self._said.values())
 
     def live(self) -> Verdict:
         """Live while a worker runs (the supervisor answers on its own reactor thread, so that one turns)."""

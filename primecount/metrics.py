@@ -6,7 +6,7 @@ from __future__ import annotations
 from typing import Any, Iterator, Mapping
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, PlatformCollector, ProcessCollector
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from primecount import __version__
 
@@ -49,6 +49,12 @@ class NoMetrics:
 
     def fsyncObserved(self, seconds: float) -> None:
         """An fsync of the records file took C{seconds}."""
+
+    def commitObserved(self, seconds: float) -> None:
+        """A batch of records was stored in C{seconds}: its append (the file) or its transaction (the table)."""
+
+    def watchHealth(self, health: Any) -> None:
+        """Report the readiness of C{health} (a L{primecount.health.ProcessHealth}) and its store's health."""
 
     def watchBufferBudget(self, budget: Any) -> None:
         """Report how many request bytes C{budget} (a L{primecount.connection.BufferBudget}) holds."""
@@ -95,6 +101,11 @@ class PrometheusMetrics(NoMetrics):
         self._fsync = Histogram("primecount_fsync_duration_seconds", "Duration of fsyncs of the records file.",
                                 buckets=(0.0001, 0.0005, 0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1, 5),
                                 registry=self.registry)
+        self._commit = Histogram(
+            "primecount_records_commit_duration_seconds", "Time to store a batch of records: its append to the "
+            "records file, or its transaction in the records table.",
+            buckets=(0.00005, 0.0001, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.5, 1, 5),
+            registry=self.registry)
         # Every series exists from the start, at 0, so rates and alerts work before the first such event.
         for outcome in OUTCOMES:
             self._requests.labels(outcome)
@@ -154,6 +165,15 @@ class PrometheusMetrics(NoMetrics):
         """An fsync finished."""
         self._fsync.observe(seconds)
 
+    def commitObserved(self, seconds: float) -> None:
+        """A batch was stored."""
+        self._commit.observe(seconds)
+
+    def watchHealth(self, health: Any) -> None:
+        """Read the readiness at scrape time (in a single process; a supervisor reports its workers')."""
+        if not self._worker:
+            self.registry.register(HealthCollector(health))
+
 
 class _ThreadPoolCollector:
     """Reads the analysis thread pool's queue depth and busy threads when Prometheus scrapes."""
@@ -181,6 +201,36 @@ class _BufferCollector:
                                 "(lines not yet ended), against --max-buffered.", value=self._budget.held)
 
 
+class HealthCollector:
+    """Reads, when Prometheus scrapes, what C{/readyz} would answer (C{primecount_ready}) and what makes it: in
+    one process, its records store's health; in a supervisor, its workers running and ready, and how many times
+    one died and was started again (C{restarts})."""
+
+    def __init__(self, health: Any, restarts: Any = None) -> None:
+        self._health = health
+        self._restarts = restarts
+
+    def collect(self) -> Iterator[Any]:
+        """The gauges, as of now."""
+        yield GaugeMetricFamily("primecount_ready", "1 while /readyz answers 200 (listening, not draining, the "
+                                "records store healthy; with --workers: one worker ready), else 0.",
+                                value=int(self._health.ready().ok))
+        if hasattr(self._health, "storeHealthy"):
+            yield GaugeMetricFamily("primecount_records_store_healthy", "1 while the records store is expected to "
+                                    "store a batch (no incident going on), else 0.",
+                                    value=int(self._health.storeHealthy()))
+        if hasattr(self._health, "counts"):
+            workers = GaugeMetricFamily("primecount_workers", "Worker processes, by state (running, ready).",
+                                        labels=["state"])
+            running, ready = self._health.counts()
+            workers.add_metric(["running"], running)
+            workers.add_metric(["ready"], ready)
+            yield workers
+        if self._restarts is not None:
+            yield CounterMetricFamily("primecount_worker_restarts", "Workers that died and were started again.",
+                                      value=self._restarts())
+
+
 def registerProcessCollectors(registry: CollectorRegistry, limits: Mapping[str, float]) -> None:
     """The conventional process and platform metrics, the build, and the configured limits."""
     ProcessCollector(registry=registry)
@@ -188,11 +238,14 @@ def registerProcessCollectors(registry: CollectorRegistry, limits: Mapping[str, 
     registry.register(_ConstantCollector(limits))
 
 
-def workersRegistry(workers: Any, limits: Mapping[str, float] = {}) -> CollectorRegistry:
-    """The supervisor's registry: C{workers} (a collector summing what every worker wrote), this process, the
-    build and the limits."""
+def workersRegistry(workers: Any, limits: Mapping[str, float] = {}, health: Any = None,
+                    restarts: Any = None) -> CollectorRegistry:
+    """The supervisor's registry: C{workers} (a collector summing what every worker wrote), the workers' health
+    and restarts, this process, the build and the limits."""
     registry = CollectorRegistry()
     registry.register(workers)
+    if health is not None:
+        registry.register(HealthCollector(health, restarts))
     registerProcessCollectors(registry, limits)
     return registry
 

@@ -70,6 +70,7 @@ def makeService(options: Options, reactor: Optional[Any] = None) -> IService:
     worker = options["worker-fd"] is not None
     listener = Listener(*_listening(options, reactor, factory, metrics), reactor)
     health = ProcessHealth(lambda: listener.listening, records.healthy)
+    metrics.watchHealth(health)
     return _inOrder(
         signals,
         SupervisorWatch(reactor, signals.stop) if worker else None,
@@ -100,8 +101,8 @@ def supervisor(options: Options, reactor: Any) -> IService:
     if folder is not None:
         limits = configuredLimits(options, options["max-connections"]
                                   or raiseFileLimit().defaultMaxConnections * options["workers"])
-        metrics = strports.service(options["metrics"], MetricsSite(workersRegistry(folder, limits), reactor, health),
-                                   reactor=reactor)
+        registry = workersRegistry(folder, limits, health, lambda: pool.restarts)
+        metrics = strports.service(options["metrics"], MetricsSite(registry, reactor, health), reactor=reactor)
     log.info("supervising {count} workers on one listening socket", count=options["workers"])
     return _inOrder(ProcessSignals(reactor, onHangUp=pool.hangUp, onReplace=pool.replaceAll), folder, metrics,
                     shared, pool, HealthWatch(health, reactor, options["drain-delay"]),

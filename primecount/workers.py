@@ -119,7 +119,8 @@ class _WorkerProcess(ProcessProtocol):
         self._pool = pool
         self.number = number
         self.exited: Deferred[None] = Deferred()
-        self.listening: Deferred[None] = Deferred()  # fires when it listens; fails if it exits before that
+        # Fires when it listens; for a replacement (incoming), fails if it exits before that.
+        self.listening: Deferred[None] = Deferred()
         self._partial = {1: b"", 2: b""}
         self.pid = 0
         self.incoming = False  # a replacement not yet listening: if it exits, the replacement keeps the old one
@@ -159,8 +160,9 @@ class _WorkerProcess(ProcessProtocol):
         for rest in self._partial.values():
             if rest:
                 self._relay(rest)
+        incoming = self.incoming  # a replacement whose listening is awaited (workerEnded reads it too)
         self._pool.workerEnded(self, reason)
-        if not self.listening.called:
+        if incoming and not self.listening.called:
             self.listening.errback(reason)
         self.exited.callback(None)
 
@@ -192,6 +194,7 @@ class WorkerPool(Service):
         self._listeningWorkers: set[int] = set()
         self.allListening: Deferred[None] = Deferred()
         self.replacing: Optional[Deferred[bool]] = None  # while a rolling replacement runs: whether it completed
+        self.restarts = 0  # workers that died and were started again
 
     @property
     def workers(self) -> dict[int, Any]:
@@ -245,6 +248,7 @@ class WorkerPool(Service):
         ranFor = self.clock.seconds() - protocol.startedAt
         delay = 0.0 if ranFor >= STABLE_SECONDS else self._delays.get(number, FIRST_DELAY)
         self._delays[number] = FIRST_DELAY if ranFor >= STABLE_SECONDS else min(delay * 2, MAX_DELAY)
+        self.restarts += 1
         self.log.error("worker {number} (pid {pid}) died after {ranFor:.1f} s: {reason}; restarting it in "
                        "{delay:g} s", number=number, pid=pid, ranFor=ranFor, reason=reason.getErrorMessage(),
                        delay=delay)

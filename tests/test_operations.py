@@ -404,6 +404,8 @@ class MetricsTests(SynchronousTestCase):
         self.assertEqual(after["primecount_records_written_total"], 3.0)
         self.assertEqual(after["primecount_record_write_errors_total"], 0.0)
         self.assertGreaterEqual(after["primecount_fsync_duration_seconds_count"], 3.0)
+        self.assertEqual(after["primecount_records_commit_duration_seconds_count"], 3.0)
+        self.assertEqual((after["primecount_ready"], after["primecount_records_store_healthy"]), (1.0, 1.0))
         self.assertEqual(after["primecount_open_connections"], 0.0)
         self.assertEqual(after["primecount_threadpool_queue_depth"], 0.0)
         self.assertIn("primecount_threadpool_busy_threads", after)

@@ -355,6 +355,10 @@ class TwistdWorkersTests(SynchronousTestCase):
         self.assertEqual(server.stop(), 0, server.log)
         self.assertEqual(scraped[0]['primecount_requests_total{outcome="ok"}'], len(answered))
         self.assertEqual(scraped[0]["primecount_connections_total"], len(answered))
+        self.assertTrue(0 < scraped[0]["primecount_records_commit_duration_seconds_count"] <= len(answered))
+        self.assertEqual((scraped[0]["primecount_ready"], scraped[0]['primecount_workers{state="running"}'],
+                          scraped[0]['primecount_workers{state="ready"}'], scraped[0]["primecount_worker_restarts_total"]),
+                         (1.0, 2.0, 2.0, 0.0))
 
 
 

@@ -259,12 +259,14 @@ class FileStore(Service):
         batch = "".join([self._format(record) for record in records]).encode("utf-8")
         if self._waiting:  # earlier batches wait for the lock: this one goes after them
             return self._wait(batch, len(records))
+        started = self._clock.seconds()
         try:
             self._append(batch)
         except LockBusy:
             return self._wait(batch, len(records))
         except OSError as error:
             return self._writeFailed(error, len(records))
+        self._metrics.commitObserved(self._clock.seconds() - started)
         return self._stored(len(records))
 
     def probe(self) -> Deferred[None]:

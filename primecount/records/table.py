@@ -466,9 +466,10 @@ class TableStore(Service):
         rows = [record for records, _ in batch for record in records]
         self._inFlight = True
         committed = self._runInThread(self._writer.append, rows)  # type: ignore[misc]
-        committed.addBoth(self._committed, batch, len(rows))
+        committed.addBoth(self._committed, batch, len(rows), self._reactor.seconds())
 
-    def _committed(self, result: object, batch: list[tuple[Sequence[Record], Deferred[None]]], size: int) -> None:
+    def _committed(self, result: object, batch: list[tuple[Sequence[Record], Deferred[None]]], size: int,
+                   started: float) -> None:
         self._inFlight = False
         if isinstance(result, Failure):
             self._failed(result, size)
@@ -484,6 +485,7 @@ class TableStore(Service):
             self.commits += 1
             self.rowsWritten += size
             self._metrics.recordsWritten(size)
+            self._metrics.commitObserved(self._reactor.seconds() - started)
             self._recovered()
             for _, stored in batch:
                 if not stored.called:
