@@ -576,6 +576,34 @@ class RestartTests(DatabaseOverTCPTestCase):
         self.assertEqual(self.rows()[attempts[-1]], 1)
 
 
+class ReadinessTests(DatabaseOverTCPTestCase):
+    """C{/readyz} follows the records database: unready once a batch was refused, ready again by itself."""
+
+    def test_databaseStoppedThenStarted(self) -> None:
+        """Database stopped: the next request gets ERROR storage unavailable and C{/readyz} says 503 at once;
+        started again, with no request sent, C{/readyz} says 200 by itself (its probes roll back their rows),
+        and the next request is answered and recorded."""
+        from tests.test_fleet import httpGet
+
+        cluster = Cluster(sharedCluster(self).binaries)
+        self.addCleanup(cluster.destroy)
+        cluster.start()
+        self.cluster = cluster
+        server = self.server("--metrics", "tcp:0:interface=127.0.0.1")
+        metrics = server.metricsPort
+        self.assertEqual(ask(server.port, b"before\n"), expectedReply("before"))
+        self.assertEqual(httpGet(metrics, "/readyz"), (200, "ready\n"))
+        cluster.stop("fast")
+        self.assertEqual(ask(server.port, b"while down\n"), STORAGE_UNAVAILABLE)
+        self.assertEqual(httpGet(metrics, "/readyz"), (503, "not ready: records store unavailable\n"))
+        cluster.start()
+        waitUntil(lambda: httpGet(metrics, "/readyz")[0] == 200, seconds=20, what="/readyz to say ready again")
+        self.assertEqual(ask(server.port, b"after\n"), expectedReply("after"))
+        self.assertEqual(server.stop(), 0, server.log)
+        self.assertEqual(self.rows(), Counter({"before": 1, "after": 1}))
+        self.assertIn("records database back after", server.log)
+
+
 class DriverTests(SynchronousTestCase):
     """psycopg's pure-Python libpq wrapper (the one PyPy runs) works on this interpreter once L{driver} has run,
     and still has the name L{driver} replaces."""
