@@ -149,9 +149,11 @@ class _AlwaysReady:
     """The health of a process that has nothing to tell (tests of the metrics alone)."""
 
     def live(self) -> Verdict:
+        """Live."""
         return ALIVE
 
     def ready(self) -> Verdict:
+        """Ready."""
         return Verdict(True, "ready")
 
 

@@ -285,8 +285,9 @@ class HAProxyRoutesAroundTests(SynchronousTestCase):
     back by itself once repaired; one that drains is taken out before its listener closes."""
 
     def instance(self, records: str, *options: str) -> ServerProcess:
-        """An instance behind the proxy, with its health checks on its metrics port."""
-        server = ServerProcess(records, "--metrics", "tcp:0:interface=127.0.0.1", *options,
+        """An instance behind the proxy, with its health checks on its metrics port; every client comes from
+        127.0.0.1 here, so without a per-address limit."""
+        server = ServerProcess(records, "--metrics", "tcp:0:interface=127.0.0.1", "--max-per-ip", "0", *options,
                                port="haproxy:tcp:0:interface=127.0.0.1")
         self.addCleanup(server.stop)
         return server

@@ -81,6 +81,7 @@ class HealthWatchTests(SynchronousTestCase):
         self.patch(HealthWatch, "log", Logger(observer=self.events.append))
 
     def lines(self) -> list[str]:
+        """The readiness lines logged so far."""
         return [f"{event['event']} {event['verdict']}" for event in self.events if "verdict" in event]
 
     def test_loggedOnChangeOnly(self) -> None:

@@ -200,9 +200,11 @@ class ProbedStore:
         self.probes: list[defer.Deferred[None]] = []
 
     def healthy(self) -> bool:
+        """What the test set."""
         return self.isHealthy
 
     def probe(self) -> defer.Deferred[None]:
+        """A probe the test answers."""
         self.probes.append(defer.Deferred())
         return self.probes[-1]
 
