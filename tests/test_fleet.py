@@ -82,17 +82,19 @@ def fill(folder: Path) -> Path:
 
 
 class CountingClients:
-    """Client threads, each sending unique one-line requests, one per connection, to C{port}, and counting
-    exactly what happened to each: a verified answer, C{ERROR storage unavailable} (with when it came), a
-    refused or reset connection, a connection closed without a reply, anything else."""
+    """Client threads, each sending unique one-line requests, one per connection, to C{port}, C{pause} seconds
+    apart (a steady load, not the most the machine can make), and counting exactly what happened to each: a
+    verified answer, C{ERROR storage unavailable} (with when it came), a refused or reset connection, a
+    connection closed without a reply, anything else."""
 
-    def __init__(self, port: int, clients: int, name: str) -> None:
+    def __init__(self, port: int, clients: int, name: str, pause: float = 0.002) -> None:
         self.port = port
         self.answered: list[str] = []
         self.unavailableAt: list[float] = []
         self.failures: Counter[str] = Counter()
         self.other: list[bytes] = []
         self._name = name
+        self._pause = pause
         self._stop = threading.Event()
         self._threads = [threading.Thread(target=self._client, args=(n,), daemon=True) for n in range(clients)]
         for thread in self._threads:
@@ -100,7 +102,7 @@ class CountingClients:
 
     def _client(self, number: int) -> None:
         sent = 0
-        while not self._stop.is_set():
+        while not self._stop.wait(self._pause):
             message = f"{self._name} client {number} request {sent}"
             sent += 1
             try:
