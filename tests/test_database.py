@@ -597,7 +597,10 @@ class ReadinessTests(DatabaseOverTCPTestCase):
         self.assertEqual(ask(server.port, b"while down\n"), STORAGE_UNAVAILABLE)
         self.assertEqual(httpGet(metrics, "/readyz"), (503, "not ready: records store unavailable\n"))
         cluster.start()
+        startedAt = time.monotonic()
         waitUntil(lambda: httpGet(metrics, "/readyz")[0] == 200, seconds=20, what="/readyz to say ready again")
+        Logger().info("database readiness figures: ready {seconds:.2f} s after the database started",
+                      seconds=time.monotonic() - startedAt)
         self.assertEqual(ask(server.port, b"after\n"), expectedReply("after"))
         self.assertEqual(server.stop(), 0, server.log)
         self.assertEqual(self.rows(), Counter({"before": 1, "after": 1}))

@@ -168,7 +168,10 @@ class ReadinessOverTCPTests(SynchronousTestCase):
         time.sleep(2.5)  # two of the store's own probes find the disk still full
         self.assertEqual(httpGet(metrics, "/readyz")[0], 503)
         filler.unlink()
+        repairedAt = time.monotonic()
         waitUntil(lambda: httpGet(metrics, "/readyz")[0] == 200, seconds=10, what="/readyz to say ready again")
+        Logger().info("disk readiness figures: ready {seconds:.2f} s after the repair, {sent} requests written "
+                      "before the first refusal", seconds=time.monotonic() - repairedAt, sent=sent)
         self.assertEqual(ask(server.port, b"after\n"), expectedReply("after"))
         self.assertEqual(server.stop(), 0, server.log)
         recorded = recordedMessages(server.records)
