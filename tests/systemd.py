@@ -1,7 +1,8 @@
 """A real systemd (Debian's) as PID 1 of a PID and mount namespace of the test's own, for the shipped units:
 it sees only the units the test gives it (C{SYSTEMD_UNIT_PATH}), with empty stand-ins for the system's targets,
-and private C{/run}, C{/tmp} and C{/var/tmp}, so that it starts nothing of the machine's and touches none of its
-files; it shares the network, so the test reaches its sockets on loopback."""
+so that it starts nothing of the machine's (no tmpfiles cleaning, no journald, no sysctl), and a private C{/run}
+of its own, where its control socket lives; it shares the network, so the test reaches its sockets on loopback.
+The rest of the file system is the machine's: the test's folder may be anywhere, /tmp included."""
 
 from __future__ import annotations
 
@@ -21,8 +22,6 @@ STAND_IN_TARGETS = ("sysinit", "basic", "shutdown", "sockets", "network", "multi
 _BOOT = """#!/bin/sh
 set -e
 mount -t tmpfs primecount-run /run
-mount -t tmpfs primecount-tmp /tmp
-mount -t tmpfs primecount-var-tmp /var/tmp
 export SYSTEMD_UNIT_PATH={units}
 export container=primecount-test
 exec {systemd} --system --unit=primecount-test.target --log-target=console --show-status=no
