@@ -30,7 +30,8 @@ REPOSITORY = Path(__file__).resolve().parents[1]
 UNITS = REPOSITORY / "contrib" / "systemd"
 # What the test changes of the shipped service: this checkout's twistd and a records file in the test's folder,
 # its log in a file (no journald here), and, because the interpreter lives in a home directory here, the service
-# runs as root with homes visible; every other line of the unit, hardening included, is the shipped one.
+# runs as root with homes visible; a checkout under /tmp (a CI clone may be) also needs the machine's /tmp.
+# Every other line of the unit, hardening included, is the shipped one.
 SERVICE_DROP_IN = """[Service]
 ExecStart=
 ExecStart={twistd} --nodaemon --pidfile= --logfile=- primecount --port systemd:domain=INET:name=primecount \
@@ -42,7 +43,7 @@ WorkingDirectory={folder}
 ReadWritePaths={folder}
 StandardOutput=append:{folder}/service.log
 StandardError=inherit
-"""
+{privateTmp}"""
 UNAVAILABLE = b"ERROR storage unavailable\n"
 
 
@@ -259,7 +260,9 @@ class SocketActivatedRestartTests(SynchronousTestCase):
             "primecount.socket": (UNITS / "primecount.socket").read_text(),
             "primecount-socket.service": (UNITS / "primecount-socket.service").read_text(),
             "primecount.socket.d/test.conf": f"[Socket]\nListenStream=\nListenStream=127.0.0.1:{port}\n",
-            "primecount-socket.service.d/test.conf": SERVICE_DROP_IN.format(twistd=twistd, folder=folder),
+            "primecount-socket.service.d/test.conf": SERVICE_DROP_IN.format(
+                twistd=twistd, folder=folder,
+                privateTmp="PrivateTmp=no\n" if any(str(p).startswith("/tmp/") for p in (folder, twistd)) else ""),
         })
         systemd.systemctl("start", "primecount.socket")
         clients = CountingClients(port, 6, "restart")
