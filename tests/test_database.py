@@ -21,7 +21,7 @@ from twisted.python import usage
 from twisted.trial.unittest import SynchronousTestCase
 
 from primecount.records.table import (
-    GATHER_MOST, NUL_STAND_IN, TableStore, DatabaseWriter, driver, insertParameters,
+    GATHER_MOST, NUL_STAND_IN, PROBE_LOOK_INTERVAL, TableStore, DatabaseWriter, driver, insertParameters,
 )
 from primecount.records.formats import Record
 from primecount.records.store import StorageUnavailable
@@ -61,6 +61,17 @@ class HeldThread:
             done.errback(error)
 
 
+class AbandonCountingWriter(DatabaseWriter):
+    """A writer with no database: counts the times its connection was abandoned."""
+
+    abandoned = 0
+
+    def abandon(self) -> bool:
+        """Count it."""
+        self.abandoned += 1
+        return True
+
+
 class ServiceTests(SynchronousTestCase):
     """Group commit, release after commit, failures, backoff and the timeout, with no database."""
 
@@ -70,8 +81,9 @@ class ServiceTests(SynchronousTestCase):
         self.metrics = RecordingMetrics()
         self.events: list[dict] = []
         self.patch(TableStore, "log", Logger(observer=self.events.append))
+        self.writer = AbandonCountingWriter("postgresql:///x", "t", "always")
         self.service = TableStore("postgresql:///x", self.clock, metrics=self.metrics, table="t", timeout=2.0,
-                                  runInThread=self.thread)
+                                  runInThread=self.thread, writer=self.writer)
 
     def test_releasedOnlyAfterCommit(self) -> None:
         """A batch's result fires only once its transaction has committed."""
@@ -131,41 +143,60 @@ class ServiceTests(SynchronousTestCase):
         self.thread.finish(1)
         self.successResultOf(later)
 
-    def test_failureRefusesAndBacksOff(self) -> None:
-        """A failed transaction fails its batches and those waiting; for the backoff, batches are refused at
-        once; one log line for the incident, one when it is over."""
+    def test_failureRefusesUntilAProbeSucceeds(self) -> None:
+        """A failed transaction fails its batches and those waiting; from then on batches are refused at once,
+        with no database call, while the store's own probes (on the backoff's schedule, a probe row rolled
+        back) find the database still gone, then back; one log line for the incident, one when it is over."""
         failed = self.service.write([record("a")])
         waiting = self.service.write([record("b")])
         self.thread.finish(0, OSError("connection refused"))
         self.failureResultOf(failed, StorageUnavailable)
         self.failureResultOf(waiting, StorageUnavailable)
         self.failureResultOf(self.service.write([record("c")]), StorageUnavailable)
-        self.assertEqual(len(self.thread.calls), 1, "no database call during the backoff")
-        self.clock.advance(0.1)
-        again = self.service.write([record("d")])
+        self.assertEqual(len(self.thread.calls), 1, "no database call for a refused batch")
+        self.clock.advance(PROBE_LOOK_INTERVAL)  # past the first backoff (0.1 s)
+        self.assertEqual(self.thread.calls[1][0], [], "a probe, with no batch")
         self.thread.finish(1, OSError("connection refused"))
-        self.failureResultOf(again, StorageUnavailable)
-        self.clock.advance(0.2)
+        self.failureResultOf(self.service.write([record("d")]), StorageUnavailable)
+        self.clock.advance(PROBE_LOOK_INTERVAL)  # past the second (0.2 s)
+        self.thread.finish(2, OSError("connection refused"))
+        self.clock.advance(PROBE_LOOK_INTERVAL)
+        self.assertEqual(len(self.thread.calls), 3, "no probe before the third backoff (0.4 s) is over")
+        self.clock.advance(PROBE_LOOK_INTERVAL)
+        self.thread.finish(3)
         back = self.service.write([record("e")])
-        self.thread.finish(2)
+        self.thread.finish(4)
         self.successResultOf(back)
         self.assertEqual([e["log_level"].name for e in self.events], ["error", "info"])
         self.assertIn("4 records were refused", self._text(self.events[-1]))
         self.assertEqual(sum(e[1] for e in self.metrics.events if e[0] == "recordWriteFailed"), 4)
 
     def test_tooSlowIsNotAnsweredAsRecorded(self) -> None:
-        """A commit that does not return within the timeout fails its batch; the late commit changes nothing,
-        and batches that timed out while waiting are not written at all."""
+        """A commit that does not return within the timeout fails its batch and its connection is abandoned;
+        batches written meanwhile are refused at once; the late commit ends the incident, and batches that
+        timed out while waiting are not written at all."""
         slowOne = self.service.write([record("a")])
         timedOut = self.service.write([record("b")])
         self.clock.advance(2.0)
         self.failureResultOf(slowOne, StorageUnavailable)
         self.failureResultOf(timedOut, StorageUnavailable)
-        fresh = self.service.write([record("c")])
+        self.assertEqual(self.writer.abandoned, 1)
+        self.failureResultOf(self.service.write([record("refused")]), StorageUnavailable)
         self.thread.finish(0)
+        fresh = self.service.write([record("c")])
         self.assertEqual([r.message for r in self.thread.calls[1][0]], ["c"], "the timed-out batch is dropped")
         self.thread.finish(1)
         self.successResultOf(fresh)
+
+    def test_hungProbeIsAbandoned(self) -> None:
+        """A probe that gets no answer within the timeout has its connection abandoned too."""
+        failed = self.service.write([record("a")])
+        self.thread.finish(0, OSError("connection refused"))
+        self.failureResultOf(failed, StorageUnavailable)
+        self.clock.advance(PROBE_LOOK_INTERVAL)
+        self.assertEqual(len(self.thread.calls), 2)
+        self.clock.advance(2.0)
+        self.assertEqual(self.writer.abandoned, 1)
 
     def test_oneTimerForEveryWaitingBatch(self) -> None:
         """However many batches wait, one timer bounds them all (the oldest's deadline), and none is left once
@@ -240,7 +271,8 @@ class ServiceTests(SynchronousTestCase):
                 else:
                     outcomes[message].trap(StorageUnavailable)  # type: ignore[attr-defined]
                     self.assertFalse(inTime, "failed although committed in time")
-            deadlineTimers = [call for call in clock.getDelayedCalls() if "SelfProbe" not in repr(call)]
+            deadlineTimers = [call for call in clock.getDelayedCalls()
+                              if "SelfProbe" not in repr(call) and "abandon" not in repr(call)]
             self.assertLessEqual(len(deadlineTimers), 1)
             if len(outcomes) == len(writtenAt):
                 self.assertEqual(deadlineTimers, [])

@@ -7,6 +7,7 @@ import ipaddress
 import os
 import re
 import socket
+import threading
 from collections import deque
 from functools import lru_cache
 from typing import Any, Callable, Optional, Sequence
@@ -28,6 +29,11 @@ from primecount.threads import batchScheduledPool
 SCHEMES = ("postgresql://", "postgres://")
 DEFAULT_TABLE = "primecount_records"
 DEFAULT_TIMEOUT = 2.0  # seconds a batch may wait for its commit (--records-timeout)
+# Seconds a new connection may take (libpq's least): while the database is cut off, each try of a probe ends
+# this soon, so the first one after the link heals comes within a couple of seconds.
+CONNECT_TIMEOUT = 2
+# How often a table store that failed looks whether its next probe is due (the backoff says when it is).
+PROBE_LOOK_INTERVAL = 0.25
 BACKOFF_FIRST, BACKOFF_MOST = 0.1, 5.0
 # How long the next transaction may wait for the records of requests still being analysed (the pool's turn
 # around is well under a millisecond; this bounds the wait when analysis never stops, under steady load).
@@ -228,8 +234,11 @@ def connect(conninfo: str, fsync: str) -> Any:
     """A new connection to the records database, set up for appending: its commit policy, a name in
     C{pg_stat_activity}, bounded connection and statement times."""
     return driver().connect(
-        conninfo, autocommit=True, connect_timeout=5, application_name="primecount",
+        conninfo, autocommit=True, connect_timeout=CONNECT_TIMEOUT, application_name="primecount",
         options=f"-c synchronous_commit={SYNCHRONOUS_COMMIT[fsync]} -c statement_timeout=10000",
+        # A peer gone without a word (a cut link, a dead host) is found by the kernel, not only when a
+        # commit is abandoned: unacknowledged data for 10 s, or an idle connection unanswered for 8 s.
+        tcp_user_timeout=10000, keepalives=1, keepalives_idle=5, keepalives_interval=1, keepalives_count=3,
     )
 
 
@@ -244,6 +253,9 @@ class DatabaseWriter:
         self._connectTo = connectTo
         self._connection: Any = None
         self._host = socket.gethostname()
+        # Held to replace or close the connection, and by abandon() from the reactor thread: a descriptor is
+        # never shut down after libpq has closed it (it could be another file's by then).
+        self._lock = threading.Lock()
 
     def append(self, records: Sequence[Record]) -> None:
         """Write C{records} as one transaction, a single multi-row C{INSERT} (prepared once per connection, in
@@ -295,14 +307,15 @@ class DatabaseWriter:
         from psycopg import pq
 
         connection = self._connectTo(self._conninfo, self._fsync)
+        with self._lock:
+            self._connection = connection  # abandon() may now shut it down, during the schema work too
         try:
             createSchema(connection, self._table)
             _checked(connection.pgconn.prepare(APPEND_STATEMENT, insertStatement(self._table).as_bytes(connection)),
                      pq.ExecStatus.COMMAND_OK)
         except BaseException:
-            connection.close()
+            self.close()
             raise
-        self._connection = connection
         return connection
 
     def connectNow(self) -> None:
@@ -310,9 +323,25 @@ class DatabaseWriter:
         if self._connection is None:
             self._connect()
 
+    def abandon(self) -> bool:
+        """From any thread: shut the connection's socket down, so that a statement waiting on it (a commit cut
+        off from the database) fails at once, its outcome unknown, instead of when TCP gives up; the next
+        statement gets a new connection. Whether there was a connection to shut down."""
+        with self._lock:
+            connection = self._connection
+            if connection is None:
+                return False
+            try:
+                with socket.socket(fileno=os.dup(connection.pgconn.socket)) as handle:
+                    handle.shutdown(socket.SHUT_RDWR)
+            except Exception:  # already closed by libpq, or never connected
+                return False
+            return True
+
     def close(self) -> None:
         """Drop the connection (the next append makes a new one)."""
-        connection, self._connection = self._connection, None
+        with self._lock:
+            connection, self._connection = self._connection, None
         if connection is not None:
             try:
                 connection.close()
@@ -386,7 +415,8 @@ class TableStore(Service):
         self._retryAt = 0.0
         self._backoff = Backoff(BACKOFF_FIRST, BACKOFF_MOST)
         self._incident = Incident(self.log, reactor)
-        self._selfProbe = SelfProbe(self, reactor)
+        self._selfProbe = SelfProbe(self, reactor, PROBE_LOOK_INTERVAL)
+        self._inFlightSince = 0.0
         self.commits = 0
         self.rowsWritten = 0
 
@@ -435,7 +465,9 @@ class TableStore(Service):
         """Store C{records} in the next transaction; fire once it has committed, fail with
         L{StorageUnavailable} if it fails, if the database cannot be reached, or past the timeout."""
         now = self._reactor.seconds()
-        if self._runInThread is None or now < self._retryAt:
+        if self._runInThread is None or self._incident.going:
+            # Known to be unavailable: refused now rather than after --records-timeout; the store's own probes
+            # (on the backoff's schedule) find when it is back.
             self._refused(len(records))
             return fail(StorageUnavailable("records database unavailable"))
         stored: Deferred[None] = Deferred()
@@ -465,8 +497,9 @@ class TableStore(Service):
             return
         rows = [record for records, _ in batch for record in records]
         self._inFlight = True
+        self._inFlightSince = self._reactor.seconds()
         committed = self._runInThread(self._writer.append, rows)  # type: ignore[misc]
-        committed.addBoth(self._committed, batch, len(rows), self._reactor.seconds())
+        committed.addBoth(self._committed, batch, len(rows), self._inFlightSince)
 
     def _committed(self, result: object, batch: list[tuple[Sequence[Record], Deferred[None]]], size: int,
                    started: float) -> None:
@@ -503,8 +536,12 @@ class TableStore(Service):
         incident if it does. While a transaction is in flight its outcome will tell: the answer is no."""
         if self._runInThread is None or self._inFlight or self._reactor.seconds() < self._retryAt:
             return fail(StorageUnavailable("records database unavailable"))
+        # A probe cut off from the database is abandoned as a commit would be.
+        giveUp = self._reactor.callLater(self._timeout, self._writer.abandon)
 
         def answered(result: object) -> None:
+            if giveUp.active():
+                giveUp.cancel()
             if isinstance(result, Failure):
                 self._failed(result, 0)
                 raise StorageUnavailable(f"records database unavailable ({_describe(result)})")
@@ -537,6 +574,10 @@ class TableStore(Service):
         answered as recorded (their rows may still appear). Then wait for the next oldest."""
         self._deadlineCall = None
         now, deadlines = self._reactor.seconds(), self._deadlines
+        if self._inFlight and now - self._inFlightSince >= self._timeout and self._writer.abandon():
+            self.log.warn("records database: a commit took over {timeout:g} s; its connection is abandoned "
+                          "(its rows may or may not be there) and the next try uses a new one",
+                          timeout=self._timeout)
         while deadlines and (deadlines[0][1].called or deadlines[0][0] <= now):
             _, stored, size = deadlines.popleft()
             if not stored.called:
