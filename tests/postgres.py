@@ -43,17 +43,24 @@ def requirePostgres(test: SynchronousTestCase) -> str:
 class Cluster:
     """One PostgreSQL server of the test's own: L{start}, L{stop} (and start again), L{destroy}."""
 
-    def __init__(self, binaries: str, prefix: Sequence[str] = ()) -> None:
-        """A new cluster in a temporary folder; its commands run after C{prefix} (e.g. C{taskset -c 0})."""
+    def __init__(self, binaries: str, prefix: Sequence[str] = (), listen: str = "") -> None:
+        """A new cluster in a temporary folder; its commands run after C{prefix} (e.g. C{taskset -c 0}, or
+        C{ip netns exec} a host); with C{listen}, it also takes TCP connections on that address
+        (C{tcpUri})."""
         self.binaries = binaries
         self.prefix = list(prefix)
+        self.listen = listen
         self.folder = tempfile.mkdtemp(prefix="primecount-pg-")
         os.chmod(self.folder, 0o755)
         self.data = os.path.join(self.folder, "data")
         self.port = 5432 + (os.getpid() % 20000)  # names the socket file only: there is no TCP listener
         self.uri = f"postgresql:///postgres?host={self.folder}&port={self.port}&user=primecount"
+        self.tcpUri = f"postgresql://primecount@{listen}:{self.port}/postgres" if listen else ""
         self._run("initdb", "--pgdata", self.data, "--username", "primecount", "--auth", "trust",
                   "--no-sync", "--encoding", "UTF8", "--locale", "C")
+        if listen:  # the test hosts' own range, 198.18.0.0/15, and nothing else
+            with open(os.path.join(self.data, "pg_hba.conf"), "a") as rules:
+                rules.write("host all all 198.18.0.0/15 trust\n")
 
     def _asOwner(self) -> list[str]:
         """The command prefix that runs as the cluster's owner: nobody when the tests run as root."""
@@ -69,7 +76,7 @@ class Cluster:
     def start(self, durable: bool = False) -> None:
         """Start (or start again) and wait until it accepts connections; unless C{durable}, without fsync (the
         tests' data is thrown away)."""
-        options = (f"-c listen_addresses='' -c unix_socket_directories='{self.folder}' -p {self.port} "
+        options = (f"-c listen_addresses='{self.listen}' -c unix_socket_directories='{self.folder}' -p {self.port} "
                    "-c max_connections=50" + ("" if durable else " -c fsync=off -c full_page_writes=off"))
         self._run("pg_ctl", "--pgdata", self.data, "--log", os.path.join(self.folder, "server.log"), "--wait",
                   "--timeout", "60", "-o", options, "start")

@@ -47,9 +47,9 @@ StandardError=inherit
 UNAVAILABLE = b"ERROR storage unavailable\n"
 
 
-def httpGet(port: int, path: str) -> tuple[int, str]:
-    """The status and body of C{GET path} on a loopback C{port}."""
-    reply = ask(port, f"GET {path} HTTP/1.0\r\n\r\n".encode())
+def httpGet(port: int, path: str, host: str = "127.0.0.1") -> tuple[int, str]:
+    """The status and body of C{GET path} on C{host}:C{port}."""
+    reply = ask(port, f"GET {path} HTTP/1.0\r\n\r\n".encode(), host=host)
     head, _, body = reply.partition(b"\r\n\r\n")
     return int(head.split(b" ")[1]), body.decode("utf-8")
 
@@ -88,10 +88,16 @@ class CountingClients:
     verified answer, C{ERROR storage unavailable} (with when it came), a refused or reset connection, a
     connection closed without a reply, anything else."""
 
-    def __init__(self, port: int, clients: int, name: str, pause: float = 0.002) -> None:
+    def __init__(self, port: int, clients: int, name: str, pause: float = 0.002, host: str = "127.0.0.1",
+                 namespace: str = "") -> None:
+        """C{clients} threads to C{host}:C{port}, each in the network namespace C{namespace} if given."""
         self.port = port
+        self.host = host
+        self.namespace = namespace
         self.answered: list[str] = []
+        self.answeredAt: list[float] = []
         self.unavailableAt: list[float] = []
+        self.unavailableTook: list[float] = []  # seconds from connect to each ERROR storage unavailable
         self.failures: Counter[str] = Counter()
         self.other: list[bytes] = []
         self._name = name
@@ -102,12 +108,17 @@ class CountingClients:
             thread.start()
 
     def _client(self, number: int) -> None:
+        if self.namespace:
+            from tests.netns import enterNamespace
+
+            enterNamespace(self.namespace)
         sent = 0
         while not self._stop.wait(self._pause):
             message = f"{self._name} client {number} request {sent}"
             sent += 1
+            began = time.monotonic()
             try:
-                with socket.create_connection(("127.0.0.1", self.port), timeout=10) as connection:
+                with socket.create_connection((self.host, self.port), timeout=10) as connection:
                     connection.sendall(message.encode() + b"\n")
                     reply = connection.makefile("rb").readline()
             except ConnectionRefusedError:
@@ -121,8 +132,10 @@ class CountingClients:
                 continue
             if reply == expectedReply(message):
                 self.answered.append(message)
+                self.answeredAt.append(time.monotonic())
             elif reply == UNAVAILABLE:
                 self.unavailableAt.append(time.monotonic())
+                self.unavailableTook.append(self.unavailableAt[-1] - began)
             elif not reply:
                 self.failures["closed without a reply"] += 1
             else:
