@@ -4,7 +4,11 @@ with nftables, PostgreSQL on a host of its own; what a partition from the databa
 from __future__ import annotations
 
 import statistics
+import subprocess
+import sys
 import time
+from pathlib import Path
+from typing import Any
 
 from twisted.logger import Logger
 from twisted.trial.unittest import SynchronousTestCase
@@ -14,6 +18,75 @@ from tests.helpers import slow, waitUntil
 from tests.netns import FleetNetwork
 from tests.postgres import Cluster, freshTable, requirePostgres
 from tests.test_fleet import CountingClients, httpGet
+
+
+RELAY = Path(__file__).resolve().parents[1] / "contrib" / "fleet" / "delayrelay.py"
+
+
+class Fleet:
+    """A database host, a primecount host and a client host on one private network; the primecount host's
+    records go to a table on the database host, directly or through a relay that delays every byte."""
+
+    def __init__(self, test: SynchronousTestCase, delay: float | None = None) -> None:
+        self.network = FleetNetwork(test, ["db", "app", "client"])
+        self.db, self.app, self.client = self.network["db"], self.network["app"], self.network["client"]
+        self.cluster = Cluster(requirePostgres(test), prefix=self.db.prefix, listen=self.db.address)
+        test.addCleanup(self.cluster.destroy)
+        self.cluster.start()
+        self.table = freshTable(test, self.cluster)
+        uri = self.cluster.tcpUri
+        if delay is not None:
+            port = self.cluster.port + 1
+            self.relay = subprocess.Popen([*self.db.prefix, sys.executable, str(RELAY), f"{self.db.address}:{port}",
+                                           f"{self.db.address}:{self.cluster.port}", str(delay)],
+                                          stdout=subprocess.PIPE, text=True)
+            test.addCleanup(lambda: (self.relay.kill(), self.relay.wait()))
+            assert self.relay.stdout is not None and self.relay.stdout.readline().strip() == "listening"
+            uri = f"postgresql://primecount@{self.db.address}:{port}/postgres"
+        self.server = ServerProcess(uri, "--records-table", self.table, "--max-per-ip", "0", "--metrics",
+                                    f"tcp:5059:interface={self.app.address}",
+                                    port=f"tcp:5050:interface={self.app.address}", prefix=self.app.prefix)
+        test.addCleanup(self.server.stop)
+
+    def clients(self, name: str, count: int = 6) -> CountingClients:
+        """C{count} clients on the client host, loading the primecount host."""
+        return CountingClients(5050, count, name, host=self.app.address, namespace=self.client.namespace)
+
+    def rows(self) -> dict[Any, int]:
+        """How many rows each message has."""
+        return dict(self.cluster.query(f'SELECT message, count(*) FROM "{self.table}" GROUP BY message'))
+
+
+class FarAndLossyDatabaseTests(SynchronousTestCase):
+    """The promise holds across a slow or lossy database link: every verified reply has exactly one row."""
+
+    def assertOneRowEach(self, fleet: Fleet, clients: CountingClients) -> None:
+        """No refused, reset or wrong reply; each verified reply has exactly one row, and none has two."""
+        self.assertEqual(fleet.server.stop(), 0, fleet.server.log)
+        self.assertEqual((dict(clients.failures), clients.other), ({}, []))
+        self.assertGreater(len(clients.answered), 100)
+        rows = fleet.rows()
+        self.assertEqual([m for m in clients.answered if rows.get(m) != 1], [])
+        self.assertEqual([m for m, n in rows.items() if n > 1], [])
+
+    @slow
+    def test_databaseFiveMillisecondsAway(self) -> None:
+        """The records table 5 ms away each way (a delaying relay on the database host): 3 s of load from 6
+        clients, every verified reply has its one row."""
+        fleet = Fleet(self, delay=0.005)
+        clients = fleet.clients("far")
+        time.sleep(3)
+        self.assertOneRowEach(fleet, clients.stop())
+
+    @slow
+    def test_onePerCentLossToTheDatabase(self) -> None:
+        """1 % of the packets between the primecount host and the database dropped each way (nftables): 3 s of
+        load from 6 clients, every verified reply has its one row."""
+        fleet = Fleet(self)
+        fleet.app.loseTo(fleet.db, 1)
+        clients = fleet.clients("lossy")
+        time.sleep(3)
+        self.assertOneRowEach(fleet, clients.stop())
 
 
 class DatabasePartitionTests(SynchronousTestCase):
@@ -27,17 +100,9 @@ class DatabasePartitionTests(SynchronousTestCase):
         the clients get ERROR storage unavailable, the median after at most 0.5 s, and /readyz says 503; no
         connection is refused or reset. Healed, the host answers again within 5 s. Every verified reply has
         exactly one row."""
-        network = FleetNetwork(self, ["db", "app", "client"])
-        db, app, client = network["db"], network["app"], network["client"]
-        cluster = Cluster(requirePostgres(self), prefix=db.prefix, listen=db.address)
-        self.addCleanup(cluster.destroy)
-        cluster.start()
-        table = freshTable(self, cluster)
-        server = ServerProcess(cluster.tcpUri, "--records-table", table, "--max-per-ip", "0", "--metrics",
-                               f"tcp:5059:interface={app.address}", port=f"tcp:5050:interface={app.address}",
-                               prefix=app.prefix)
-        self.addCleanup(server.stop)
-        clients = CountingClients(5050, 6, "cut", host=app.address, namespace=client.namespace)
+        fleet = Fleet(self)
+        app, db, server, cluster, table = fleet.app, fleet.db, fleet.server, fleet.cluster, fleet.table
+        clients = fleet.clients("cut")
         try:
             waitUntil(lambda: len(clients.answered) >= 200, what="load before the cut")
             app.cutFrom(db)
