@@ -1,0 +1,104 @@
+"""What the records table's distance and losses cost one primecount host, on the namespaced fleet of the tests
+(tests/netns.py: a database host, a primecount host and a client host on a private bridge, as root).
+
+For each database link (direct; through the delaying relay at 0, 1, 5 and 20 ms each way; direct with 1 % of
+the packets dropped each way by nftables) a fresh fleet is built and primeload, on the client host, drives the
+primecount host with kept connections, 50 and then 800 of them. Printed per run: requests per second, p99,
+the rows per commit (records written over commits, from the host's /metrics), the relay's CPU time, and the
+rate against the direct link's. Run: C{python contrib/bench/fleet_network.py} from the checkout (it uses the
+tests' harness; needs root, ip netns, nftables, PostgreSQL, cc and make).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from loadgen_compare import prepare  # noqa: E402
+from twisted.trial.unittest import SynchronousTestCase  # noqa: E402
+
+from tests.test_network import Fleet  # noqa: E402
+
+TICKS = os.sysconf("SC_CLK_TCK")
+
+
+class _Harness(SynchronousTestCase):
+    """Only for its clean-ups: the fleet harness registers them on a test case."""
+
+    def test_nothing(self) -> None:
+        """Never run."""
+
+
+def cpuSeconds(pid: int) -> float:
+    """User plus system CPU time of process C{pid}."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / TICKS
+
+
+def run(primeload: Path, messages: Path, delay: float | None, loss: int, conns: int, seconds: float) -> dict:
+    """One fleet, one load: primeload's summary plus rows per commit and the relay's CPU seconds."""
+    harness = _Harness("test_nothing")
+    try:
+        fleet = Fleet(harness, delay=delay)
+        if loss:
+            fleet.app.loseTo(fleet.db, loss)
+        relayBefore = cpuSeconds(fleet.relay.pid) if delay is not None else 0.0
+        result = subprocess.run(
+            [*fleet.client.prefix, str(primeload), "--host", fleet.app.address, "--port", "5050", "--keepalive",
+             "--conns", str(conns), "--duration", str(seconds), "--verify", "--json", "--messages", str(messages)],
+            capture_output=True, text=True, timeout=seconds + 60)
+        summary = json.loads(result.stdout)
+        metrics = fleet.app.call(scrapeAt, fleet.app.address)
+        summary["rows_per_commit"] = (metrics["primecount_records_written_total"]
+                                      / max(metrics["primecount_records_commit_duration_seconds_count"], 1))
+        summary["relay_cpu_s"] = cpuSeconds(fleet.relay.pid) - relayBefore if delay is not None else 0.0
+        return summary
+    finally:
+        harness.doCleanups()
+
+
+def scrapeAt(host: str) -> dict[str, float]:
+    """The host's metrics (5059 on its own address)."""
+    import urllib.request
+
+    with urllib.request.urlopen(f"http://{host}:5059/metrics", timeout=10) as response:
+        text = response.read().decode()
+    return {line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+            if line and not line.startswith("#")}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--seconds", type=float, default=4.0)
+    parser.add_argument("--conns", type=int, nargs="+", default=[50, 800])
+    arguments = parser.parse_args()
+    workdir, primeload, messages = prepare("primecount-fleet-network-")
+    links = [("direct", None, 0), ("relay 0 ms", 0.0, 0), ("relay 1 ms", 0.001, 0), ("relay 5 ms", 0.005, 0),
+             ("relay 20 ms", 0.020, 0), ("direct, 1% loss", None, 1)]
+    try:
+        print(f"{'database link':16} {'conns':>5} {'req/s':>8} {'p99 ms':>7} {'rows/commit':>11} "
+              f"{'relay CPU s':>11} {'vs direct':>9}  (one run each, {arguments.seconds:g} s)")
+        direct: dict[int, float] = {}
+        for name, delay, loss in links:
+            for conns in arguments.conns:
+                summary = run(primeload, messages, delay, loss, conns, arguments.seconds)
+                if name == "direct":
+                    direct[conns] = summary["rps"]
+                ratio = summary["rps"] / direct[conns] if direct.get(conns) else float("nan")
+                print(f"{name:16} {conns:5} {summary['rps']:8,.0f} {summary['latency_us']['p99'] / 1000:7.1f} "
+                      f"{summary['rows_per_commit']:11.1f} {summary['relay_cpu_s']:11.2f} {ratio:9.2f}"
+                      + (f"  ({summary['mismatches']} mismatches!)" if summary["mismatches"] else ""), flush=True)
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
