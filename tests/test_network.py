@@ -27,7 +27,7 @@ class Fleet:
     """A database host, a primecount host and a client host on one private network; the primecount host's
     records go to a table on the database host, directly or through a relay that delays every byte."""
 
-    def __init__(self, test: SynchronousTestCase, delay: float | None = None) -> None:
+    def __init__(self, test: SynchronousTestCase, delay: float | None = None, *options: str) -> None:
         self.network = FleetNetwork(test, ["db", "app", "client"])
         self.db, self.app, self.client = self.network["db"], self.network["app"], self.network["client"]
         self.cluster = Cluster(requirePostgres(test), prefix=self.db.prefix, listen=self.db.address)
@@ -43,7 +43,7 @@ class Fleet:
             test.addCleanup(lambda: (self.relay.kill(), self.relay.wait()))
             assert self.relay.stdout is not None and self.relay.stdout.readline().strip() == "listening"
             uri = f"postgresql://primecount@{self.db.address}:{port}/postgres"
-        self.server = ServerProcess(uri, "--records-table", self.table, "--max-per-ip", "0", "--metrics",
+        self.server = ServerProcess(uri, "--records-table", self.table, "--max-per-ip", "0", *options, "--metrics",
                                     f"tcp:5059:interface={self.app.address}",
                                     port=f"tcp:5050:interface={self.app.address}", prefix=self.app.prefix)
         test.addCleanup(self.server.stop)
@@ -132,3 +132,41 @@ class DatabasePartitionTests(SynchronousTestCase):
                       recovered=recovered, answered=len(clients.answered))
         self.assertLessEqual(statistics.median(during), 0.5)
         self.assertLessEqual(recovered, 5.0)
+
+
+class DatabaseKilledTests(SynchronousTestCase):
+    """The database's postmaster killed (kill -9) and restarted under load: ERROR storage unavailable meanwhile,
+    service back by itself, and, with C{--fsync always}, no verified reply without its one row. (With the
+    default C{everysec}, commits are asynchronous, and a crash of the database may lose the last moments of
+    them: docs/records.md.)"""
+
+    @slow
+    def test_postmasterKilledAndRestarted(self) -> None:
+        """kill -9 of the postmaster while 6 clients load a host with C{--fsync always}; PostgreSQL started
+        again (it recovers from its WAL); the host answers again without a restart, and every verified reply
+        has exactly one row."""
+        import os
+        import signal
+
+        fleet = Fleet(self, None, "--fsync", "always")
+        clients = fleet.clients("killed")
+        try:
+            waitUntil(lambda: len(clients.answered) >= 200, what="load before the kill")
+            os.kill(fleet.cluster.serverPid(), signal.SIGKILL)
+            waitUntil(lambda: len(clients.unavailableAt) >= 20, what="refusals while the database is down")
+            fleet.cluster.stop("immediate")  # the orphaned backends, if any
+            fleet.cluster.start()
+            startedAt = time.monotonic()
+            waitUntil(lambda: clients.answeredAt and clients.answeredAt[-1] > startedAt, seconds=15,
+                      what="an answer once the database is back")
+            answered = len(clients.answered)
+            waitUntil(lambda: len(clients.answered) >= answered + 200, what="load once the database is back")
+        finally:
+            clients.stop()
+        self.assertEqual(fleet.server.stop(), 0, fleet.server.log)
+        self.assertEqual((dict(clients.failures), clients.other), ({}, []))
+        rows = fleet.rows()
+        self.assertEqual([m for m in clients.answered if rows.get(m) != 1], [])
+        Logger().info("postmaster figures: answering again {seconds:.2f} s after the restart; {refused} refused",
+                      seconds=min(at for at in clients.answeredAt if at > startedAt) - startedAt,
+                      refused=len(clients.unavailableAt))
