@@ -170,3 +170,82 @@ class DatabaseKilledTests(SynchronousTestCase):
         Logger().info("postmaster figures: answering again {seconds:.2f} s after the restart; {refused} refused",
                       seconds=min(at for at in clients.answeredAt if at > startedAt) - startedAt,
                       refused=len(clients.unavailableAt))
+
+
+def accepts(host: str, port: int) -> bool:
+    """Whether a connection to C{host}:C{port} is accepted (then closed without a request)."""
+    import socket
+
+    try:
+        socket.create_connection((host, port), timeout=2).close()
+        return True
+    except OSError:
+        return False
+
+
+class BalancedFleetTests(SynchronousTestCase):
+    """Three primecount hosts behind the real HAProxy (the shipped configuration) on its own host, one table on
+    the database host: a host partitioned from the balancer, then another killed; the rest carry the load."""
+
+    @slow
+    def test_partitionedFromTheBalancerAndKilled(self) -> None:
+        """Under load from 6 clients through HAProxy: app2 is cut off from the balancer (HAProxy marks it DOWN),
+        then app3 is killed (kill -9); app1 alone answers what comes after, no connection is refused, only
+        requests in flight at a fault go unanswered, and every verified reply has exactly one row."""
+        import re
+        import signal
+
+        from tests.test_haproxy import CONFIG
+
+        network = FleetNetwork(self, ["db", "lb", "app1", "app2", "app3", "client"])
+        db, lb, client = network["db"], network["lb"], network["client"]
+        apps = [network[f"app{n}"] for n in (1, 2, 3)]
+        cluster = Cluster(requirePostgres(self), prefix=db.prefix, listen=db.address)
+        self.addCleanup(cluster.destroy)
+        cluster.start()
+        table = freshTable(self, cluster)
+        servers = []
+        for app in apps:
+            server = ServerProcess(cluster.tcpUri, "--records-table", table, "--max-per-ip", "0", "--proxy-from",
+                                   f"{lb.address}/32", "--metrics", f"tcp:5059:interface={app.address}",
+                                   "--drain-delay", "3", port=f"haproxy:tcp:5051:interface={app.address}",
+                                   prefix=app.prefix)
+            self.addCleanup(server.stop)
+            servers.append(server)
+        text = re.sub(r"(?m)^    bind .*$", f"    bind {lb.address}:5050", CONFIG.read_text())
+        text = re.sub(r"(?m)^    server .*\n", "", text)
+        text += "".join(f"    server primecount{n} {app.address}:5051\n" for n, app in enumerate(apps, 1))
+        config = Path(self.mktemp())
+        config.write_text(text)
+        log = Path(self.mktemp())
+        haproxy = subprocess.Popen([*lb.prefix, "haproxy", "-db", "-f", str(config)], stdout=log.open("wb"),
+                                   stderr=subprocess.STDOUT)
+        self.addCleanup(lambda: (haproxy.terminate(), haproxy.wait(30)))
+        waitUntil(lambda: client.call(accepts, lb.address, 5050), what="HAProxy to listen")
+        clients = CountingClients(5050, 6, "balanced", host=lb.address, namespace=client.namespace)
+        try:
+            waitUntil(lambda: len(clients.answered) >= 300, what="load through HAProxy")
+            apps[1].cutFrom(lb)
+            waitUntil(lambda: "primecount2 is DOWN" in log.read_text(), seconds=20, what="app2 taken out")
+            failedAtCut = sum(clients.failures.values())
+            servers[2].process.send_signal(signal.SIGKILL)
+            waitUntil(lambda: "primecount3 is DOWN" in log.read_text(), seconds=20, what="app3 taken out")
+            answered = len(clients.answered)
+            waitUntil(lambda: len(clients.answered) >= answered + 300, what="load carried by app1")
+            answered = len(clients.answered)
+            waitUntil(lambda: len(clients.answered) >= answered + 300, what="more load carried by app1")
+        finally:
+            clients.stop()
+        apps[1].heal()
+        for server in servers[:2]:
+            self.assertEqual(server.stop(), 0, server.log)
+        rows = dict(cluster.query(f'SELECT message, count(*) FROM "{table}" GROUP BY message'))
+        self.assertEqual([m for m in clients.answered if rows.get(m) != 1], [])
+        self.assertEqual(clients.other, [])
+        self.assertNotIn("refused", clients.failures)
+        # Each client has one request in flight at a time: at most 6 can be caught by each of the two faults (those
+        # cut off wait out the client's 10 s timeout; those of the killed host are closed by HAProxy).
+        self.assertLessEqual(sum(clients.failures.values()), 12, "more went unanswered than were in flight")
+        Logger().info("balanced figures: {answered} answered; unanswered {failures} ({atCut} at the cut), all in "
+                      "flight at a fault", answered=len(clients.answered), failures=dict(clients.failures),
+                      atCut=failedAtCut)
