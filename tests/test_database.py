@@ -199,10 +199,12 @@ class ServiceTests(SynchronousTestCase):
         self.assertEqual(self.writer.abandoned, 1)
 
     def test_oneTimerForEveryWaitingBatch(self) -> None:
-        """However many batches wait, one timer bounds them all (the oldest's deadline), and none is left once
-        they are answered."""
+        """However many batches wait, one timer bounds them all (the oldest's deadline), beside the one of the
+        transaction in flight, and none is left once they are answered."""
         stored = [self.service.write([record(str(n))]) for n in range(100)]
-        self.assertEqual(len(self.clock.getDelayedCalls()), 1)
+        calls = sorted(repr(call.func) for call in self.clock.getDelayedCalls())
+        self.assertEqual(len(calls), 2, "one deadline for the batches, one for the transaction in flight")
+        self.assertIn("_abandonFlight", calls[0] + calls[1])
         self.thread.finish(0)
         self.thread.finish(1)
         for result in stored:

@@ -416,7 +416,7 @@ class TableStore(Service):
         self._backoff = Backoff(BACKOFF_FIRST, BACKOFF_MOST)
         self._incident = Incident(self.log, reactor)
         self._selfProbe = SelfProbe(self, reactor, PROBE_LOOK_INTERVAL)
-        self._inFlightSince = 0.0
+        self._flightTimer: Optional[IDelayedCall] = None
         self.commits = 0
         self.rowsWritten = 0
 
@@ -497,13 +497,26 @@ class TableStore(Service):
             return
         rows = [record for records, _ in batch for record in records]
         self._inFlight = True
-        self._inFlightSince = self._reactor.seconds()
+        started = self._reactor.seconds()
+        self._flightTimer = self._reactor.callLater(self._timeout, self._abandonFlight)
         committed = self._runInThread(self._writer.append, rows)  # type: ignore[misc]
-        committed.addBoth(self._committed, batch, len(rows), self._inFlightSince)
+        committed.addBoth(self._committed, batch, len(rows), started)
+
+    def _abandonFlight(self) -> None:
+        """The transaction in flight has outlived the timeout (its batches have failed by now): shut its
+        connection down, so that the database thread is free at once."""
+        self._flightTimer = None
+        if self._writer.abandon():
+            self.log.warn("records database: a commit took over {timeout:g} s; its connection is abandoned "
+                          "(its rows may or may not be there) and the next try uses a new one",
+                          timeout=self._timeout)
 
     def _committed(self, result: object, batch: list[tuple[Sequence[Record], Deferred[None]]], size: int,
                    started: float) -> None:
         self._inFlight = False
+        if self._flightTimer is not None:
+            self._flightTimer.cancel()
+            self._flightTimer = None
         if isinstance(result, Failure):
             self._failed(result, size)
             for _, stored in batch:
@@ -574,10 +587,6 @@ class TableStore(Service):
         answered as recorded (their rows may still appear). Then wait for the next oldest."""
         self._deadlineCall = None
         now, deadlines = self._reactor.seconds(), self._deadlines
-        if self._inFlight and now - self._inFlightSince >= self._timeout and self._writer.abandon():
-            self.log.warn("records database: a commit took over {timeout:g} s; its connection is abandoned "
-                          "(its rows may or may not be there) and the next try uses a new one",
-                          timeout=self._timeout)
         while deadlines and (deadlines[0][1].called or deadlines[0][0] <= now):
             _, stored, size = deadlines.popleft()
             if not stored.called:
