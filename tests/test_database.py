@@ -18,7 +18,7 @@ from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
 from twisted.logger import Logger
 from twisted.python import usage
-from twisted.trial.unittest import SynchronousTestCase
+from twisted.trial.unittest import SkipTest, SynchronousTestCase
 
 from primecount.records.table import (
     GATHER_MOST, NUL_STAND_IN, PROBE_LOOK_INTERVAL, TableStore, DatabaseWriter, driver, insertParameters,
@@ -413,6 +413,27 @@ class SchemaTests(SynchronousTestCase):
             thread.join(60)
         self.assertEqual(errors, [])
         self.assertEqual(cluster.query(f'SELECT count(*) FROM "{table}"'), [(8,)])
+
+    def test_connectionPastDescriptor1024(self) -> None:
+        """A connection whose socket is numbered past 1024 (a loaded server holds thousands of client sockets)
+        carries batch after batch: checking it is alive does not use select(), which raised ValueError there."""
+        import resource
+
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        if hard != resource.RLIM_INFINITY and hard < 1300:
+            raise SkipTest(f"the descriptor limit ({hard}) is too low to open 1,100 descriptors")
+        resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, 1300), hard))
+        self.addCleanup(resource.setrlimit, resource.RLIMIT_NOFILE, (soft, hard))
+        fillers = [os.open(os.devnull, os.O_RDONLY) for _ in range(1100)]
+        self.addCleanup(lambda: [os.close(fd) for fd in fillers])
+        cluster = sharedCluster(self)
+        table = freshTable(self, cluster)
+        writer = DatabaseWriter(cluster.uri, table, "always")
+        self.addCleanup(writer.close)
+        writer.append([record("first")])
+        self.assertGreater(writer._connection.pgconn.socket, 1024)
+        writer.append([record("second")])
+        self.assertEqual(cluster.query(f'SELECT message FROM "{table}" ORDER BY id'), [("first",), ("second",)])
 
     def test_timeIndexIsBRIN(self) -> None:
         """The table's one secondary index is a BRIN index on time, and a query over a time range uses it."""

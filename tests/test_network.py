@@ -112,8 +112,13 @@ class DatabasePartitionTests(SynchronousTestCase):
             time.sleep(max(0.0, cutAt + 10 - time.monotonic()))
             app.heal()
             healedAt = time.monotonic()
-            waitUntil(lambda: clients.answeredAt and clients.answeredAt[-1] > healedAt, seconds=15,
-                      what="an answer after the link healed")
+            try:
+                waitUntil(lambda: clients.answeredAt and clients.answeredAt[-1] > healedAt, seconds=15,
+                          what="an answer after the link healed")
+            except AssertionError:
+                clients.stop()
+                server.stop()
+                self.fail(f"no answer 15 s after the link healed; the host's log ends:\n{server.log[-6000:]}")
             recovered = min(at for at in clients.answeredAt if at > healedAt) - healedAt
             answered = len(clients.answered)
             waitUntil(lambda: len(clients.answered) >= answered + 200, what="load after the link healed")

@@ -352,7 +352,7 @@ class DatabaseWriter:
 def _idleAndAlive(connection: Any) -> bool:
     """Whether an idle connection can still carry a batch. The server sends nothing to an idle session unless
     it ends it (a shutdown's or an administrator's FATAL, then the end of the stream), so anything readable
-    means it is gone; either way nothing of the next batch has been sent on it."""
+    means it is gone (readable, or hung up); either way nothing of the next batch has been sent on it."""
     import select
 
     from psycopg import pq
@@ -360,8 +360,11 @@ def _idleAndAlive(connection: Any) -> bool:
     pgconn = connection.pgconn
     if pgconn.status != pq.ConnStatus.OK:
         return False
-    readable, _, _ = select.select([pgconn.socket], [], [], 0)
-    return not readable
+    # poll(), not select(): under load this process holds thousands of client sockets, and the database's may be
+    # numbered past select()'s 1024 (it then raised ValueError for every batch).
+    poller = select.poll()
+    poller.register(pgconn.socket, select.POLLIN)
+    return not poller.poll(0)
 
 
 def createSchema(connection: Any, table: str) -> None:
