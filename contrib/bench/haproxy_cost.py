@@ -1,0 +1,67 @@
+"""What HAProxy costs per connection in front of primecount: HAProxy 2.x in TCP mode with the shipped
+configuration (send-proxy-v2, the /readyz check, per-connection logging off) before one primecount on a
+haproxy: port; primeload drives one-shot requests through it for a few seconds, and HAProxy's and primecount's
+CPU time (from /proc) are divided by the connections and requests. Run: C{python contrib/bench/haproxy_cost.py}
+(needs haproxy, cc and make)."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from loadgen_compare import freePort, prepare, runLoad  # noqa: E402
+
+from primecount.tools.serverprocess import ServerProcess  # noqa: E402
+
+TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def cpuSeconds(pid: int) -> float:
+    """User plus system CPU time of process C{pid}."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / TICKS
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--seconds", type=float, default=4.0)
+    parser.add_argument("--conns", type=int, default=50)
+    arguments = parser.parse_args()
+    workdir, primeload, messages = prepare("primecount-haproxy-cost-")
+    server = ServerProcess(str(workdir / "records.txt"), "--max-per-ip", "0", "--metrics",
+                           "tcp:0:interface=127.0.0.1", port="haproxy:tcp:0:interface=127.0.0.1")
+    port = freePort()
+    text = (ROOT / "contrib/haproxy/primecount.cfg").read_text()
+    text = re.sub(r"(?m)^    bind .*$", f"    bind 127.0.0.1:{port}", text)
+    text = re.sub(r"(?m)^    server .*\n", "", text).replace("option tcplog", "option dontlog-normal")
+    text += f"    server primecount1 127.0.0.1:{server.port} port {server.metricsPort}\n"
+    (workdir / "haproxy.cfg").write_text(text)
+    haproxy = subprocess.Popen(["haproxy", "-db", "-f", str(workdir / "haproxy.cfg")], stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL)
+    try:
+        time.sleep(1.0)
+        before = cpuSeconds(haproxy.pid), cpuSeconds(server.process.pid)
+        summary = runLoad(primeload, port, ["--conns", str(arguments.conns)], arguments.seconds, messages, None)
+        after = cpuSeconds(haproxy.pid), cpuSeconds(server.process.pid)
+        print(f"one-shot through HAProxy, {arguments.conns} connections, {arguments.seconds:g} s: "
+              f"{summary['rps']:,.0f} req/s, {summary['connections']:,} connections, {summary['mismatches']} "
+              f"mismatches\n  HAProxy CPU {(after[0] - before[0]) / summary['connections'] * 1e6:.1f} µs per "
+              f"connection; primecount CPU {(after[1] - before[1]) / summary['completed'] * 1e6:.1f} µs per request")
+    finally:
+        haproxy.terminate()
+        haproxy.wait()
+        server.stop()
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
