@@ -69,14 +69,28 @@ class FarAndLossyDatabaseTests(SynchronousTestCase):
         self.assertEqual([m for m in clients.answered if rows.get(m) != 1], [])
         self.assertEqual([m for m, n in rows.items() if n > 1], [])
 
-    @slow
-    def test_databaseFiveMillisecondsAway(self) -> None:
-        """The records table 5 ms away each way (a delaying relay on the database host): 3 s of load from 6
-        clients, every verified reply has its one row."""
-        fleet = Fleet(self, delay=0.005)
-        clients = fleet.clients("far")
+    def assertOneRowEachAt(self, delay: float) -> None:
+        """The records table C{delay} seconds away each way (a delaying relay on the database host): 3 s of load
+        from 6 clients, every verified reply has its one row."""
+        fleet = Fleet(self, delay=delay)
+        clients = fleet.clients(f"far {delay}")
         time.sleep(3)
         self.assertOneRowEach(fleet, clients.stop())
+
+    @slow
+    def test_databaseOneMillisecondAway(self) -> None:
+        """1 ms each way: every verified reply has its one row."""
+        self.assertOneRowEachAt(0.001)
+
+    @slow
+    def test_databaseFiveMillisecondsAway(self) -> None:
+        """5 ms each way: every verified reply has its one row."""
+        self.assertOneRowEachAt(0.005)
+
+    @slow
+    def test_databaseTwentyMillisecondsAway(self) -> None:
+        """20 ms each way: every verified reply has its one row."""
+        self.assertOneRowEachAt(0.020)
 
     @slow
     def test_onePerCentLossToTheDatabase(self) -> None:
