@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -22,12 +21,11 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from loadgen_compare import prepare  # noqa: E402
+from loadgen_compare import prepare, treeCpuSeconds  # noqa: E402
 from twisted.trial.unittest import SynchronousTestCase  # noqa: E402
 
 from tests.test_network import Fleet  # noqa: E402
 
-TICKS = os.sysconf("SC_CLK_TCK")
 
 
 class _Harness(SynchronousTestCase):
@@ -37,11 +35,6 @@ class _Harness(SynchronousTestCase):
         """Never run."""
 
 
-def cpuSeconds(pid: int) -> float:
-    """User plus system CPU time of process C{pid}."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / TICKS
-
 
 def run(primeload: Path, messages: Path, delay: float | None, loss: int, conns: int, seconds: float) -> dict:
     """One fleet, one load: primeload's summary plus rows per commit and the relay's CPU seconds."""
@@ -50,7 +43,7 @@ def run(primeload: Path, messages: Path, delay: float | None, loss: int, conns: 
         fleet = Fleet(harness, delay=delay)
         if loss:
             fleet.app.loseTo(fleet.db, loss)
-        relayBefore = cpuSeconds(fleet.relay.pid) if delay is not None else 0.0
+        relayBefore = treeCpuSeconds(fleet.relay.pid) if delay is not None else 0.0
         result = subprocess.run(
             [*fleet.client.prefix, str(primeload), "--host", fleet.app.address, "--port", "5050", "--keepalive",
              "--conns", str(conns), "--duration", str(seconds), "--verify", "--json", "--messages", str(messages)],
@@ -59,7 +52,7 @@ def run(primeload: Path, messages: Path, delay: float | None, loss: int, conns: 
         metrics = fleet.app.call(scrapeAt, fleet.app.address)
         summary["rows_per_commit"] = (metrics["primecount_records_written_total"]
                                       / max(metrics["primecount_records_commit_duration_seconds_count"], 1))
-        summary["relay_cpu_s"] = cpuSeconds(fleet.relay.pid) - relayBefore if delay is not None else 0.0
+        summary["relay_cpu_s"] = treeCpuSeconds(fleet.relay.pid) - relayBefore if delay is not None else 0.0
         return summary
     finally:
         harness.doCleanups()

@@ -7,7 +7,6 @@ CPU time (from /proc) are divided by the connections and requests. Run: C{python
 from __future__ import annotations
 
 import argparse
-import os
 import re
 import shutil
 import subprocess
@@ -18,17 +17,11 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from loadgen_compare import freePort, prepare, runLoad  # noqa: E402
+from loadgen_compare import freePort, prepare, runLoad, treeCpuSeconds  # noqa: E402
 
 from primecount.tools.serverprocess import ServerProcess  # noqa: E402
 
-TICKS = os.sysconf("SC_CLK_TCK")
 
-
-def cpuSeconds(pid: int) -> float:
-    """User plus system CPU time of process C{pid}."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / TICKS
 
 
 def main() -> None:
@@ -49,9 +42,9 @@ def main() -> None:
                                stderr=subprocess.DEVNULL)
     try:
         time.sleep(1.0)
-        before = cpuSeconds(haproxy.pid), cpuSeconds(server.process.pid)
+        before = treeCpuSeconds(haproxy.pid), treeCpuSeconds(server.process.pid)
         summary = runLoad(primeload, port, ["--conns", str(arguments.conns)], arguments.seconds, messages, None)
-        after = cpuSeconds(haproxy.pid), cpuSeconds(server.process.pid)
+        after = treeCpuSeconds(haproxy.pid), treeCpuSeconds(server.process.pid)
         print(f"one-shot through HAProxy, {arguments.conns} connections, {arguments.seconds:g} s: "
               f"{summary['rps']:,.0f} req/s, {summary['connections']:,} connections, {summary['mismatches']} "
               f"mismatches\n  HAProxy CPU {(after[0] - before[0]) / summary['connections'] * 1e6:.1f} µs per "

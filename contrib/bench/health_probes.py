@@ -11,28 +11,19 @@ C{python contrib/bench/health_probes.py} (Linux; cc and make build primeload int
 from __future__ import annotations
 
 import argparse
-import os
-import re
 import shutil
 import socket
-import subprocess
 import sys
 import threading
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from loadgen_compare import prepare, runLoad  # noqa: E402
+from loadgen_compare import prepare, runLoad, treeCpuSeconds  # noqa: E402
 
 from primecount.tools.serverprocess import ServerProcess  # noqa: E402
 
-TICKS = os.sysconf("SC_CLK_TCK")
 
-
-def cpuSeconds(pid: int) -> float:
-    """User plus system CPU time of process C{pid}."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / TICKS
 
 
 def get(port: int, path: str) -> bytes:
@@ -47,12 +38,12 @@ def get(port: int, path: str) -> bytes:
 
 def probeCost(server: ServerProcess, port: int, path: str, count: int) -> tuple[float, float]:
     """Server CPU microseconds per probe of C{path}, and the probes' wall-clock rate."""
-    before, started = cpuSeconds(server.process.pid), time.perf_counter()
+    before, started = treeCpuSeconds(server.process.pid), time.perf_counter()
     for _ in range(count):
         reply = get(port, path)
         assert reply.startswith(b"HTTP/1.1 200 "), reply[:80]
     elapsed = time.perf_counter() - started
-    return (cpuSeconds(server.process.pid) - before) / count * 1e6, count / elapsed
+    return (treeCpuSeconds(server.process.pid) - before) / count * 1e6, count / elapsed
 
 
 def main() -> None:
