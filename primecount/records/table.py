@@ -419,7 +419,6 @@ class TableStore(Service):
         self._backoff = Backoff(BACKOFF_FIRST, BACKOFF_MOST)
         self._incident = Incident(self.log, reactor)
         self._selfProbe = SelfProbe(self, reactor, PROBE_LOOK_INTERVAL)
-        self._flightTimer: Optional[IDelayedCall] = None
         self.commits = 0
         self.rowsWritten = 0
 
@@ -501,25 +500,34 @@ class TableStore(Service):
         rows = [record for records, _ in batch for record in records]
         self._inFlight = True
         started = self._reactor.seconds()
-        self._flightTimer = self._reactor.callLater(self._timeout, self._abandonFlight)
-        committed = self._runInThread(self._writer.append, rows)  # type: ignore[misc]
+        committed = self._untilTimeout(self._writer.append, rows, onAbandoned=self._commitAbandoned)
         committed.addBoth(self._committed, batch, len(rows), started)
 
-    def _abandonFlight(self) -> None:
-        """The transaction in flight has outlived the timeout (its batches have failed by now): shut its
-        connection down, so that the database thread is free at once."""
-        self._flightTimer = None
-        if self._writer.abandon():
-            self.log.warn("records database: a commit took over {timeout:g} s; its connection is abandoned "
-                          "(its rows may or may not be there) and the next try uses a new one",
-                          timeout=self._timeout)
+    def _untilTimeout(self, function: Callable[..., None], *args: Any,
+                      onAbandoned: Callable[[], None] = lambda: None) -> Deferred[None]:
+        """Run C{function(*args)} on the database thread; if it has not returned within the timeout (cut off
+        from the database), shut its connection down, so that the thread is free at once, and call
+        C{onAbandoned}."""
+        def abandon() -> None:
+            if self._writer.abandon():
+                onAbandoned()
+
+        overdue = self._reactor.callLater(self._timeout, abandon)
+
+        def returned(result: object) -> object:
+            if overdue.active():
+                overdue.cancel()
+            return result
+
+        return self._runInThread(function, *args).addBoth(returned)  # type: ignore[misc]
+
+    def _commitAbandoned(self) -> None:
+        self.log.warn("records database: a commit took over {timeout:g} s; its connection is abandoned "
+                      "(its rows may or may not be there) and the next try uses a new one", timeout=self._timeout)
 
     def _committed(self, result: object, batch: list[tuple[Sequence[Record], Deferred[None]]], size: int,
                    started: float) -> None:
         self._inFlight = False
-        if self._flightTimer is not None:
-            self._flightTimer.cancel()
-            self._flightTimer = None
         if isinstance(result, Failure):
             self._failed(result, size)
             for _, stored in batch:
@@ -552,19 +560,15 @@ class TableStore(Service):
         incident if it does. While a transaction is in flight its outcome will tell: the answer is no."""
         if self._runInThread is None or self._inFlight or self._reactor.seconds() < self._retryAt:
             return fail(StorageUnavailable("records database unavailable"))
-        # A probe cut off from the database is abandoned as a commit would be.
-        giveUp = self._reactor.callLater(self._timeout, self._writer.abandon)
 
         def answered(result: object) -> None:
-            if giveUp.active():
-                giveUp.cancel()
             if isinstance(result, Failure):
                 self._failed(result, 0)
                 raise StorageUnavailable(f"records database unavailable ({_describe(result)})")
             self._retryAt = 0.0
             self._recovered()
 
-        return self._runInThread(self._writer.tryAppend).addBoth(answered)
+        return self._untilTimeout(self._writer.tryAppend).addBoth(answered)
 
     def _failed(self, failure: Failure, size: int) -> None:
         self._notStored(size, "records database unavailable ({error})", error=_describe(failure))
