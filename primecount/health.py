@@ -28,13 +28,14 @@ def parseVerdict(line: str) -> Optional[Verdict]:
     """The verdict a readiness line (after L{READINESS_EVENT}) carries, or C{None} if it carries none."""
     line = line.strip()
     if line == READY:
-        return Verdict(True, READY)
+        return IS_READY
     if line.startswith(NOT_READY):
         return Verdict(False, line[len(NOT_READY):])
     return None
 
 
 ALIVE = Verdict(True, "alive")
+IS_READY = Verdict(True, READY)
 DRAINING = Verdict(False, "draining")
 
 
@@ -63,7 +64,7 @@ class ProcessHealth:
             return Verdict(False, "not listening")
         if not self._storeHealthy():
             return Verdict(False, "records store unavailable")
-        return Verdict(True, READY)
+        return IS_READY
 
 
 class WorkersHealth:
@@ -101,8 +102,8 @@ class WorkersHealth:
         """Ready while at least one worker is, unless the supervisor drains; the reason counts them."""
         if self.draining:
             return DRAINING
-        ready = sum(verdict.ok for verdict in self._said.values())
+        running, ready = self.counts()
         if ready:
-            return Verdict(True, f"{READY}: {ready} of {len(self._said)} workers ready")
+            return Verdict(True, f"{READY}: {ready} of {running} workers ready")
         reasons = "; ".join(f"pid {pid} {verdict.reason}" for pid, verdict in sorted(self._said.items()))
         return Verdict(False, f"no worker ready ({reasons or 'none running'})")

@@ -11,7 +11,7 @@ from prometheus_client.exposition import choose_encoder
 from twisted.internet.interfaces import IAddress, IDelayedCall, IReactorTime
 from twisted.internet.protocol import Factory, Protocol
 
-from primecount.health import ALIVE, NOT_READY, ProcessHealth, Verdict, WorkersHealth
+from primecount.health import ALIVE, IS_READY, NOT_READY, ProcessHealth, Verdict, WorkersHealth
 from primecount.internals import readWaiting
 
 MAX_HEAD = 8192
@@ -154,7 +154,7 @@ class _AlwaysReady:
 
     def ready(self) -> Verdict:
         """Ready."""
-        return Verdict(True, "ready")
+        return IS_READY
 
 
 class MetricsSite(Factory):
