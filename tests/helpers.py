@@ -166,6 +166,17 @@ def ask(port: int, payload: bytes, host: str = "127.0.0.1", halfClose: bool = Fa
         return received
 
 
+def accepts(port: int, host: str = "127.0.0.1") -> bool:
+    """Whether a connection to C{host}:C{port} is accepted (it is then closed without a request)."""
+    import socket
+
+    try:
+        socket.create_connection((host, port), timeout=2).close()
+        return True
+    except OSError:
+        return False
+
+
 def slow(test: Callable[..., Any]) -> Callable[..., Any]:
     """Mark an end-to-end test that takes seconds; C{PRIMECOUNT_SKIP_SLOW=1} skips these locally, CI runs them."""
     import functools
@@ -236,9 +247,9 @@ def threadPolicies(pid: int) -> dict[int, int]:
     return {int(task): os.sched_getscheduler(int(task)) for task in os.listdir(f"/proc/{pid}/task") if int(task) != pid}
 
 
-def scrape(port: int) -> dict[str, float]:
-    """GET /metrics and return its samples by name (with labels)."""
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as response:
+def scrape(port: int, host: str = "127.0.0.1") -> dict[str, float]:
+    """GET /metrics of C{host}:C{port} and return its samples by name (with labels)."""
+    with urllib.request.urlopen(f"http://{host}:{port}/metrics", timeout=10) as response:
         assert response.headers["Content-Type"].startswith("text/plain")
         text = response.read().decode("utf-8")
     samples = {}

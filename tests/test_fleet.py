@@ -22,7 +22,7 @@ from twisted.trial.unittest import SkipTest, SynchronousTestCase
 
 from primecount.records.formats import parseRecords
 from primecount.tools.serverprocess import ServerProcess
-from tests.helpers import ask, expectedReply, slow, waitUntil
+from tests.helpers import accepts, ask, expectedReply, slow, waitUntil
 from tests.systemd import NamespacedSystemd
 from tests.test_haproxy import HAProxy, freePort
 
@@ -343,7 +343,7 @@ class HAProxyRoutesAroundTests(SynchronousTestCase):
                       what="instance 1 to serve again")
             second.signal(signal.SIGTERM)
             waitUntil(lambda: "primecount2 is DOWN" in proxy.log, seconds=15, what="HAProxy to take instance 2 out")
-            stillAccepting = _accepts(second.port)
+            stillAccepting = accepts(second.port)
             answeredAfterDrain = len(clients.answered)
             waitUntil(lambda: len(clients.answered) >= answeredAfterDrain + 200, what="load after the drain")
         finally:
@@ -363,12 +363,3 @@ class HAProxyRoutesAroundTests(SynchronousTestCase):
                       "back {back:.2f} s after the repair", errors=len(clients.unavailableAt),
                       answered=len(clients.answered), detection=downAt - filledAt,
                       lastError=max(clients.unavailableAt, default=filledAt) - filledAt, back=upAt - repairedAt)
-
-
-def _accepts(port: int) -> bool:
-    """Whether a connection to the loopback C{port} is accepted (and then closed without a request)."""
-    try:
-        socket.create_connection(("127.0.0.1", port), timeout=2).close()
-        return True
-    except OSError:
-        return False

@@ -13,7 +13,7 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from primecount.records.formats import parseRecords
 from primecount.tools.serverprocess import ServerProcess
-from tests.helpers import answeredUnderLoad, ask, expectedReply, requireTool, slow, waitUntil
+from tests.helpers import accepts, answeredUnderLoad, ask, expectedReply, requireTool, slow, waitUntil
 
 CONFIG = Path(__file__).resolve().parents[1] / "contrib" / "haproxy" / "primecount.cfg"
 
@@ -52,11 +52,7 @@ class HAProxy:
     def _accepts(self) -> bool:
         if self.process.poll() is not None:
             raise AssertionError(f"haproxy exited: {self.logPath.read_text()}")
-        try:
-            socket.create_connection(("127.0.0.1", self.port), timeout=1).close()
-            return True
-        except OSError:
-            return False
+        return accepts(self.port)
 
     def stop(self) -> None:
         """Stop it."""

@@ -14,7 +14,7 @@ from twisted.logger import Logger
 from twisted.trial.unittest import SynchronousTestCase
 
 from primecount.tools.serverprocess import ServerProcess
-from tests.helpers import slow, waitUntil
+from tests.helpers import accepts, slow, waitUntil
 from tests.netns import FleetNetwork
 from tests.postgres import Cluster, freshTable, requirePostgres
 from tests.test_fleet import CountingClients, httpGet
@@ -191,17 +191,6 @@ class DatabaseKilledTests(SynchronousTestCase):
                       refused=len(clients.unavailableAt))
 
 
-def accepts(host: str, port: int) -> bool:
-    """Whether a connection to C{host}:C{port} is accepted (then closed without a request)."""
-    import socket
-
-    try:
-        socket.create_connection((host, port), timeout=2).close()
-        return True
-    except OSError:
-        return False
-
-
 class BalancedFleetTests(SynchronousTestCase):
     """Three primecount hosts behind the real HAProxy (the shipped configuration) on its own host, one table on
     the database host: a host partitioned from the balancer, then another killed; the rest carry the load."""
@@ -240,7 +229,7 @@ class BalancedFleetTests(SynchronousTestCase):
         haproxy = subprocess.Popen([*lb.prefix, "haproxy", "-db", "-f", str(config)], stdout=log.open("wb"),
                                    stderr=subprocess.STDOUT)
         self.addCleanup(lambda: (haproxy.terminate(), haproxy.wait(30)))
-        waitUntil(lambda: client.call(accepts, lb.address, 5050), what="HAProxy to listen")
+        waitUntil(lambda: client.call(accepts, 5050, lb.address), what="HAProxy to listen")
         clients = CountingClients(5050, 6, "balanced", host=lb.address, namespace=client.namespace)
         try:
             waitUntil(lambda: len(clients.answered) >= 300, what="load through HAProxy")

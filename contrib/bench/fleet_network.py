@@ -24,6 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from loadgen_compare import prepare, treeCpuSeconds  # noqa: E402
 from twisted.trial.unittest import SynchronousTestCase  # noqa: E402
 
+from tests.helpers import scrape  # noqa: E402
 from tests.test_network import Fleet  # noqa: E402
 
 
@@ -49,23 +50,13 @@ def run(primeload: Path, messages: Path, delay: float | None, loss: int, conns: 
              "--conns", str(conns), "--duration", str(seconds), "--verify", "--json", "--messages", str(messages)],
             capture_output=True, text=True, timeout=seconds + 60)
         summary = json.loads(result.stdout)
-        metrics = fleet.app.call(scrapeAt, fleet.app.address)
+        metrics = fleet.app.call(scrape, 5059, fleet.app.address)
         summary["rows_per_commit"] = (metrics["primecount_records_written_total"]
                                       / max(metrics["primecount_records_commit_duration_seconds_count"], 1))
         summary["relay_cpu_s"] = treeCpuSeconds(fleet.relay.pid) - relayBefore if delay is not None else 0.0
         return summary
     finally:
         harness.doCleanups()
-
-
-def scrapeAt(host: str) -> dict[str, float]:
-    """The host's metrics (5059 on its own address)."""
-    import urllib.request
-
-    with urllib.request.urlopen(f"http://{host}:5059/metrics", timeout=10) as response:
-        text = response.read().decode()
-    return {line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
-            if line and not line.startswith("#")}
 
 
 def main() -> None:
