@@ -18,7 +18,9 @@ from primecount.proxied import LOOPBACK, parseNetworks
 from primecount.records.formats import FORMATS
 from primecount.records.file import recordsPathProblem
 from primecount.records.store import FSYNC_POLICIES
-from primecount.records.table import DEFAULT_TABLE, DEFAULT_TIMEOUT, isDatabaseURI, tableProblem, uriProblem
+from primecount.records.table import (
+    DEFAULT_CONNECTIONS, DEFAULT_TABLE, DEFAULT_TIMEOUT, OVERLAP_AFTER, isDatabaseURI, tableProblem, uriProblem,
+)
 from primecount.tls import cipherProblem
 from primecount.workers import WORKER_FD, cpuCount
 
@@ -217,6 +219,9 @@ class Options(usage.Options):
          "schema.table), created if missing."],
         ["records-timeout", None, DEFAULT_TIMEOUT, "With a postgresql:// --records: seconds a batch may wait for its commit "
          "before its clients get ERROR storage unavailable.", _number("records-timeout", float, 0, strict=True)],
+        ["records-connections", None, DEFAULT_CONNECTIONS, "With a postgresql:// --records: most connections "
+         "(and commits in flight) at once; the next batch goes on another one only once every commit in "
+         f"flight is {OVERLAP_AFTER * 1000:g} ms old.", _number("records-connections", int, 1, strict=False)],
         ["records-format", None, "tsv", "Records file format: tsv (the original columns) or jsonl.",
          _choice("records-format", sorted(FORMATS))],
         ["fsync", None, "everysec", "When records are fsynced: always (before each reply), everysec "
@@ -274,7 +279,8 @@ class Options(usage.Options):
         if isDatabaseURI(self["records"]):
             self._checkDatabaseOptions()
             return
-        for option, default in (("records-table", DEFAULT_TABLE), ("records-timeout", DEFAULT_TIMEOUT)):
+        for option, default in (("records-table", DEFAULT_TABLE), ("records-timeout", DEFAULT_TIMEOUT),
+                                ("records-connections", DEFAULT_CONNECTIONS)):
             if self[option] != default:
                 raise usage.UsageError(f"--{option}: only applies with a postgresql:// --records")
         if not self["records"]:

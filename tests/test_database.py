@@ -22,7 +22,8 @@ from twisted.python import usage
 from twisted.trial.unittest import SkipTest, SynchronousTestCase
 
 from primecount.records.table import (
-    GATHER_MOST, NUL_STAND_IN, PROBE_LOOK_INTERVAL, TableStore, DatabaseWriter, driver, insertParameters,
+    GATHER_MOST, NUL_STAND_IN, OVERLAP_AFTER, PROBE_LOOK_INTERVAL, RTO_MIN_US, TCP_RTO_MIN_US, TableStore,
+    quickRetransmissions, DatabaseWriter, driver, insertParameters,
 )
 from primecount.records.formats import Record
 from primecount.records.store import StorageUnavailable
@@ -42,15 +43,20 @@ def record(message: str, client: str = "192.0.2.1") -> Record:
 
 
 class HeldThread:
-    """A stand-in for the database thread: each call waits until the test finishes it, with success or a
-    failure."""
+    """A stand-in for the database threads: each call waits until the test finishes it, with success or a
+    failure; which writer it was on is kept (C{writers}), and when it began on C{clock} (C{times})."""
 
-    def __init__(self) -> None:
+    def __init__(self, clock: Optional[Clock] = None) -> None:
         self.calls: list[tuple[list[Record], Deferred[None]]] = []
+        self.writers: list[Any] = []
+        self.times: list[float] = []
+        self._clock = clock
 
     def __call__(self, function: Callable[..., Any], rows: Sequence[Record] = ()) -> Deferred[None]:
         done: Deferred[None] = Deferred()
         self.calls.append((list(rows), done))
+        self.writers.append(getattr(function, "__self__", None))
+        self.times.append(self._clock.seconds() if self._clock is not None else 0.0)
         return done
 
     def finish(self, index: int = 0, error: Optional[Exception] = None) -> None:
@@ -84,7 +90,7 @@ class ServiceTests(SynchronousTestCase):
         self.patch(TableStore, "log", Logger(observer=self.events.append))
         self.writer = AbandonCountingWriter("postgresql:///x", "t", "always")
         self.service = TableStore("postgresql:///x", self.clock, metrics=self.metrics, table="t", timeout=2.0,
-                                  runInThread=self.thread, writer=self.writer)
+                                  runInThread=self.thread, writers=[self.writer])
 
     def test_releasedOnlyAfterCommit(self) -> None:
         """A batch's result fires only once its transaction has committed."""
@@ -229,26 +235,35 @@ class ServiceTests(SynchronousTestCase):
         self.successResultOf(second)
         self.assertEqual(self.clock.getDelayedCalls(), [])
 
-    @settings(max_examples=300, deadline=None)
+    @settings(max_examples=400, deadline=None)
     @given(st.lists(st.one_of(st.just(("write",)),
-                              st.tuples(st.just("advance"), st.sampled_from([0.001, 0.3, 0.7, 1.1, 2.0])),
-                              st.tuples(st.just("finish"), st.booleans()), st.tuples(st.just("gathering"), st.booleans())),
+                              st.tuples(st.just("advance"), st.sampled_from([0.001, OVERLAP_AFTER, 0.3, 0.7, 1.1, 2.0])),
+                              st.tuples(st.just("finish"), st.booleans(), st.integers(0, 2)),
+                              st.tuples(st.just("gathering"), st.booleans())),
                     max_size=40))
     def test_deadlinesAgainstAModel(self, steps: list[tuple[Any, ...]]) -> None:
-        """Random interleavings of writes, time passing, commits ending (or failing) and the responder saying
-        whether it has requests in analysis: every batch is answered exactly once; it is answered as stored
-        only if its transaction committed before its deadline, and it fails by its deadline otherwise; one
-        timer at most is armed, and none once every batch is answered; with no transaction in flight, no
-        batch waits once the responder has none in analysis, nor once it has waited GATHER_MOST and the
-        responder has spoken."""
-        clock, thread = Clock(), HeldThread()
-        service = TableStore("postgresql:///x", clock, table="t", timeout=2.0, runInThread=thread)
+        """Random interleavings of writes, time passing, commits (on up to three connections) ending in any
+        order or failing, and the responder saying whether it has requests in analysis: every batch is
+        answered exactly once; it is answered as stored only if its transaction committed before its
+        deadline, and it fails by its deadline otherwise; one deadline timer at most is armed, and none once
+        every batch is answered; never more calls in flight than connections, nor two on one connection; with
+        a connection free and every commit in flight OVERLAP_AFTER old (or none in flight), and only then, a
+        batch goes: none waits
+        once the responder has none in analysis, nor once it has waited GATHER_MOST and the responder has
+        spoken."""
+        clock = Clock()
+        thread = HeldThread(clock)
+        writers = [AbandonCountingWriter("postgresql:///x", "t", "always") for _ in range(3)]
+        service = TableStore("postgresql:///x", clock, table="t", timeout=2.0, runInThread=thread, writers=writers)
         service.log = Logger(observer=lambda event: None)
         writtenAt: dict[str, float] = {}
         outcomes: dict[str, object] = {}  # None for stored, else the failure
         committedAt: dict[str, float] = {}
-        finished, analysing = 0, False
+        finished: set[int] = set()
+        analysing = False
         for step in steps:
+            began = len(thread.calls)
+            openBefore = [index for index in range(began) if index not in finished]
             if step[0] == "write":
                 message = str(len(writtenAt))
                 writtenAt[message] = clock.seconds()
@@ -258,12 +273,15 @@ class ServiceTests(SynchronousTestCase):
             elif step[0] == "gathering":
                 analysing = step[1]
                 service.gathering(analysing)
-            elif finished < len(thread.calls):
-                rows, _ = thread.calls[finished]
-                if step[1]:
-                    committedAt.update((row.message, clock.seconds()) for row in rows)
-                thread.finish(finished, None if step[1] else RuntimeError("refused"))
-                finished += 1
+            else:
+                open_ = [index for index in range(len(thread.calls)) if index not in finished]
+                if open_:
+                    index = open_[step[2] % len(open_)]
+                    rows, _ = thread.calls[index]
+                    if step[1]:
+                        committedAt.update((row.message, clock.seconds()) for row in rows)
+                    finished.add(index)
+                    thread.finish(index, None if step[1] else RuntimeError("refused"))
             now = clock.seconds()
             for message, at in writtenAt.items():
                 inTime = committedAt.get(message, float("inf")) < at + 2.0
@@ -275,15 +293,26 @@ class ServiceTests(SynchronousTestCase):
                     outcomes[message].trap(StorageUnavailable)  # type: ignore[attr-defined]
                     self.assertFalse(inTime, "failed although committed in time")
             deadlineTimers = [call for call in clock.getDelayedCalls()
-                              if "SelfProbe" not in repr(call) and "abandon" not in repr(call)]
+                              if "_tooSlow" in repr(call)]
             self.assertLessEqual(len(deadlineTimers), 1)
             if len(outcomes) == len(writtenAt):
                 self.assertEqual(deadlineTimers, [])
+            for new in range(began, len(thread.calls)):
+                self.assertEqual([index for index in openBefore if thread.times[new] - thread.times[index]
+                                  < OVERLAP_AFTER - 1e-9 and index not in finished], [],
+                                 "a commit overlapped one younger than OVERLAP_AFTER")
+                openBefore.append(new)
+            open_ = [index for index in range(len(thread.calls)) if index not in finished]
+            self.assertLessEqual(len(open_), len(writers), "more calls in flight than connections")
+            self.assertEqual(len({id(thread.writers[index]) for index in open_}), len(open_),
+                             "two calls at once on one connection")
             inCalls = {row.message for rows, _ in thread.calls for row in rows}
             stranded = [m for m in writtenAt if m not in outcomes and m not in inCalls]
-            if finished == len(thread.calls) and step[0] in ("write", "gathering", "finish"):
+            free = len(open_) < len(writers) and all(now - thread.times[index] >= OVERLAP_AFTER + 1e-9
+                                                     for index in open_)
+            if free:
                 if not analysing:
-                    self.assertEqual(stranded, [], "a batch waits with nothing in analysis or in flight")
+                    self.assertEqual(stranded, [], "a batch waits with nothing in analysis and a connection free")
                 elif step[0] == "gathering":
                     self.assertEqual([m for m in stranded if now - writtenAt[m] >= GATHER_MOST], [],
                                      "a batch waited past GATHER_MOST")
@@ -292,6 +321,94 @@ class ServiceTests(SynchronousTestCase):
         from twisted.logger import formatEvent
 
         return formatEvent(event)
+
+
+class OverlappingCommitsTests(SynchronousTestCase):
+    """Several connections: the next batch goes on another one only once every commit in flight is
+    OVERLAP_AFTER old, so a stalled commit (a lost packet, a far database) holds only its own batch."""
+
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.thread = HeldThread(self.clock)
+        self.writers = [AbandonCountingWriter("postgresql:///x", "t", "always") for _ in range(3)]
+        self.service = TableStore("postgresql:///x", self.clock, table="t", timeout=2.0, runInThread=self.thread,
+                                  writers=self.writers)
+        self.service.log = Logger(observer=lambda event: None)
+
+    def messages(self, index: int) -> list[str]:
+        """The messages of call C{index}."""
+        return [row.message for row in self.thread.calls[index][0]]
+
+    def test_nearDatabaseKeepsOneConnection(self) -> None:
+        """Commits that return within OVERLAP_AFTER never open a second connection."""
+        for n in range(5):
+            stored = self.service.write([record(str(n))])
+            self.clock.advance(OVERLAP_AFTER / 2)
+            self.thread.finish(n)
+            self.successResultOf(stored)
+        self.assertEqual({id(writer) for writer in self.thread.writers}, {id(self.writers[0])})
+
+    def test_stalledCommitHoldsOnlyItsOwnBatch(self) -> None:
+        """While the first commit stalls, the next batches go on the other connections, each once the commit
+        before it is OVERLAP_AFTER old, and are answered as they commit; with every connection busy batches
+        wait; the one freed first takes them at once; the stalled batch fails by its own deadline and only
+        its connection is abandoned."""
+        stalled = self.service.write([record("a")])
+        second = self.service.write([record("b")])
+        self.clock.advance(OVERLAP_AFTER / 2)
+        self.assertEqual(len(self.thread.calls), 1)
+        self.clock.advance(OVERLAP_AFTER / 2)
+        self.assertEqual([self.messages(1), self.thread.writers[1]], [["b"], self.writers[1]])
+        third = [self.service.write([record(m)]) for m in "cd"]
+        self.clock.advance(OVERLAP_AFTER)
+        self.assertEqual([self.messages(2), self.thread.writers[2]], [["c", "d"], self.writers[2]])
+        waiting = self.service.write([record("e")])
+        self.clock.advance(0.5)
+        self.assertEqual(len(self.thread.calls), 3, "a fourth call with three connections")
+        self.thread.finish(1)
+        self.successResultOf(second)
+        self.assertNoResult(stalled)
+        self.assertEqual([self.messages(3), self.thread.writers[3]], [["e"], self.writers[1]])
+        self.thread.finish(2)
+        self.thread.finish(3)
+        for result in [*third, waiting]:
+            self.successResultOf(result)
+        self.clock.advance(1.5)
+        self.failureResultOf(stalled, StorageUnavailable)
+        self.assertEqual([writer.abandoned for writer in self.writers], [1, 0, 0])
+
+    def test_stopWaitsForEveryCommit(self) -> None:
+        """Stopping waits until every commit in flight has returned."""
+        first = self.service.write([record("a")])
+        self.clock.advance(OVERLAP_AFTER)
+        second = self.service.write([record("b")])
+        stopped = self.service.stopService()
+        self.thread.finish(0)
+        self.clock.advance(0.1)
+        self.assertNoResult(stopped)
+        self.thread.finish(1)
+        self.clock.advance(0.1)
+        self.successResultOf(stopped)
+        self.successResultOf(first)
+        self.successResultOf(second)
+
+
+class QuickRetransmissionsTests(SynchronousTestCase):
+    """A database connection's least retransmission timeout is lowered where the kernel allows it."""
+
+    def test_tcpSocketLowered(self) -> None:
+        """A TCP socket's least timeout is set to about RTO_MIN_US (rounded up to the kernel's tick), far below
+        the default 200 ms; an older kernel is told apart, not an error."""
+        with socket.socket() as tcp:
+            if not quickRetransmissions(tcp.fileno()):
+                raise SkipTest("this kernel has no TCP_RTO_MIN_US (Linux 6.15)")
+            least = tcp.getsockopt(socket.IPPROTO_TCP, TCP_RTO_MIN_US)  # type: ignore[arg-type]
+        self.assertTrue(RTO_MIN_US <= least < 50_000, least)
+
+    def test_unixSocketLeftAlone(self) -> None:
+        """A UNIX socket (a database on the same host) retransmits nothing: left as it is."""
+        with socket.socket(socket.AF_UNIX) as local:
+            self.assertFalse(quickRetransmissions(local.fileno()))
 
 
 class InsertParametersTests(SynchronousTestCase):

@@ -77,10 +77,22 @@ class RecordsStoreContract:
         self.assertEqual(self.storedMessages(), ["one", "two", "three"])
         self.assertTrue(self.store.healthy())
 
-    async def test_batchesKeepTheirOrder(self) -> None:
-        """Batches written one after another without waiting are stored in the order they were written."""
-        messages = [f"batch {n}" for n in range(40)]
-        await defer.gatherResults([self.store.write([record(m)]) for m in messages], consumeErrors=True)
+    async def test_batchesWrittenAtOnceStoredOnceEach(self) -> None:
+        """Batches written one after another without waiting are each stored exactly once, the records of each
+        in their order (a store with several commits in flight may store whole batches in another order)."""
+        batches = [[f"batch {n} first", f"batch {n} second"] for n in range(40)]
+        await defer.gatherResults([self.store.write([record(m) for m in batch]) for batch in batches],
+                                  consumeErrors=True)
+        stored = self.storedMessages()
+        self.assertEqual(sorted(stored), sorted(m for batch in batches for m in batch))
+        for first, second in batches:
+            self.assertLess(stored.index(first), stored.index(second))
+
+    async def test_batchWrittenAfterAnotherStoredAfterIt(self) -> None:
+        """A batch written once an earlier one's result has fired is stored after it."""
+        messages = [f"in turn {n}" for n in range(10)]
+        for message in messages:
+            await self.store.write([record(message)])
         self.assertEqual(self.storedMessages(), messages)
 
     async def test_gatheringLosesNothing(self) -> None:
@@ -170,6 +182,13 @@ class FileStoreContractTests(RecordsStoreContract, TestCase):
 
     def repairStore(self) -> None:
         self.operations.full = False
+
+    async def test_batchesWrittenAtOnceKeepTheirOrder(self) -> None:
+        """The file's own promise, beyond the contract's: batches written without waiting are stored in the
+        order they were written (one append at a time)."""
+        messages = [f"batch {n}" for n in range(40)]
+        await defer.gatherResults([self.store.write([record(m)]) for m in messages], consumeErrors=True)
+        self.assertEqual(self.storedMessages(), messages)
 
 
 class TableStoreContractTests(RecordsStoreContract, TestCase):

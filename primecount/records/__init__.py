@@ -20,7 +20,7 @@ def openStore(options: Any, reactor: Any, runInThread: RunInThread, metrics: Any
 
     if isDatabaseURI(options["records"]):
         return TableStore(options["records"], reactor, options["fsync"], metrics, table=options["records-table"],
-                          timeout=options["records-timeout"])
+                          timeout=options["records-timeout"], connections=options["records-connections"])
     from primecount.records.file import FileStore
     from primecount.records.formats import FORMATS
 

@@ -7,6 +7,7 @@ import ipaddress
 import os
 import re
 import socket
+import sys
 import threading
 from collections import deque
 from functools import lru_cache
@@ -38,6 +39,18 @@ BACKOFF_FIRST, BACKOFF_MOST = 0.1, 5.0
 # How long the next transaction may wait for the records of requests still being analysed (the pool's turn
 # around is well under a millisecond; this bounds the wait when analysis never stops, under steady load).
 GATHER_MOST = 0.002
+# Connections a store may commit on at once (--records-connections), and how long the youngest commit in flight
+# is given before the next batch goes on another connection: a commit stalled by a lost packet (a 200 ms
+# retransmission) or a far database no longer holds every client of the host, while on a near, healthy
+# database commits return well within it and batches stay few, big and in order on one connection.
+DEFAULT_CONNECTIONS = 4
+OVERLAP_AFTER = 0.002
+# The least retransmission timeout of a database connection, where the kernel lets a socket set it: a lost
+# packet of a commit is sent again after about this long (rounded up to the kernel's tick) rather than after
+# the default 200 ms. The link to a records database is a data centre's, with round trips well under it;
+# the timeout still grows with the measured round trip on a longer one (docs/scaling.md).
+RTO_MIN_US = 10_000
+TCP_RTO_MIN_US: Optional[int] = getattr(socket, "TCP_RTO_MIN_US", 45 if sys.platform == "linux" else None)
 SYNCHRONOUS_COMMIT = {"always": "on", "everysec": "off", "never": "off"}
 # PostgreSQL text cannot hold NUL; a message's NUL is stored as U+2400 SYMBOL FOR NULL.
 NUL_STAND_IN = "\u2400"
@@ -232,14 +245,32 @@ def _checked(result: Any, expected: Any) -> None:
 
 def connect(conninfo: str, fsync: str) -> Any:
     """A new connection to the records database, set up for appending: its commit policy, a name in
-    C{pg_stat_activity}, bounded connection and statement times."""
-    return driver().connect(
+    C{pg_stat_activity}, bounded connection and statement times, quick retransmissions."""
+    connection = driver().connect(
         conninfo, autocommit=True, connect_timeout=CONNECT_TIMEOUT, application_name="primecount",
         options=f"-c synchronous_commit={SYNCHRONOUS_COMMIT[fsync]} -c statement_timeout=10000",
         # A peer gone without a word (a cut link, a dead host) is found by the kernel, not only when a
         # commit is abandoned: unacknowledged data for 10 s, or an idle connection unanswered for 8 s.
         tcp_user_timeout=10000, keepalives=1, keepalives_idle=5, keepalives_interval=1, keepalives_count=3,
     )
+    quickRetransmissions(connection.pgconn.socket)
+    return connection
+
+
+def quickRetransmissions(descriptor: int) -> bool:
+    """Lower a TCP socket's least retransmission timeout to L{RTO_MIN_US}, where the kernel can (Linux 6.15's
+    C{TCP_RTO_MIN_US}); whether it did. A batch is one packet each way: a lost one is found only by a timeout,
+    200 ms at least by default, which every request of the batch waits out."""
+    if TCP_RTO_MIN_US is None:
+        return False
+    try:
+        with socket.socket(fileno=os.dup(descriptor)) as handle:
+            if handle.family not in (socket.AF_INET, socket.AF_INET6):
+                return False  # a UNIX socket: nothing is ever retransmitted
+            handle.setsockopt(socket.IPPROTO_TCP, TCP_RTO_MIN_US, RTO_MIN_US)
+    except OSError:  # an older kernel
+        return False
+    return True
 
 
 class DatabaseWriter:
@@ -397,14 +428,18 @@ class TableStore(Service):
     log = Logger()
 
     def __init__(self, conninfo: str, reactor: Any, fsync: str = "everysec", metrics: NoMetrics = NoMetrics(), *,
-                 table: str = DEFAULT_TABLE, timeout: float = DEFAULT_TIMEOUT, writer: Optional[DatabaseWriter] = None,
+                 table: str = DEFAULT_TABLE, timeout: float = DEFAULT_TIMEOUT, connections: int = DEFAULT_CONNECTIONS,
+                 writers: Optional[Sequence[DatabaseWriter]] = None,
                  runInThread: Optional[RunInThread] = None) -> None:
         self.conninfo = self.location = conninfo
         self.table = table
         self._reactor: IReactorTime = reactor
         self._metrics = metrics
         self._timeout = timeout
-        self._writer = writer or DatabaseWriter(conninfo, table, fsync)
+        self._writers = list(writers or [DatabaseWriter(conninfo, table, fsync) for _ in range(connections)])
+        # The writers free to take a call, the first one on top: a second connection is made only once commits
+        # have overlapped, and the most recently used (warm) one is taken first.
+        self._idle = self._writers[::-1]
         self._pool: Optional[ThreadPool] = None
         self._runInThread = runInThread
         self._waiting: list[tuple[Sequence[Record], Deferred[None]]] = []
@@ -412,7 +447,9 @@ class TableStore(Service):
         # for the oldest (a timer per batch would fill the reactor's heap with cancelled calls).
         self._deadlines: deque[tuple[float, Deferred[None], int]] = deque()
         self._deadlineCall: Optional[IDelayedCall] = None
-        self._inFlight = False
+        self._inFlight: dict[DatabaseWriter, float] = {}  # the commits in flight: their writer, when they began
+        self._overlapCall: Optional[IDelayedCall] = None  # when the youngest of them is OVERLAP_AFTER old
+        self._probing = False
         self._analysing = False  # whether the responder has requests in analysis (L{gathering})
         self._waitingSince = 0.0  # when the oldest waiting batch was written
         self._retryAt = 0.0
@@ -427,13 +464,17 @@ class TableStore(Service):
         in one warning line (the service still starts, and connects again with the first batch)."""
         super().startService()
         if self._runInThread is None:
-            pool = self._pool = batchScheduledPool(ThreadPool(1, 1, "primecount-records-db"))
+            pool = self._pool = batchScheduledPool(ThreadPool(1, len(self._writers), "primecount-records-db"))
             pool.start()
             threads: IReactorThreads = self._reactor  # type: ignore[assignment]
             self._runInThread = lambda function, *args: deferToThreadPool(threads, pool, function, *args)
-        self.log.info("appending records to PostgreSQL table {table} ({conninfo})", table=self.table,
-                      conninfo=_withoutPassword(self.conninfo))
-        self._runInThread(self._writer.connectNow).addErrback(self._unreachableAtStart)
+        self.log.info("appending records to PostgreSQL table {table} ({conninfo}), on up to {connections} "
+                      "connections", table=self.table, conninfo=_withoutPassword(self.conninfo),
+                      connections=len(self._writers))
+        writer = self._idle.pop()
+        connected = self._runInThread(writer.connectNow)
+        connected.addErrback(self._unreachableAtStart)
+        connected.addBoth(lambda _: self._release(writer))
 
     def _unreachableAtStart(self, failure: Failure) -> None:
         self.log.warn("records database not reachable at start ({error}); requests will get ERROR storage "
@@ -447,11 +488,13 @@ class TableStore(Service):
 
         def whenIdle() -> None:
             self._next()  # a transaction held for records on their way goes once its wait is up
-            if self._inFlight or self._waiting:
+            if len(self._idle) < len(self._writers) or self._waiting:
                 self._reactor.callLater(0.05, whenIdle)
                 return
+            if self._overlapCall is not None and self._overlapCall.active():
+                self._overlapCall.cancel()
             if self._pool is not None:
-                closed = self._runInThread(self._writer.close)  # type: ignore[misc]
+                closed = self._runInThread(self._closeAll)  # type: ignore[misc]
                 closed.addBoth(lambda _: self._pool.stop())  # type: ignore[union-attr]
                 closed.addBoth(lambda _: done.callback(None))
             else:
@@ -459,6 +502,15 @@ class TableStore(Service):
 
         whenIdle()
         return done
+
+    def _closeAll(self) -> None:
+        for writer in self._writers:
+            writer.close()
+
+    def _release(self, writer: DatabaseWriter) -> None:
+        """C{writer}'s call has returned: it is free for the next one."""
+        self._idle.append(writer)
+        self._next()
 
     def reopen(self) -> None:
         """SIGHUP: nothing to reopen (the file's rotation has no counterpart here)."""
@@ -489,27 +541,36 @@ class TableStore(Service):
         self._next()
 
     def _next(self) -> None:
-        if self._inFlight or not self._waiting:
+        """Send the waiting batches as one transaction if a connection is free for it: at once when no commit is
+        in flight; else once the youngest in flight is L{OVERLAP_AFTER} old (a timer says when)."""
+        if not self._waiting or not self._idle:
             return
-        if self._analysing and self._reactor.seconds() - self._waitingSince < GATHER_MOST:
+        now = self._reactor.seconds()
+        if self._analysing and now - self._waitingSince < GATHER_MOST:
             return  # the records being analysed join this transaction; told again when they are written
+        if self._inFlight:
+            wait = max(self._inFlight.values()) + OVERLAP_AFTER - now
+            if wait > 0:
+                if self._overlapCall is None or not self._overlapCall.active():
+                    self._overlapCall = self._reactor.callLater(wait, self._next)
+                return
         batch = [(records, stored) for records, stored in self._waiting if not stored.called]  # not timed out
         self._waiting = []
         if not batch:
             return
         rows = [record for records, _ in batch for record in records]
-        self._inFlight = True
-        started = self._reactor.seconds()
-        committed = self._untilTimeout(self._writer.append, rows, onAbandoned=self._commitAbandoned)
-        committed.addBoth(self._committed, batch, len(rows), started)
+        writer = self._idle.pop()
+        self._inFlight[writer] = now
+        committed = self._untilTimeout(writer, writer.append, rows, onAbandoned=self._commitAbandoned)
+        committed.addBoth(self._committed, writer, batch, len(rows), now)
 
-    def _untilTimeout(self, function: Callable[..., None], *args: Any,
+    def _untilTimeout(self, writer: DatabaseWriter, function: Callable[..., None], *args: Any,
                       onAbandoned: Callable[[], None] = lambda: None) -> Deferred[None]:
-        """Run C{function(*args)} on the database thread; if it has not returned within the timeout (cut off
-        from the database), shut its connection down, so that the thread is free at once, and call
-        C{onAbandoned}."""
+        """Run C{function(*args)} (a call on C{writer}) on a database thread; if it has not returned within the
+        timeout (cut off from the database), shut C{writer}'s connection down, so that the thread is free at
+        once, and call C{onAbandoned}."""
         def abandon() -> None:
-            if self._writer.abandon():
+            if writer.abandon():
                 onAbandoned()
 
         overdue = self._reactor.callLater(self._timeout, abandon)
@@ -525,9 +586,10 @@ class TableStore(Service):
         self.log.warn("records database: a commit took over {timeout:g} s; its connection is abandoned "
                       "(its rows may or may not be there) and the next try uses a new one", timeout=self._timeout)
 
-    def _committed(self, result: object, batch: list[tuple[Sequence[Record], Deferred[None]]], size: int,
-                   started: float) -> None:
-        self._inFlight = False
+    def _committed(self, result: object, writer: DatabaseWriter, batch: list[tuple[Sequence[Record], Deferred[None]]],
+                   size: int, started: float) -> None:
+        del self._inFlight[writer]
+        self._idle.append(writer)
         if isinstance(result, Failure):
             self._failed(result, size)
             for _, stored in batch:
@@ -558,17 +620,22 @@ class TableStore(Service):
         """Whether the table takes a row now (L{DatabaseWriter.tryAppend}: appended, then rolled back), asked
         on the backoff's schedule (before its next try is due, the answer is no without asking); ends the
         incident if it does. While a transaction is in flight its outcome will tell: the answer is no."""
-        if self._runInThread is None or self._inFlight or self._reactor.seconds() < self._retryAt:
+        if (self._runInThread is None or self._inFlight or self._probing or not self._idle
+                or self._reactor.seconds() < self._retryAt):
             return fail(StorageUnavailable("records database unavailable"))
+        writer = self._idle.pop()
+        self._probing = True
 
         def answered(result: object) -> None:
+            self._probing = False
+            self._idle.append(writer)
             if isinstance(result, Failure):
                 self._failed(result, 0)
                 raise StorageUnavailable(f"records database unavailable ({_describe(result)})")
             self._retryAt = 0.0
             self._recovered()
 
-        return self._untilTimeout(self._writer.tryAppend).addBoth(answered)
+        return self._untilTimeout(writer, writer.tryAppend).addBoth(answered)
 
     def _failed(self, failure: Failure, size: int) -> None:
         self._notStored(size, "records database unavailable ({error})", error=_describe(failure))
@@ -608,7 +675,8 @@ class TableStore(Service):
             self._deadlineCall = self._reactor.callLater(self._deadlines[0][0] - now, self._tooSlow)
 
     def _answered(self) -> None:
-        """Forget the deadlines of the oldest batches, answered now (batches are answered oldest first)."""
+        """Forget the deadlines of the oldest batches answered now (a younger batch answered before an older one,
+        its commit overlapping, is forgotten once the older one is answered)."""
         deadlines = self._deadlines
         while deadlines and deadlines[0][1].called:
             deadlines.popleft()
