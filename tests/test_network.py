@@ -27,9 +27,13 @@ class Fleet:
     """A database host, a primecount host and a client host on one private network; the primecount host's
     records go to a table on the database host, directly or through a relay that delays every byte."""
 
-    def __init__(self, test: SynchronousTestCase, delay: float | None = None, *options: str) -> None:
+    def __init__(self, test: SynchronousTestCase, delay: float | None = None, *options: str,
+                 databaseRtoMinUs: int | None = None) -> None:
         self.network = FleetNetwork(test, ["db", "app", "client"])
         self.db, self.app, self.client = self.network["db"], self.network["app"], self.network["client"]
+        if databaseRtoMinUs is not None:  # before PostgreSQL listens: its connections take the host's value then
+            subprocess.run([*self.db.prefix, "sysctl", "-qw", f"net.ipv4.tcp_rto_min_us={databaseRtoMinUs}"],
+                           check=True)
         self.cluster = Cluster(requirePostgres(test), prefix=self.db.prefix, listen=self.db.address)
         test.addCleanup(self.cluster.destroy)
         self.cluster.start()
@@ -55,6 +59,27 @@ class Fleet:
     def rows(self) -> dict[Any, int]:
         """How many rows each message has."""
         return dict(self.cluster.query(f'SELECT message, count(*) FROM "{self.table}" GROUP BY message'))
+
+    def databaseRetransmissionTimeouts(self) -> list[float]:
+        """The retransmission timeout (ms, as C{ss} shows it) of each of the primecount host's connections to
+        the database."""
+        import re
+
+        shown = subprocess.run([*self.app.prefix, "ss", "-tinH", "dst", f"{self.db.address}:{self.cluster.port}"],
+                               capture_output=True, text=True, check=True).stdout
+        return [float(rto) for rto in re.findall(r"\brto:([\d.]+)", shown)]
+
+
+def kernelTakesRtoMin() -> bool:
+    """Whether this kernel lets a socket lower its least retransmission timeout (Linux 6.15's TCP_RTO_MIN_US)."""
+    import socket
+
+    with socket.socket() as probe:
+        try:
+            probe.setsockopt(socket.IPPROTO_TCP, 45, 10_000)
+        except OSError:
+            return False
+    return True
 
 
 class FarAndLossyDatabaseTests(SynchronousTestCase):
@@ -95,12 +120,19 @@ class FarAndLossyDatabaseTests(SynchronousTestCase):
     @slow
     def test_onePerCentLossToTheDatabase(self) -> None:
         """1 % of the packets between the primecount host and the database dropped each way (nftables): 3 s of
-        load from 6 clients, every verified reply has its one row."""
+        load from 6 clients, every verified reply has its one row; the host has at most --records-connections
+        (4) connections to the database, each retransmitting after well under the default 200 ms."""
         fleet = Fleet(self)
         fleet.app.loseTo(fleet.db, 1)
         clients = fleet.clients("lossy")
         time.sleep(3)
+        timeouts = fleet.databaseRetransmissionTimeouts()
         self.assertOneRowEach(fleet, clients.stop())
+        self.assertTrue(1 <= len(timeouts) <= 4, timeouts)
+        if kernelTakesRtoMin():
+            self.assertLess(max(timeouts), 100, timeouts)
+        Logger().info("lossy figures: {count} database connections, retransmission timeouts {timeouts} ms",
+                      count=len(timeouts), timeouts=timeouts)
 
 
 class DatabasePartitionTests(SynchronousTestCase):
@@ -191,53 +223,117 @@ class DatabaseKilledTests(SynchronousTestCase):
                       refused=len(clients.unavailableAt))
 
 
+class BalancedFleet:
+    """Three primecount hosts behind the real HAProxy (the shipped configuration, checking /readyz) on a host of
+    its own, their records in one table on the database host, and a client host."""
+
+    def __init__(self, test: SynchronousTestCase) -> None:
+        import re
+
+        from tests.test_haproxy import CONFIG
+
+        network = FleetNetwork(test, ["db", "lb", "app1", "app2", "app3", "client"])
+        self.db, self.lb, self.client = network["db"], network["lb"], network["client"]
+        self.apps = [network[f"app{n}"] for n in (1, 2, 3)]
+        self.cluster = Cluster(requirePostgres(test), prefix=self.db.prefix, listen=self.db.address)
+        test.addCleanup(self.cluster.destroy)
+        self.cluster.start()
+        self.table = freshTable(test, self.cluster)
+        self.servers = []
+        for app in self.apps:
+            server = ServerProcess(self.cluster.tcpUri, "--records-table", self.table, "--max-per-ip", "0",
+                                   "--proxy-from", f"{self.lb.address}/32", "--metrics",
+                                   f"tcp:5059:interface={app.address}", "--drain-delay", "3",
+                                   port=f"haproxy:tcp:5051:interface={app.address}", prefix=app.prefix)
+            test.addCleanup(server.stop)
+            self.servers.append(server)
+        text = re.sub(r"(?m)^    bind .*$", f"    bind {self.lb.address}:5050", CONFIG.read_text())
+        text = re.sub(r"(?m)^    server .*\n", "", text)
+        text += "".join(f"    server primecount{n} {app.address}:5051\n" for n, app in enumerate(self.apps, 1))
+        config = Path(test.mktemp())
+        config.write_text(text)
+        self.log = Path(test.mktemp())
+        haproxy = subprocess.Popen([*self.lb.prefix, "haproxy", "-db", "-f", str(config)],
+                                   stdout=self.log.open("wb"), stderr=subprocess.STDOUT)
+        test.addCleanup(lambda: (haproxy.terminate(), haproxy.wait(30)))
+        waitUntil(lambda: self.client.call(accepts, 5050, self.lb.address), what="HAProxy to listen")
+
+    def clients(self, name: str) -> CountingClients:
+        """6 clients on the client host, loading the fleet through HAProxy."""
+        return CountingClients(5050, 6, name, host=self.lb.address, namespace=self.client.namespace)
+
+    def waitForLine(self, line: str) -> float:
+        """Wait until HAProxy's log says C{line}; when it was seen."""
+        waitUntil(lambda: line in self.log.read_text(), seconds=30, what=line)
+        return time.monotonic()
+
+    def rows(self) -> dict[Any, int]:
+        """How many rows each message has."""
+        return dict(self.cluster.query(f'SELECT message, count(*) FROM "{self.table}" GROUP BY message'))
+
+    def rowsBy(self, server: ServerProcess) -> int:
+        """How many rows C{server}'s process wrote."""
+        return self.cluster.query(f'SELECT count(*) FROM "{self.table}" WHERE pid = {server.process.pid}')[0][0]
+
+
 class BalancedFleetTests(SynchronousTestCase):
-    """Three primecount hosts behind the real HAProxy (the shipped configuration) on its own host, one table on
-    the database host: a host partitioned from the balancer, then another killed; the rest carry the load."""
+    """The balanced fleet (L{BalancedFleet}) under load: a host cut from the database is taken out by its
+    readiness and rejoins by itself; a host partitioned from the balancer, then another killed: the rest carry
+    the load."""
+
+    @slow
+    def test_cutFromTheDatabaseTakenOutAndRejoins(self) -> None:
+        """Under load from 6 clients through HAProxy, app1 is cut from the database: HAProxy marks it DOWN for
+        its /readyz 503, and no ERROR storage unavailable comes more than 1 s after; the link healed, HAProxy
+        marks it UP by itself and app1 records requests again. No connection is refused or reset, and every
+        verified reply has exactly one row."""
+        fleet = BalancedFleet(self)
+        app1 = fleet.apps[0]
+        clients = fleet.clients("db cut")
+        try:
+            waitUntil(lambda: len(clients.answered) >= 300, what="load through HAProxy")
+            app1.cutFrom(fleet.db)
+            cutAt = time.monotonic()
+            downAt = fleet.waitForLine("primecount1 is DOWN")
+            answered = len(clients.answered)
+            waitUntil(lambda: len(clients.answered) >= answered + 300, what="load carried by app2 and app3")
+            app1.heal()
+            healedAt = time.monotonic()
+            upAt = fleet.waitForLine("primecount1 is UP")
+            before = fleet.rowsBy(fleet.servers[0])
+            waitUntil(lambda: fleet.rowsBy(fleet.servers[0]) >= before + 50, what="app1 recording again")
+        finally:
+            clients.stop()
+        for server in fleet.servers:
+            self.assertEqual(server.stop(), 0, server.log)
+        self.assertEqual((dict(clients.failures), clients.other), ({}, []))
+        self.assertIn("Layer7 wrong status, code: 503", fleet.log.read_text())
+        lateErrors = [at - downAt for at in clients.unavailableAt if at > downAt + 1.0]
+        self.assertEqual(lateErrors, [], "ERROR storage unavailable after HAProxy took app1 out")
+        rows = fleet.rows()
+        self.assertEqual([m for m in clients.answered if rows.get(m) != 1], [])
+        Logger().info("balanced cut figures: out {out:.2f} s after the cut, back in {back:.2f} s after the heal; "
+                      "{errors} ERROR storage unavailable of {answered} answered",
+                      out=downAt - cutAt, back=upAt - healedAt, errors=len(clients.unavailableAt),
+                      answered=len(clients.answered))
 
     @slow
     def test_partitionedFromTheBalancerAndKilled(self) -> None:
         """Under load from 6 clients through HAProxy: app2 is cut off from the balancer (HAProxy marks it DOWN),
         then app3 is killed (kill -9); app1 alone answers what comes after, no connection is refused, only
         requests in flight at a fault go unanswered, and every verified reply has exactly one row."""
-        import re
         import signal
 
-        from tests.test_haproxy import CONFIG
-
-        network = FleetNetwork(self, ["db", "lb", "app1", "app2", "app3", "client"])
-        db, lb, client = network["db"], network["lb"], network["client"]
-        apps = [network[f"app{n}"] for n in (1, 2, 3)]
-        cluster = Cluster(requirePostgres(self), prefix=db.prefix, listen=db.address)
-        self.addCleanup(cluster.destroy)
-        cluster.start()
-        table = freshTable(self, cluster)
-        servers = []
-        for app in apps:
-            server = ServerProcess(cluster.tcpUri, "--records-table", table, "--max-per-ip", "0", "--proxy-from",
-                                   f"{lb.address}/32", "--metrics", f"tcp:5059:interface={app.address}",
-                                   "--drain-delay", "3", port=f"haproxy:tcp:5051:interface={app.address}",
-                                   prefix=app.prefix)
-            self.addCleanup(server.stop)
-            servers.append(server)
-        text = re.sub(r"(?m)^    bind .*$", f"    bind {lb.address}:5050", CONFIG.read_text())
-        text = re.sub(r"(?m)^    server .*\n", "", text)
-        text += "".join(f"    server primecount{n} {app.address}:5051\n" for n, app in enumerate(apps, 1))
-        config = Path(self.mktemp())
-        config.write_text(text)
-        log = Path(self.mktemp())
-        haproxy = subprocess.Popen([*lb.prefix, "haproxy", "-db", "-f", str(config)], stdout=log.open("wb"),
-                                   stderr=subprocess.STDOUT)
-        self.addCleanup(lambda: (haproxy.terminate(), haproxy.wait(30)))
-        waitUntil(lambda: client.call(accepts, 5050, lb.address), what="HAProxy to listen")
-        clients = CountingClients(5050, 6, "balanced", host=lb.address, namespace=client.namespace)
+        fleet = BalancedFleet(self)
+        apps, servers = fleet.apps, fleet.servers
+        clients = fleet.clients("balanced")
         try:
             waitUntil(lambda: len(clients.answered) >= 300, what="load through HAProxy")
-            apps[1].cutFrom(lb)
-            waitUntil(lambda: "primecount2 is DOWN" in log.read_text(), seconds=20, what="app2 taken out")
+            apps[1].cutFrom(fleet.lb)
+            fleet.waitForLine("primecount2 is DOWN")
             failedAtCut = sum(clients.failures.values())
             servers[2].process.send_signal(signal.SIGKILL)
-            waitUntil(lambda: "primecount3 is DOWN" in log.read_text(), seconds=20, what="app3 taken out")
+            fleet.waitForLine("primecount3 is DOWN")
             answered = len(clients.answered)
             waitUntil(lambda: len(clients.answered) >= answered + 300, what="load carried by app1")
             answered = len(clients.answered)
@@ -247,7 +343,7 @@ class BalancedFleetTests(SynchronousTestCase):
         apps[1].heal()
         for server in servers[:2]:
             self.assertEqual(server.stop(), 0, server.log)
-        rows = dict(cluster.query(f'SELECT message, count(*) FROM "{table}" GROUP BY message'))
+        rows = fleet.rows()
         self.assertEqual([m for m in clients.answered if rows.get(m) != 1], [])
         self.assertEqual(clients.other, [])
         self.assertNotIn("refused", clients.failures)
