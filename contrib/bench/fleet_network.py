@@ -37,11 +37,13 @@ class _Harness(SynchronousTestCase):
 
 
 
-def run(primeload: Path, messages: Path, delay: float | None, loss: int, conns: int, seconds: float) -> dict:
+def run(primeload: Path, messages: Path, delay: float | None, loss: int, conns: int, seconds: float,
+        options: list[str], databaseRtoMinMs: float | None = None) -> dict:
     """One fleet, one load: primeload's summary plus rows per commit and the relay's CPU seconds."""
     harness = _Harness("test_nothing")
     try:
-        fleet = Fleet(harness, delay=delay)
+        fleet = Fleet(harness, delay, *options, databaseRtoMinUs=None if databaseRtoMinMs is None
+                      else int(databaseRtoMinMs * 1000))
         if loss:
             fleet.app.loseTo(fleet.db, loss)
         relayBefore = treeCpuSeconds(fleet.relay.pid) if delay is not None else 0.0
@@ -59,21 +61,34 @@ def run(primeload: Path, messages: Path, delay: float | None, loss: int, conns: 
         harness.doCleanups()
 
 
+# A database link: the relay's delay each way (None: no relay), and the per cent of packets lost each way.
+LINKS: dict[str, tuple[float | None, int]] = {
+    "direct": (None, 0), "relay-0ms": (0.0, 0), "relay-1ms": (0.001, 0), "relay-5ms": (0.005, 0),
+    "relay-20ms": (0.020, 0), "loss-1%": (None, 1),
+}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seconds", type=float, default=4.0)
     parser.add_argument("--conns", type=int, nargs="+", default=[50, 800])
+    parser.add_argument("--links", nargs="+", choices=list(LINKS), default=list(LINKS),
+                        help="which database links to measure (direct is always measured first, for the ratio)")
+    parser.add_argument("--option", action="append", default=[], metavar="OPTION",
+                        help="a primecount option for the host, e.g. --option=--records-connections=1 (repeatable)")
+    parser.add_argument("--database-rto-min-ms", type=float, default=None,
+                        help="set the database host's net.ipv4.tcp_rto_min_us (its own retransmissions)")
     arguments = parser.parse_args()
     workdir, primeload, messages = prepare("primecount-fleet-network-")
-    links = [("direct", None, 0), ("relay 0 ms", 0.0, 0), ("relay 1 ms", 0.001, 0), ("relay 5 ms", 0.005, 0),
-             ("relay 20 ms", 0.020, 0), ("direct, 1% loss", None, 1)]
+    links = [(name, *LINKS[name]) for name in LINKS if name == "direct" or name in arguments.links]
     try:
         print(f"{'database link':16} {'conns':>5} {'req/s':>8} {'p99 ms':>7} {'rows/commit':>11} "
               f"{'relay CPU s':>11} {'vs direct':>9}  (one run each, {arguments.seconds:g} s)")
         direct: dict[int, float] = {}
         for name, delay, loss in links:
             for conns in arguments.conns:
-                summary = run(primeload, messages, delay, loss, conns, arguments.seconds)
+                summary = run(primeload, messages, delay, loss, conns, arguments.seconds, arguments.option,
+                              arguments.database_rto_min_ms)
                 if name == "direct":
                     direct[conns] = summary["rps"]
                 ratio = summary["rps"] / direct[conns] if direct.get(conns) else float("nan")
