@@ -17,9 +17,10 @@ from primecount.internals import parseServerEndpoint
 from primecount.proxied import LOOPBACK, parseNetworks
 from primecount.records.formats import FORMATS
 from primecount.records.file import recordsPathProblem
+from primecount.records.schema import partitionNameProblem, tableProblem
 from primecount.records.store import FSYNC_POLICIES
 from primecount.records.table import (
-    DEFAULT_CONNECTIONS, DEFAULT_TABLE, DEFAULT_TIMEOUT, OVERLAP_AFTER, isDatabaseURI, tableProblem, uriProblem,
+    DEFAULT_CONNECTIONS, DEFAULT_TABLE, DEFAULT_TIMEOUT, OVERLAP_AFTER, isDatabaseURI, uriProblem,
 )
 from primecount.tls import cipherProblem
 from primecount.workers import WORKER_FD, cpuCount
@@ -222,6 +223,9 @@ class Options(usage.Options):
         ["records-connections", None, DEFAULT_CONNECTIONS, "With a postgresql:// --records: most connections "
          "(and commits in flight) at once; the next batch goes on another one only once every commit in "
          f"flight is {OVERLAP_AFTER * 1000:g} ms old.", _number("records-connections", int, 1, strict=False)],
+        ["records-retention", None, 0, "With a postgresql:// --records: days of records kept; a table created "
+         "with it is partitioned by day, partitions are made ahead, and those older are dropped (0: keep "
+         "everything, in a plain table).", _number("records-retention", int, 0, strict=False)],
         ["records-format", None, "tsv", "Records file format: tsv (the original columns) or jsonl.",
          _choice("records-format", sorted(FORMATS))],
         ["fsync", None, "everysec", "When records are fsynced: always (before each reply), everysec "
@@ -280,7 +284,7 @@ class Options(usage.Options):
             self._checkDatabaseOptions()
             return
         for option, default in (("records-table", DEFAULT_TABLE), ("records-timeout", DEFAULT_TIMEOUT),
-                                ("records-connections", DEFAULT_CONNECTIONS)):
+                                ("records-connections", DEFAULT_CONNECTIONS), ("records-retention", 0)):
             if self[option] != default:
                 raise usage.UsageError(f"--{option}: only applies with a postgresql:// --records")
         if not self["records"]:
@@ -303,6 +307,10 @@ class Options(usage.Options):
         problem = tableProblem(self["records-table"])
         if problem is not None:
             raise usage.UsageError(f"--records-table: {self['records-table']!r} {problem}")
+        if self["records-retention"]:
+            problem = partitionNameProblem(self["records-table"])
+            if problem is not None:
+                raise usage.UsageError(f"--records-retention: table {self['records-table']!r} {problem}")
         if self["records-format"] != "tsv":
             raise usage.UsageError("--records-format: only applies to a records file")
 

@@ -22,7 +22,8 @@ from pathlib import Path
 from typing import Any, Callable
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-from primecount.records.table import connect, insertParameters, insertStatement, schemaStatements  # noqa: E402
+from primecount.records.schema import schemaStatements  # noqa: E402
+from primecount.records.table import connect, insertParameters, insertStatement  # noqa: E402
 from primecount.records.formats import Record  # noqa: E402
 from tests.postgres import Cluster, postgresBinaries  # noqa: E402
 

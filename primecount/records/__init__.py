@@ -4,7 +4,8 @@ L{primecount.records.store} says what every store promises (L{IRecordsStore}: a 
 go out, gathering, reopen, health), the error of a refused batch and what the stores share (the incident told
 once, the retry backoff). L{primecount.records.file} appends to a file (the default), L{primecount.records.table}
 to a PostgreSQL table; both are built as C{Store(location, clock, fsync, metrics, *, ...)}, and L{openStore}
-builds the one C{--records} names. L{primecount.records.formats} is a record's line in a file.
+builds the one C{--records} names. L{primecount.records.formats} is a record's line in a file;
+L{primecount.records.schema} is the table's creation and its partitions by day.
 """
 
 from __future__ import annotations
@@ -20,7 +21,8 @@ def openStore(options: Any, reactor: Any, runInThread: RunInThread, metrics: Any
 
     if isDatabaseURI(options["records"]):
         return TableStore(options["records"], reactor, options["fsync"], metrics, table=options["records-table"],
-                          timeout=options["records-timeout"], connections=options["records-connections"])
+                          timeout=options["records-timeout"], connections=options["records-connections"],
+                          retention=options["records-retention"])
     from primecount.records.file import FileStore
     from primecount.records.formats import FORMATS
 

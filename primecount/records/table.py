@@ -10,7 +10,8 @@ import socket
 import sys
 import threading
 from collections import deque
-from functools import lru_cache
+from datetime import date
+from functools import lru_cache, partial
 from typing import Any, Callable, Optional, Sequence
 
 from twisted.application.service import Service
@@ -24,6 +25,7 @@ from zope.interface import implementer
 
 from primecount.metrics import NoMetrics
 from primecount.records.formats import Record
+from primecount.records.schema import createSchema, tableIdentifier
 from primecount.records.store import Backoff, Incident, IRecordsStore, RunInThread, SelfProbe, StorageUnavailable
 from primecount.threads import batchScheduledPool
 
@@ -136,49 +138,6 @@ def uriProblem(uri: str) -> Optional[str]:
         probe.finish()
 
 
-def tableIdentifier(name: str) -> Any:
-    """The C{psycopg.sql.Identifier} of a table name, C{schema.table} allowed."""
-    from psycopg import sql
-
-    return sql.Identifier(*name.split("."))
-
-
-def tableProblem(name: str) -> Optional[str]:
-    """Why C{name} cannot be a records table name, or C{None}."""
-    parts = name.split(".")
-    if not 1 <= len(parts) <= 2 or not all(part and len(part) <= 63 for part in parts):
-        return "must be a table name or schema.table, each part 1 to 63 characters"
-    if any("\0" in part for part in parts):
-        return "must not contain NUL"
-    return None
-
-
-def schemaStatements(table: str) -> list[Any]:
-    """The idempotent statements that create the records table and its indexes (see docs/records.md); a time
-    index that went away with a table renamed away is made again by L{createSchema}."""
-    from psycopg import sql
-
-    name = tableIdentifier(table)
-    last = table.split(".")[-1]
-    return [
-        sql.SQL(
-            "CREATE TABLE IF NOT EXISTS {} ("
-            " id bigserial PRIMARY KEY,"
-            " time timestamptz NOT NULL,"
-            " client inet,"
-            " message text NOT NULL,"
-            " count integer NOT NULL,"
-            " prime boolean NOT NULL,"
-            " host text NOT NULL,"
-            " pid integer NOT NULL)"
-        ).format(name),
-        # BRIN, not a B-tree: rows arrive in time order, and a summary per block range costs each row a
-        # fraction of a B-tree entry (docs/records.md).
-        sql.SQL("CREATE INDEX IF NOT EXISTS {} ON {} USING brin (time)").format(sql.Identifier(f"{last}_time"),
-                                                                               name),
-    ]
-
-
 @lru_cache(maxsize=4096)
 def inetOrNone(client: str) -> Optional[str]:
     """A client address as the C{inet} column takes it, or C{None} for a peer without one (a UNIX socket)."""
@@ -277,10 +236,11 @@ class DatabaseWriter:
     """What runs on the database thread: one connection, made when needed, and the transactions on it."""
 
     def __init__(self, conninfo: str, table: str, fsync: str,
-                 connectTo: Callable[[str, str], Any] = connect) -> None:
+                 connectTo: Callable[[str, str], Any] = connect, partitioned: bool = False) -> None:
         self._conninfo = conninfo
         self._table = table
         self._fsync = fsync
+        self._partitioned = partitioned  # a table this writer creates is partitioned by day
         self._connectTo = connectTo
         self._connection: Any = None
         self._host = socket.gethostname()
@@ -341,7 +301,7 @@ class DatabaseWriter:
         with self._lock:
             self._connection = connection  # abandon() may now shut it down, during the schema work too
         try:
-            createSchema(connection, self._table)
+            createSchema(connection, self._table, self._partitioned)
             _checked(connection.pgconn.prepare(APPEND_STATEMENT, insertStatement(self._table).as_bytes(connection)),
                      pq.ExecStatus.COMMAND_OK)
         except BaseException:
@@ -353,6 +313,16 @@ class DatabaseWriter:
         """Make the connection (and the table) now, if there is none, rather than with the first batch."""
         if self._connection is None:
             self._connect()
+
+    def maintainPartitions(self, retention: int, now: date) -> Any:
+        """L{primecount.records.schema.maintain} on a connection of its own, closed after."""
+        from primecount.records.schema import maintain
+
+        connection = self._connectTo(self._conninfo, self._fsync)
+        try:
+            return maintain(connection, self._table, retention, now)
+        finally:
+            connection.close()
 
     def abandon(self) -> bool:
         """From any thread: shut the connection's socket down, so that a statement waiting on it (a commit cut
@@ -398,29 +368,6 @@ def _idleAndAlive(connection: Any) -> bool:
     return not poller.poll(0)
 
 
-def createSchema(connection: Any, table: str) -> None:
-    """Create the records table and its time index if they are missing, in one transaction, one creator at a
-    time (two at once would collide in the catalog).
-
-    The index is looked for on the table itself: its usual name may still be
-    taken by the index of a table renamed away (indexes keep their names), and
-    then C{CREATE INDEX IF NOT EXISTS} would skip it. A second one gets a name
-    PostgreSQL chooses.
-    """
-    from psycopg import sql
-
-    with connection.transaction(), connection.cursor() as cursor:
-        cursor.execute("SELECT pg_advisory_xact_lock(hashtext('primecount records schema'))")
-        for statement in schemaStatements(table):
-            cursor.execute(statement)
-        name = tableIdentifier(table)
-        cursor.execute(
-            "SELECT count(*) FROM pg_index i JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = "
-            "i.indkey[0] WHERE i.indrelid = %s::regclass AND a.attname = 'time'", (name.as_string(connection),))
-        if cursor.fetchone()[0] == 0:
-            cursor.execute(sql.SQL("CREATE INDEX ON {} USING brin (time)").format(name))
-
-
 @implementer(IRecordsStore)
 class TableStore(Service):
     """Appends records to a PostgreSQL table, as L{primecount.records.file.FileStore} appends them to a file."""
@@ -429,14 +376,19 @@ class TableStore(Service):
 
     def __init__(self, conninfo: str, reactor: Any, fsync: str = "everysec", metrics: NoMetrics = NoMetrics(), *,
                  table: str = DEFAULT_TABLE, timeout: float = DEFAULT_TIMEOUT, connections: int = DEFAULT_CONNECTIONS,
-                 writers: Optional[Sequence[DatabaseWriter]] = None,
+                 retention: int = 0, writers: Optional[Sequence[DatabaseWriter]] = None,
                  runInThread: Optional[RunInThread] = None) -> None:
         self.conninfo = self.location = conninfo
         self.table = table
         self._reactor: IReactorTime = reactor
         self._metrics = metrics
         self._timeout = timeout
-        self._writers = list(writers or [DatabaseWriter(conninfo, table, fsync) for _ in range(connections)])
+        self._retention = retention  # days of partitions kept (0: the table is neither partitioned nor trimmed)
+        self._writers = list(writers or [DatabaseWriter(conninfo, table, fsync, partitioned=retention > 0)
+                                         for _ in range(connections)])
+        self._maintenanceCall: Optional[IDelayedCall] = None
+        self._maintaining = False
+        self._toldNotPartitioned = False
         # The writers free to take a call, the first one on top: a second connection is made only once commits
         # have overlapped, and the most recently used (warm) one is taken first.
         self._idle = self._writers[::-1]
@@ -464,10 +416,11 @@ class TableStore(Service):
         in one warning line (the service still starts, and connects again with the first batch)."""
         super().startService()
         if self._runInThread is None:
-            pool = self._pool = batchScheduledPool(ThreadPool(1, len(self._writers), "primecount-records-db"))
+            threads = len(self._writers) + (1 if self._retention else 0)  # a writer each, and the maintenance
+            pool = self._pool = batchScheduledPool(ThreadPool(1, threads, "primecount-records-db"))
             pool.start()
-            threads: IReactorThreads = self._reactor  # type: ignore[assignment]
-            self._runInThread = lambda function, *args: deferToThreadPool(threads, pool, function, *args)
+            reactorThreads: IReactorThreads = self._reactor  # type: ignore[assignment]
+            self._runInThread = lambda function, *args: deferToThreadPool(reactorThreads, pool, function, *args)
         self.log.info("appending records to PostgreSQL table {table} ({conninfo}), on up to {connections} "
                       "connections", table=self.table, conninfo=_withoutPassword(self.conninfo),
                       connections=len(self._writers))
@@ -475,6 +428,52 @@ class TableStore(Service):
         connected = self._runInThread(writer.connectNow)
         connected.addErrback(self._unreachableAtStart)
         connected.addBoth(lambda _: self._release(writer))
+        if self._retention:
+            connected.addBoth(lambda _: self._maintainPartitions())
+
+    def _maintainPartitions(self) -> None:
+        """Make the partitions ahead and drop those past retention (L{primecount.records.schema}), on a
+        database thread; again in an hour, or in five minutes if it could not all be done."""
+        from primecount.records.schema import MAINTAIN_EVERY, MAINTAIN_RETRY, today
+
+        self._maintenanceCall = None
+        if not self.running:
+            return
+        self._maintaining = True
+        done = self._runInThread(partial(self._writers[0].maintainPartitions, self._retention,  # type: ignore[misc]
+                                         today(self._reactor.seconds())))
+        done.addCallbacks(self._maintained, self._notMaintained)
+
+        def again(complete: bool) -> None:
+            self._maintaining = False
+            if self.running:
+                self._maintenanceCall = self._reactor.callLater(MAINTAIN_EVERY if complete else MAINTAIN_RETRY,
+                                                                self._maintainPartitions)
+
+        done.addCallback(again)
+
+    def _maintained(self, done: Any) -> bool:
+        if not done.partitioned:
+            if not self._toldNotPartitioned:
+                self._toldNotPartitioned = True
+                self.log.error("--records-retention {retention}: table {table} is not partitioned, so no records "
+                               "are dropped (docs/records.md says how to move to a partitioned table)",
+                               retention=self._retention, table=self.table)
+            return True
+        if done.made or done.dropped:
+            self.log.info("records table {table}: partitions made for {made}, dropped for {dropped} (older than "
+                          "{retention} days)", table=self.table, retention=self._retention,
+                          made=", ".join(map(str, done.made)) or "no day",
+                          dropped=", ".join(map(str, done.dropped)) or "no day")
+        for problem in done.problems:
+            self.log.warn("records table partitions: could not {problem}; trying again in 5 minutes",
+                          problem=problem)
+        return not done.problems
+
+    def _notMaintained(self, failure: Failure) -> bool:
+        self.log.warn("records table partitions not maintained ({error}); trying again in 5 minutes",
+                      error=_describe(failure))
+        return False
 
     def _unreachableAtStart(self, failure: Failure) -> None:
         self.log.warn("records database not reachable at start ({error}); requests will get ERROR storage "
@@ -488,11 +487,12 @@ class TableStore(Service):
 
         def whenIdle() -> None:
             self._next()  # a transaction held for records on their way goes once its wait is up
-            if len(self._idle) < len(self._writers) or self._waiting:
+            if len(self._idle) < len(self._writers) or self._waiting or self._maintaining:
                 self._reactor.callLater(0.05, whenIdle)
                 return
-            if self._overlapCall is not None and self._overlapCall.active():
-                self._overlapCall.cancel()
+            for call in (self._overlapCall, self._maintenanceCall):
+                if call is not None and call.active():
+                    call.cancel()
             if self._pool is not None:
                 closed = self._runInThread(self._closeAll)  # type: ignore[misc]
                 closed.addBoth(lambda _: self._pool.stop())  # type: ignore[union-attr]

@@ -8,7 +8,8 @@ from collections import deque
 from contextlib import contextmanager
 from typing import Any, Callable, Iterator, NamedTuple, Optional, TextIO
 
-from primecount.records.table import NUL_STAND_IN, driver, tableIdentifier
+from primecount.records.schema import tableIdentifier
+from primecount.records.table import NUL_STAND_IN, driver
 from primecount.records.formats import Record, formatTSV, terminalSafe
 
 
