@@ -308,8 +308,10 @@ class BalancedFleetTests(SynchronousTestCase):
             self.assertEqual(server.stop(), 0, server.log)
         self.assertEqual((dict(clients.failures), clients.other), ({}, []))
         self.assertIn("Layer7 wrong status, code: 503", fleet.log.read_text())
-        lateErrors = [at - downAt for at in clients.unavailableAt if at > downAt + 1.0]
-        self.assertEqual(lateErrors, [], "ERROR storage unavailable after HAProxy took app1 out")
+        lateErrors = [(round(at - downAt, 3), round(took, 3)) for at, took in
+                      zip(clients.unavailableAt, clients.unavailableTook) if at > downAt + 1.0]
+        self.assertEqual(lateErrors, [], "ERROR storage unavailable after HAProxy took app1 out (seconds after, "
+                         f"seconds taken); cut {cutAt - downAt:.3f} s before; app1's log:\n{fleet.servers[0].log}")
         rows = fleet.rows()
         self.assertEqual([m for m in clients.answered if rows.get(m) != 1], [])
         Logger().info("balanced cut figures: out {out:.2f} s after the cut, back in {back:.2f} s after the heal; "
