@@ -43,6 +43,13 @@ class Host:
         _ip("-n", self.namespace, "link", "set", "eth0", "up")
         _ip("-n", self.namespace, "link", "set", "lo", "up")
 
+    @classmethod
+    def existing(cls, namespace: str, name: str, address: str) -> "Host":
+        """A host made earlier (by another process): its faults and namespace, nothing made now."""
+        host = cls.__new__(cls)
+        host.name, host.namespace, host.address = name, namespace, address
+        return host
+
     @property
     def prefix(self) -> list[str]:
         """The command prefix that runs a program on this host."""
@@ -108,11 +115,12 @@ def enterNamespace(namespace: str) -> None:
 
 class FleetNetwork:
     """Hosts named C{names} (198.18.0.2 for the first, .3 for the next, ...) on one private bridge, removed
-    with everything on them after the test."""
+    with everything on them after the test; their namespaces are named C{prefix}-name (by default, a prefix of
+    this process's own)."""
 
-    def __init__(self, test: SynchronousTestCase, names: list[str]) -> None:
+    def __init__(self, test: SynchronousTestCase, names: list[str], prefix: Optional[str] = None) -> None:
         self._requirePermitted(test)
-        self.prefix = f"pc{os.getpid()}n{next(_networks)}"
+        self.prefix = prefix or f"pc{os.getpid()}n{next(_networks)}"
         self.bridgeNamespace = f"{self.prefix}-bridge"
         self.hosts: dict[str, Host] = {}
         test.addCleanup(self.destroy)

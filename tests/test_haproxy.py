@@ -7,6 +7,7 @@ import re
 import socket
 import subprocess
 import time
+from typing import Sequence
 from pathlib import Path
 
 from twisted.trial.unittest import SynchronousTestCase
@@ -16,6 +17,16 @@ from primecount.tools.serverprocess import ServerProcess
 from tests.helpers import accepts, answeredUnderLoad, ask, expectedReply, requireTool, slow, waitUntil
 
 CONFIG = Path(__file__).resolve().parents[1] / "contrib" / "haproxy" / "primecount.cfg"
+
+
+def haproxyConfig(bind: str, servers: Sequence[str]) -> str:
+    """The shipped configuration, listening on C{bind} (C{host:port}), in front of C{servers} instead of its
+    examples: each C{host:port}, then what else its line says (C{port N}: where the /readyz check goes),
+    named primecount1, primecount2, ..."""
+    text = CONFIG.read_text(encoding="utf-8")
+    text = re.sub(r"(?m)^    bind .*$", f"    bind {bind}", text)
+    text = re.sub(r"(?m)^    server .*\n", "", text)
+    return text + "".join(f"    server primecount{n} {server}\n" for n, server in enumerate(servers, 1))
 
 
 def freePort() -> int:
@@ -30,12 +41,9 @@ class HAProxy:
     (each started with C{--metrics}, which HAProxy checks)."""
 
     def __init__(self, test: SynchronousTestCase, servers: list[ServerProcess]) -> None:
-        text = CONFIG.read_text(encoding="utf-8")
         self.port = freePort()
-        text = re.sub(r"(?m)^    bind .*$", f"    bind 127.0.0.1:{self.port}", text)
-        text = re.sub(r"(?m)^    server .*\n", "", text)
-        text += "".join(f"    server primecount{n} 127.0.0.1:{server.port} port {server.metricsPort}\n"
-                        for n, server in enumerate(servers, 1))
+        text = haproxyConfig(f"127.0.0.1:{self.port}",
+                             [f"127.0.0.1:{server.port} port {server.metricsPort}" for server in servers])
         config = Path(test.mktemp())
         config.write_text(text, encoding="utf-8")
         self.logPath = Path(test.mktemp())

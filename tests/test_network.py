@@ -228,9 +228,7 @@ class BalancedFleet:
     its own, their records in one table on the database host, and a client host."""
 
     def __init__(self, test: SynchronousTestCase) -> None:
-        import re
-
-        from tests.test_haproxy import CONFIG
+        from tests.test_haproxy import haproxyConfig
 
         network = FleetNetwork(test, ["db", "lb", "app1", "app2", "app3", "client"])
         self.db, self.lb, self.client = network["db"], network["lb"], network["client"]
@@ -247,11 +245,8 @@ class BalancedFleet:
                                    port=f"haproxy:tcp:5051:interface={app.address}", prefix=app.prefix)
             test.addCleanup(server.stop)
             self.servers.append(server)
-        text = re.sub(r"(?m)^    bind .*$", f"    bind {self.lb.address}:5050", CONFIG.read_text())
-        text = re.sub(r"(?m)^    server .*\n", "", text)
-        text += "".join(f"    server primecount{n} {app.address}:5051\n" for n, app in enumerate(self.apps, 1))
         config = Path(test.mktemp())
-        config.write_text(text)
+        config.write_text(haproxyConfig(f"{self.lb.address}:5050", [f"{app.address}:5051" for app in self.apps]))
         self.log = Path(test.mktemp())
         haproxy = subprocess.Popen([*self.lb.prefix, "haproxy", "-db", "-f", str(config)],
                                    stdout=self.log.open("wb"), stderr=subprocess.STDOUT)
@@ -355,3 +350,51 @@ class BalancedFleetTests(SynchronousTestCase):
         Logger().info("balanced figures: {answered} answered; unanswered {failures} ({atCut} at the cut), all in "
                       "flight at a fault", answered=len(clients.answered), failures=dict(clients.failures),
                       atCut=failedAtCut)
+
+
+class FleetScriptTests(SynchronousTestCase):
+    """contrib/fleet/fleet.py, the fleet for people: up, a request through HAProxy, a cut from the database seen
+    in status, healed, down with nothing left behind."""
+
+    @slow
+    def test_upCutHealDown(self) -> None:
+        """The script builds a fleet of two primecount hosts and leaves it up; a client host's request through
+        HAProxy is answered; cut from the database, app1 turns unready in status, and ready again once healed;
+        down stops every process and removes every namespace and the database's files."""
+        import json
+        import os
+
+        state = Path(self.mktemp())
+        prefix = f"pcfs{os.getpid()}"
+        script = [sys.executable, str(RELAY.parent / "fleet.py"), "--state", str(state)]
+
+        def fleet(*arguments: str) -> str:
+            return subprocess.run([*script, *arguments], capture_output=True, text=True, check=True,
+                                  timeout=120).stdout
+
+        FleetNetwork._requirePermitted(self)
+        requirePostgres(self)
+        fleet("up", "--apps", "2", "--prefix", prefix)
+        saved = json.loads((state / "fleet.json").read_text())
+        self.addCleanup(lambda: (state / "fleet.json").exists() and fleet("down"))
+        lb = saved["hosts"]["lb"]
+        ask = ("import socket; s = socket.create_connection(('%s', 5050)); s.sendall(b'hola\\n'); "
+               "print(s.recv(100))" % lb)
+        self.assertEqual(fleet("run", "client", "--", sys.executable, "-c", ask).strip(), "b'1 no\\n'")
+        fleet("cut", "app1", "db")
+        fleet("run", "client", "--", sys.executable, "-c", ask)  # app1's next commit meets the cut
+        fleet("run", "client", "--", sys.executable, "-c", ask)
+        waitUntil(lambda: "app1   198.18.0.4     /readyz 503" in fleet("status"), seconds=20, what="app1 unready")
+        fleet("heal", "app1")
+        waitUntil(lambda: "app1   198.18.0.4     /readyz 200" in fleet("status"), seconds=20, what="app1 ready")
+        fleet("down")
+        namespaces = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
+        self.assertNotIn(prefix, namespaces)
+        def running(pid: int) -> bool:  # a zombie has ended; its reaper (this machine's init) may be slow
+            try:
+                return Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"
+            except FileNotFoundError:
+                return False
+
+        self.assertEqual([pid for pid in saved["pids"].values() if running(pid)], [])
+        self.assertFalse(os.path.exists(saved["postgres"]["folder"]))

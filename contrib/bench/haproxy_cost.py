@@ -7,7 +7,6 @@ CPU time (from /proc) are divided by the connections and requests. Run: C{python
 from __future__ import annotations
 
 import argparse
-import re
 import shutil
 import subprocess
 import sys
@@ -20,6 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from loadgen_compare import freePort, prepare, runLoad, treeCpuSeconds  # noqa: E402
 
 from primecount.tools.serverprocess import ServerProcess  # noqa: E402
+from tests.test_haproxy import haproxyConfig  # noqa: E402
 
 
 
@@ -33,10 +33,8 @@ def main() -> None:
     server = ServerProcess(str(workdir / "records.txt"), "--max-per-ip", "0", "--metrics",
                            "tcp:0:interface=127.0.0.1", port="haproxy:tcp:0:interface=127.0.0.1")
     port = freePort()
-    text = (ROOT / "contrib/haproxy/primecount.cfg").read_text()
-    text = re.sub(r"(?m)^    bind .*$", f"    bind 127.0.0.1:{port}", text)
-    text = re.sub(r"(?m)^    server .*\n", "", text).replace("option tcplog", "option dontlog-normal")
-    text += f"    server primecount1 127.0.0.1:{server.port} port {server.metricsPort}\n"
+    text = haproxyConfig(f"127.0.0.1:{port}", [f"127.0.0.1:{server.port} port {server.metricsPort}"])
+    text = text.replace("option tcplog", "option dontlog-normal")
     (workdir / "haproxy.cfg").write_text(text)
     haproxy = subprocess.Popen(["haproxy", "-db", "-f", str(workdir / "haproxy.cfg")], stdout=subprocess.DEVNULL,
                                stderr=subprocess.DEVNULL)
