@@ -28,10 +28,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seconds", type=float, default=4.0)
     parser.add_argument("--conns", type=int, default=50)
+    parser.add_argument("--keepalive", action="store_true",
+                        help="clients keep their connections (primecount --keep-alive): HAProxy's CPU per request")
     arguments = parser.parse_args()
     workdir, primeload, messages = prepare("primecount-haproxy-cost-")
     server = ServerProcess(str(workdir / "records.txt"), "--max-per-ip", "0", "--metrics",
-                           "tcp:0:interface=127.0.0.1", port="haproxy:tcp:0:interface=127.0.0.1")
+                           "tcp:0:interface=127.0.0.1", *(["--keep-alive"] if arguments.keepalive else []),
+                           port="haproxy:tcp:0:interface=127.0.0.1")
     port = freePort()
     text = haproxyConfig(f"127.0.0.1:{port}", [f"127.0.0.1:{server.port} port {server.metricsPort}"])
     text = text.replace("option tcplog", "option dontlog-normal")
@@ -41,12 +44,15 @@ def main() -> None:
     try:
         time.sleep(1.0)
         before = treeCpuSeconds(haproxy.pid), treeCpuSeconds(server.process.pid)
-        summary = runLoad(primeload, port, ["--conns", str(arguments.conns)], arguments.seconds, messages, None)
+        summary = runLoad(primeload, port, ["--conns", str(arguments.conns),
+                                            *(["--keepalive"] if arguments.keepalive else [])],
+                          arguments.seconds, messages, None)
         after = treeCpuSeconds(haproxy.pid), treeCpuSeconds(server.process.pid)
-        print(f"one-shot through HAProxy, {arguments.conns} connections, {arguments.seconds:g} s: "
+        mode = "kept connections" if arguments.keepalive else "one-shot"
+        print(f"{mode} through HAProxy, {arguments.conns} connections, {arguments.seconds:g} s: "
               f"{summary['rps']:,.0f} req/s, {summary['connections']:,} connections, {summary['mismatches']} "
-              f"mismatches\n  HAProxy CPU {(after[0] - before[0]) / summary['connections'] * 1e6:.1f} µs per "
-              f"connection; primecount CPU {(after[1] - before[1]) / summary['completed'] * 1e6:.1f} µs per request")
+              f"mismatches\n  HAProxy CPU {(after[0] - before[0]) / summary['completed'] * 1e6:.1f} µs per "
+              f"request; primecount CPU {(after[1] - before[1]) / summary['completed'] * 1e6:.1f} µs per request")
     finally:
         haproxy.terminate()
         haproxy.wait()

@@ -4,10 +4,10 @@ A throwaway PostgreSQL cluster (Debian's initdb/pg_ctl, pinned to one core) gets
 per variant and round (the order turning each round), a fresh table, a warm-up and
 C{--batches} batches of C{--rows} rows, each the prepared C{INSERT} primecount sends
 (L{insertStatement}), in autocommit mode with C{synchronous_commit=off} (C{--fsync
-everysec}). It prints the server backend's CPU per batch (from C{/proc/PID/schedstat},
+everysec}; C{--fsync always}: on, each commit waiting for its WAL flush to the cluster's disk). It prints the server backend's CPU per batch (from C{/proc/PID/schedstat},
 to the nanosecond), the calling thread's CPU and the wall time per batch. Variants:
-the schema primecount creates (a BRIN time index), a B-tree time index instead, no
-time index, and no index at all (not even the key).
+the schema primecount creates (a BRIN time index), the same partitioned by day
+(C{--records-retention}), a B-tree time index instead, no time index, and no index at all (not even the key).
 Run: C{python contrib/bench/table_cost.py} (needs PostgreSQL and C{primecount[postgres]}).
 """
 
@@ -22,7 +22,9 @@ from pathlib import Path
 from typing import Any, Callable
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-from primecount.records.schema import schemaStatements  # noqa: E402
+from primecount.records.schema import (  # noqa: E402
+    dayStatements, partitionedTableStatements, schemaStatements, today,
+)
 from primecount.records.table import connect, insertParameters, insertStatement  # noqa: E402
 from primecount.records.formats import Record  # noqa: E402
 from tests.postgres import Cluster, postgresBinaries  # noqa: E402
@@ -30,8 +32,11 @@ from tests.postgres import Cluster, postgresBinaries  # noqa: E402
 PLAIN = ("CREATE TABLE {} (id bigserial{}, time timestamptz NOT NULL, client inet, message text NOT NULL, "
          "count integer NOT NULL, prime boolean NOT NULL, host text NOT NULL, pid integer NOT NULL)")
 WARM_UP = 100  # batches before the measured ones: the connection's caches, the table's first pages
+BATCH_TIME = 1_700_000_000  # the records' time, give or take their number over ten seconds
 VARIANTS: dict[str, Callable[[str], list[Any]]] = {
     "primecount's (BRIN time)": schemaStatements,
+    "partitioned by day (--records-retention)": lambda table: [
+        *partitionedTableStatements(table), *schemaStatements(table), *dayStatements(table, today(BATCH_TIME))],
     "B-tree time": lambda table: [PLAIN.format(table, " PRIMARY KEY"), f"CREATE INDEX ON {table} (time)"],
     "no time index": lambda table: [PLAIN.format(table, " PRIMARY KEY")],
     "no index": lambda table: [PLAIN.format(table, "")],
@@ -44,13 +49,14 @@ def processSeconds(pid: int) -> float:
         return int(schedstat.read().split()[0]) / 1e9
 
 
-def measure(cluster: Cluster, table: str, statements: list[Any], rows: int, batches: int) -> tuple[float, float, float]:
+def measure(cluster: Cluster, table: str, statements: list[Any], rows: int, batches: int,
+            fsync: str = "everysec") -> tuple[float, float, float]:
     """Backend CPU, client CPU and wall time per batch, in µs, for C{batches} batches into a new C{table}."""
     from psycopg import pq
 
-    records = [Record(1_700_000_000 + n // 10, "127.0.0.1", f"hello world {n}", 2, True) for n in range(rows)]
+    records = [Record(BATCH_TIME + n // 10, "127.0.0.1", f"hello world {n}", 2, True) for n in range(rows)]
     parameters = insertParameters(records, "bench", os.getpid())
-    connection = connect(cluster.uri, "everysec")
+    connection = connect(cluster.uri, fsync)
     try:
         for statement in statements:
             connection.execute(statement)
@@ -77,6 +83,8 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--rows", type=int, default=30, help="rows per batch (about what keep-alive at 50 sees)")
     parser.add_argument("--batches", type=int, default=4000)
+    parser.add_argument("--fsync", choices=["everysec", "always"], default="everysec",
+                        help="primecount's --fsync: always waits for each commit's WAL flush (synchronous_commit=on)")
     parser.add_argument("--core", default="0", help="the core the database and this script run on")
     args = parser.parse_args()
     binaries = postgresBinaries()
@@ -92,7 +100,8 @@ def main() -> None:
             for number, name in enumerate(names[round % len(names):] + names[:round % len(names)]):
                 statements = VARIANTS[name]
                 table = f"cost_{round}_{number}"
-                results[name].append(measure(cluster, table, statements(table), args.rows, args.batches))
+                results[name].append(measure(cluster, table, statements(table), args.rows, args.batches,
+                                           args.fsync))
                 backend, client, wall = results[name][-1]
                 print(f"round {round + 1}: {name:26} backend {backend:5.0f}  client {client:4.0f}  "
                       f"wall {wall:5.0f} µs per {args.rows}-row batch", flush=True)
