@@ -7,6 +7,7 @@ import statistics
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -135,54 +136,80 @@ class FarAndLossyDatabaseTests(SynchronousTestCase):
                       count=len(timeouts), timeouts=timeouts)
 
 
+@dataclass
+class Cut:
+    """What a host cut from its database under load did: its clients' outcomes, its /readyz during the cut,
+    its exit status and log, and how soon it answered again after the link healed."""
+
+    clients: CountingClients
+    readiness: tuple[int, str]
+    cutAt: float
+    healedAt: float
+    recovered: float
+    exitStatus: int
+    log: str
+    rows: dict[Any, int]
+
+    def refusalsDuringTheCut(self) -> list[float]:
+        """How long each ERROR storage unavailable of the cut took, from connect to reply."""
+        return [took for at, took in zip(self.clients.unavailableAt, self.clients.unavailableTook)
+                if self.cutAt < at < self.healedAt]
+
+
+def cutFromTheDatabase(test: SynchronousTestCase, seconds: float) -> Cut:
+    """6 clients on their own host load a primecount host whose records table is on a third host; the link
+    between the primecount host and the database is cut (every packet dropped) for C{seconds}, then healed; the
+    load goes on until 200 more are answered."""
+    fleet = Fleet(test)
+    app, db, server = fleet.app, fleet.db, fleet.server
+    clients = fleet.clients("cut")
+    try:
+        waitUntil(lambda: len(clients.answered) >= 200, what="load before the cut")
+        app.cutFrom(db)
+        cutAt = time.monotonic()
+        waitUntil(lambda: len(clients.unavailableAt) >= 50, what="refusals during the cut")
+        readiness = app.call(httpGet, 5059, "/readyz", app.address)
+        time.sleep(max(0.0, cutAt + seconds - time.monotonic()))
+        app.heal()
+        healedAt = time.monotonic()
+        try:
+            waitUntil(lambda: clients.answeredAt and clients.answeredAt[-1] > healedAt, seconds=15,
+                      what="an answer after the link healed")
+        except AssertionError:
+            clients.stop()
+            server.stop()
+            test.fail(f"no answer 15 s after the link healed; the host's log ends:\n{server.log[-6000:]}")
+        recovered = min(at for at in clients.answeredAt if at > healedAt) - healedAt
+        answered = len(clients.answered)
+        waitUntil(lambda: len(clients.answered) >= answered + 200, what="load after the link healed")
+    finally:
+        clients.stop()
+    exitStatus = server.stop()
+    return Cut(clients, readiness, cutAt, healedAt, recovered, exitStatus, server.log, fleet.rows())
+
+
 class DatabasePartitionTests(SynchronousTestCase):
     """A host cut off from its database under load: it refuses at once while cut, turns unready, and serves
     again within seconds of the link healing; no verified reply lacks its row."""
 
     @slow
     def test_cutFromTheDatabaseUnderLoad(self) -> None:
-        """6 clients on their own host load a primecount host whose records table is on a third host; the
-        link between the primecount host and the database is cut (every packet dropped) for 10 s. While cut,
-        the clients get ERROR storage unavailable, the median after at most 0.5 s, and /readyz says 503; no
+        """A host loaded by 6 clients on their own host is cut from its database for 10 s. While cut, the
+        clients get ERROR storage unavailable, the median after at most 0.5 s, and /readyz says 503; no
         connection is refused or reset. Healed, the host answers again within 5 s. Every verified reply has
         exactly one row."""
-        fleet = Fleet(self)
-        app, db, server, cluster, table = fleet.app, fleet.db, fleet.server, fleet.cluster, fleet.table
-        clients = fleet.clients("cut")
-        try:
-            waitUntil(lambda: len(clients.answered) >= 200, what="load before the cut")
-            app.cutFrom(db)
-            cutAt = time.monotonic()
-            waitUntil(lambda: len(clients.unavailableAt) >= 50, what="refusals during the cut")
-            readiness = app.call(httpGet, 5059, "/readyz", app.address)
-            time.sleep(max(0.0, cutAt + 10 - time.monotonic()))
-            app.heal()
-            healedAt = time.monotonic()
-            try:
-                waitUntil(lambda: clients.answeredAt and clients.answeredAt[-1] > healedAt, seconds=15,
-                          what="an answer after the link healed")
-            except AssertionError:
-                clients.stop()
-                server.stop()
-                self.fail(f"no answer 15 s after the link healed; the host's log ends:\n{server.log[-6000:]}")
-            recovered = min(at for at in clients.answeredAt if at > healedAt) - healedAt
-            answered = len(clients.answered)
-            waitUntil(lambda: len(clients.answered) >= answered + 200, what="load after the link healed")
-        finally:
-            clients.stop()
-        self.assertEqual(server.stop(), 0, server.log)
-        self.assertEqual(readiness, (503, "not ready: records store unavailable\n"))
-        self.assertEqual((dict(clients.failures), clients.other), ({}, []))
-        during = [took for at, took in zip(clients.unavailableAt, clients.unavailableTook) if cutAt < at < healedAt]
-        rows = {message: count for message, count in cluster.query(
-            f'SELECT message, count(*) FROM "{table}" GROUP BY message')}
-        self.assertEqual([m for m in clients.answered if rows.get(m) != 1], [])
+        cut = cutFromTheDatabase(self, 10.0)
+        self.assertEqual(cut.exitStatus, 0, cut.log)
+        self.assertEqual(cut.readiness, (503, "not ready: records store unavailable\n"))
+        self.assertEqual((dict(cut.clients.failures), cut.clients.other), ({}, []))
+        self.assertEqual([m for m in cut.clients.answered if cut.rows.get(m) != 1], [])
+        during = cut.refusalsDuringTheCut()
         Logger().info("partition figures: {refused} refused during a 10 s cut, median {median:.3f} s, max "
                       "{most:.2f} s; answering again {recovered:.2f} s after the link healed; {answered} answered",
                       refused=len(during), median=statistics.median(during), most=max(during),
-                      recovered=recovered, answered=len(clients.answered))
+                      recovered=cut.recovered, answered=len(cut.clients.answered))
         self.assertLessEqual(statistics.median(during), 0.5)
-        self.assertLessEqual(recovered, 5.0)
+        self.assertLessEqual(cut.recovered, 5.0)
 
 
 class DatabaseKilledTests(SynchronousTestCase):

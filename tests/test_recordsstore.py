@@ -141,11 +141,11 @@ class RecordsStoreContract:
         self.assertEqual(self.storedMessages(), ["before reopen", "after reopen"])
 
     async def test_stopStoresWhatWasWritten(self) -> None:
-        """Batches written just before the store stops are stored before the stop is over."""
+        """Batches written just before the store stops are stored, each once, before the stop is over."""
         written = [self.store.write([record(f"last {n}")]) for n in range(5)]
         await self.store.stopService()
         await defer.gatherResults(written, consumeErrors=True)
-        self.assertEqual(self.storedMessages(), [f"last {n}" for n in range(5)])
+        self.assertEqual(sorted(self.storedMessages()), [f"last {n}" for n in range(5)])
 
 
 class FullDisk(FileOperations):

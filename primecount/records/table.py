@@ -37,7 +37,10 @@ DEFAULT_TIMEOUT = 2.0  # seconds a batch may wait for its commit (--records-time
 CONNECT_TIMEOUT = 2
 # How often a table store that failed looks whether its next probe is due (the backoff says when it is).
 PROBE_LOOK_INTERVAL = 0.25
-BACKOFF_FIRST, BACKOFF_MOST = 0.1, 5.0
+# The probes' backoff while the database is unavailable: at most 2 s between a failed probe and the next, which
+# itself may take CONNECT_TIMEOUT to fail; so a host answers again within about 4 s of its database coming back,
+# however long it was away (at 5 s, a 30 s cut took 6 s to answer again).
+BACKOFF_FIRST, BACKOFF_MOST = 0.1, 2.0
 # How long the next transaction may wait for the records of requests still being analysed (the pool's turn
 # around is well under a millisecond; this bounds the wait when analysis never stops, under steady load).
 GATHER_MOST = 0.002
