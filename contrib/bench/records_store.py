@@ -75,6 +75,8 @@ def main() -> None:
     parser.add_argument("--database-core", default="0",
                         help="core the database runs on when pinned (default 0, beside primecount); 'any' leaves "
                              "it to the kernel")
+    parser.add_argument("--table-option", action="append", default=[], metavar="OPTION",
+                        help="a primecount option for the table's runs, e.g. --table-option=--records-connections=1")
     args = parser.parse_args()
     serverCore: Optional[str] = None if args.unpinned else "0"
     clientCore: Optional[str] = None if args.unpinned else "1"
@@ -94,7 +96,7 @@ def main() -> None:
                 for store in stores if round % 2 else stores[::-1]:
                     table = f"bench_{round}_{row.split(',')[0].replace('-', '_')}"
                     records = str(workdir / f"records-{round}.tsv") if store == "file" else cluster.uri
-                    extra = [] if store == "file" else ["--records-table", table]
+                    extra = [] if store == "file" else ["--records-table", table, *args.table_option]
                     # A later --records wins over the file startServer names first.
                     environment = latencyOnly(args.latency_only) if store == "latency only" else None
                     server = startServer("primecount", workdir, args.shared, serverCore,
