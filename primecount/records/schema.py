@@ -135,17 +135,25 @@ def existingDays(cursor: Any, table: str) -> list[date]:
     return sorted(day for (name,) in cursor.fetchall() if (day := dayOf(table, name)) is not None)
 
 
-def makeDay(cursor: Any, table: str, day: date) -> None:
-    """Create C{table}'s partition for C{day} (UTC midnight to midnight): made as a table of its own, then
-    attached, which takes only a lock that inserts and readers do not wait for (C{CREATE TABLE ... PARTITION OF}
-    would hold the whole table exclusively)."""
+def dayStatements(table: str, day: date) -> list[Any]:
+    """The statements that make C{table}'s partition for C{day} (UTC midnight to midnight): a table of its own,
+    then attached, which takes only a lock that inserts and readers do not wait for (C{CREATE TABLE ...
+    PARTITION OF} would hold the whole table exclusively)."""
     from psycopg import sql
 
     partition = tableIdentifier(partitionName(table, day))
-    cursor.execute(sql.SQL("CREATE TABLE {} (LIKE {})").format(partition, tableIdentifier(table)))
-    cursor.execute(sql.SQL("ALTER TABLE {} ATTACH PARTITION {} FOR VALUES FROM ({}) TO ({})").format(
-        tableIdentifier(table), partition, sql.Literal(f"{day:%Y-%m-%d} 00:00:00+00"),
-        sql.Literal(f"{day + timedelta(days=1):%Y-%m-%d} 00:00:00+00")))
+    return [
+        sql.SQL("CREATE TABLE {} (LIKE {})").format(partition, tableIdentifier(table)),
+        sql.SQL("ALTER TABLE {} ATTACH PARTITION {} FOR VALUES FROM ({}) TO ({})").format(
+            tableIdentifier(table), partition, sql.Literal(f"{day:%Y-%m-%d} 00:00:00+00"),
+            sql.Literal(f"{day + timedelta(days=1):%Y-%m-%d} 00:00:00+00")),
+    ]
+
+
+def makeDay(cursor: Any, table: str, day: date) -> None:
+    """Create C{table}'s partition for C{day} (L{dayStatements})."""
+    for statement in dayStatements(table, day):
+        cursor.execute(statement)
 
 
 def createSchema(connection: Any, table: str, partitioned: bool = False, now: Optional[date] = None) -> None:
