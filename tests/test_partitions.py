@@ -9,7 +9,7 @@ import subprocess
 import sys
 import threading
 import time
-from datetime import date, timedelta
+from datetime import date, datetime, timedelta, timezone
 from typing import Any
 
 from twisted.internet.defer import Deferred, fail, succeed
@@ -31,6 +31,13 @@ from tests.helpers import ask, expectedReply
 from tests.postgres import sharedCluster
 
 DAY = date(2026, 12, 6)
+
+
+def clockOn(day: date) -> Clock:
+    """A clock at noon UTC of C{day}."""
+    clock = Clock()
+    clock.advance(datetime(day.year, day.month, day.day, 12, tzinfo=timezone.utc).timestamp())
+    return clock
 
 
 def shortTable(test: SynchronousTestCase, cluster: Any) -> str:
@@ -113,7 +120,7 @@ class PartitionedTableTests(SynchronousTestCase):
         createSchema(self.connect(), self.table, partitioned=True, now=DAY)
         self.assertEqual(self.partitions(), sorted([partitionName(self.table, None)] + [
             partitionName(self.table, day) for day in daysToMake(DAY)]))
-        writer = DatabaseWriter(self.cluster.uri, self.table, "always", partitioned=True)
+        writer = DatabaseWriter(self.cluster.uri, self.table, "always", partitioned=True, clock=clockOn(DAY))
         self.addCleanup(writer.close)
         noon = 1_796_558_400  # 2026-12-06 12:00 UTC
         writer.append([Record(noon, "192.0.2.1", "today", 1, False),
@@ -127,12 +134,27 @@ class PartitionedTableTests(SynchronousTestCase):
                                      f'"{self.table}"')
         self.assertIn(("brin",), indexed)
 
+    def test_writerMakesTheDaysOfItsClock(self) -> None:
+        """A writer creating the table makes the partitions of the day its clock says and the days ahead (not the
+        machine's today); a writer without a clock, on a partitioned table, makes none."""
+        later = DAY + timedelta(days=30)
+        writer = DatabaseWriter(self.cluster.uri, self.table, "always", partitioned=True, clock=clockOn(later))
+        self.addCleanup(writer.close)
+        writer.connectNow()
+        self.assertEqual(self.partitions(), sorted([partitionName(self.table, None)] + [
+            partitionName(self.table, day) for day in daysToMake(later)]))
+        plain = DatabaseWriter(self.cluster.uri, self.table, "always")
+        self.addCleanup(plain.close)
+        self.cluster.query(f'DROP TABLE "{partitionName(self.table, later)}"')
+        plain.connectNow()
+        self.assertNotIn(partitionName(self.table, later), self.partitions())
+
     def test_maintenanceMakesAheadAndDropsPastRetention(self) -> None:
         """Ten days on, maintenance with a retention of 3 days makes the missing days ahead and drops the days
         before the retention, with their rows; the default partition and the days kept stay."""
         connection = self.connect()
         createSchema(connection, self.table, partitioned=True, now=DAY)
-        writer = DatabaseWriter(self.cluster.uri, self.table, "always", partitioned=True)
+        writer = DatabaseWriter(self.cluster.uri, self.table, "always", partitioned=True, clock=clockOn(DAY))
         self.addCleanup(writer.close)
         writer.append([Record(1_796_558_400, "192.0.2.1", "old", 1, False), Record(0, "192.0.2.1", "odd", 1, False)])
         later = DAY + timedelta(days=10)
@@ -193,7 +215,7 @@ class PartitionedTableTests(SynchronousTestCase):
         self.assertEqual((done.made, done.dropped), ([], []))
         self.assertEqual(len(done.problems), 8, done.problems)  # four days to make, four to drop
         self.assertTrue(all("lock timeout" in problem for problem in done.problems), done.problems)
-        writer = DatabaseWriter(self.cluster.uri, self.table, "always", partitioned=True)
+        writer = DatabaseWriter(self.cluster.uri, self.table, "always", partitioned=True, clock=clockOn(DAY))
         self.addCleanup(writer.close)
         writer.append([Record(1_796_558_400, "192.0.2.1", "meanwhile", 1, False)])
         reader.rollback()

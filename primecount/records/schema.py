@@ -5,7 +5,6 @@ fleet; see docs/records.md. Only statements and their arithmetic: the connection
 from __future__ import annotations
 
 import re
-import time
 from dataclasses import dataclass, field
 from datetime import date, datetime, timedelta, timezone
 from typing import Any, Iterable, Optional
@@ -159,8 +158,8 @@ def makeDay(cursor: Any, table: str, day: date) -> None:
 def createSchema(connection: Any, table: str, partitioned: bool = False, now: Optional[date] = None) -> None:
     """Create the records table and its time index if they are missing, in one transaction, one creator at a
     time (two at once would collide in the catalog); a new table is partitioned by day if C{partitioned}
-    (L{maintain}), and a partitioned table, new or not, gets the partitions of C{now}
-    (today) and the days ahead that it lacks.
+    (L{maintain}), and a partitioned table, new or not, gets the partitions of C{now} (today, when given) and
+    the days ahead that it lacks.
 
     The index is looked for on the table itself: its usual name may still be
     taken by the index of a table renamed away (indexes keep their names), and
@@ -172,10 +171,11 @@ def createSchema(connection: Any, table: str, partitioned: bool = False, now: Op
     with connection.transaction(), connection.cursor() as cursor:
         cursor.execute(SCHEMA_LOCK)
         name = tableIdentifier(table)
-        cursor.execute("SELECT to_regclass(%s)", (name.as_string(connection),))
-        if partitioned and cursor.fetchone()[0] is None:  # a table there already stays as it is
-            for statement in partitionedTableStatements(table):
-                cursor.execute(statement)
+        if partitioned:
+            cursor.execute("SELECT to_regclass(%s)", (name.as_string(connection),))
+            if cursor.fetchone()[0] is None:  # a table there already stays as it is
+                for statement in partitionedTableStatements(table):
+                    cursor.execute(statement)
         for statement in schemaStatements(table):
             cursor.execute(statement)
         cursor.execute(
@@ -183,9 +183,9 @@ def createSchema(connection: Any, table: str, partitioned: bool = False, now: Op
             "i.indkey[0] WHERE i.indrelid = %s::regclass AND a.attname = 'time'", (name.as_string(connection),))
         if cursor.fetchone()[0] == 0:
             cursor.execute(sql.SQL("CREATE INDEX ON {} USING brin (time)").format(name))
-        if isPartitioned(cursor, table):
+        if now is not None and isPartitioned(cursor, table):
             existing = existingDays(cursor, table)
-            for day in daysToMake(now or today(time.time())):
+            for day in daysToMake(now):
                 if day not in existing:
                     makeDay(cursor, table, day)
 

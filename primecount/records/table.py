@@ -25,7 +25,7 @@ from zope.interface import implementer
 
 from primecount.metrics import NoMetrics
 from primecount.records.formats import Record
-from primecount.records.schema import createSchema, tableIdentifier
+from primecount.records.schema import createSchema, tableIdentifier, today
 from primecount.records.store import Backoff, Incident, IRecordsStore, RunInThread, SelfProbe, StorageUnavailable
 from primecount.threads import batchScheduledPool
 
@@ -239,11 +239,15 @@ class DatabaseWriter:
     """What runs on the database thread: one connection, made when needed, and the transactions on it."""
 
     def __init__(self, conninfo: str, table: str, fsync: str,
-                 connectTo: Callable[[str, str], Any] = connect, partitioned: bool = False) -> None:
+                 connectTo: Callable[[str, str], Any] = connect, partitioned: bool = False,
+                 clock: Optional[IReactorTime] = None) -> None:
         self._conninfo = conninfo
         self._table = table
         self._fsync = fsync
         self._partitioned = partitioned  # a table this writer creates is partitioned by day
+        # Says the day whose partitions (and the next days') a partitioned table gets when this writer connects;
+        # without it the writer makes none.
+        self._clock = clock
         self._connectTo = connectTo
         self._connection: Any = None
         self._host = socket.gethostname()
@@ -304,7 +308,8 @@ class DatabaseWriter:
         with self._lock:
             self._connection = connection  # abandon() may now shut it down, during the schema work too
         try:
-            createSchema(connection, self._table, self._partitioned)
+            createSchema(connection, self._table, self._partitioned,
+                         today(self._clock.seconds()) if self._clock is not None else None)
             _checked(connection.pgconn.prepare(APPEND_STATEMENT, insertStatement(self._table).as_bytes(connection)),
                      pq.ExecStatus.COMMAND_OK)
         except BaseException:
@@ -387,8 +392,8 @@ class TableStore(Service):
         self._metrics = metrics
         self._timeout = timeout
         self._retention = retention  # days of partitions kept (0: the table is neither partitioned nor trimmed)
-        self._writers = list(writers or [DatabaseWriter(conninfo, table, fsync, partitioned=retention > 0)
-                                         for _ in range(connections)])
+        self._writers = list(writers or [DatabaseWriter(conninfo, table, fsync, partitioned=retention > 0,
+                                                        clock=reactor) for _ in range(connections)])
         self._maintenanceCall: Optional[IDelayedCall] = None
         self._maintaining = False
         self._toldNotPartitioned = False
@@ -437,7 +442,7 @@ class TableStore(Service):
     def _maintainPartitions(self) -> None:
         """Make the partitions ahead and drop those past retention (L{primecount.records.schema}), on a
         database thread; again in an hour, or in five minutes if it could not all be done."""
-        from primecount.records.schema import MAINTAIN_EVERY, MAINTAIN_RETRY, today
+        from primecount.records.schema import MAINTAIN_EVERY, MAINTAIN_RETRY
 
         self._maintenanceCall = None
         if not self.running:
