@@ -120,9 +120,10 @@ def sharedCluster(test: SynchronousTestCase) -> Cluster:
     return _shared
 
 
-def freshTable(test: SynchronousTestCase, cluster: Cluster) -> str:
-    """A table name no other test uses (the test's own), dropped when the test ends."""
-    name = "records_" + test.id().split(".")[-1].lower()[:40] + f"_{os.getpid()}"
+def freshTable(test: SynchronousTestCase, cluster: Cluster, length: int = 40) -> str:
+    """A table name no other test uses (the test's own, with at most C{length} characters of the test's name),
+    dropped (with its partitions, if any) when the test ends."""
+    name = "records_" + test.id().split(".")[-1].lower()[:length] + f"_{os.getpid()}"
     cluster.query(f'DROP TABLE IF EXISTS "{name}"')
     test.addCleanup(cluster.query, f'DROP TABLE IF EXISTS "{name}"')
     return name

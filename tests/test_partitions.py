@@ -4,7 +4,6 @@ reader holding the table included), the store's schedule on a clock, and a real 
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 import threading
@@ -28,7 +27,7 @@ from primecount.records.schema import createSchema
 from primecount.records.table import DatabaseWriter, TableStore, driver
 from primecount.tools.serverprocess import ServerProcess
 from tests.helpers import ask, expectedReply
-from tests.postgres import sharedCluster
+from tests.postgres import freshTable, sharedCluster
 
 DAY = date(2026, 12, 6)
 
@@ -38,15 +37,6 @@ def clockOn(day: date) -> Clock:
     clock = Clock()
     clock.advance(datetime(day.year, day.month, day.day, 12, tzinfo=timezone.utc).timestamp())
     return clock
-
-
-def shortTable(test: SynchronousTestCase, cluster: Any) -> str:
-    """A table name of this test's own, short enough for its partitions' names, dropped (partitions and all)
-    when the test ends."""
-    name = f"rp_{test.id().split('.')[-1].lower()[-24:]}_{os.getpid()}"
-    cluster.query(f'DROP TABLE IF EXISTS "{name}" CASCADE')
-    test.addCleanup(cluster.query, f'DROP TABLE IF EXISTS "{name}" CASCADE')
-    return name
 
 
 class DayArithmeticTests(SynchronousTestCase):
@@ -95,7 +85,7 @@ class PartitionedTableTests(SynchronousTestCase):
 
     def setUp(self) -> None:
         self.cluster = sharedCluster(self)
-        self.table = shortTable(self, self.cluster)
+        self.table = freshTable(self, self.cluster, length=24)
 
     def connect(self) -> Any:
         """A connection to the cluster, closed when the test ends."""
@@ -310,7 +300,7 @@ class RetentionOverTCPTests(SynchronousTestCase):
         """The first twistd creates the table partitioned; a second, started after a row of ten days ago was
         put in a partition of that day, drops that partition at start and records its requests."""
         cluster = sharedCluster(self)
-        table = shortTable(self, cluster)
+        table = freshTable(self, cluster, length=24)
         first = ServerProcess(cluster.uri, "--records-table", table, "--records-retention", "3")
         self.addCleanup(first.stop)
         self.assertEqual(ask(first.port, b"hola\n"), expectedReply("hola"))
