@@ -31,7 +31,7 @@ sys.path.insert(0, str(ROOT))
 from twisted.trial.unittest import SkipTest  # noqa: E402
 
 from primecount.tools.serverprocess import twistdCommand  # noqa: E402
-from tests.helpers import accepts, scrape  # noqa: E402
+from tests.helpers import accepts, scrape, waitUntil  # noqa: E402
 from tests.netns import FleetNetwork, Host, enterNamespace  # noqa: E402
 from tests.postgres import Cluster, requirePostgres  # noqa: E402
 from tests.test_fleet import httpGet  # noqa: E402
@@ -65,12 +65,11 @@ def detached(command: list[str], log: Path) -> int:
 
 
 def waitFor(what: str, check: Any, seconds: float = 30.0) -> None:
-    """Wait until C{check()} is true."""
-    deadline = time.monotonic() + seconds
-    while not check():
-        if time.monotonic() > deadline:
-            raise SystemExit(f"fleet.py: timed out waiting for {what}")
-        time.sleep(0.1)
+    """Wait until C{check()} is true; past C{seconds}, end the script saying what it waited for."""
+    try:
+        waitUntil(check, seconds, what)
+    except AssertionError as error:
+        raise SystemExit(f"fleet.py: {error}") from None
 
 
 def up(arguments: argparse.Namespace) -> None:
