@@ -28,19 +28,10 @@ from tests.helpers import scrape  # noqa: E402
 from tests.test_network import Fleet  # noqa: E402
 
 
-
-class _Harness(SynchronousTestCase):
-    """Only for its clean-ups: the fleet harness registers them on a test case."""
-
-    def test_nothing(self) -> None:
-        """Never run."""
-
-
-
 def run(primeload: Path, messages: Path, delay: float | None, loss: int, conns: int, seconds: float,
         options: list[str], databaseRtoMinMs: float | None = None) -> dict:
     """One fleet, one load: primeload's summary plus rows per commit and the relay's CPU seconds."""
-    harness = _Harness("test_nothing")
+    harness = SynchronousTestCase()  # never run: the fleet harness registers its clean-ups on it
     try:
         fleet = Fleet(harness, delay, *options, databaseRtoMinUs=None if databaseRtoMinMs is None
                       else int(databaseRtoMinMs * 1000))

@@ -18,20 +18,13 @@ from twisted.trial.unittest import SynchronousTestCase  # noqa: E402
 from tests.test_network import cutFromTheDatabase  # noqa: E402
 
 
-class _Harness(SynchronousTestCase):
-    """Only for its clean-ups: the fleet harness registers them on a test case."""
-
-    def test_nothing(self) -> None:
-        """Never run."""
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--cuts", type=float, nargs="+", default=[10.0, 30.0, 60.0], help="cut lengths, seconds")
     arguments = parser.parse_args()
     print(f"{'cut s':>6} {'refused':>8} {'median s':>9} {'longest s':>9} {'answering again s':>18} {'one row each':>12}")
     for seconds in arguments.cuts:
-        harness = _Harness("test_nothing")
+        harness = SynchronousTestCase()  # never run: the fleet harness registers its clean-ups on it
         try:
             cut = cutFromTheDatabase(harness, seconds)
         finally:
