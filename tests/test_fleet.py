@@ -99,6 +99,7 @@ class CountingClients:
         self.unavailableAt: list[float] = []
         self.unavailableTook: list[float] = []  # seconds from connect to each ERROR storage unavailable
         self.failures: Counter[str] = Counter()
+        self.failedAt: list[tuple[float, float, str]] = []  # when each failed request began and ended, and how
         self.other: list[bytes] = []
         self._name = name
         self._pause = pause
@@ -122,13 +123,13 @@ class CountingClients:
                     connection.sendall(message.encode() + b"\n")
                     reply = connection.makefile("rb").readline()
             except ConnectionRefusedError:
-                self.failures["refused"] += 1
+                self._failed("refused", began)
                 continue
             except ConnectionResetError:
-                self.failures["reset"] += 1
+                self._failed("reset", began)
                 continue
             except OSError as error:
-                self.failures[type(error).__name__] += 1
+                self._failed(type(error).__name__, began)
                 continue
             if reply == expectedReply(message):
                 self.answered.append(message)
@@ -137,9 +138,13 @@ class CountingClients:
                 self.unavailableAt.append(time.monotonic())
                 self.unavailableTook.append(self.unavailableAt[-1] - began)
             elif not reply:
-                self.failures["closed without a reply"] += 1
+                self._failed("closed without a reply", began)
             else:
                 self.other.append(reply)
+
+    def _failed(self, kind: str, began: float) -> None:
+        self.failures[kind] += 1
+        self.failedAt.append((began, time.monotonic(), kind))
 
     def stop(self) -> "CountingClients":
         """Stop every client and wait for them."""
@@ -227,6 +232,7 @@ class RollingReplacementTests(SynchronousTestCase):
         try:
             waitUntil(lambda: len(clients.answered) >= 200, what="load before the replacement")
             server.signal(signal.SIGUSR2)
+            signalledAt = time.monotonic()
             while "replaced every worker" not in server.log:
                 readiness.append(httpGet(metrics, "/readyz")[0])
                 try:
@@ -239,7 +245,10 @@ class RollingReplacementTests(SynchronousTestCase):
         finally:
             clients.stop()
         self.assertEqual(server.stop(), 0, server.log)
-        self.assertEqual((dict(clients.failures), clients.unavailableAt, clients.other), ({}, [], []))
+        failed = [(round(began - signalledAt, 2), round(ended - signalledAt, 2), kind)
+                  for began, ended, kind in clients.failedAt]
+        self.assertEqual((dict(clients.failures), clients.unavailableAt, clients.other), ({}, [], []),
+                         f"failed requests (began, ended, s after SIGUSR2; how): {failed}; the log:\n{server.log}")
         self.assertEqual(set(readiness), {200}, "the host was not ready at some point of the replacement")
         Logger().info("rolling figures: {answered} answered, {probes} /readyz probes all 200, failures {failures}",
                       answered=len(clients.answered), probes=len(readiness), failures=dict(clients.failures))
