@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import io
+import os
+import subprocess
 import zipfile
 from pathlib import Path
 
@@ -161,6 +163,87 @@ class FindJMeterTests(SynchronousTestCase):
         for expected in ["-Jthreads=3", "-Jtcp.charset=UTF-8", "-Jjmeter.save.saveservice.output_format=csv",
                          "-Jjmeter.save.saveservice.print_field_names=true"]:
             self.assertIn(expected, arguments)
+
+
+def fakeJavac(folder: Path, body: str) -> dict[str, str]:
+    """An environment whose PATH has only a C{javac} shell script running C{body} (C{$out} is its -d folder,
+    every call is logged to C{folder/calls}), and whose cache is under C{folder}."""
+    bin = folder / "bin"
+    bin.mkdir(parents=True)
+    javac = bin / "javac"
+    javac.write_text("#!/bin/sh\n"
+                     f"echo called >> {folder / 'calls'}\n"
+                     'while [ "$1" != "-d" ]; do shift; done; out="$2"\n'
+                     f"{body}\n")
+    javac.chmod(0o755)
+    return {"PATH": str(bin), "XDG_CACHE_HOME": str(folder / "cache")}
+
+
+class LauncherTests(SynchronousTestCase):
+    """JMeter 2.x's launcher is compiled once per source, and runs starting at once never see half of it."""
+
+    def setUp(self) -> None:
+        """A fake JMeter 2.13 installation."""
+        self.root = Path(self.mktemp())
+        script = fakeInstall(self.root, "2.13.19691222")
+        self.install = jmeter.findJMeter({"JMETER_HOME": str(script.parent.parent), "PATH": ""})
+
+    def launchers(self, environ: dict[str, str]) -> list[str]:
+        """The names in the launcher cache."""
+        return sorted(p.name for p in (Path(environ["XDG_CACHE_HOME"]) / "primecount").iterdir())
+
+    def test_compiledOnce(self) -> None:
+        """The first run compiles the launcher onto the class path; the next reuses it without javac."""
+        environ = fakeJavac(self.root / "ok", 'echo compiled > "$out/PermissiveJMeter.class"')
+        first = jmeter.launcherCommand(self.install, environ)
+        second = jmeter.launcherCommand(self.install, environ)
+        self.assertEqual(first, second)
+        self.assertEqual((self.root / "ok" / "calls").read_text().count("called"), 1)
+        [name] = self.launchers(environ)
+        classes = Path(environ["XDG_CACHE_HOME"]) / "primecount" / name
+        self.assertIn(str(classes), first[first.index("-cp") + 1].split(":"))
+        self.assertEqual((classes / "PermissiveJMeter.class").read_text(), "compiled\n")
+
+    def test_failedCompileLeavesNothing(self) -> None:
+        """A compile that dies after writing half a class leaves no launcher for a later run to load."""
+        environ = fakeJavac(self.root / "dies", 'echo half > "$out/PermissiveJMeter.class"; exit 1')
+        with self.assertRaises(subprocess.CalledProcessError):
+            jmeter.launcherCommand(self.install, environ)
+        self.assertEqual(self.launchers(environ), [])
+
+    def test_anotherRunFinishesFirst(self) -> None:
+        """When another run puts its complete launcher in place during this run's compile, both use that one."""
+        environ = fakeJavac(self.root / "race", 'echo mine > "$out/PermissiveJMeter.class"\n'
+                                                'theirs="${out%.building-*}"; mkdir "$theirs"\n'
+                                                'echo theirs > "$theirs/PermissiveJMeter.class"')
+        command = jmeter.launcherCommand(self.install, environ)
+        [name] = self.launchers(environ)
+        classes = Path(environ["XDG_CACHE_HOME"]) / "primecount" / name
+        self.assertIn(str(classes), command[command.index("-cp") + 1])
+        self.assertEqual((classes / "PermissiveJMeter.class").read_text(), "theirs\n")
+
+
+class FailingJMeterTests(SynchronousTestCase):
+    """When JMeter itself fails, C{run --quiet} prints the end of JMeter's console, which says why."""
+
+    def test_consoleEndPrinted(self) -> None:
+        """A JMeter that exits 1 after an error: exit status 1, the problem, and the error's words printed."""
+        from primecount.tools.loadtest.__main__ import main
+
+        root = Path(self.mktemp())
+        script = fakeInstall(root, "5.6.3")
+        script.write_text("#!/bin/sh\necho 'Creating summariser'\necho 'An error occurred: no such plan part'\n"
+                          "exit 1\n")
+        previous = os.environ.get("JMETER_HOME")
+        os.environ["JMETER_HOME"] = str(script.parent.parent)
+        self.addCleanup(lambda: os.environ.pop("JMETER_HOME") if previous is None
+                        else os.environ.update(JMETER_HOME=previous))
+        printed = io.StringIO()
+        status = main(["run", "--quiet", "--out", str(root / "out")], out=printed)
+        self.assertEqual(status, 1, printed.getvalue())
+        self.assertIn("PROBLEM: JMeter exited with status 1", printed.getvalue())
+        self.assertIn("JMeter's console ended with", printed.getvalue())
+        self.assertIn("  An error occurred: no such plan part\n", printed.getvalue())
 
 
 class ReportTests(SynchronousTestCase):

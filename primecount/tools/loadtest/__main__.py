@@ -38,10 +38,16 @@ SHARED_CORES_NOTE = (
 class RunResult:
     """What one run produced: the summary, the problems found by the checks, where the files are."""
 
-    def __init__(self, summary: Summary, problems: list[str], out: Path) -> None:
+    def __init__(self, summary: Summary, problems: list[str], out: Path, jmeterStatus: int = 0) -> None:
         self.summary = summary
         self.problems = problems
         self.out = out
+        self.jmeterStatus = jmeterStatus
+
+    @property
+    def jmeterFailed(self) -> bool:
+        """JMeter itself exited with an error (so its console says why, not the results)."""
+        return self.jmeterStatus != 0
 
     @property
     def passed(self) -> bool:
@@ -95,7 +101,7 @@ def runOnce(
             problems += [f"records: {p}" for p in crossCheck(samples, parseRecords(file))]
     notes = [f"JMeter {install.version} at {install.home}", *[f"problem: {p}" for p in problems]]
     writeReport(out / "report.html", "primecount JMeter run", summary, samples, notes)
-    return RunResult(summary, problems, out)
+    return RunResult(summary, problems, out, status)
 
 
 def _properties(args: argparse.Namespace) -> dict[str, object]:
@@ -117,6 +123,12 @@ def _serverOptions(options: Sequence[str], keepAlive: bool) -> list[str]:
     return ["--keep-alive", *options] if keepAlive and "--keep-alive" not in options else list(options)
 
 
+def _endOf(path: Path, name: str, lines: int = 10) -> str:
+    """The last C{lines} lines of C{path}, indented under a heading naming it."""
+    said = path.read_text(encoding="utf-8", errors="replace").splitlines()[-lines:]
+    return f"{name} ended with ({path}):\n" + "".join(f"  {line}\n" for line in said)
+
+
 def commandRun(args: argparse.Namespace, install: JMeterInstall, out: TextIO) -> int:
     """C{run}: one run, summary printed, exit status 1 on any failed sample or check."""
     if args.quiet:
@@ -128,6 +140,8 @@ def commandRun(args: argparse.Namespace, install: JMeterInstall, out: TextIO) ->
     out.write(f"{formatSummary(result.summary)}\n")
     for problem in result.problems:
         out.write(f"PROBLEM: {problem}\n")
+    if args.quiet and result.jmeterFailed:
+        out.write(_endOf(args.out / "jmeter-console.txt", "JMeter's console"))
     if args.start_server and not result.problems:
         every = ", every message present" if not result.summary.errors else ""
         out.write(f"records      match: one correct record per successful sample{every}\n")

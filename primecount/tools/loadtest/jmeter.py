@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 import shutil
 import subprocess
+import tempfile
 import zipfile
 from importlib.resources import files
 from pathlib import Path
@@ -89,19 +91,39 @@ def launcherCommand(install: JMeterInstall, environ: Mapping[str, str] = os.envi
         [str(install.home / "bin" / "ApacheJMeter.jar"), str(install.home / "lib" / "ext" / "*"),
          str(install.home / "lib" / "*"), *[str(p) for p in _xstreamJars(install)]]
     )
-    classes = _cacheDir(environ) / f"jmeter-{install.version}-launcher"
-    compiled = classes / f"{LAUNCHER_CLASS}.class"
-    if not compiled.exists() or compiled.stat().st_mtime < LAUNCHER_SOURCE.stat().st_mtime:
-        javac = shutil.which("javac", path=environ.get("PATH"))
-        if javac is None:
-            raise JMeterMissing("JMeter 2.x needs javac to build its launcher (apt-get install default-jdk-headless)")
-        classes.mkdir(parents=True, exist_ok=True)
-        subprocess.run([javac, "-nowarn", "-cp", classpath, "-d", str(classes), str(LAUNCHER_SOURCE)], check=True)
+    classes = _launcherClasses(install, classpath, environ)
     java = shutil.which("java", path=environ.get("PATH")) or "java"
     # 2.13's GUI sets the X11 application name by reflection, which Java 9+ only allows when opened.
     opens = ["--add-opens", "java.desktop/sun.awt.X11=ALL-UNNAMED"]
     return [java, *opens, f"-Djmeter.home={install.home}", "-cp", os.pathsep.join([str(classes), classpath]),
             LAUNCHER_CLASS]
+
+
+def _launcherClasses(install: JMeterInstall, classpath: str, environ: Mapping[str, str]) -> Path:
+    """The compiled launcher's folder, one per JMeter version and launcher source, compiled on first use.
+
+    It is compiled into a folder of its own and renamed into place whole, so that runs starting at once
+    (trial -j, several benches) each see a complete launcher or none, never another run's half-written class.
+    """
+    digest = hashlib.sha256(LAUNCHER_SOURCE.read_bytes()).hexdigest()[:16]
+    classes = _cacheDir(environ) / f"jmeter-{install.version}-launcher-{digest}"
+    if (classes / f"{LAUNCHER_CLASS}.class").exists():
+        return classes
+    javac = shutil.which("javac", path=environ.get("PATH"))
+    if javac is None:
+        raise JMeterMissing("JMeter 2.x needs javac to build its launcher (apt-get install default-jdk-headless)")
+    classes.parent.mkdir(parents=True, exist_ok=True)
+    building = Path(tempfile.mkdtemp(prefix=f"{classes.name}.building-", dir=classes.parent))
+    try:
+        subprocess.run([javac, "-nowarn", "-cp", classpath, "-d", str(building), str(LAUNCHER_SOURCE)], check=True)
+        try:
+            building.rename(classes)
+        except OSError:  # another run renamed its complete launcher into place first
+            if not (classes / f"{LAUNCHER_CLASS}.class").exists():
+                raise
+    finally:
+        shutil.rmtree(building, ignore_errors=True)
+    return classes
 
 
 def _xstreamJars(install: JMeterInstall) -> list[Path]:
