@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import os
 
 from twisted.internet.defer import Deferred
@@ -225,6 +226,58 @@ class FsyncPolicyTests(SynchronousTestCase):
         threads.runAll()
         clock.advance(1)
         self.assertEqual(threads.calls, [], "nothing new was written, so no fsync")
+
+    def test_everysecSlowDiskHoldsOneThread(self) -> None:
+        """With C{everysec}, an fsync that takes 10 s holds one thread, not one more each second (the pool is
+        the analysis's too); the next tick after it ends syncs everything written meanwhile, once."""
+        service, clock, threads = self.start("everysec")
+        for second in range(10):
+            self.successResultOf(service.write([record(f"m{second}")]))
+            clock.advance(1)
+        self.assertEqual(len(threads.calls), 1)
+        threads.runAll()
+        clock.advance(1)
+        self.assertEqual(len(threads.calls), 1, "the records written during the slow fsync are synced next")
+        threads.runAll()
+        clock.advance(1)
+        self.assertEqual(threads.calls, [])
+
+    def test_alwaysSlowDiskOneFsyncAtATime(self) -> None:
+        """With C{always}, batches written while an fsync runs wait for one fsync after it, which covers them
+        all (a group commit): one thread at a time, and each acknowledged only once synced."""
+        service, clock, threads = self.start("always")
+        first = service.write([record("a")])
+        clock.advance(0)
+        later = [service.write([record("b")]), service.write([record("c")])]
+        clock.advance(0)
+        clock.advance(0)
+        self.assertEqual(len(threads.calls), 1)
+        threads.runAll()
+        self.successResultOf(first)
+        for acknowledged in later:
+            self.assertNoResult(acknowledged)
+        self.assertEqual(len(threads.calls), 1, "one fsync for the two batches written meanwhile")
+        threads.runAll()
+        for acknowledged in later:
+            self.successResultOf(acknowledged)
+        self.assertEqual(threads.calls, [])
+
+    def test_everysecFailureLoggedOnceNotUnhandled(self) -> None:
+        """With C{everysec}, fsyncs that fail are one logged incident that marks the store unhealthy, not an
+        unhandled error per tick."""
+        service, clock, threads = self.start("everysec")
+
+        def brokenFsync(fd: int) -> None:
+            raise OSError(5, "Input/output error")
+
+        self.patch(storage.os, "fsync", brokenFsync)
+        for message in ("a", "b"):
+            self.successResultOf(service.write([record(message)]))
+            clock.advance(1)
+            threads.runAll()
+        gc.collect()
+        self.assertFalse(service.healthy())
+        self.assertEqual(self.flushLoggedErrors(), [])
 
     def test_never(self) -> None:
         """With C{never} no fsync runs while serving, one runs at stop."""

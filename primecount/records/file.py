@@ -122,13 +122,15 @@ class FileOperations:
 
 
 class _OpenFile:
-    """A records file descriptor that is closed only once no fsync is running on it."""
+    """A records file descriptor that is closed only once no fsync is running on it, with the callers waiting
+    for the next fsync (one runs at a time: L{FileStore._sync})."""
 
     def __init__(self, fd: int) -> None:
         self.fd = fd
         self.regular = stat.S_ISREG(os.fstat(fd).st_mode)  # a device or pipe is shared with nobody: no lock
         self.end = -1  # where this writer's own last append ended: a file still that long ends in its newline
         self.syncing = 0
+        self.nextSync: list[Deferred[None]] = []  # asked for while an fsync runs: served by one after it
         self.closing = False
         self.closed: Deferred[None] = Deferred()
 
@@ -489,28 +491,51 @@ class FileStore(Service):
 
     def _syncIfNeeded(self) -> None:
         if self._unsynced and self._file is not None:
-            self._sync(self._file)
+            self._sync(self._file).addErrback(lambda _: None)  # a failure is logged and counted by _startSync
 
     def _sync(self, target: _OpenFile) -> Deferred[None]:
-        """fsync C{target} on the thread pool; fails (after logging once per incident) if fsync fails."""
+        """fsync C{target} on the thread pool; fails (after logging once per incident) if fsync fails.
+
+        One fsync runs at a time per file: a sync asked for while one runs
+        waits for a single fsync started after it, shared by everyone who
+        asked meanwhile (a group commit; it covers every byte written before
+        it starts). So a disk that takes seconds per fsync holds one thread of
+        the pool, which analysis shares, not one more per batch or per second.
+        """
         if target is self._file:
             self._unsynced = False
+        synced: Deferred[None] = Deferred()
+        target.nextSync.append(synced)
+        if not target.syncing:
+            self._startSync(target)
+        return synced
+
+    def _startSync(self, target: _OpenFile) -> None:
+        """Run one fsync of C{target} for everyone waiting for it; when it ends, start the next if asked for."""
+        waiting, target.nextSync = target.nextSync, []
         target.syncing += 1
         started = self._clock.seconds()
 
-        def done(result: object) -> object:
-            target.syncFinished()
+        def done(result: object) -> None:
             if isinstance(result, Failure):
                 error = result.value
                 if isinstance(error, OSError) and error.errno == errno.EINVAL:
-                    return None  # a device such as /dev/null cannot be synced, and needs no sync
-                self._failed("fsync", error, 0)
-                return result
-            self._metrics.fsyncObserved(self._clock.seconds() - started)
-            self._recovered("fsync")
-            return None
+                    result = None  # a device such as /dev/null cannot be synced, and needs no sync
+                else:
+                    self._failed("fsync", error, 0)
+            else:
+                self._metrics.fsyncObserved(self._clock.seconds() - started)
+                self._recovered("fsync")
+            if target.nextSync:
+                self._startSync(target)  # before this one counts as over, so that the file stays open for it
+            target.syncFinished()
+            for synced in waiting:
+                if isinstance(result, Failure):
+                    synced.errback(result)
+                else:
+                    synced.callback(None)
 
-        return self._runInThread(os.fsync, target.fd).addBoth(done)
+        self._runInThread(os.fsync, target.fd).addBoth(done)
 
     def _failed(self, operation: str, error: object, records: int) -> None:
         """A failure of C{operation}, logged once per incident, not once per batch; probed until it is over."""
