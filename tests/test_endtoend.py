@@ -197,6 +197,20 @@ class ServerProcessTests(SynchronousTestCase):
         self.assertEqual(process.returncode, -signal.SIGKILL)
 
 
+    def test_waitForCountsMatches(self) -> None:
+        """C{waitFor(..., count=N)} returns the Nth match of a line logged N or more times, and fails naming the
+        count when there are fewer."""
+        says = ("import sys, time; print('primecount listening on 127.0.0.1 port 1');"
+                "[print(f'event {n}') for n in range(1, 41)]; sys.stdout.flush(); time.sleep(60)")
+        server = ServerProcess(self.mktemp(), prefix=[sys.executable, "-c", says])
+        self.addCleanup(server.stop, signal.SIGKILL)
+        self.assertEqual(server.waitFor(rb"event (\d+)", count=40).group(1), b"40")
+        self.assertEqual(server.waitFor(rb"event (\d+)", count=25).group(1), b"25")
+        with self.assertRaises(RuntimeError) as caught:
+            server.waitFor(rb"event \d+", seconds=0.2, count=41)
+        self.assertIn("41 times in time", str(caught.exception))
+
+
 class StartupErrorTests(SynchronousTestCase):
     """What a user sees when twistd primecount cannot start: one clear line, no traceback, a non-zero exit."""
 

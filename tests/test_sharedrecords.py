@@ -491,8 +491,7 @@ class KilledWritersOverTCPTests(SharedFileTestCase):
                     victim = random.choice(alive)
                     os.kill(victim, signal.SIGKILL)
                     killed.add(victim)
-            server.waitFor(re.compile(rb"(?s)(?:.*?started worker \d+ \(pid \d+\)){%d}" % (4 + len(killed))),
-                           seconds=60)
+            server.waitFor(rb"started worker \d+ \(pid \d+\)", seconds=60, count=4 + len(killed))
             server.waitForWorkers(4 + len(killed), seconds=60)
             time.sleep(0.5)
         finally:

@@ -332,7 +332,7 @@ class TwistdWorkersTests(SynchronousTestCase):
         before = self.load(server.port, 0.5, clients=4)
         os.rename(server.records, server.records + ".1")
         server.process.send_signal(signal.SIGHUP)
-        server.waitFor(re.compile(rb"(?s)(?:.*?worker \d+: reopened records file){2}"))
+        server.waitFor(rb"worker \d+: reopened records file", count=2)
         after = self.load(server.port, 1, clients=4)
         self.assertEqual(server.stop(), 0, server.log)
         self.assertEqual(sorted(self.recorded(server.records + ".1")), sorted(before))

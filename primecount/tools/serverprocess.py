@@ -25,6 +25,18 @@ def listeningPort(log: str) -> Optional[int]:
     return int(match.group(1)) if match else None
 
 
+def _nthMatch(pattern: "re.Pattern[bytes]", text: bytes, count: int) -> "Optional[re.Match[bytes]]":
+    """The C{count}th match of C{pattern} in C{text}, if there are that many."""
+    for seen, match in enumerate(pattern.finditer(text), 1):
+        if seen == count:
+            return match
+    return None
+
+
+def _times(count: int) -> str:
+    return f"{count} times " if count != 1 else ""
+
+
 class ServerProcess:
     """A C{twistd -n primecount} child; the listening port is read from its log once it is up."""
 
@@ -60,28 +72,32 @@ class ServerProcess:
             self.process.communicate()
             raise
 
-    def waitFor(self, pattern: "re.Pattern[bytes] | bytes", seconds: float = 20.0) -> "re.Match[bytes]":
-        """Read the child's log until C{pattern} matches; raise if it exits or C{seconds} pass first."""
+    def waitFor(
+        self, pattern: "re.Pattern[bytes] | bytes", seconds: float = 20.0, count: int = 1
+    ) -> "re.Match[bytes]":
+        """Read the child's log until C{pattern} has matched C{count} times, and return the last of those
+        matches; raise if it exits or C{seconds} pass first. (Counting matches costs one pass over the log; a
+        pattern repeated C{count} times, as C{(?:.*?X){n}}, backtracks exponentially while it fails.)"""
         compiled = re.compile(pattern) if isinstance(pattern, bytes) else pattern
         deadline = time.monotonic() + seconds
         assert self.process.stdout is not None
         with selectors.DefaultSelector() as selector:
             selector.register(self.process.stdout, selectors.EVENT_READ)
             while True:
-                match = compiled.search(self.output)
+                match = _nthMatch(compiled, self.output, count)
                 if match:
                     return match
                 remaining = deadline - time.monotonic()
                 if remaining <= 0 or not selector.select(remaining):
-                    raise RuntimeError(f"twistd did not log {compiled.pattern!r} in time:\n{self.log}")
+                    raise RuntimeError(f"twistd did not log {compiled.pattern!r} {_times(count)}in time:\n{self.log}")
                 chunk = self.process.stdout.read1(65536)  # type: ignore[attr-defined]
                 if not chunk:
-                    raise RuntimeError(f"twistd exited before logging {compiled.pattern!r}:\n{self.log}")
+                    raise RuntimeError(f"twistd exited before logging {compiled.pattern!r} {_times(count)}:\n{self.log}")
                 self.output += chunk
 
     def waitForWorkers(self, count: int, seconds: float = 20.0) -> None:
         """With C{--workers}, wait until C{count} workers have said they listen (the supervisor listens first)."""
-        self.waitFor(re.compile(rb"(?s)(?:.*?worker \d+: primecount listening on){%d}" % count), seconds)
+        self.waitFor(rb"worker \d+: primecount listening on", seconds, count=count)
 
     @property
     def metricsPort(self) -> int:
