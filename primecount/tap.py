@@ -10,7 +10,7 @@ from typing import Any, Optional
 
 from twisted.application import strports
 from twisted.application.service import IService, IServiceCollection
-from twisted.internet.endpoints import AdoptedStreamServerEndpoint, serverFromString
+from twisted.internet.endpoints import serverFromString
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 
@@ -33,7 +33,7 @@ from primecount.records import openStore
 from primecount.responder import Responder
 from primecount.threads import batchScheduledPool
 from primecount.tls import MOZILLA_INTERMEDIATE, withCiphers
-from primecount.workers import MetricsDirectory, SharedSocket, SupervisorWatch, WorkerPool, socketFamily
+from primecount.workers import MetricsDirectory, SharedSocket, SharedSocketEndpoint, SupervisorWatch, WorkerPool
 
 __all__ = ["Options", "makeService"]
 log = Logger()
@@ -122,8 +122,7 @@ def _listening(options: Options, reactor: Any, factory: PrimeCountFactory, metri
     """The endpoint to listen on and the factory for it: behind a C{haproxy:} prefix, the PROXY-header reader
     (trusting only C{--proxy-from}) in front of the request factory."""
     if options["worker-fd"] is not None:
-        fd = options["worker-fd"]
-        endpoint: Any = AdoptedStreamServerEndpoint(reactor, fd, socketFamily(fd))
+        endpoint: Any = SharedSocketEndpoint(reactor, options["worker-fd"])
     else:
         endpoint = _portEndpoint(options, reactor)
     if not options["port"].startswith(PROXIED_PREFIX):

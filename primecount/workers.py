@@ -5,22 +5,23 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
 import sys
 import tempfile
 from typing import Any, Callable, Optional, Sequence
 
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred, DeferredList, succeed
+from twisted.internet.endpoints import AdoptedStreamServerEndpoint
 from twisted.internet import fdesc
 from twisted.internet.error import ProcessExitedAlready
-from twisted.internet.interfaces import IDelayedCall, IReadDescriptor
+from twisted.internet.interfaces import IDelayedCall, IReadDescriptor, IStreamServerEndpoint
 from twisted.internet.main import CONNECTION_DONE
 from twisted.internet.protocol import Factory, ProcessProtocol, Protocol
 from twisted.logger import Logger, LogLevel
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from primecount.descriptors import socketOn, socketsMadeIn
 from primecount.health import READINESS_EVENT, WorkersHealth, parseVerdict
 from primecount.internals import stopAccepting
 from primecount.lifecycle import LISTENING_EVENT, announceListening, listenFailed
@@ -57,12 +58,25 @@ def cpuCount() -> int:
 
 
 def socketFamily(fd: int) -> int:
-    """The address family of the listening socket at C{fd}."""
-    probe = socket.socket(fileno=os.dup(fd))
-    try:
+    """The address family of the listening socket at C{fd} (asked without changing its blocking mode, which is
+    every worker's: L{primecount.descriptors})."""
+    with socketOn(fd) as probe:
         return probe.family
-    finally:
-        probe.close()
+
+
+@implementer(IStreamServerEndpoint)
+class SharedSocketEndpoint:
+    """A worker's endpoint on the listening socket it inherited: Twisted's adopted-socket endpoint, listening
+    while new socket objects are made non-blocking, so that the shared socket (non-blocking, as Twisted requires)
+    is never blocking for a moment, under PyPy either (L{primecount.descriptors})."""
+
+    def __init__(self, reactor: Any, fd: int) -> None:
+        self._adopted = AdoptedStreamServerEndpoint(reactor, fd, socketFamily(fd))
+
+    def listen(self, factory: Any) -> Deferred[Any]:
+        """Adopt the socket and accept on it with C{factory}."""
+        with socketsMadeIn(nonBlocking=True):
+            return self._adopted.listen(factory)
 
 
 class _Refuse(Protocol):

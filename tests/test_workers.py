@@ -272,6 +272,50 @@ class WorkerOptionsTests(SynchronousTestCase):
         self.assertEqual((again["max-connections"], again["worker-fd"], again["worker-metrics"]), (34, 3, 1))
 
 
+class BlockingModeWatch:
+    """A thread reading, as often as it can, the blocking mode of a process's listening socket on C{port}: the mode
+    of its open file, which the supervisor and every worker share (C{/proc/PID/fdinfo}); it counts the reads and
+    those that found it blocking."""
+
+    def __init__(self, pid: int, port: int) -> None:
+        self.reads = self.blocking = 0
+        self._info = f"/proc/{pid}/fdinfo/{self._descriptor(pid, port)}"
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._watch, daemon=True)
+        self._thread.start()
+
+    @staticmethod
+    def _descriptor(pid: int, port: int) -> str:
+        """The descriptor of C{pid}'s socket listening on C{port}, found by its inode in C{/proc/net/tcp*}."""
+        inodes = set()
+        for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+            with open(table) as lines:
+                for line in list(lines)[1:]:
+                    fields = line.split()
+                    if fields[3] == "0A" and int(fields[1].rsplit(":", 1)[1], 16) == port:
+                        inodes.add(fields[9])
+        for fd in os.listdir(f"/proc/{pid}/fd"):
+            try:
+                link = os.readlink(f"/proc/{pid}/fd/{fd}")
+            except OSError:
+                continue
+            if link.startswith("socket:[") and link[8:-1] in inodes:
+                return fd
+        raise AssertionError(f"process {pid} has no socket listening on port {port}")
+
+    def _watch(self) -> None:
+        while not self._stop.is_set():
+            with open(self._info) as info:
+                flags = int(next(line for line in info if line.startswith("flags:")).split()[1], 8)
+            self.reads += 1
+            self.blocking += not flags & os.O_NONBLOCK
+
+    def stop(self) -> None:
+        """Stop reading."""
+        self._stop.set()
+        self._thread.join(10)
+
+
 class TwistdWorkersTests(SynchronousTestCase):
     """A real C{twistd primecount --workers}: one records file, kill -9, SIGHUP, SIGTERM, summed metrics."""
 
@@ -296,6 +340,24 @@ class TwistdWorkersTests(SynchronousTestCase):
         """Messages in a records file; the file must parse whole."""
         with open(path, encoding="utf-8") as file:
             return [r.message for r in parseRecords(file)]
+
+    @slow
+    def test_sharedSocketNeverBlocking(self) -> None:
+        """The shared listening socket is never in blocking mode while workers start, at first and in a rolling
+        replacement: the mode is every worker's, and a worker's accept() on a blocking socket waits for the next
+        connection, holding the replies of those it took (a PyPy worker asking the socket's family did that)."""
+        server = ServerProcess(os.path.abspath(self.mktemp()), "--workers", "2")
+        self.addCleanup(lambda: server.process.poll() is None and server.stop())
+        watch = BlockingModeWatch(server.process.pid, server.port)
+        self.addCleanup(watch.stop)
+        server.waitForWorkers(2)
+        server.signal(signal.SIGUSR2)
+        server.waitFor(rb"replaced every worker", seconds=60)
+        watch.stop()
+        self.assertEqual(server.log.count("primecount listening"), 5, server.log)  # the supervisor and four workers
+        self.assertGreater(watch.reads, 1000)
+        self.assertEqual(watch.blocking, 0, f"found blocking in {watch.blocking} of {watch.reads} reads")
+        self.assertEqual(server.stop(), 0, server.log)
 
     @slow
     def test_fourWorkersOneCleanRecordsFile(self) -> None:

@@ -23,6 +23,7 @@ from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
 from zope.interface import implementer
 
+from primecount.descriptors import socketOn
 from primecount.metrics import NoMetrics
 from primecount.records.formats import Record
 from primecount.records.schema import createSchema, tableIdentifier, today
@@ -226,7 +227,7 @@ def quickRetransmissions(descriptor: int) -> bool:
     if TCP_RTO_MIN_US is None:
         return False
     try:
-        with socket.socket(fileno=os.dup(descriptor)) as handle:
+        with socketOn(descriptor) as handle:
             if handle.family not in (socket.AF_INET, socket.AF_INET6):
                 return False  # a UNIX socket: nothing is ever retransmitted
             handle.setsockopt(socket.IPPROTO_TCP, TCP_RTO_MIN_US, RTO_MIN_US)
@@ -341,7 +342,7 @@ class DatabaseWriter:
             if connection is None:
                 return False
             try:
-                with socket.socket(fileno=os.dup(connection.pgconn.socket)) as handle:
+                with socketOn(connection.pgconn.socket) as handle:
                     handle.shutdown(socket.SHUT_RDWR)
             except Exception:  # already closed by libpq, or never connected
                 return False
