@@ -377,6 +377,29 @@ class OverlappingCommitsTests(SynchronousTestCase):
         self.failureResultOf(stalled, StorageUnavailable)
         self.assertEqual([writer.abandoned for writer in self.writers], [1, 0, 0])
 
+    def test_commitSentBeforeAFailureDoesNotEndIt(self) -> None:
+        """A commit sent before another connection failed is answered as stored when it returns, but does not
+        end the incident (a server shutting down serves its old sessions a moment longer): only a later probe
+        does, and the incident is one error line and one line when it is over."""
+        events: list[dict] = []
+        self.patch(TableStore, "log", Logger(observer=events.append))
+        self.service = TableStore("postgresql:///x", self.clock, table="t", timeout=2.0, runInThread=self.thread,
+                                  writers=self.writers)
+        sentBefore = self.service.write([record("a")])
+        self.clock.advance(OVERLAP_AFTER)
+        failing = self.service.write([record("b")])
+        self.thread.finish(1, OSError("the database system is shutting down"))
+        self.failureResultOf(failing, StorageUnavailable)
+        self.thread.finish(0)
+        self.successResultOf(sentBefore)
+        self.assertFalse(self.service.healthy())
+        self.failureResultOf(self.service.write([record("c")]), StorageUnavailable)
+        self.clock.advance(PROBE_LOOK_INTERVAL)
+        self.assertEqual(self.thread.calls[2][0], [], "a probe")
+        self.thread.finish(2)
+        self.assertTrue(self.service.healthy())
+        self.assertEqual([e["log_level"].name for e in events], ["error", "info"])
+
     def test_stopWaitsForEveryCommit(self) -> None:
         """Stopping waits until every commit in flight has returned."""
         first = self.service.write([record("a")])
@@ -391,6 +414,26 @@ class OverlappingCommitsTests(SynchronousTestCase):
         self.successResultOf(stopped)
         self.successResultOf(first)
         self.successResultOf(second)
+
+
+class ProbeConnectionTests(SynchronousTestCase):
+    """A probe always asks on a new connection: an old session can outlive what new ones meet."""
+
+    def test_probeAsksOnANewSession(self) -> None:
+        """Each probe closes the writer's session and asks on a new one (a new server process); the table keeps
+        no probe row, and the next batch is stored."""
+        cluster = sharedCluster(self)
+        table = freshTable(self, cluster)
+        writer = DatabaseWriter(cluster.uri, table, "always")
+        self.addCleanup(writer.close)
+        writer.connectNow()
+        sessions = [writer._connection.pgconn.backend_pid]
+        for _ in range(2):
+            writer.tryAppend()
+            sessions.append(writer._connection.pgconn.backend_pid)
+        self.assertEqual(len(set(sessions)), 3, sessions)
+        writer.append([record("after the probes")])
+        self.assertEqual(cluster.query(f'SELECT message FROM "{table}"'), [("after the probes",)])
 
 
 class QuickRetransmissionsTests(SynchronousTestCase):

@@ -275,11 +275,14 @@ class DatabaseWriter:
             raise
 
     def tryAppend(self) -> None:
-        """Append one probe row and roll it back, on the connection (a new one if needed, with the table made
-        if missing): raise as L{append} would for a real batch (the database gone, the table refusing rows, no
-        right to insert), store nothing (the row's id is used up, as a failed batch's are)."""
+        """Append one probe row and roll it back, on a new connection (with the table made if missing): raise
+        as L{append} would for a real batch (the database gone, the table refusing rows, no right to insert),
+        store nothing (the row's id is used up, as a failed batch's are). New, because an old session can
+        outlive what a new one meets: a server shutting down serves its sessions a while (a smart shutdown,
+        until they end) but refuses new ones."""
         from psycopg import pq
 
+        self.close()
         connection = self._usable()
         pgconn = connection.pgconn
         try:
@@ -414,6 +417,7 @@ class TableStore(Service):
         self._analysing = False  # whether the responder has requests in analysis (L{gathering})
         self._waitingSince = 0.0  # when the oldest waiting batch was written
         self._retryAt = 0.0
+        self._failedAt = float("-inf")  # when a commit or probe last failed
         self._backoff = Backoff(BACKOFF_FIRST, BACKOFF_MOST)
         self._incident = Incident(self.log, reactor)
         self._selfProbe = SelfProbe(self, reactor, PROBE_LOOK_INTERVAL)
@@ -614,7 +618,8 @@ class TableStore(Service):
             self.rowsWritten += size
             self._metrics.recordsWritten(size)
             self._metrics.commitObserved(self._reactor.seconds() - started)
-            self._recovered()
+            if started > self._failedAt:  # sent before a failure on another connection, it proves nothing since
+                self._recovered()
             for _, stored in batch:
                 if not stored.called:
                     stored.callback(None)
@@ -647,6 +652,7 @@ class TableStore(Service):
         return self._untilTimeout(writer, writer.tryAppend).addBoth(answered)
 
     def _failed(self, failure: Failure, size: int) -> None:
+        self._failedAt = self._reactor.seconds()
         self._notStored(size, "records database unavailable ({error})", error=_describe(failure))
         self._retryAt = self._reactor.seconds() + self._backoff.next()
 
