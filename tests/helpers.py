@@ -204,6 +204,18 @@ def requireTool(test: SynchronousTestCase, name: str) -> str:
     return path
 
 
+def listeningInodes(port: int, tables: Sequence[str] = ("/proc/net/tcp", "/proc/net/tcp6")) -> set[str]:
+    """The inodes of the sockets listening on C{port}, from the kernel's C{tables}."""
+    inodes = set()
+    for table in tables:
+        with open(table) as lines:
+            for line in list(lines)[1:]:
+                fields = line.split()
+                if fields[3] == "0A" and int(fields[1].rsplit(":", 1)[1], 16) == port:
+                    inodes.add(fields[9])
+    return inodes
+
+
 def waitUntil(condition, seconds: float = 20.0, what: str = "condition") -> None:  # type: ignore[no-untyped-def]
     """Poll C{condition} until true; fail after C{seconds}."""
     deadline = time.monotonic() + seconds

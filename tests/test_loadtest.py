@@ -7,6 +7,7 @@ import os
 import subprocess
 import zipfile
 from pathlib import Path
+from unittest import mock
 
 from twisted.trial.unittest import SynchronousTestCase
 
@@ -234,10 +235,9 @@ class FailingJMeterTests(SynchronousTestCase):
         script = fakeInstall(root, "5.6.3")
         script.write_text("#!/bin/sh\necho 'Creating summariser'\necho 'An error occurred: no such plan part'\n"
                           "exit 1\n")
-        previous = os.environ.get("JMETER_HOME")
-        os.environ["JMETER_HOME"] = str(script.parent.parent)
-        self.addCleanup(lambda: os.environ.pop("JMETER_HOME") if previous is None
-                        else os.environ.update(JMETER_HOME=previous))
+        environ = mock.patch.dict(os.environ, JMETER_HOME=str(script.parent.parent))
+        environ.start()
+        self.addCleanup(environ.stop)
         printed = io.StringIO()
         status = main(["run", "--quiet", "--out", str(root / "out")], out=printed)
         self.assertEqual(status, 1, printed.getvalue())

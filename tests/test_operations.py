@@ -17,7 +17,7 @@ from twisted.trial.unittest import SkipTest, SynchronousTestCase
 
 from primecount.records.formats import parseRecords
 from primecount.tools.serverprocess import TWISTD, ServerProcess, listeningPort
-from tests.helpers import ask, expectedReply, requireTool, scrape, slow, waitUntil
+from tests.helpers import ask, expectedReply, listeningInodes, requireTool, scrape, slow, waitUntil
 
 UNITS = Path(__file__).resolve().parents[1] / "contrib" / "systemd"
 LOGROTATE = Path(__file__).resolve().parents[1] / "contrib" / "logrotate" / "primecount"
@@ -353,8 +353,7 @@ class SystemdTests(SynchronousTestCase):
 def _accepting(port: int) -> bool:
     """Whether something listens on the loopback C{port} (probing without sending a request)."""
     try:
-        with open("/proc/net/tcp") as table:
-            return any(line.split()[1].endswith(f":{port:04X}") and line.split()[3] == "0A" for line in table)
+        return bool(listeningInodes(port, ("/proc/net/tcp",)))
     except OSError:
         return False
 

@@ -158,6 +158,11 @@ class WriteFailureTests(SynchronousTestCase):
         self.assertFalse(service.running)
 
 
+def brokenFsync(fd: int) -> None:
+    """An fsync on a failing disk."""
+    raise OSError(5, "Input/output error")
+
+
 class ManualThreads:
     """A stand-in thread pool whose calls run only when the test says so."""
 
@@ -204,9 +209,6 @@ class FsyncPolicyTests(SynchronousTestCase):
     def test_alwaysFailure(self) -> None:
         """With C{always} a failed fsync refuses the batch's records."""
         service, clock, threads = self.start("always")
-
-        def brokenFsync(fd: int) -> None:
-            raise OSError(5, "Input/output error")
 
         self.patch(storage.os, "fsync", brokenFsync)
         acknowledged = service.write([record("a")])
@@ -266,9 +268,6 @@ class FsyncPolicyTests(SynchronousTestCase):
         """With C{everysec}, fsyncs that fail are one logged incident that marks the store unhealthy, not an
         unhandled error per tick."""
         service, clock, threads = self.start("everysec")
-
-        def brokenFsync(fd: int) -> None:
-            raise OSError(5, "Input/output error")
 
         self.patch(storage.os, "fsync", brokenFsync)
         for message in ("a", "b"):

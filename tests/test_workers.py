@@ -23,7 +23,7 @@ from primecount.options import Options, workerArguments
 from primecount.health import READINESS_EVENT
 from primecount.lifecycle import LISTENING_EVENT
 from primecount.workers import FIRST_DELAY, REPLACE_WAIT, WORKER_FD, MetricsDirectory, WorkerPool
-from tests.helpers import answeredUnderLoad, ask, expectedReply, scrape, slow, waitUntil
+from tests.helpers import answeredUnderLoad, ask, expectedReply, listeningInodes, scrape, slow, waitUntil
 
 
 class FakeProcess:
@@ -287,13 +287,7 @@ class BlockingModeWatch:
     @staticmethod
     def _descriptor(pid: int, port: int) -> str:
         """The descriptor of C{pid}'s socket listening on C{port}, found by its inode in C{/proc/net/tcp*}."""
-        inodes = set()
-        for table in ("/proc/net/tcp", "/proc/net/tcp6"):
-            with open(table) as lines:
-                for line in list(lines)[1:]:
-                    fields = line.split()
-                    if fields[3] == "0A" and int(fields[1].rsplit(":", 1)[1], 16) == port:
-                        inodes.add(fields[9])
+        inodes = listeningInodes(port)
         for fd in os.listdir(f"/proc/{pid}/fd"):
             try:
                 link = os.readlink(f"/proc/{pid}/fd/{fd}")

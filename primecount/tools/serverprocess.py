@@ -34,6 +34,7 @@ def _nthMatch(pattern: "re.Pattern[bytes]", text: bytes, count: int) -> "Optiona
 
 
 def _times(count: int) -> str:
+    """How an error message says C{count} matches ("" for one)."""
     return f"{count} times " if count != 1 else ""
 
 
