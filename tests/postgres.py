@@ -6,8 +6,10 @@ from __future__ import annotations
 import glob
 import os
 import shutil
+import signal
 import subprocess
 import tempfile
+import time
 from typing import Any, Optional, Sequence
 
 from twisted.trial.unittest import SkipTest, SynchronousTestCase
@@ -94,6 +96,34 @@ class Cluster:
         """The process id of the running cluster's postmaster (every PostgreSQL process is its child)."""
         with open(os.path.join(self.data, "postmaster.pid")) as file:
             return int(file.readline())
+
+    def killIdleSession(self) -> None:
+        """SIGKILL an idle session of its own (as an idle C{psql} left open): the postmaster then ends every
+        backend and starts them again, recovering from the WAL, as after any crash of one of its processes."""
+        from primecount.records.table import driver
+
+        idle = driver().connect(self.uri, autocommit=True)
+        (pid,), = idle.execute("SELECT pg_backend_pid()").fetchall()
+        os.kill(pid, signal.SIGKILL)
+        idle.close()
+
+    def killPostmasterAndStart(self) -> None:
+        """SIGKILL the postmaster, wait until its backends have noticed and exited, and start it again."""
+        postmaster = self.serverPid()
+        children = subprocess.run(["ps", "-o", "pid=", "--ppid", str(postmaster)], capture_output=True,
+                                  text=True).stdout.split()
+        os.kill(postmaster, signal.SIGKILL)
+        deadline = time.monotonic() + 30
+        while any(os.path.exists(f"/proc/{pid}") for pid in [postmaster, *children]):
+            if time.monotonic() > deadline:
+                raise AssertionError("the killed postmaster's backends did not exit within 30 s")
+            time.sleep(0.02)
+        self.start()
+
+    def restartImmediately(self) -> None:
+        """C{pg_ctl restart -m immediate}: stopped without a checkpoint, recovered from the WAL at start."""
+        self.stop("immediate")
+        self.start()
 
     def query(self, statement: str, *parameters: Any) -> list[tuple[Any, ...]]:
         """Run one statement and return its rows (none for a statement without)."""

@@ -23,7 +23,7 @@ from twisted.trial.unittest import SkipTest, SynchronousTestCase
 
 from primecount.records.table import (
     GATHER_MOST, NUL_STAND_IN, OVERLAP_AFTER, PROBE_LOOK_INTERVAL, RTO_MIN_US, TCP_RTO_MIN_US, TableStore,
-    quickRetransmissions, DatabaseWriter, driver, insertParameters,
+    quickRetransmissions, DatabaseWriter, connect, driver, insertParameters,
 )
 from primecount.records.formats import Record
 from primecount.records.store import StorageUnavailable
@@ -745,6 +745,55 @@ class TroubleTests(DatabaseOverTCPTestCase):
         self.assertEveryAnswerHasOneRow(clients.stop())
         server.waitFor(rb"records database back after", 10)
         self.assertEqual(server.log.count("records database unavailable"), 1, server.log)
+
+
+class DatabaseCrashTests(DatabaseOverTCPTestCase):
+    """A crash of the database's processes under load, with the default settings: PostgreSQL drops the WAL it
+    had not flushed, so an answered row survives only if its commit waited for the flush. Every answer must
+    have its row after each kind of crash."""
+
+    def crashUnderLoad(self, crash: Callable[[Cluster], None]) -> None:
+        """Clients on kept connections, C{crash} of this test's own cluster once answers flow, service again by
+        itself: every verified reply has exactly one row."""
+        cluster = Cluster(sharedCluster(self).binaries)
+        self.addCleanup(cluster.destroy)
+        cluster.start()
+        self.cluster = cluster
+        server = self.server("--keep-alive")
+        clients = Clients([server.port], 8, keepAlive=True, tag="crash")
+        waitUntil(lambda: len(clients.answered) > 300, 30, "answers before the crash")
+        crash(cluster)
+        answeredAfter = len(clients.answered)
+        waitUntil(lambda: len(clients.answered) > answeredAfter + 300, 60, "answers after the crash")
+        self.assertEveryAnswerHasOneRow(clients.stop())
+        self.assertEqual(server.stop(), 0, server.log)
+
+    @slow
+    def test_idleSessionKilled(self) -> None:
+        """SIGKILL of an idle session that has nothing to do with primecount: PostgreSQL restarts every
+        backend, and no answered row is lost."""
+        self.crashUnderLoad(Cluster.killIdleSession)
+
+    @slow
+    def test_postmasterKilledAndStarted(self) -> None:
+        """SIGKILL of the postmaster, then a start once its backends have gone: no answered row is lost."""
+        self.crashUnderLoad(Cluster.killPostmasterAndStart)
+
+    @slow
+    def test_immediateRestart(self) -> None:
+        """C{pg_ctl restart -m immediate}: no answered row is lost."""
+        self.crashUnderLoad(Cluster.restartImmediately)
+
+    def test_defaultCommitWaitsForTheFlush(self) -> None:
+        """A connection made with the default C{--fsync} commits with C{synchronous_commit=on}; only the
+        explicit C{--fsync never} turns it off."""
+        cluster = sharedCluster(self)
+        default = Options()
+        default.parseOptions(["--records", cluster.uri])
+        for fsync, expected in ((default["fsync"], "on"), ("always", "on"), ("never", "off")):
+            connection = connect(cluster.uri, fsync)
+            self.addCleanup(connection.close)
+            self.assertEqual(connection.execute("SHOW synchronous_commit").fetchall(), [(expected,)], fsync)
 
 
 class RestartTests(DatabaseOverTCPTestCase):

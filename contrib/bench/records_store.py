@@ -3,7 +3,8 @@
 For each round, one-shot and keep-alive at 50 clients (loadgen, verifying every
 reply), primecount is started fresh with its records file, then with a table
 of a throwaway PostgreSQL cluster on this machine (Debian's initdb/pg_ctl, its
-default durability, C{--fsync everysec}, i.e. C{synchronous_commit=off}).
+default durability; primecount's default C{--fsync everysec}, each commit waiting for its WAL flush; with
+C{--also-lossy}, also with C{--fsync never}, i.e. C{synchronous_commit=off}, in the same rounds).
 Pinned by default: primecount and the database on core 0, the load on core 1
 (C{--database-core any} lets the kernel place the database).
 Prints medians of the rounds: req/s, primecount's CPU per request, PostgreSQL's
@@ -36,6 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from loadgen_compare import ROOT, pinned, prepare, runLoad, startServer, treeCpuSeconds  # noqa: E402
 from tests.postgres import Cluster, postgresBinaries  # noqa: E402
 
+TABLES = ("postgresql", "fsync never")  # the stores that write a table
 ROWS = {"one-shot, 50 clients": (["--conns", "50"], []),
         "keep-alive, 50 clients": (["--conns", "50", "--keepalive"], ["--keep-alive"])}
 
@@ -75,6 +77,8 @@ def main() -> None:
     parser.add_argument("--database-core", default="0",
                         help="core the database runs on when pinned (default 0, beside primecount); 'any' leaves "
                              "it to the kernel")
+    parser.add_argument("--also-lossy", action="store_true",
+                        help="also run the table with --fsync never (synchronous_commit=off), in the same rounds")
     parser.add_argument("--table-option", action="append", default=[], metavar="OPTION",
                         help="a primecount option for the table's runs, e.g. --table-option=--records-connections=1")
     args = parser.parse_args()
@@ -92,11 +96,14 @@ def main() -> None:
     try:
         for round in range(1, args.rounds + 1):
             for row, (load, options) in ROWS.items():
-                stores = ["file", "postgresql"] + (["latency only"] if args.latency_only else [])
+                stores = (["file", "postgresql"] + (["fsync never"] if args.also_lossy else [])
+                          + (["latency only"] if args.latency_only else []))
                 for store in stores if round % 2 else stores[::-1]:
                     table = f"bench_{round}_{row.split(',')[0].replace('-', '_')}"
                     records = str(workdir / f"records-{round}.tsv") if store == "file" else cluster.uri
                     extra = [] if store == "file" else ["--records-table", table, *args.table_option]
+                    if store == "fsync never":
+                        extra += ["--fsync", "never"]
                     # A later --records wins over the file startServer names first.
                     environment = latencyOnly(args.latency_only) if store == "latency only" else None
                     server = startServer("primecount", workdir, args.shared, serverCore,
@@ -117,14 +124,14 @@ def main() -> None:
                     figures = {"rps": summary["rps"], "cpu": used / requests * 1e6 if requests else float("nan"),
                                "database": databaseUsed / requests * 1e6 if requests else float("nan"),
                                "errors": summary.get("errors_total", 0)}
-                    if store == "postgresql":
+                    if store in TABLES:
                         figures.update(rows=(rows1 - rows0) / args.duration,
                                        commits=(commits1 - commits0) / args.duration)
                     results.setdefault((row, store), []).append(figures)
                     print(f"round {round} {row:<24} {store:<10} {figures['rps']:>9.0f} req/s "
                           f"{figures['cpu']:>6.1f} µs CPU, PostgreSQL {figures['database']:>5.1f}"
                           + (f"  {figures['rows']:>8.0f} rows/s {figures['commits']:>7.0f} commits/s"
-                             if store == "postgresql" else ""),
+                             if store in TABLES else ""),
                           file=sys.stderr, flush=True)
     finally:
         cluster.destroy()
@@ -139,20 +146,27 @@ def main() -> None:
               for key, runs in results.items()}
     for (row, store), figures in median.items():
         line = f"{row:<24} {store:<11} {figures['rps']:>9.0f} {figures['cpu']:>11.1f} {figures['database']:>10.1f}"
-        if store == "postgresql":
+        if store in TABLES:
             line += (f" {figures['rows']:>9.0f} {figures['commits']:>10.0f} "
                      f"{figures['rows'] / figures['commits'] if figures['commits'] else float('nan'):>12.1f}")
         print(line)
     print("\nratios of the medians; in brackets each round's own ratio (a round's two stores run one after the other,"
           " so its ratio is spared most of the machine's drift between rounds)")
     for row, target in (("keep-alive, 50 clients", 0.7), ("one-shot, 50 clients", 0.9)):
-        for store, name in (("postgresql", "table"), ("latency only", "latency only")):
+        for store, name in (("postgresql", "table"), ("fsync never", "table, fsync never"),
+                            ("latency only", "latency only")):
             if (row, "file") in median and (row, store) in median:
                 ratio = median[(row, store)]["rps"] / median[(row, "file")]["rps"]
                 rounds = [other["rps"] / file["rps"] for other, file in zip(results[(row, store)],
                                                                               results[(row, "file")])]
-                print(f"{row}: {name} / file req/s {ratio:.2f}x" + (f" (target >= {target})" if name == "table" else "")
+                print(f"{row}: {name} / file req/s {ratio:.2f}x" + (f" (target >= {target})" if store == "postgresql" else "")
                       + f" (rounds {', '.join(f'{r:.2f}' for r in rounds)}; median {statistics.median(rounds):.2f})")
+        if (row, "fsync never") in median and (row, "postgresql") in median:
+            rounds = [durable["rps"] / lossy["rps"] for durable, lossy in zip(results[(row, "postgresql")],
+                                                                             results[(row, "fsync never")])]
+            print(f"{row}: table, default (commits wait for their WAL flush) / table, fsync never req/s "
+                  f"{median[(row, 'postgresql')]['rps'] / median[(row, 'fsync never')]['rps']:.2f}x"
+                  f" (rounds {', '.join(f'{r:.2f}' for r in rounds)})")
         if databaseCore == "0" and (row, "postgresql") in median and (row, "file") in median:
             file, table = median[(row, "file")], median[(row, "postgresql")]
             busy = {name: store["rps"] * (store["cpu"] + store["database"]) / 1e6

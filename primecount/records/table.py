@@ -57,7 +57,11 @@ OVERLAP_AFTER = 0.002
 # the timeout still grows with the measured round trip on a longer one (docs/scaling.md).
 RTO_MIN_US = 10_000
 TCP_RTO_MIN_US: Optional[int] = getattr(socket, "TCP_RTO_MIN_US", 45 if sys.platform == "linux" else None)
-SYNCHRONOUS_COMMIT = {"always": "on", "everysec": "off", "never": "off"}
+# What each --fsync asks of a commit. PostgreSQL keeps a commit's WAL in shared memory until it is flushed, and a
+# crash of any of its processes (even of an idle session) restarts them all and drops that memory: only a commit
+# that waited for its WAL flush ("on") survives it. So the default, like "always", waits (commits in flight together
+# share one flush); "never" is the explicit lossy mode, which loses the last moments' answered rows in such a crash.
+SYNCHRONOUS_COMMIT = {"always": "on", "everysec": "on", "never": "off"}
 # PostgreSQL text cannot hold NUL; a message's NUL is stored as U+2400 SYMBOL FOR NULL.
 NUL_STAND_IN = "\u2400"
 COLUMNS = ("time", "client", "message", "count", "prime", "host", "pid")
