@@ -170,7 +170,7 @@ class Connection:
         "limits", "_canHalfClose", "_refusal", "_lowWater", "_oneShot", "_pipeline", "_budget",
         # the input side: the phase, the request being read, what is held, what the client did
         "phase", "requests", "_nextSequence", "_partial", "_partialSize", "_unread", "_startedAt", "_paused",
-        "_readClosed", "_heard", "_discarded", "_draining",
+        "_readClosed", "_heard", "_discarded", "_draining", "_gapSeen",
         # the output side: replies awaited and ready, in order; what was written and whether it moves
         "_startedAts", "_ready", "_firstSequence", "_writesBlocked", "_counted", "_written", "_watching",
         "_sentAtProgress", "_progressAt",
@@ -205,6 +205,7 @@ class Connection:
         self._heard = False  # whether any byte arrived
         self._discarded = 0  # bytes thrown away while lingering
         self._draining = False
+        self._gapSeen = False  # the quiet gap was over once: it ends the request unless bytes came in the turn since
         # The output side. The requests taken and not yet sent, from _firstSequence on: when each began, and the
         # replies known.
         self._startedAts: deque[float] = deque()
@@ -285,7 +286,15 @@ class Connection:
                 self._close()
         elif timer is QUIET:
             if self.phase is REQUEST and self._partialSize and not self._unread:  # unread bytes: no gap
-                self._requestEnded(self._takePartial(), now)
+                if self._gapSeen:
+                    self._requestEnded(self._takePartial(), now)
+                else:
+                    # The gap is over by the clock, but bytes that came during it may not have been read yet (a
+                    # reactor that fell behind runs its timers before it reads): look once more after the
+                    # transport has read what has arrived. Bytes then restart the gap (L{_partialLine}).
+                    self._gapSeen = True
+                    self._due[QUIET] = now
+                    self._arm(QUIET, now, now)
         elif self.phase is LINGERING:
             self._close()
         return self._take()
@@ -457,6 +466,7 @@ class Connection:
             self._partial = bytearray(data)
         self._partialSize = size
         if self.limits.quiet:
+            self._gapSeen = False
             self._want(QUIET, now + self.limits.quiet, now)
 
     def _takePartial(self) -> bytes:

@@ -75,6 +75,37 @@ class FramingTests(SynchronousTestCase):
         self.assertIn(HALF_CLOSE, actions)
 
 
+class QuietGapTests(SynchronousTestCase):
+    """The quiet gap ends a request sent without a newline, but only once the bytes that came during it have been
+    read: a reactor that fell behind runs its timers before it reads."""
+
+    def test_gapOverLooksOnceMore(self) -> None:
+        """The gap over by the clock asks for one more look in the next turn (a timer of no delay), and only
+        that look, with no byte since, ends the request."""
+        core = Connection(RequestLimits(quiet=0.2))
+        core.start(0.0)
+        core.received(b"abc2", 0.1)
+        self.assertEqual(core.timerFired(Timer.QUIET, 0.5), [Arm(Timer.QUIET, 0.0)])
+        self.assertEqual(asked(core.timerFired(Timer.QUIET, 0.5)), [b"abc2"])
+
+    def test_bytesReadBeforeTheLookJoinTheRequest(self) -> None:
+        """Bytes the transport reads before that look (they had arrived while the reactor lagged) are part of
+        the same request, and the gap runs again from them."""
+        core = Connection(RequestLimits(quiet=0.2))
+        core.start(0.0)
+        core.received(b"abc2", 0.1)
+        core.timerFired(Timer.QUIET, 0.5)
+        self.assertEqual(asked(core.received(b"a\n", 0.5)), [b"abc2a"])
+        kept = Connection(KEEP._replace(quiet=0.25))
+        kept.start(0.0)
+        kept.received(b"ab", 0.125)
+        kept.timerFired(Timer.QUIET, 0.5)
+        self.assertEqual(kept.received(b"c", 0.5), [])
+        self.assertEqual(kept.timerFired(Timer.QUIET, 0.5), [Arm(Timer.QUIET, 0.25)])
+        self.assertEqual(kept.timerFired(Timer.QUIET, 0.75), [Arm(Timer.QUIET, 0.0)])
+        self.assertEqual(asked(kept.timerFired(Timer.QUIET, 0.75)), [b"abc"])
+
+
 class DeadlineTests(SynchronousTestCase):
     """Deadlines are asked for lazily, and act only once their time has come."""
 

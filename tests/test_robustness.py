@@ -351,6 +351,82 @@ class ErrorLoggingTests(SynchronousTestCase):
                 self.assertLessEqual(len(lines), elapsed + 2, (extra, reply))
 
 
+class FifoReader:
+    """Reads a FIFO in a thread of its own, once told to start, until stopped; what it read is C{data}."""
+
+    def __init__(self, path: str) -> None:
+        self._fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)  # the FIFO has a reader from now on
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._read, daemon=True)
+        self.data = b""
+
+    def start(self) -> None:
+        """Read from now on."""
+        self._thread.start()
+
+    def _read(self) -> None:
+        while not self._stop.is_set():
+            try:
+                chunk = os.read(self._fd, 65536)
+            except BlockingIOError:
+                chunk = b""
+            self.data += chunk
+            if not chunk:
+                time.sleep(0.01)
+
+    def stop(self) -> None:
+        """Stop reading, and close the FIFO."""
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join(10)
+        os.close(self._fd)
+
+
+class LaggingReactorTests(SynchronousTestCase):
+    """A reactor that falls behind (here held in a blocking write of a record to a FIFO that is full) runs its
+    timers before it reads: a quiet gap that ended by the clock meanwhile must not cut a message whose second
+    part had already arrived."""
+
+    def test_messageSplitWhileTheReactorLags(self) -> None:
+        """C{abc2}, then, while the reactor is held past the quiet gap, C{a\\n}: the reply is C{2 sí} and the
+        record is of C{abc2a}, not C{1 no} for C{abc2}."""
+        folder = self.mktemp()
+        os.makedirs(folder)
+        fifo = os.path.join(folder, "records.fifo")
+        os.mkfifo(fifo)
+        reader = FifoReader(fifo)
+        self.addCleanup(reader.stop)
+        server = ServerProcess(fifo, "--quiet", "1")
+        self.addCleanup(server.stop)
+        split = socket.create_connection(("127.0.0.1", server.port), timeout=20)
+        self.addCleanup(split.close)
+        split.sendall(b"abc2")
+        time.sleep(0.3)  # read by the server by now: its quiet gap runs from here
+        filler = os.open(fifo, os.O_WRONLY | os.O_NONBLOCK)
+        try:
+            while True:
+                os.write(filler, b"\n" * 4096)
+        except BlockingIOError:
+            pass  # full: the server's next record blocks its reactor until the FIFO is read
+        finally:
+            os.close(filler)
+        other = threading.Thread(target=ask, args=(server.port, b"x\n"), daemon=True)
+        other.start()
+        waitUntil(lambda: "pipe_write" in Path(f"/proc/{server.process.pid}/wchan").read_text(), 20,
+                  "the reactor to be held writing the other request's record")
+        split.sendall(b"a\n")
+        time.sleep(1.5)  # the gap is over by the clock while the reactor is held
+        reader.start()
+        reply = b""
+        while chunk := split.recv(1024):
+            reply += chunk
+        self.assertEqual(reply, "2 sí\n".encode())
+        other.join(20)
+        self.assertEqual(server.stop(), 0, server.log)
+        messages = [record.message for record in parseRecords(reader.data.decode("utf-8").strip("\n").splitlines(True))]
+        self.assertEqual(sorted(messages), ["abc2a", "x"])
+
+
 class StorageFaultTests(SynchronousTestCase):
     """A failing records device gets ERROR storage unavailable, one log line, and recovers after SIGHUP."""
 
