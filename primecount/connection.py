@@ -278,7 +278,11 @@ class Connection:
             return self._take()
         self._due[timer] = None
         if timer is DEADLINE:
-            if self.phase is REQUEST:
+            if self.phase is REQUEST and self._gapSeen:
+                # The quiet gap ended first, by the clock, and is looking once more: it decides, then this.
+                self._due[DEADLINE] = now
+                self._arm(DEADLINE, now, now)
+            elif self.phase is REQUEST:
                 self._takePartial()
                 self._refuse(wire.errorReply(wire.TIMEOUT, closes=True), now)
             elif self.phase is BETWEEN and not self._startedAts:
@@ -287,6 +291,7 @@ class Connection:
         elif timer is QUIET:
             if self.phase is REQUEST and self._partialSize and not self._unread:  # unread bytes: no gap
                 if self._gapSeen:
+                    self._gapSeen = False
                     self._requestEnded(self._takePartial(), now)
                 else:
                     # The gap is over by the clock, but bytes that came during it may not have been read yet (a
