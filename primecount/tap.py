@@ -11,7 +11,6 @@ from typing import Any, Optional
 from twisted.application import strports
 from twisted.application.service import IService, IServiceCollection
 from twisted.internet.endpoints import serverFromString
-from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 
 from primecount import __version__
@@ -30,8 +29,8 @@ from primecount.protocol import BusyProtocol, PrimeCountProtocol
 from primecount.proxied import LOOPBACK, ProxiedFactory, listensBeyondLoopback, parseNetworks
 from primecount.readiness import Readiness
 from primecount.records import openStore
-from primecount.responder import Responder
-from primecount.threads import batchScheduledPool
+from primecount.responder import Responder, replyDeadline
+from primecount.threads import batchScheduledPool, deferringTo
 from primecount.tls import MOZILLA_INTERMEDIATE, withCiphers
 from primecount.workers import MetricsDirectory, SharedSocket, SharedSocketEndpoint, SupervisorWatch, WorkerPool
 
@@ -56,7 +55,7 @@ def makeService(options: Options, reactor: Optional[Any] = None) -> IService:
     limits = descriptorLimits(options["max-connections"], options["max-per-ip"])
     reactor.suggestThreadPoolSize(options["threads"])
     threadPool = batchScheduledPool(reactor.getThreadPool())
-    runInThread = partial(deferToThreadPool, reactor, threadPool)
+    runInThread = deferringTo(reactor, threadPool)
     metrics: NoMetrics = NoMetrics()
     if options["metrics"] or options["worker-metrics"]:
         metrics = PrometheusMetrics(threadPool, worker=bool(options["worker-metrics"]),
@@ -64,7 +63,7 @@ def makeService(options: Options, reactor: Optional[Any] = None) -> IService:
     records = openStore(options, reactor, runInThread, metrics)
     budget = BufferBudget(options["max-buffered"])
     metrics.watchBufferBudget(budget)
-    factory = PrimeCountFactory(requestLimits(options), reactor, Responder(reactor, runInThread, records), metrics,
+    factory = PrimeCountFactory(requestLimits(options), reactor, Responder(reactor, runInThread, records, replyDeadline(options)), metrics,
                                 limits, bufferBudget=budget, protocol=PrimeCountProtocol, busyProtocol=BusyProtocol)
     signals = ProcessSignals(reactor, onHangUp=records.reopen)
     worker = options["worker-fd"] is not None

@@ -18,7 +18,7 @@ from primecount.connection import RequestLimits
 from primecount.factory import PrimeCountFactory
 from primecount.protocol import BusyProtocol, PrimeCountProtocol
 from primecount.records.formats import Record
-from primecount.responder import Responder
+from primecount.responder import REPLY_DEADLINE, Responder
 
 
 class InlineThreads:
@@ -95,14 +95,14 @@ class ProtocolHarness:
 
     def __init__(
         self, limits: RequestLimits = RequestLimits(), records: Any = None, peer: str = "192.0.2.7",
-        factory: Any = None,
+        factory: Any = None, replyDeadline: float = REPLY_DEADLINE,
     ) -> None:
         self.clock = Clock()
         self.threads = InlineThreads()
         self.records = records if records is not None else MemoryRecords()
         self.metrics = RecordingMetrics()
         self.factory = factory or requestFactory(
-            limits, self.clock, Responder(self.clock, self.threads, self.records), self.metrics
+            limits, self.clock, Responder(self.clock, self.threads, self.records, replyDeadline), self.metrics
         )
         self.transport = HalfCloseTransport(peerAddress=_tcpAddress(peer))
         self.protocol: PrimeCountProtocol = self.factory.buildProtocol(self.transport.getPeer())

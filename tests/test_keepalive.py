@@ -234,8 +234,9 @@ class IdleTimeoutTests(SynchronousTestCase):
         self.assertEqual(harness.reply(), b"ERROR timeout\n")
 
     def test_slowReplyIsNotIdle(self) -> None:
-        """While a reply is still being prepared the connection is neither idle nor timed out."""
-        harness = keepAlive()
+        """While a reply is still being prepared (within the reply deadline) the connection is neither idle nor
+        timed out."""
+        harness = ProtocolHarness(KEEP, replyDeadline=120.0)
         harness.records.hold = True
         harness.send(b"aa\n")
         harness.clock.advance(60)

@@ -4,12 +4,15 @@ from __future__ import annotations
 
 from twisted.internet.defer import Deferred, fail
 from twisted.internet.task import Clock
+from twisted.logger import Logger
+from twisted.python.threadpool import ThreadPool
 from twisted.trial.unittest import SynchronousTestCase
 
 from primecount import wire
 from primecount.records.formats import Record
 from primecount.responder import Responder
 from primecount.records.store import StorageUnavailable
+from primecount.threads import BatchThread, batchScheduledPool, deferringTo
 from tests.helpers import InlineThreads, MemoryRecords
 
 PRIMES = {2, 3, 5, 7, 11, 13, 17, 19, 23, 29, 31, 37, 41, 43, 47}
@@ -203,3 +206,85 @@ class RecordBeforeReplyTests(SynchronousTestCase):
                          [wire.Reply(b"ERROR internal error\n", "internal_error", True, True)] * 2)
         self.assertEqual(len(self.flushLoggedErrors(ZeroDivisionError)), 1)
         self.assertEqual(self.records.records, [])
+
+
+class NeverSilentTests(SynchronousTestCase):
+    """Whatever fails between a complete request and its reply, the request is answered: a pool call that
+    cannot start, an analysis that never returns, a store that never answers."""
+
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.records = MemoryRecords()
+        self.events: list[dict] = []
+        self.patch(Responder, "log", Logger(observer=self.events.append))
+
+    def test_noThreadToAnalyse(self) -> None:
+        """A pool that cannot start a thread (the call fails as L{deferringTo} hands it over): every request of
+        each batch is answered C{ERROR internal error} in the same turn, logged at most once a second."""
+        pool = batchScheduledPool(ThreadPool(0, 1), Unstartable)
+        pool.start()
+        self.addCleanup(pool.stop)
+        responder = Responder(self.clock, deferringTo(self.clock, pool), self.records)
+        askers = [Asker() for _ in range(3)]
+        for asker in askers:
+            asker.ask(responder, [b"abc2a", b"b"])
+            self.clock.advance(0)
+        self.assertEqual([asker.replies for asker in askers],
+                         [[wire.errorReply(wire.INTERNAL_ERROR, closes=True)] * 2] * 3)
+        failures = [event["log_failure"] for event in self.events if "log_failure" in event]
+        self.assertEqual([failure.type for failure in failures], [RuntimeError], "one line for the three batches")
+        self.assertEqual(pool.threads, [], "no unstarted thread left for stop() to join")
+
+    def test_analysisNeverReturns(self) -> None:
+        """A pool call that never returns: its requests get C{ERROR internal error} at the reply deadline, and
+        the result, if it ever comes, is dropped."""
+        calls: list[Deferred[list[wire.Outcome]]] = []
+        responder = Responder(self.clock, lambda f, *a: calls.append(Deferred()) or calls[-1], self.records, 4.0)
+        asker = Asker()
+        asker.ask(responder, [b"abc2a"])
+        self.clock.advance(0)
+        self.clock.advance(3.9)
+        self.assertEqual(asker.batches, [])
+        self.clock.advance(0.1)
+        self.assertEqual(asker.replies, [wire.errorReply(wire.INTERNAL_ERROR, closes=True)])
+        calls[0].callback(wire.evaluateAll([b"abc2a"]))
+        self.assertEqual(len(asker.batches), 1)
+        self.assertEqual(self.records.records, [])
+        self.assertIn("1 requests not analysed within 4 s", [e["log_format"].format(**e) for e in self.events][-1][:40])
+
+    def test_storeNeverAnswers(self) -> None:
+        """A store whose write never fires: answers get C{ERROR storage unavailable} at the deadline, rejections
+        their own C{ERROR}; each batch's own deadline, one timer at a time."""
+        self.records.hold = True
+        responder = Responder(self.clock, InlineThreads(), self.records, 4.0)
+        first, second = Asker(), Asker()
+        first.ask(responder, [b"abc2a", b"\n"])
+        self.clock.advance(0)
+        self.clock.advance(2)
+        second.ask(responder, [b"x"])
+        self.clock.advance(0)
+        self.assertEqual(len(self.clock.getDelayedCalls()), 1, "one deadline timer for both batches")
+        self.clock.advance(2)
+        self.assertEqual(first.replies, [wire.errorReply(wire.STORAGE_UNAVAILABLE),
+                                         wire.errorReply(wire.EMPTY_MESSAGE)])
+        self.assertEqual(second.batches, [])
+        self.clock.advance(2)
+        self.assertEqual(second.replies, [wire.errorReply(wire.STORAGE_UNAVAILABLE)])
+        self.records.release()
+        self.assertEqual((len(first.batches), len(second.batches)), (1, 1), "late results dropped")
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
+    def test_answeredInTimeLeavesNoTimer(self) -> None:
+        """Batches answered within the deadline leave no timer behind."""
+        responder = Responder(self.clock, InlineThreads(), self.records, 4.0)
+        Asker().ask(responder, [b"abc2a"])
+        self.clock.advance(0)
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
+
+class Unstartable(BatchThread):
+    """A thread that cannot be started, as when memory or the process's thread limit is exhausted."""
+
+    def start(self) -> None:
+        """Fail as CPython does."""
+        raise RuntimeError("can't start new thread")

@@ -20,7 +20,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from primecount.records.formats import parseRecords
 from primecount.tools.records import scan
 from primecount.tools.serverprocess import TWISTD, ServerProcess
-from tests.helpers import ask, expectedReply, scrape, slow, waitUntil
+from tests.helpers import ask, expectedReply, requireTool, scrape, slow, waitUntil
 
 LOOPBACK_BACKLOG = "tcp:0:interface=127.0.0.1:backlog=1024"
 
@@ -425,6 +425,38 @@ class LaggingReactorTests(SynchronousTestCase):
         self.assertEqual(server.stop(), 0, server.log)
         messages = [record.message for record in parseRecords(reader.data.decode("utf-8").strip("\n").splitlines(True))]
         self.assertEqual(sorted(messages), ["abc2a", "x"])
+
+
+class ThreadStartFailureTests(SynchronousTestCase):
+    """A process that cannot start a thread (its address space limited below one more thread's stack) answers
+    every request C{ERROR internal error} at once, and serves again once it can."""
+
+    def test_noThreadForAnalysis(self) -> None:
+        """With the soft C{RLIMIT_AS} set just above what twistd uses (a thread's stack is 64 MiB here), twenty
+        clients at once each get C{ERROR internal error}, the failure is logged, and nothing is recorded; with
+        the limit lifted the next request is answered and recorded."""
+        prlimit = requireTool(self, "prlimit")
+        records = self.mktemp()
+        server = ServerProcess(records, prefix=[prlimit, f"--stack={64 << 20}"])
+        self.addCleanup(server.stop)
+        pid = server.process.pid
+        with open(f"/proc/{pid}/status") as status:
+            size = next(int(line.split()[1]) for line in status if line.startswith("VmSize:")) * 1024
+        subprocess.run([prlimit, "--pid", str(pid), f"--as={size + (32 << 20)}:"], check=True)
+        replies: list[bytes] = []
+        clients = [threading.Thread(target=lambda n=n: replies.append(ask(server.port, b"abc2a %d\n" % n, timeout=30)))
+                   for n in range(20)]
+        for client in clients:
+            client.start()
+        for client in clients:
+            client.join(60)
+        self.assertEqual(replies, [b"ERROR internal error\n"] * 20)
+        server.waitFor(rb"analysing a batch of \d+ requests failed")
+        subprocess.run([prlimit, "--pid", str(pid), "--as=unlimited:"], check=True)
+        self.assertEqual(ask(server.port, b"abc2a\n"), expectedReply("abc2a"))
+        self.assertEqual(server.stop(), 0, server.log)
+        with open(records, encoding="utf-8") as lines:
+            self.assertEqual([record.message for record in parseRecords(lines)], ["abc2a"])
 
 
 class StorageFaultTests(SynchronousTestCase):

@@ -16,8 +16,7 @@ from typing import Any, Callable, Optional, Sequence
 
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred, fail
-from twisted.internet.interfaces import IDelayedCall, IReactorThreads, IReactorTime
-from twisted.internet.threads import deferToThreadPool
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
@@ -28,7 +27,7 @@ from primecount.metrics import NoMetrics
 from primecount.records.formats import Record
 from primecount.records.schema import createSchema, tableIdentifier, today
 from primecount.records.store import Backoff, Incident, IRecordsStore, RunInThread, SelfProbe, StorageUnavailable
-from primecount.threads import batchScheduledPool
+from primecount.threads import batchScheduledPool, deferringTo
 
 SCHEMES = ("postgresql://", "postgres://")
 DEFAULT_TABLE = "primecount_records"
@@ -436,8 +435,7 @@ class TableStore(Service):
             threads = len(self._writers) + (1 if self._retention else 0)  # a writer each, and the maintenance
             pool = self._pool = batchScheduledPool(ThreadPool(1, threads, "primecount-records-db"))
             pool.start()
-            reactorThreads: IReactorThreads = self._reactor  # type: ignore[assignment]
-            self._runInThread = lambda function, *args: deferToThreadPool(reactorThreads, pool, function, *args)
+            self._runInThread = deferringTo(self._reactor, pool)
         self.log.info("appending records to PostgreSQL table {table} ({conninfo}), on up to {connections} "
                       "connections", table=self.table, conninfo=_withoutPassword(self.conninfo),
                       connections=len(self._writers))
