@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 from typing import Any
 
 from twisted.internet.error import ProcessDone, ProcessTerminated
@@ -334,6 +335,57 @@ class TwistdWorkersTests(SynchronousTestCase):
         """Messages in a records file; the file must parse whole."""
         with open(path, encoding="utf-8") as file:
             return [r.message for r in parseRecords(file)]
+
+    @slow
+    def test_stalledSupervisorStopsNoWorker(self) -> None:
+        """With C{--log-requests}, a supervisor stopped (SIGSTOP) for five seconds under load: its workers answer
+        every request all along (their log never waits for the pipe); what the log could not keep is dropped,
+        and once the supervisor reads again a line says how many; every request's two lines are relayed or
+        counted as dropped."""
+        server = self.start("--workers", "2", "--log-requests")
+        answered: list[float] = []
+        failed: list[str] = []
+        stop = threading.Event()
+
+        def client(number: int) -> None:
+            sent = 0
+            while not stop.is_set():
+                message = f"stalled {number} {sent}"
+                sent += 1
+                try:
+                    reply = ask(server.port, message.encode() + b"\n", timeout=3)
+                except OSError as error:
+                    failed.append(f"{message}: {error}")
+                    continue
+                if reply == expectedReply(message):
+                    answered.append(time.monotonic())
+                else:
+                    failed.append(f"{message}: {reply!r}")
+
+        clients = [threading.Thread(target=client, args=(n,)) for n in range(6)]
+        for thread in clients:
+            thread.start()
+        try:
+            waitUntil(lambda: len(answered) > 50, what="answers before the stop")
+            os.kill(server.process.pid, signal.SIGSTOP)
+            stoppedAt = time.monotonic()
+            time.sleep(5)
+            os.kill(server.process.pid, signal.SIGCONT)
+            resumedAt = time.monotonic()
+        finally:
+            os.kill(server.process.pid, signal.SIGCONT)
+            stop.set()
+            for thread in clients:
+                thread.join(30)
+        self.assertEqual(failed, [])
+        self.assertTrue([t for t in answered if resumedAt - 1 < t < resumedAt], "answers in the stop's last second")
+        self.assertGreater(len([t for t in answered if stoppedAt < t < resumedAt]), 100)
+        self.assertEqual(server.stop(), 0)
+        relayed = len(re.findall(r"worker \d+: (?:connection from|reply \S+ \S+ to) 127\.0\.0\.1", server.log))
+        dropped = sum(map(int, re.findall(r"worker \d+: (\d+) log lines dropped", server.log)))
+        # Counted as dropped may also be a few lines of the stop itself, logged while the backlog still drained.
+        self.assertTrue(0 <= relayed + dropped - 2 * len(answered) <= 20,
+                        f"every request's two lines relayed or counted: {relayed} + {dropped}, {len(answered)} requests")
 
     @slow
     def test_sharedSocketNeverBlocking(self) -> None:
