@@ -14,6 +14,9 @@ OUTCOMES = ("ok", "empty_message", "invalid_utf8", "line_too_long", "timeout", "
             "internal_error", "busy")
 WITHOUT_REQUEST = ("empty", "health_check", "untrusted", "malformed", "incomplete", "timeout")
 ABORTED = ("send_timeout", "handshake_timeout", "close_timeout")
+# The kinds of records-store incident: the file's failing write, fsync or lock and its slow fsync; the table's
+# database unavailable or slow.
+INCIDENTS = ("write", "fsync", "lock", "slow_fsync", "database", "slow_commit")
 
 
 class NoMetrics:
@@ -49,6 +52,10 @@ class NoMetrics:
 
     def fsyncObserved(self, seconds: float) -> None:
         """An fsync of the records file took C{seconds}."""
+
+    def storeIncident(self, kind: str) -> None:
+        """An incident of the records store began (one of L{INCIDENTS}): logged once, then it lasts until the store
+        works again."""
 
     def commitObserved(self, seconds: float) -> None:
         """A batch of records was stored in C{seconds}: its append (the file) or its transaction (the table)."""
@@ -98,6 +105,10 @@ class PrometheusMetrics(NoMetrics):
         self._writeErrors = Counter("primecount_record_write_errors",
                                     "Records that could not be written (their clients got ERROR storage unavailable).",
                                     registry=self.registry)
+        self._incidents = Counter(
+            "primecount_records_incidents", "Records-store incidents that began, by kind (write, fsync, lock: the "
+            "records file's operation failed; slow_fsync: an fsync took over a second; database: the records "
+            "database failed; slow_commit: a commit outlived --records-timeout).", ["kind"], registry=self.registry)
         self._fsync = Histogram("primecount_fsync_duration_seconds", "Duration of fsyncs of the records file.",
                                 buckets=(0.0001, 0.0005, 0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1, 5),
                                 registry=self.registry)
@@ -115,6 +126,8 @@ class PrometheusMetrics(NoMetrics):
             self._withoutRequest.labels(reason)
         for reason in ABORTED:
             self._aborted.labels(reason)
+        for kind in INCIDENTS:
+            self._incidents.labels(kind)
         self._worker = worker
         if not worker:
             registerProcessCollectors(self.registry, limits)
@@ -164,6 +177,10 @@ class PrometheusMetrics(NoMetrics):
     def fsyncObserved(self, seconds: float) -> None:
         """An fsync finished."""
         self._fsync.observe(seconds)
+
+    def storeIncident(self, kind: str) -> None:
+        """A records-store incident began."""
+        self._incidents.labels(kind).inc()
 
     def commitObserved(self, seconds: float) -> None:
         """A batch was stored."""

@@ -375,3 +375,39 @@ class ClientThreads:
         for thread in self._threads:
             thread.join(30)
         return self
+
+
+_SLOW_FSYNC_SOURCE = r"""
+#define _GNU_SOURCE
+#include <dlfcn.h>
+#include <stdlib.h>
+#include <unistd.h>
+
+/* fsync(2), made slow while the file SLOW_FSYNC_FLAG exists: it first sleeps SLOW_FSYNC_MS milliseconds. */
+int fsync(int fd) {
+    static int (*real)(int);
+    const char *flag = getenv("SLOW_FSYNC_FLAG"), *ms = getenv("SLOW_FSYNC_MS");
+    if (!real) real = (int (*)(int)) dlsym(RTLD_NEXT, "fsync");
+    if (flag && ms && access(flag, F_OK) == 0) usleep(atoi(ms) * 1000);
+    return real(fd);
+}
+"""
+
+
+def slowFsync(test: SynchronousTestCase, milliseconds: int) -> tuple[dict[str, str], "os.PathLike[str]"]:
+    """An environment for a server whose fsyncs each take C{milliseconds} more while a flag file exists (a slow
+    disk, through a preloaded C{fsync} built here with the system's C compiler); the environment, and the flag
+    file, which exists (remove it for a quick disk again)."""
+    from pathlib import Path
+
+    compiler = requireTool(test, "cc")
+    folder = Path(test.mktemp()).resolve()
+    folder.mkdir(parents=True)
+    (folder / "slowfsync.c").write_text(_SLOW_FSYNC_SOURCE)
+    subprocess.run([compiler, "-shared", "-fPIC", "-O2", "-o", str(folder / "slowfsync.so"), str(folder / "slowfsync.c"),
+                    "-ldl"], check=True, capture_output=True)
+    flag = folder / "slow"
+    flag.touch()
+    environment = {**os.environ, "LD_PRELOAD": str(folder / "slowfsync.so"), "SLOW_FSYNC_FLAG": str(flag),
+                   "SLOW_FSYNC_MS": str(milliseconds)}
+    return environment, flag

@@ -20,7 +20,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from primecount.records.formats import parseRecords
 from primecount.tools.records import scan
 from primecount.tools.serverprocess import TWISTD, ServerProcess
-from tests.helpers import ask, expectedReply, requireTool, scrape, slow, waitUntil
+from tests.helpers import ask, expectedReply, requireTool, scrape, slow, slowFsync, waitUntil
 
 LOOPBACK_BACKLOG = "tcp:0:interface=127.0.0.1:backlog=1024"
 
@@ -484,6 +484,40 @@ class StorageFaultTests(SynchronousTestCase):
         self.assertEqual(server.log.count("cannot write records file"), 1, server.log)
         with good.open(encoding="utf-8") as file:
             self.assertEqual([r.message for r in parseRecords(file)], ["abc2a"])
+
+
+class SlowDiskTests(SynchronousTestCase):
+    """A disk whose fsyncs take seconds, under C{--fsync always}: every reply waits for one, so the store says so."""
+
+    @slow
+    def test_slowFsyncIsHeard(self) -> None:
+        """fsyncs of 2 s: the request is still answered and recorded, but the incident is logged once, counted,
+        and C{/readyz} says 503 while it lasts; once fsyncs are quick again, C{/readyz} says 200 by itself."""
+        from tests.test_fleet import httpGet
+
+        environment, flag = slowFsync(self, 2000)
+        records = os.path.abspath(self.mktemp())
+        server = ServerProcess(records, "--fsync", "always", "--metrics", "tcp:0:interface=127.0.0.1",
+                               environment=environment)
+        self.addCleanup(server.stop)
+        metrics = server.metricsPort
+        answered: list[bytes] = []
+        client = threading.Thread(target=lambda: answered.append(ask(server.port, b"abc2a\n")))
+        client.start()
+        server.waitFor(rb"an fsync has taken over 1 s")
+        self.assertEqual(httpGet(metrics, "/readyz"), (503, "not ready: records store unavailable\n"))
+        client.join(30)
+        self.assertEqual(answered, [expectedReply("abc2a")])
+        os.unlink(flag)
+        waitUntil(lambda: httpGet(metrics, "/readyz")[0] == 200, 20, "/readyz to say ready once fsyncs are quick")
+        self.assertEqual(ask(server.port, b"quick\n"), expectedReply("quick"))
+        samples = scrape(metrics)
+        self.assertEqual(samples['primecount_records_incidents_total{kind="slow_fsync"}'], 1.0)
+        self.assertEqual(server.stop(), 0)
+        self.assertEqual(server.log.count("an fsync has taken over"), 1, server.log)
+        self.assertEqual(server.log.count("fsyncs are quick again"), 1, server.log)
+        with open(records, encoding="utf-8") as lines:
+            self.assertEqual([record.message for record in parseRecords(lines)], ["abc2a", "quick"])
 
 
 class KillTests(SynchronousTestCase):

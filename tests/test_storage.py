@@ -7,13 +7,14 @@ import os
 
 from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
-from twisted.logger import LogLevel, globalLogPublisher
+from twisted.logger import Logger, LogLevel, globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase
 
 from primecount.records import file as storage
 from primecount.records.formats import Record, formatTSV, parseRecords
 from primecount.records.file import FileStore
 from primecount.records.store import StorageUnavailable
+from tests.helpers import RecordingMetrics
 
 
 def record(message: str) -> Record:
@@ -231,16 +232,17 @@ class FsyncPolicyTests(SynchronousTestCase):
 
     def test_everysecSlowDiskHoldsOneThread(self) -> None:
         """With C{everysec}, an fsync that takes 10 s holds one thread, not one more each second (the pool is
-        the analysis's too); the next tick after it ends syncs everything written meanwhile, once."""
+        the analysis's too); one fsync after it (the slow disk's probe, asked for while it ran) syncs everything
+        written meanwhile, once."""
         service, clock, threads = self.start("everysec")
         for second in range(10):
             self.successResultOf(service.write([record(f"m{second}")]))
             clock.advance(1)
         self.assertEqual(len(threads.calls), 1)
         threads.runAll()
-        clock.advance(1)
         self.assertEqual(len(threads.calls), 1, "the records written during the slow fsync are synced next")
         threads.runAll()
+        clock.advance(1)
         clock.advance(1)
         self.assertEqual(threads.calls, [])
 
@@ -277,6 +279,35 @@ class FsyncPolicyTests(SynchronousTestCase):
         gc.collect()
         self.assertFalse(service.healthy())
         self.assertEqual(self.flushLoggedErrors(), [])
+
+    def test_slowFsyncIsAnIncident(self) -> None:
+        """An fsync still running after L{storage.SLOW_FSYNC} seconds makes the store unhealthy (C{/readyz} says
+        503), logged once and counted, while replies (with C{always}) wait for it; the first quick fsync after it
+        ends the incident, said once."""
+        clock, threads, metrics = Clock(), ManualThreads(), RecordingMetrics()
+        events: list[dict] = []
+        self.patch(FileStore, "log", Logger(observer=events.append))
+        service = FileStore(self.mktemp(), clock, fsync="always", runInThread=threads, metrics=metrics)
+        service.startService()
+        self.addCleanup(lambda: service.running and (service.stopService(), threads.runAll()))
+        first = service.write([record("a")])
+        clock.advance(storage.SLOW_FSYNC - 0.01)
+        self.assertTrue(service.healthy())
+        clock.advance(0.01)
+        self.assertFalse(service.healthy())
+        second = service.write([record("b")])
+        clock.advance(2)
+        threads.runAll()  # the slow fsync ends, 3 s in: still slow
+        self.successResultOf(first)
+        self.assertFalse(service.healthy())
+        threads.runAll()  # the next one, for the second batch (and the probe), is quick
+        self.successResultOf(second)
+        self.assertTrue(service.healthy())
+        said = [e["log_format"] for e in events if "fsync" in e["log_format"]][1:]  # after "appending records"
+        self.assertEqual(len(said), 2, said)
+        self.assertIn("an fsync has taken over {seconds:g} s", said[0])
+        self.assertIn("fsyncs are quick again", said[1])
+        self.assertEqual([e for e in metrics.events if e[0] == "storeIncident"], [("storeIncident", "slow_fsync")])
 
     def test_never(self) -> None:
         """With C{never} no fsync runs while serving, one runs at stop."""

@@ -7,6 +7,7 @@ import errno
 import fcntl
 import os
 import stat
+from functools import partial
 from typing import Callable, Optional, Sequence
 
 from twisted.application.service import Service
@@ -36,6 +37,9 @@ REMOVED_RETRIES = 3
 _OPERATIONS = ("write", "fsync", "lock")
 # A probe of an unhealthy file store finds room for a batch when the file system has this much free.
 PROBE_ROOM = 64 * 1024
+# An fsync that runs this long is a slow disk: with --fsync always every reply waits for it, so it is an incident
+# (logged once, counted, not ready) until an fsync takes less. A healthy disk takes milliseconds.
+SLOW_FSYNC = 1.0
 
 
 def openRecordsFile(path: str) -> int:
@@ -180,7 +184,9 @@ class FileStore(Service):
         self._file: Optional[_OpenFile] = None
         self._unsynced = False
         self._syncTimer: Optional[LoopingCall] = None
-        self._incidents = {operation: Incident(self.log, clock) for operation in _OPERATIONS}
+        self._incidents = {operation: Incident(self.log, clock, partial(metrics.storeIncident, operation))
+                           for operation in _OPERATIONS}
+        self._slowSync = Incident(self.log, clock, partial(metrics.storeIncident, "slow_fsync"))
         self._ops = operations or FileOperations()
         self._waiting: list[tuple[bytes, int, Deferred[None]]] = []  # batches waiting for the lock, in order
         self._waitingSince = 0.0
@@ -189,8 +195,9 @@ class FileStore(Service):
         self._selfProbe = SelfProbe(self, clock)
 
     def healthy(self) -> bool:
-        """Whether the file is open and no write, fsync or lock incident is going on."""
-        return self._file is not None and not any(incident.going for incident in self._incidents.values())
+        """Whether the file is open and no write, fsync, lock or slow-fsync incident is going on."""
+        return (self._file is not None and not any(incident.going for incident in self._incidents.values())
+                and not self._slowSync.going)
 
     def startService(self) -> None:
         """Open the records file and start the fsync timer.
@@ -304,7 +311,7 @@ class FileStore(Service):
             return fail(StorageUnavailable(f"cannot write {self.path}: {error.strerror}"))
         self._recovered("write")
         self._recovered("lock")
-        if not self._incidents["fsync"].going or self._file is None:
+        if not (self._incidents["fsync"].going or self._slowSync.going) or self._file is None:
             return succeed(None)
         return self._sync(self._file).addErrback(
             lambda failure: fail(StorageUnavailable(f"cannot fsync {self.path}: {failure.getErrorMessage()}")))
@@ -502,8 +509,6 @@ class FileStore(Service):
         it starts). So a disk that takes seconds per fsync holds one thread of
         the pool, which analysis shares, not one more per batch or per second.
         """
-        if target is self._file:
-            self._unsynced = False
         synced: Deferred[None] = Deferred()
         target.nextSync.append(synced)
         if not target.syncing:
@@ -513,10 +518,15 @@ class FileStore(Service):
     def _startSync(self, target: _OpenFile) -> None:
         """Run one fsync of C{target} for everyone waiting for it; when it ends, start the next if asked for."""
         waiting, target.nextSync = target.nextSync, []
+        if target is self._file:
+            self._unsynced = False  # everything written so far is in this fsync
         target.syncing += 1
         started = self._clock.seconds()
+        slow = self._clock.callLater(SLOW_FSYNC, self._syncSlow)
 
         def done(result: object) -> None:
+            if slow.active():
+                slow.cancel()
             if isinstance(result, Failure):
                 error = result.value
                 if isinstance(error, OSError) and error.errno == errno.EINVAL:
@@ -524,8 +534,14 @@ class FileStore(Service):
                 else:
                     self._failed("fsync", error, 0)
             else:
-                self._metrics.fsyncObserved(self._clock.seconds() - started)
+                took = self._clock.seconds() - started
+                self._metrics.fsyncObserved(took)
                 self._recovered("fsync")
+                if took >= SLOW_FSYNC:
+                    self._syncSlow()  # slow, though the reactor was too busy to notice while it ran
+                else:
+                    self._slowSync.recovered("records file {path}: fsyncs are quick again after {seconds:.1f} s",
+                                             path=self.path)
             if target.nextSync:
                 self._startSync(target)  # before this one counts as over, so that the file stays open for it
             target.syncFinished()
@@ -536,6 +552,13 @@ class FileStore(Service):
                     synced.callback(None)
 
         self._runInThread(os.fsync, target.fd).addBoth(done)
+
+    def _syncSlow(self) -> None:
+        """An fsync has run for L{SLOW_FSYNC}: an incident (logged once, counted, not ready) until one is quick."""
+        self._selfProbe.watch()
+        self._slowSync.failed(0, "records file {path}: an fsync has taken over {seconds:g} s, longer than replies "
+                              "should wait for one; not ready until an fsync takes less", path=self.path,
+                              seconds=SLOW_FSYNC)
 
     def _failed(self, operation: str, error: object, records: int) -> None:
         """A failure of C{operation}, logged once per incident, not once per batch; probed until it is over."""

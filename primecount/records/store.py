@@ -108,9 +108,11 @@ class Incident:
     """Trouble with a store, told in one line when it starts and one when it is over, however many batches it
     refuses meanwhile, and counted."""
 
-    def __init__(self, log: Logger, clock: IReactorTime) -> None:
+    def __init__(self, log: Logger, clock: IReactorTime, began: Callable[[], None] = lambda: None) -> None:
+        """C{began} is called as each incident begins (to count it)."""
         self._log = log
         self._clock = clock
+        self._began = began
         self.since: Optional[float] = None  # when the incident going on began
         self.failures = 0
         self.refused = 0
@@ -126,6 +128,7 @@ class Incident:
         if self.since is None:
             self.since, self.failures, self.refused = self._clock.seconds(), 0, 0
             self._log.error(begins, **fields)
+            self._began()
         self.failures += 1
         self.refused += count
 

@@ -422,7 +422,8 @@ class TableStore(Service):
         self._retryAt = 0.0
         self._failedAt = float("-inf")  # when a commit or probe last failed
         self._backoff = Backoff(BACKOFF_FIRST, BACKOFF_MOST)
-        self._incident = Incident(self.log, reactor)
+        self._incident = Incident(self.log, reactor, lambda: metrics.storeIncident(self._incidentKind))
+        self._incidentKind = "database"  # what the next incident to begin is counted as
         self._selfProbe = SelfProbe(self, reactor, PROBE_LOOK_INTERVAL)
         self.commits = 0
         self.rowsWritten = 0
@@ -681,8 +682,10 @@ class TableStore(Service):
         while deadlines and (deadlines[0][1].called or deadlines[0][0] <= now):
             _, stored, size = deadlines.popleft()
             if not stored.called:
+                self._incidentKind = "slow_commit"
                 self._notStored(size, "records database slow: no commit within {timeout:g} s",
                                 timeout=self._timeout)
+                self._incidentKind = "database"
                 stored.errback(StorageUnavailable("records database too slow"))
         self._watchDeadlines(now)
 
