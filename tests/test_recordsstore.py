@@ -191,6 +191,41 @@ class FileStoreContractTests(RecordsStoreContract, TestCase):
         self.assertEqual(self.storedMessages(), messages)
 
 
+class ImmutableFile(FileOperations):
+    """The file store's system calls, with a records file that can be made immutable (C{chattr +i}): opening it
+    for writing and writing to it, even nothing, then fail with C{EPERM}, while its file system has room."""
+
+    immutable = False
+
+    def write(self, fd: int, data: bytes) -> int:
+        """C{os.write}, or C{EPERM} while immutable."""
+        if self.immutable:
+            raise OSError(errno.EPERM, "Operation not permitted")
+        return super().write(fd, data)
+
+    def openAndClose(self, path: str) -> None:
+        """Open and close, or C{EPERM} while immutable."""
+        if self.immutable:
+            raise OSError(errno.EPERM, "Operation not permitted")
+        super().openAndClose(path)
+
+
+class ImmutableFileContractTests(FileStoreContractTests):
+    """The file store keeps the contract on a file made immutable: its probes try what a write does, so room
+    on the disk does not pass for a working file."""
+
+    def makeStore(self) -> Any:
+        self.path = self.mktemp()
+        self.operations = ImmutableFile()
+        return FileStore(self.path, reactor, "always", runInThread=deferToThread, operations=self.operations)
+
+    def breakStore(self) -> None:
+        self.operations.immutable = True
+
+    def repairStore(self) -> None:
+        self.operations.immutable = False
+
+
 class TableStoreContractTests(RecordsStoreContract, TestCase):
     """The table store keeps the contract, on a table of the tests' PostgreSQL cluster."""
 

@@ -15,7 +15,7 @@ import threading
 import time
 from pathlib import Path
 
-from twisted.trial.unittest import SynchronousTestCase
+from twisted.trial.unittest import SkipTest, SynchronousTestCase
 
 from primecount.records.formats import parseRecords
 from primecount.tools.records import scan
@@ -486,6 +486,53 @@ class StorageFaultTests(SynchronousTestCase):
             self.assertEqual([r.message for r in parseRecords(file)], ["abc2a"])
 
 
+class UnwritableFileTests(SynchronousTestCase):
+    """A records file that becomes unwritable while the server runs, other than by a full disk: refused, and
+    unready until it is writable again, without a false recovery in between. (A file system cannot be
+    remounted read-only while the server has its file open for writing.)"""
+
+    @slow
+    def test_immutableFile(self) -> None:
+        """C{chattr +i} on the records file: requests are refused, the incident logged once as C{Operation not
+        permitted}, C{/readyz} 503 throughout 3 s without traffic (no probe says it works, though the disk has
+        room); C{chattr -i}: ready again by itself, and the next request is recorded."""
+        chattr = requireTool(self, "chattr")
+        from tests.test_fleet import httpGet
+
+        folder = Path(self.mktemp()).resolve()
+        folder.mkdir(parents=True)
+        records = folder / "records.txt"
+        server = ServerProcess(str(records), "--metrics", "tcp:0:interface=127.0.0.1")
+        self.addCleanup(server.stop)
+        metrics = server.metricsPort
+        self.assertEqual(ask(server.port, b"before\n"), expectedReply("before"))
+        opened = os.open(records, os.O_WRONLY | os.O_APPEND)
+        self.addCleanup(os.close, opened)
+        if subprocess.run([chattr, "+i", str(records)], capture_output=True).returncode != 0:
+            raise SkipTest(f"this file system ({folder}) cannot make a file immutable")
+        self.addCleanup(subprocess.run, [chattr, "-i", str(records)])
+        try:
+            os.write(opened, b"")
+            raise SkipTest(f"this file system ({folder}) lets a descriptor opened before chattr +i write on")
+        except PermissionError:
+            pass  # as ext4 does: writes on the server's descriptor now fail too
+        self.assertEqual(ask(server.port, b"refused\n"), b"ERROR storage unavailable\n")
+        readiness = set()
+        for _ in range(30):
+            readiness.add(httpGet(metrics, "/readyz")[0])
+            time.sleep(0.1)
+        self.assertEqual(readiness, {503})
+        subprocess.run([chattr, "-i", str(records)], check=True)
+        waitUntil(lambda: httpGet(metrics, "/readyz")[0] == 200, 20, "/readyz to say ready once writable")
+        self.assertEqual(ask(server.port, b"after\n"), expectedReply("after"))
+        self.assertEqual(server.stop(), 0)
+        self.assertEqual(server.log.count("cannot write records file"), 1, server.log)
+        self.assertIn("Operation not permitted", server.log)
+        self.assertEqual(server.log.count("write works again after"), 1, server.log)
+        self.assertEqual([r.message for r in parseRecords(records.read_text(encoding="utf-8").splitlines(True))],
+                         ["before", "after"])
+
+
 class SlowDiskTests(SynchronousTestCase):
     """A disk whose fsyncs take seconds, under C{--fsync always}: every reply waits for one, so the store says so."""
 
@@ -581,6 +628,19 @@ class StartupFailureTests(SynchronousTestCase):
         self.assertNotEqual(result.returncode, 0)
         self.assertIn(f"--records: cannot append to '{folder}': Is a directory", result.stderr + result.stdout)
         self.assertNotIn("starting on", result.stdout)
+
+    def test_readOnlyFileSystemNamed(self) -> None:
+        """A records file, existing or not, on a read-only file system is refused as that, not as a permission."""
+        from tests.test_fleet import smallDisk
+
+        disk = smallDisk(self)
+        (disk / "existing.txt").touch()
+        subprocess.run(["mount", "-o", "remount,ro", str(disk)], check=True)
+        for name in ("existing.txt", "new.txt"):
+            result = self.twistd("--records", str(disk / name))
+            self.assertEqual(result.returncode, 1)
+            self.assertIn(f"--records: cannot append to '{disk / name}': Read-only file system", result.stderr)
+            self.assertNotIn("Permission denied", result.stderr)
 
     def test_badOptionNamed(self) -> None:
         """A bad value names its option and nothing listens."""

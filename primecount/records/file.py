@@ -24,6 +24,8 @@ from primecount.records.store import (
     FSYNC_POLICIES, Backoff, Incident, IRecordsStore, RunInThread, SelfProbe, StorageUnavailable, runInline,
 )
 
+# statvfs's read-only flag (PyPy's os module lacks the name; its value is Linux's and POSIX's).
+ST_RDONLY = getattr(os, "ST_RDONLY", 1)
 # Read as well as write: a torn last line left by a crash is looked for at start.
 _OPEN_FLAGS = os.O_RDWR | os.O_APPEND | os.O_CREAT | getattr(os, "O_CLOEXEC", 0)
 # How long a batch may wait for another process to release the records file's lock before its clients are
@@ -49,15 +51,22 @@ def openRecordsFile(path: str) -> int:
 
 
 def recordsPathProblem(path: str) -> Optional[str]:
-    """Why the records file at C{path} could not be appended to (as C{strerror} words it), or C{None}; creates
-    nothing."""
+    """Why the records file at C{path} could not be appended to (as C{strerror} words it: a read-only file
+    system, an immutable file and a permission each in their own words), or C{None}; creates nothing. An
+    existing file is opened as the writer opens it, and closed, writing nothing."""
     if os.path.isdir(path):
         return os.strerror(errno.EISDIR)
     if os.path.exists(path):
-        return None if os.access(path, os.W_OK) else os.strerror(errno.EACCES)
+        try:
+            os.close(os.open(path, _OPEN_FLAGS & ~os.O_CREAT))
+        except OSError as error:
+            return error.strerror
+        return None
     directory = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(directory):
         return f"{os.strerror(errno.ENOENT)}: {directory}"
+    if os.statvfs(directory).f_flag & ST_RDONLY:
+        return f"{os.strerror(errno.EROFS)}: cannot create a file in {directory}"
     if not os.access(directory, os.W_OK | os.X_OK):
         return f"{os.strerror(errno.EACCES)}: cannot create a file in {directory}"
     return None
@@ -112,6 +121,10 @@ class FileOperations:
     def fstatvfs(self, fd: int) -> os.statvfs_result:
         """C{os.fstatvfs}."""
         return os.fstatvfs(fd)
+
+    def openAndClose(self, path: str) -> None:
+        """Open the records file at C{path} as the writer does (L{openRecordsFile}), then close it."""
+        os.close(openRecordsFile(path))
 
     def tryLock(self, fd: int) -> None:
         """Take the exclusive lock on C{fd}'s file without waiting; L{LockBusy} if another holder has it."""
@@ -279,27 +292,34 @@ class FileStore(Service):
         return self._stored(len(records))
 
     def probe(self) -> Deferred[None]:
-        """Whether a batch appended now would be stored, found without writing a byte of records: under the
-        lock, the file still has its name and its file system has L{PROBE_ROOM} free; and, after an fsync
-        failure, an fsync succeeds. Ends the incidents that this shows are over.
+        """Whether a batch appended now would be stored, found without writing a byte of records, by what a
+        write does: the path opens for appending as a reopen would; under the lock, the file still has its
+        name, an append of nothing to it succeeds (what the kernel checks of a write on it: an immutable file,
+        a read-only file system) and its file system has L{PROBE_ROOM} free; and, after an fsync failure or a
+        slow one, an fsync succeeds (quickly). Ends the incidents that this shows are over.
 
-        A write that fails for another reason than room (an I/O error, a
+        A write that fails only once it writes bytes (an I/O error, a
         quota) looks fine here: the next batch then meets it again, refused as
         before, and the incident starts again.
         """
         target = self._file
         if target is None:
             return fail(StorageUnavailable(f"records file {self.path} is not open"))
+        try:
+            self._ops.openAndClose(self.path)
+        except OSError as error:
+            return fail(StorageUnavailable(f"cannot open {self.path}: {error.strerror}"))
 
-        def roomUnderLock(status: os.stat_result) -> None:
+        def appendsUnderLock(status: os.stat_result) -> None:
             if status.st_nlink == 0:
                 raise FileRemoved(written=False)
+            self._ops.write(target.fd, b"")
             room = self._ops.fstatvfs(target.fd)
             if target.regular and room.f_bavail * room.f_frsize < PROBE_ROOM:
                 raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
         try:
-            self._locked(target, roomUnderLock)
+            self._locked(target, appendsUnderLock)
         except LockBusy:
             return fail(StorageUnavailable(f"cannot lock {self.path}: held by another process"))
         except FileRemoved:
