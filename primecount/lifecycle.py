@@ -17,6 +17,7 @@ from twisted.logger import Logger, LogLevel
 
 from primecount.health import READINESS_EVENT, ProcessHealth, WorkersHealth
 from primecount.internals import acceptQueued
+from primecount.startup import StartFailed, sayOnTerminal
 
 
 LISTENING_EVENT = "primecount listening on"
@@ -72,7 +73,24 @@ class ProcessSignals(Service):
 
 class SequentialMultiService(MultiService):
     """A L{MultiService} that stops its children one at a time, last first, each after the previous has finished:
-    the listener closes before in-flight requests drain, and they before the records are closed."""
+    the listener closes before in-flight requests drain, and they before the records are closed. A child's
+    L{StartFailed} is also said on the terminal of a daemon's start (L{sayOnTerminal})."""
+
+    def privilegedStartService(self) -> None:
+        """Start the children's privileged part (listening), saying a failure on the terminal."""
+        try:
+            super().privilegedStartService()
+        except StartFailed as failed:
+            sayOnTerminal(str(failed))
+            raise
+
+    def startService(self) -> None:
+        """Start the children, saying a failure on the terminal."""
+        try:
+            super().startService()
+        except StartFailed as failed:
+            sayOnTerminal(str(failed))
+            raise
 
     def stopService(self) -> Deferred[None]:
         """Stop the children in reverse order, waiting for each."""
@@ -223,7 +241,7 @@ class Listener(Service):
 def listenFailed(failure: Any) -> BaseException:
     """What to raise when listening failed: a port in use or not allowed stops twistd with one line, no traceback."""
     if failure.check(CannotListenError):
-        return SystemExit(f"primecount: {failure.getErrorMessage()}")
+        return StartFailed(f"primecount: {failure.getErrorMessage()}")
     return failure.value
 
 

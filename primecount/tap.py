@@ -30,6 +30,7 @@ from primecount.proxied import LOOPBACK, ProxiedFactory, listensBeyondLoopback, 
 from primecount.readiness import Readiness
 from primecount.records import openStore
 from primecount.responder import Responder, replyDeadline
+from primecount.startup import forgetTerminal, keepTerminal
 from primecount.threads import batchScheduledPool, deferringTo
 from primecount.tls import MOZILLA_INTERMEDIATE, withCiphers
 from primecount.workers import MetricsDirectory, SharedSocket, SharedSocketEndpoint, SupervisorWatch, WorkerPool
@@ -50,6 +51,8 @@ def makeService(options: Options, reactor: Optional[Any] = None) -> IService:
         reactor = globalReactor
     log.info("primecount {version} on {python} {pythonVersion}", version=__version__,
              python=platform.python_implementation(), pythonVersion=platform.python_version())
+    keepTerminal()  # for a start that fails after twistd has become a daemon (primecount.startup)
+    reactor.callWhenRunning(forgetTerminal)
     if options["workers"] > 1:
         return supervisor(options, reactor)
     limits = descriptorLimits(options["max-connections"], options["max-per-ip"])

@@ -4,6 +4,7 @@ the systemd units, metrics over HTTP and the bounded log file; all with real pro
 from __future__ import annotations
 
 import gzip
+import shutil
 import os
 import signal
 import socket
@@ -12,6 +13,7 @@ import threading
 import urllib.request
 from collections import Counter
 from pathlib import Path
+from typing import Sequence
 
 from twisted.trial.unittest import SkipTest, SynchronousTestCase
 
@@ -218,6 +220,56 @@ class DaemonTests(SynchronousTestCase):
             return False
 
         waitUntil(gone, what="the daemon to exit")
+
+    def daemonThatCannotStart(self, *options: str, twistdOptions: Sequence[str] = (), owner: int = -1) -> str:
+        """Start a classic daemon with C{options} that must fail: it exits 1 within 10 s (not waiting for ever),
+        says why on the terminal it was started from, and leaves no pidfile (in a folder C{owner} owns, as the
+        service user's pidfile folder is); its stderr."""
+        import tempfile
+
+        base = Path(tempfile.mkdtemp(prefix="primecount-daemon-"))  # in /tmp: every parent searchable by all
+        self.addCleanup(shutil.rmtree, base, True)
+        os.chmod(base, 0o755)
+        os.chown(base, owner, owner)
+        pidfile = base / "primecount.pid"
+        started = subprocess.run(
+            [*TWISTD, f"--pidfile={pidfile}", f"--logfile={base / 'twistd.log'}", *twistdOptions, "primecount",
+             *options], capture_output=True, text=True, timeout=10)
+        self.assertEqual(started.returncode, 1, started.stdout + started.stderr)
+        self.assertFalse(pidfile.exists(), "no pidfile is left")
+        return started.stderr
+
+    @slow
+    def test_daemonThatCannotStartSaysWhy(self) -> None:
+        """A port in use, an interface this host does not have, and (as root) a records file the service user may
+        not create: each stops the daemon's start at once with its one line on the terminal, exit 1, no
+        pidfile."""
+        with socket.socket() as taken:
+            taken.bind(("127.0.0.1", 0))
+            taken.listen()
+            port = taken.getsockname()[1]
+            stderr = self.daemonThatCannotStart("--port", f"tcp:{port}:interface=127.0.0.1",
+                                                "--records", os.path.abspath(self.mktemp()))
+        self.assertEqual(stderr.splitlines()[0],
+                         f"primecount: Couldn't listen on 127.0.0.1:{port}: [Errno 98] Address already in use.")
+        stderr = self.daemonThatCannotStart("--port", "tcp:0:interface=198.18.0.1",
+                                            "--records", os.path.abspath(self.mktemp()))
+        self.assertEqual(stderr.splitlines()[0],
+                         "primecount: Couldn't listen on 198.18.0.1:0: [Errno 99] Cannot assign requested address.")
+        if os.geteuid() == 0:
+            import pwd
+            import tempfile
+
+            nobody = pwd.getpwnam("nobody")
+            folder = tempfile.mkdtemp(prefix="primecount-user-")
+            self.addCleanup(shutil.rmtree, folder, True)
+            os.chmod(folder, 0o700)  # root's: nobody cannot create the file here
+            records = os.path.join(folder, "records.txt")
+            stderr = self.daemonThatCannotStart(
+                "--port", "tcp:0:interface=127.0.0.1", "--records", records,
+                twistdOptions=["--uid", str(nobody.pw_uid), "--gid", str(nobody.pw_gid)], owner=nobody.pw_uid)
+            self.assertEqual(stderr.splitlines()[0],
+                             f"primecount: cannot open records file {records}: Permission denied")
 
     @slow
     def test_daemonLifecycle(self) -> None:

@@ -19,6 +19,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from primecount.metrics import NoMetrics
+from primecount.startup import StartFailed
 from primecount.records.formats import TSV, Record, RecordFormat
 from primecount.records.store import (
     FSYNC_POLICIES, Backoff, Incident, IRecordsStore, RunInThread, SelfProbe, StorageUnavailable, runInline,
@@ -224,7 +225,7 @@ class FileStore(Service):
         try:
             self._open()
         except OSError as error:
-            raise SystemExit(f"primecount: cannot open records file {self.path}: {error.strerror}") from None
+            raise StartFailed(f"primecount: cannot open records file {self.path}: {error.strerror}") from None
         super().startService()
         if self._fsyncPolicy == "everysec":
             self._syncTimer = LoopingCall(self._syncIfNeeded)
