@@ -71,26 +71,44 @@ class WorkersHealth:
     """The health of a supervisor of workers, from what each running worker (by pid) last said of its
     readiness: ready while at least one worker is, live while at least one runs."""
 
-    def __init__(self) -> None:
+    def __init__(self, places: int = 0) -> None:
+        """C{places}: how many workers should run (C{--workers}); readiness counts out of it, so that a place
+        whose worker keeps dying is not left out of the count. 0: out of those running."""
+        self._places = places
         self._said: dict[int, Verdict] = {}  # by pid: every worker running
+        self._suspect: dict[int, str] = {}  # by pid: workers of a place in a crash loop, and why
         self.draining = False
 
-    def started(self, pid: int) -> None:
-        """Worker C{pid} runs; it is not ready until it says so."""
+    def started(self, pid: int, suspect: Optional[str] = None) -> None:
+        """Worker C{pid} runs; it is not ready until it says so, nor, when C{suspect} says why (its place is in
+        a crash loop), until it is L{stable}."""
         self._said[pid] = Verdict(False, "starting")
+        if suspect is not None:
+            self._suspect[pid] = suspect
+
+    def stable(self, pid: int) -> None:
+        """Worker C{pid}, started in a crash loop, has run long enough: it counts as it says from now on."""
+        self._suspect.pop(pid, None)
 
     def said(self, pid: int, verdict: Verdict) -> None:
         """Worker C{pid} said its readiness changed to C{verdict}."""
         if pid in self._said:
             self._said[pid] = verdict
 
+    def _verdict(self, pid: int) -> Verdict:
+        """What counts of worker C{pid}'s readiness: what it said, unless its place is in a crash loop."""
+        said = self._said[pid]
+        suspect = self._suspect.get(pid)
+        return Verdict(False, suspect) if said.ok and suspect is not None else said
+
     def ended(self, pid: int) -> None:
         """Worker C{pid} is gone."""
         self._said.pop(pid, None)
+        self._suspect.pop(pid, None)
 
     def counts(self) -> tuple[int, int]:
-        """How many workers run, and how many of them said they are ready."""
-        return len(self._said), sum(verdict.ok for verdict in self._said.values())
+        """How many workers run, and how many of them are ready (said so, and are not in a crash loop)."""
+        return len(self._said), sum(self._verdict(pid).ok for pid in self._said)
 
     def live(self) -> Verdict:
         """Live while a worker runs (the supervisor answers on its own reactor thread, so that one turns)."""
@@ -104,6 +122,6 @@ class WorkersHealth:
             return DRAINING
         running, ready = self.counts()
         if ready:
-            return Verdict(True, f"{READY}: {ready} of {running} workers ready")
-        reasons = "; ".join(f"pid {pid} {verdict.reason}" for pid, verdict in sorted(self._said.items()))
+            return Verdict(True, f"{READY}: {ready} of {max(self._places, running)} workers ready")
+        reasons = "; ".join(f"pid {pid} {self._verdict(pid).reason}" for pid in sorted(self._said))
         return Verdict(False, f"no worker ready ({reasons or 'none running'})")

@@ -92,9 +92,9 @@ def supervisor(options: Options, reactor: Any) -> IService:
     """C{--workers N}: the shared socket, N supervised workers, and the summed metrics; see L{primecount.workers}.
     Stops in reverse order: every worker drains and exits, then the socket closes, then the metrics endpoint."""
     environ = dict(os.environ)
-    folder = MetricsDirectory(environ) if options["metrics"] else None
+    folder = MetricsDirectory(environ, options["workers"]) if options["metrics"] else None
     shared = SharedSocket(_portEndpoint(options, reactor), reactor)
-    health = WorkersHealth()
+    health = WorkersHealth(options["workers"])
     # Each worker drains within its own grace (--timeout, the linger, a second); then it is killed.
     pool = WorkerPool(reactor, options["workers"], partial(workerArguments, options), shared, environ,
                       grace=options["timeout"] + DEFAULTS.linger + 5,

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import sys
 import tempfile
 from typing import Any, Callable, Optional, Sequence
@@ -25,6 +26,7 @@ from primecount.descriptors import socketOn, socketsMadeIn
 from primecount.health import READINESS_EVENT, WorkersHealth, parseVerdict
 from primecount.internals import stopAccepting
 from primecount.lifecycle import LISTENING_EVENT, announceListening, listenFailed
+from primecount.startup import StartFailed
 
 TWISTD = [sys.executable, "-c", "from twisted.scripts.twistd import run; run()"]
 # The inherited listening socket's descriptor number in every worker.
@@ -32,6 +34,9 @@ WORKER_FD = 3
 # A worker that ran this long before dying is restarted at once; one that died sooner waits, longer each time.
 STABLE_SECONDS = 10.0
 FIRST_DELAY, MAX_DELAY = 0.5, 30.0
+# Room each worker's metrics files need in TMPDIR (prometheus_client's memory-mapped files start at 64 KiB each,
+# a few per worker, and double as series are added): checked at start by writing it.
+METRICS_ROOM = 1 << 20
 # A new worker of a rolling replacement that does not listen within this is killed; the old one stays.
 REPLACE_WAIT = 60.0
 # Variables a worker must not inherit: the socket is handed over as descriptor 3, not by systemd, and systemd
@@ -55,6 +60,30 @@ def cpuCount() -> int:
                     for part in allowed.split(",")))
     except (OSError, StopIteration, ValueError):
         return os.cpu_count() or 1
+
+
+# What a signal that ends a worker usually means, beyond its name.
+_SIGNAL_MEANINGS = {
+    "SIGBUS": "a memory-mapped file could not be written: with --metrics, the workers' metrics files live in "
+              "TMPDIR; is its file system full?",
+    "SIGKILL": "by an operator, or by the kernel when memory ran out",
+    "SIGSEGV": "a crash in native code",
+    "SIGABRT": "an abort in native code",
+}
+
+
+def exitDescription(reason: Failure) -> str:
+    """How a process ended, in words: its exit status, or the signal that killed it, by name, with what that
+    usually means (C{killed by SIGBUS (...)}, C{exit status 1})."""
+    status, number = getattr(reason.value, "exitCode", None), getattr(reason.value, "signal", None)
+    if number:
+        try:
+            name = signal.Signals(number).name
+        except ValueError:
+            name = f"signal {number}"
+        meaning = _SIGNAL_MEANINGS.get(name) or signal.strsignal(number) or ""
+        return f"killed by {name}" + (f" ({meaning})" if meaning else "")
+    return f"exit status {status if status is not None else 0}"
 
 
 def socketFamily(fd: int) -> int:
@@ -140,6 +169,7 @@ class _WorkerProcess(ProcessProtocol):
         self.incoming = False  # a replacement not yet listening: if it exits, the replacement keeps the old one
         self.transport: Any = None
         self.startedAt = pool.clock.seconds()
+        self.ended = ""  # how it ended, once it has (L{exitDescription})
 
     def childDataReceived(self, childFD: int, data: bytes) -> None:
         """Complete lines of the worker's log (stdout) or of a crash (stderr), each re-logged at its level."""
@@ -175,6 +205,7 @@ class _WorkerProcess(ProcessProtocol):
             if rest:
                 self._relay(rest)
         incoming = self.incoming  # a replacement whose listening is awaited (workerEnded reads it too)
+        self.ended = exitDescription(reason)
         self._pool.workerEnded(self, reason)
         if incoming and not self.listening.called:
             self.listening.errback(reason)
@@ -206,6 +237,11 @@ class WorkerPool(Service):
         self._delays: dict[int, float] = {}
         self._restarts: dict[int, IDelayedCall] = {}
         self._listeningWorkers: set[int] = set()
+        # By place: how many of its workers in a row died within STABLE_SECONDS of starting, and how the last did;
+        # and the timer that ends that count once the place's new worker has run that long.
+        self._crashes: dict[int, int] = {}
+        self._lastCrash: dict[int, str] = {}
+        self._stableCalls: dict[int, IDelayedCall] = {}
         self.allListening: Deferred[None] = Deferred()
         self.replacing: Optional[Deferred[bool]] = None  # while a rolling replacement runs: whether it completed
         self.restarts = 0  # workers that died and were started again
@@ -234,9 +270,21 @@ class WorkerPool(Service):
         protocol.transport = transport
         self._slots[number] = protocol
         self._running.add(protocol)
-        self.health.started(protocol.pid)
+        crashes = self._crashes.get(number, 0)
+        self.health.started(protocol.pid, None if not crashes else (
+            f"worker {number} restarted after {crashes} deaths within {STABLE_SECONDS:g} s of starting (the "
+            f"last: {self._lastCrash[number]}); counted ready once it has run {STABLE_SECONDS:g} s"))
+        if crashes:
+            self._stableCalls[number] = self.clock.callLater(STABLE_SECONDS, self._stable, protocol)
         self.log.info("started worker {number} (pid {pid})", number=number, pid=transport.pid)
         return protocol
+
+    def _stable(self, protocol: _WorkerProcess) -> None:
+        """C{protocol}'s worker, started after quick deaths in its place, has run L{STABLE_SECONDS}: the crash
+        loop is over, and it counts as ready when it says it is."""
+        self._stableCalls.pop(protocol.number, None)
+        self._crashes.pop(protocol.number, None)
+        self.health.stable(protocol.pid)
 
     def workerListening(self, protocol: _WorkerProcess) -> None:
         """C{protocol}'s worker accepts on the shared socket; once every place has, C{allListening} fires."""
@@ -251,6 +299,11 @@ class WorkerPool(Service):
         another in its place after a delay. One being retired, or a replacement that failed, is only
         forgotten (L{replaceAll} puts the old one back)."""
         number, pid = protocol.number, protocol.pid
+        stable = self._stableCalls.get(number)
+        if stable is not None and self._slots.get(number) is protocol:
+            self._stableCalls.pop(number)
+            if stable.active():
+                stable.cancel()
         self._running.discard(protocol)
         self.health.ended(pid)
         self._onEnded(pid)
@@ -263,9 +316,13 @@ class WorkerPool(Service):
         delay = 0.0 if ranFor >= STABLE_SECONDS else self._delays.get(number, FIRST_DELAY)
         self._delays[number] = FIRST_DELAY if ranFor >= STABLE_SECONDS else min(delay * 2, MAX_DELAY)
         self.restarts += 1
-        self.log.error("worker {number} (pid {pid}) died after {ranFor:.1f} s: {reason}; restarting it in "
-                       "{delay:g} s", number=number, pid=pid, ranFor=ranFor, reason=reason.getErrorMessage(),
-                       delay=delay)
+        how = exitDescription(reason)
+        if ranFor < STABLE_SECONDS:
+            self._crashes[number] = self._crashes.get(number, 0) + 1
+            self._lastCrash[number] = how
+        self.log.error("worker {number} (pid {pid}) died after {ranFor:.1f} s{listened}: {how}; restarting it in "
+                       "{delay:g} s", number=number, pid=pid, how=how, ranFor=ranFor, delay=delay,
+                       listened="" if protocol.listening.called else ", before it listened")
         self._restarts[number] = self.clock.callLater(delay, self._start, number)
 
     def replaceAll(self) -> Deferred[bool]:
@@ -295,9 +352,9 @@ class WorkerPool(Service):
             except Exception:
                 if not self.running:
                     return False
-                self.log.error("worker {number}'s replacement (pid {pid}) exited before it listened; the old "
+                self.log.error("worker {number}'s replacement (pid {pid}) exited before it listened: {how}; the old "
                                "worker (pid {old}) keeps its place, and the replacement stops here",
-                               number=number, pid=new.pid, old=old.pid)
+                               number=number, pid=new.pid, old=old.pid, how=new.ended)
                 if old in self._running:
                     self._slots[number] = old
                 else:  # the old one died meanwhile: its place gets a new worker as after any death
@@ -342,10 +399,11 @@ class WorkerPool(Service):
     def stopService(self) -> Deferred[Any]:
         """SIGTERM every worker (each drains), SIGKILL any still running after the grace; fire once all are gone."""
         super().stopService()
-        for call in self._restarts.values():
+        for call in [*self._restarts.values(), *self._stableCalls.values()]:
             if call.active():
                 call.cancel()
         self._restarts.clear()
+        self._stableCalls.clear()
         if not self._running:
             return succeed(None)
         waiting = [protocol.exited for protocol in self._running]
@@ -365,14 +423,28 @@ class MetricsDirectory(Service):
     """The workers' metrics folder (C{PROMETHEUS_MULTIPROC_DIR}), made in C{startService}, after twistd switched to
     C{--uid}, so that the workers can write in it, and removed on stop."""
 
-    def __init__(self, environ: dict[str, str]) -> None:
+    def __init__(self, environ: dict[str, str], workers: int = 1) -> None:
         self._environ = environ
+        self._workers = workers
         self.path: Optional[str] = None
 
     def startService(self) -> None:
-        """Make the folder and tell the workers' environment where it is."""
+        """Make the folder, check that it takes the workers' metrics, and tell the workers' environment where it
+        is. A folder that cannot be made or written, or whose file system has no room for them, stops the start
+        (L{StartFailed}): a worker whose memory-mapped metrics file cannot grow is killed by SIGBUS."""
         super().startService()
-        self.path = tempfile.mkdtemp(prefix="primecount-metrics-")
+        try:
+            self.path = tempfile.mkdtemp(prefix="primecount-metrics-")
+            with open(os.path.join(self.path, "room"), "wb") as room:
+                room.write(b"\0" * (METRICS_ROOM * self._workers))
+                room.flush()
+            os.unlink(os.path.join(self.path, "room"))
+        except OSError as error:
+            if self.path is not None:
+                shutil.rmtree(self.path, ignore_errors=True)
+            raise StartFailed(f"primecount: --metrics with --workers keeps the workers' metrics in memory-mapped "
+                              f"files under {tempfile.gettempdir()} (TMPDIR), which cannot take them: "
+                              f"{error.strerror}; set TMPDIR to a folder with room") from None
         self._environ["PROMETHEUS_MULTIPROC_DIR"] = self.path
 
     def collect(self) -> Any:

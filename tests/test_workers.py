@@ -19,11 +19,15 @@ from twisted.python.usage import UsageError
 from twisted.trial.unittest import SynchronousTestCase
 
 from primecount.records.formats import parseRecords
-from primecount.tools.serverprocess import ServerProcess
+from primecount.tools.serverprocess import TWISTD, ServerProcess
 from primecount.options import Options, workerArguments
 from primecount.health import READINESS_EVENT
 from primecount.lifecycle import LISTENING_EVENT
-from primecount.workers import FIRST_DELAY, REPLACE_WAIT, WORKER_FD, MetricsDirectory, WorkerPool
+from primecount.health import WorkersHealth
+from primecount.startup import StartFailed
+from primecount.workers import (
+    FIRST_DELAY, REPLACE_WAIT, STABLE_SECONDS, WORKER_FD, MetricsDirectory, WorkerPool, exitDescription,
+)
 from tests.helpers import answeredUnderLoad, ask, expectedReply, listeningInodes, scrape, slow, waitUntil
 
 
@@ -55,6 +59,12 @@ class SpawningClock(Clock):
         self.spawned.append((process, args, childFDs))
         self.environments.append(env)
         return process
+
+
+def listens(process: FakeProcess) -> None:
+    """C{process} says it listens, and that it is ready."""
+    process.protocol.childDataReceived(1, f"info {LISTENING_EVENT} 127.0.0.1 port 5050\n"
+                                          f"info {READINESS_EVENT} ready\n".encode())
 
 
 class FakeSocket:
@@ -140,6 +150,66 @@ class WorkerPoolTests(SynchronousTestCase):
                          [("info", 2, "hello"), ("error", 2, "cannot write")])
 
 
+class DeathTests(SynchronousTestCase):
+    """A worker that dies says how, and a place whose workers keep dying soon after starting is not counted
+    ready until its worker has lasted."""
+
+    def setUp(self) -> None:
+        self.reactor = SpawningClock()
+        self.events: list[dict] = []
+        self.patch(WorkerPool, "log", Logger(observer=self.events.append))
+        self.pool = WorkerPool(self.reactor, 2, lambda: ["--records=x"], FakeSocket(), {}, grace=5,
+                               health=WorkersHealth(2))
+        self.pool.startService()
+        for process, _, _ in self.reactor.spawned:
+            listens(process)
+
+    def test_exitDescription(self) -> None:
+        """An exit status, or a signal by name with what it usually means."""
+        self.assertEqual(exitDescription(Failure(ProcessDone(0))), "exit status 0")
+        self.assertEqual(exitDescription(Failure(ProcessTerminated(exitCode=1))), "exit status 1")
+        self.assertTrue(exitDescription(Failure(ProcessTerminated(signal=signal.SIGBUS))).startswith(
+            "killed by SIGBUS (a memory-mapped file could not be written"))
+        self.assertEqual(exitDescription(Failure(ProcessTerminated(signal=signal.SIGTERM))),
+                         f"killed by SIGTERM ({signal.strsignal(signal.SIGTERM)})")
+
+    def test_crashLoopIsNotReady(self) -> None:
+        """Worker 1 dies by SIGBUS before it listens, again and again: each death is logged with its signal;
+        readiness counts out of the two places, and the restarted worker that says it is ready is not counted
+        until it has run L{STABLE_SECONDS}."""
+        bus = Failure(ProcessTerminated(signal=signal.SIGBUS))
+        self.reactor.advance(60)  # both have run a while
+        self.pool.workers[1].protocol.processEnded(bus)  # a stable worker's death: restarted at once
+        self.reactor.advance(0)
+        self.assertEqual(self.pool.health.ready().reason, "ready: 1 of 2 workers ready")
+        self.pool.workers[1].protocol.processEnded(bus)  # the new one, before it listened
+        self.reactor.advance(FIRST_DELAY)
+        died = [e["log_format"].format(**e) for e in self.events if "died" in e["log_format"]]
+        self.assertEqual(len(died), 2)
+        self.assertIn("died after 0.0 s, before it listened: killed by SIGBUS (", died[1])
+        listens(self.pool.workers[1])
+        self.assertEqual(self.pool.health.counts(), (2, 1), "a worker of a crash loop counted ready")
+        self.reactor.advance(STABLE_SECONDS)
+        self.assertEqual(self.pool.health.counts(), (2, 2))
+        self.assertEqual(self.pool.health.ready().reason, "ready: 2 of 2 workers ready")
+        self.pool.workers[2].protocol.processEnded(bus)  # worker 2 quickly after a stable life: not suspect
+        self.reactor.advance(0)
+        listens(self.pool.workers[2])
+        self.assertEqual(self.pool.health.counts(), (2, 2))
+
+    def test_onlyWorkerInACrashLoop(self) -> None:
+        """With every place's worker in a crash loop, the host is not ready, and says why."""
+        pool = WorkerPool(SpawningClock(), 1, lambda: [], FakeSocket(), {}, health=WorkersHealth(1))
+        pool.startService()
+        pool.workers[1].protocol.processEnded(Failure(ProcessTerminated(signal=signal.SIGBUS)))
+        pool.clock.advance(FIRST_DELAY)
+        listens(pool.workers[1])
+        verdict = pool.health.ready()
+        self.assertFalse(verdict.ok)
+        self.assertIn("worker 1 restarted after 1 deaths within 10 s of starting (the last: killed by SIGBUS",
+                      verdict.reason)
+
+
 class RollingReplacementTests(SynchronousTestCase):
     """SIGUSR2: each place gets a new worker that listens before the old one is told to stop, one place at a
     time; a replacement that fails leaves the old worker in its place."""
@@ -153,8 +223,7 @@ class RollingReplacementTests(SynchronousTestCase):
 
     def listens(self, process: FakeProcess) -> None:
         """C{process} says it listens, and that it is ready."""
-        process.protocol.childDataReceived(1, f"info {LISTENING_EVENT} 127.0.0.1 port 5050\n"
-                                              f"info {READINESS_EVENT} ready\n".encode())
+        listens(process)
 
     def test_newBeforeOldOneAtATime(self) -> None:
         """The new worker of place 1 starts alone; the old one is sent TERM only once it listens; place 2 is
@@ -225,6 +294,18 @@ class MetricsDirectoryTests(SynchronousTestCase):
         self.assertEqual(environ, {"PROMETHEUS_MULTIPROC_DIR": folder.path})
         folder.stopService()
         self.assertFalse(os.path.exists(folder.path))
+
+
+class MetricsRoomTests(SynchronousTestCase):
+    """Metrics storage that cannot be written stops the start, in one line."""
+
+    def test_noFolderForMetrics(self) -> None:
+        """A TMPDIR that does not exist: L{StartFailed} naming TMPDIR and the error, nothing left behind."""
+        import tempfile
+
+        self.patch(tempfile, "tempdir", os.path.join(self.mktemp(), "missing"))
+        failed = self.assertRaises(StartFailed, MetricsDirectory({}, 2).startService)
+        self.assertIn("(TMPDIR), which cannot take them: No such file or directory", str(failed))
 
 
 class WorkerOptionsTests(SynchronousTestCase):
@@ -386,6 +467,37 @@ class TwistdWorkersTests(SynchronousTestCase):
         # Counted as dropped may also be a few lines of the stop itself, logged while the backlog still drained.
         self.assertTrue(0 <= relayed + dropped - 2 * len(answered) <= 20,
                         f"every request's two lines relayed or counted: {relayed} + {dropped}, {len(answered)} requests")
+
+    @slow
+    def test_metricsWithoutRoom(self) -> None:
+        """C{--metrics} with TMPDIR on a full file system stops the start at once: one line naming TMPDIR, exit 1.
+        With room at start, a worker started once it is full is killed by SIGBUS (its metrics file cannot
+        grow): the supervisor says so, with what it means, and the place is restarted."""
+        from tests.test_fleet import fill, smallDisk
+
+        disk = smallDisk(self, "8m")
+        filler = fill(disk)
+        os.truncate(filler, filler.stat().st_size - 65536)  # room for Python's check that TMPDIR is usable
+        environment = {**os.environ, "TMPDIR": str(disk)}
+        result = subprocess.run(
+            [*TWISTD, "-n", "--pidfile=", "primecount", "--port", "tcp:0:interface=127.0.0.1", "--workers", "2",
+             "--metrics", "tcp:0:interface=127.0.0.1", "--records", os.path.abspath(self.mktemp())],
+            capture_output=True, text=True, timeout=60, env=environment)
+        self.assertEqual(result.returncode, 1, result.stdout + result.stderr)
+        self.assertIn(f"--metrics with --workers keeps the workers' metrics in memory-mapped files under {disk} "
+                      "(TMPDIR), which cannot take them: No space left on device", result.stdout + result.stderr)
+        self.assertNotIn("primecount listening", result.stdout)
+        filler.unlink()
+        server = ServerProcess(os.path.abspath(self.mktemp()), "--workers", "2", "--metrics",
+                               "tcp:0:interface=127.0.0.1", environment=environment)
+        self.addCleanup(lambda: server.process.poll() is None and server.stop())
+        server.waitForWorkers(2)
+        self.assertEqual(ask(server.port, b"abc2a\n"), expectedReply("abc2a"))
+        fill(disk)
+        os.kill(self.workerPids(server)[1], signal.SIGKILL)
+        server.waitFor(rb"worker 1 \(pid \d+\) died after [\d.]+ s, before it listened: killed by SIGBUS \(a "
+                       rb"memory-mapped file could not be written")
+        self.assertEqual(ask(server.port, b"still\n"), expectedReply("still"))  # worker 2 serves
 
     @slow
     def test_sharedSocketNeverBlocking(self) -> None:
