@@ -14,6 +14,9 @@ FD_HEADROOM = 128
 # Refused connections linger (to deliver their ERROR busy) only this many at once: past it, a flood is closed
 # outright. The default --max-connections leaves them this many descriptors (or an eighth, if fewer).
 BUSY_LINGER_MAX = 1024
+# The fewest connections a process must be able to hold: a descriptor limit that leaves fewer stops the start
+# (as one client's load test, --max-per-ip's default, would already be refused). A limit of 256 leaves 112.
+MIN_CONNECTIONS = 64
 
 
 def canonicalHost(host: str) -> str:
@@ -194,7 +197,7 @@ def descriptorLimits(maxConnections: Optional[int], maxPerPeer: int) -> Connecti
     C{maxConnections} (or the default it leaves), C{maxPerPeer} and the client descriptors; said in the log."""
     from twisted.logger import Logger
 
-    log, fileLimit = Logger(), raiseFileLimit()
+    log, fileLimit = Logger(), enoughDescriptors()
     maxTotal = maxConnections or fileLimit.defaultMaxConnections
     log.info("descriptor limit (RLIMIT_NOFILE): {soft}, hard {hard}; {clients} for clients; "
              "at most {maxConnections} connections, {perIP} per address",
@@ -207,6 +210,22 @@ def descriptorLimits(maxConnections: Optional[int], maxPerPeer: int) -> Connecti
                  maxConnections=maxTotal, soft=fileLimit.soft, default=fileLimit.defaultMaxConnections,
                  clients=fileLimit.clientDescriptors)
     return ConnectionLimits(maxTotal, maxPerPeer, fileLimit.clientDescriptors)
+
+
+def enoughDescriptors() -> FileLimit:
+    """L{raiseFileLimit}, then stop the start (L{StartFailed}, naming the limit) if it leaves fewer than
+    L{MIN_CONNECTIONS} connections."""
+    from primecount.startup import StartFailed
+
+    fileLimit = raiseFileLimit()
+    if fileLimit.defaultMaxConnections < MIN_CONNECTIONS:
+        least = next(n for n in range(FD_HEADROOM, 1 << 20) if FileLimit(n, n, n).defaultMaxConnections >= MIN_CONNECTIONS)
+        raise StartFailed(
+            f"primecount: the descriptor limit (RLIMIT_NOFILE) is {fileLimit.soft} (hard {fileLimit.hard}), which "
+            f"leaves room for {fileLimit.defaultMaxConnections} connections ({FD_HEADROOM} descriptors are kept "
+            f"for everything else); at least {MIN_CONNECTIONS} are needed: raise the limit to {least} or more "
+            f"(ulimit -n, systemd's LimitNOFILE=, prlimit --nofile)")
+    return fileLimit
 
 
 def raiseFileLimit() -> FileLimit:

@@ -18,7 +18,7 @@ from primecount.connection import BufferBudget
 from primecount.factory import PrimeCountFactory
 from primecount.health import ProcessHealth, WorkersHealth
 from primecount.lifecycle import Drain, HealthWatch, Listener, ProcessSignals, SequentialMultiService
-from primecount.limits import descriptorLimits, raiseFileLimit
+from primecount.limits import descriptorLimits, enoughDescriptors
 from primecount.metrics import NoMetrics, PrometheusMetrics, workersRegistry
 from primecount.metricsendpoint import MetricsSite
 from primecount.options import (
@@ -91,6 +91,7 @@ def makeService(options: Options, reactor: Optional[Any] = None) -> IService:
 def supervisor(options: Options, reactor: Any) -> IService:
     """C{--workers N}: the shared socket, N supervised workers, and the summed metrics; see L{primecount.workers}.
     Stops in reverse order: every worker drains and exits, then the socket closes, then the metrics endpoint."""
+    fileLimit = enoughDescriptors()  # every worker's limit is the supervisor's: said now, not by each worker
     environ = dict(os.environ)
     folder = MetricsDirectory(environ, options["workers"]) if options["metrics"] else None
     shared = SharedSocket(_portEndpoint(options, reactor), reactor)
@@ -102,7 +103,7 @@ def supervisor(options: Options, reactor: Any) -> IService:
     metrics = None
     if folder is not None:
         limits = configuredLimits(options, options["max-connections"]
-                                  or raiseFileLimit().defaultMaxConnections * options["workers"])
+                                  or fileLimit.defaultMaxConnections * options["workers"])
         registry = workersRegistry(folder, limits, health, lambda: pool.restarts)
         metrics = strports.service(options["metrics"], MetricsSite(registry, reactor, health), reactor=reactor)
     log.info("supervising {count} workers on one listening socket", count=options["workers"])

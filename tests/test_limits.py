@@ -9,10 +9,12 @@ from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
+from primecount import limits as limitsModule
 from primecount.limits import (
-    BUSY_LINGER_MAX, FD_HEADROOM, SUMMARY_SOURCES, ConnectionLimits, FileLimit, Summary, SummaryLine, Throttle, canonicalHost,
-    raiseFileLimit,
+    BUSY_LINGER_MAX, FD_HEADROOM, MIN_CONNECTIONS, SUMMARY_SOURCES, ConnectionLimits, FileLimit, Summary, SummaryLine,
+    Throttle, canonicalHost, enoughDescriptors, raiseFileLimit,
 )
+from primecount.startup import StartFailed
 from primecount.connection import RequestLimits
 from primecount.protocol import BusyProtocol, PrimeCountProtocol
 from primecount.responder import Responder
@@ -138,6 +140,18 @@ class FileLimitTests(SynchronousTestCase):
         self.assertEqual(FileLimit(1024, 4096, 4096).defaultMaxConnections, 3968 - 3968 // 8)
         self.assertEqual(FileLimit(1024, 65536, 65536).defaultMaxConnections, 65536 - FD_HEADROOM - BUSY_LINGER_MAX)
         self.assertEqual(FileLimit(10, 10, 10).defaultMaxConnections, 1)
+
+    def test_tooFewDescriptorsStopTheStart(self) -> None:
+        """A descriptor limit that leaves fewer than L{MIN_CONNECTIONS} connections, even raised to the hard
+        limit, stops the start naming the limit and what would do; 201 is the least that does."""
+        self.patch(limitsModule, "raiseFileLimit", lambda: FileLimit(100, 100, 100))
+        failed = self.assertRaises(StartFailed, enoughDescriptors)
+        self.assertEqual(str(failed), "primecount: the descriptor limit (RLIMIT_NOFILE) is 100 (hard 100), which "
+                         "leaves room for 1 connections (128 descriptors are kept for everything else); at least "
+                         "64 are needed: raise the limit to 201 or more (ulimit -n, systemd's LimitNOFILE=, "
+                         "prlimit --nofile)")
+        self.patch(limitsModule, "raiseFileLimit", lambda: FileLimit(201, 201, 201))
+        self.assertEqual(enoughDescriptors().defaultMaxConnections, MIN_CONNECTIONS)
 
     def test_descriptorsNeverPassed(self) -> None:
         """Connections and lingering refusals together never hold more than the client descriptors: a refusal

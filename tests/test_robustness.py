@@ -642,6 +642,20 @@ class StartupFailureTests(SynchronousTestCase):
             self.assertIn(f"--records: cannot append to '{disk / name}': Read-only file system", result.stderr)
             self.assertNotIn("Permission denied", result.stderr)
 
+    def test_tooFewDescriptors(self) -> None:
+        """Under a descriptor limit of 100 (soft and hard), one process or a supervisor of two workers stops at
+        once with one line naming the limit, exit 1, and never listens."""
+        prlimit = requireTool(self, "prlimit")
+        for workers in ("1", "2"):
+            result = subprocess.run(
+                [prlimit, "--nofile=100", *TWISTD, "-n", "--pidfile=", "primecount", "--port",
+                 "tcp:0:interface=127.0.0.1", "--records", os.path.abspath(self.mktemp()), "--workers", workers],
+                capture_output=True, text=True, timeout=60)
+            self.assertEqual(result.returncode, 1, result.stdout + result.stderr)
+            self.assertIn("primecount: the descriptor limit (RLIMIT_NOFILE) is 100 (hard 100), which leaves room for "
+                          "1 connections", result.stderr)
+            self.assertNotIn("listening on", result.stdout)
+
     def test_badOptionNamed(self) -> None:
         """A bad value names its option and nothing listens."""
         for option, value in [("--max-connections", "0"), ("--max-per-ip", "many"), ("--fsync", "often"),
