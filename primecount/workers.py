@@ -4,6 +4,7 @@ listening socket the supervisor binds; see docs/scaling.md."""
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import signal
 import sys
@@ -43,6 +44,8 @@ REPLACE_WAIT = 60.0
 # speaks with the supervisor alone (its readiness, its watchdog).
 _NOT_INHERITED = ("LISTEN_FDS", "LISTEN_PID", "LISTEN_FDNAMES", "NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID")
 _LEVELS = {level.name: level for level in LogLevel.iterconstants()}
+# The first line a worker logs, which says what it runs (L{primecount.tap.makeService}).
+STARTING = re.compile(r"primecount \S+ on \S+ \S+$")
 
 
 def cpuCount() -> int:
@@ -170,6 +173,7 @@ class _WorkerProcess(ProcessProtocol):
         self.transport: Any = None
         self.startedAt = pool.clock.seconds()
         self.ended = ""  # how it ended, once it has (L{exitDescription})
+        self.version = ""  # what it said it runs, as it started (L{STARTING})
 
     def childDataReceived(self, childFD: int, data: bytes) -> None:
         """Complete lines of the worker's log (stdout) or of a crash (stderr), each re-logged at its level."""
@@ -185,6 +189,8 @@ class _WorkerProcess(ProcessProtocol):
         if level is None:
             level, message = LogLevel.info, text
         self._pool.log.emit(level, "worker {number}: {message}", number=self.number, message=message)
+        if not self.version and STARTING.match(message):
+            self.version = message
         if message.startswith(LISTENING_EVENT):
             self._pool.workerListening(self)
         elif message.startswith(READINESS_EVENT):
@@ -244,6 +250,7 @@ class WorkerPool(Service):
         self._stableCalls: dict[int, IDelayedCall] = {}
         self.allListening: Deferred[None] = Deferred()
         self.replacing: Optional[Deferred[bool]] = None  # while a rolling replacement runs: whether it completed
+        self._replaceAgain = False  # SIGUSR2 came during a replacement: another starts when it ends
         self.restarts = 0  # workers that died and were started again
 
     @property
@@ -332,7 +339,10 @@ class WorkerPool(Service):
         worker that exits before it listens, or does not listen within L{REPLACE_WAIT} seconds, ends the
         replacement, its place kept by the old worker. Fires with whether every place was replaced."""
         if self.replacing is not None:
-            self.log.info("already replacing the workers; SIGUSR2 ignored")
+            if not self._replaceAgain:
+                self.log.info("already replacing the workers: another replacement of every worker will start when "
+                              "this one ends (for code deployed meanwhile)")
+            self._replaceAgain = True
             return self.replacing
         self.log.info("replacing {count} workers one at a time", count=len(self._slots))
         self.replacing = Deferred.fromCoroutine(self._replaceEach())
@@ -381,10 +391,20 @@ class WorkerPool(Service):
         self.replacing = None
         if isinstance(result, Failure):
             self.log.failure("replacing the workers failed", result)
-            return False
-        if result:
-            self.log.info("replaced every worker")
+            result = False
+        self.log.info("{outcome}; now {places}", outcome="replaced every worker" if result else
+                      "the replacement stopped before every worker was replaced", places=self.versions())
+        if self._replaceAgain and self.running:
+            self._replaceAgain = False
+            self.log.info("replacing the workers again, as asked for during that replacement")
+            self.replaceAll()
         return result
+
+    def versions(self) -> str:
+        """What each place runs now, as its worker said when it started: C{worker 1: primecount 0.1.0 on CPython
+        3.11.7 (pid 123), ...}."""
+        return ", ".join(f"worker {number}: {protocol.version or 'version not said'} (pid {protocol.pid})"
+                         for number, protocol in sorted(self._slots.items()))
 
     def signalAll(self, name: str) -> None:
         """Send signal C{name} (C{"HUP"}, C{"TERM"}) to every running worker, retiring ones included."""

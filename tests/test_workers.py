@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import platform
 import re
 import signal
 import subprocess
@@ -18,6 +19,7 @@ from twisted.python.failure import Failure
 from twisted.python.usage import UsageError
 from twisted.trial.unittest import SynchronousTestCase
 
+from primecount import __version__
 from primecount.records.formats import parseRecords
 from primecount.tools.serverprocess import TWISTD, ServerProcess
 from primecount.options import Options, workerArguments
@@ -61,9 +63,10 @@ class SpawningClock(Clock):
         return process
 
 
-def listens(process: FakeProcess) -> None:
-    """C{process} says it listens, and that it is ready."""
-    process.protocol.childDataReceived(1, f"info {LISTENING_EVENT} 127.0.0.1 port 5050\n"
+def listens(process: FakeProcess, version: str = "0.1.0") -> None:
+    """C{process} says what it runs (primecount C{version}), that it listens, and that it is ready."""
+    process.protocol.childDataReceived(1, f"info primecount {version} on CPython 3.11.7\n"
+                                          f"info {LISTENING_EVENT} 127.0.0.1 port 5050\n"
                                           f"info {READINESS_EVENT} ready\n".encode())
 
 
@@ -273,11 +276,35 @@ class RollingReplacementTests(SynchronousTestCase):
         self.assertFalse(self.successResultOf(done))
         self.assertIs(self.pool.workers[1], old1)
 
-    def test_oneReplacementAtATime(self) -> None:
-        """A second SIGUSR2 during a replacement starts nothing more."""
+    def replaceEach(self, version: str) -> None:
+        """The replacement running goes through both places: each new worker runs C{version} and listens, then
+        the old one it replaces (told to stop) exits."""
+        for _ in range(2):
+            new = self.reactor.spawned[-1][0]
+            listens(new, version)
+            (old,) = [process for process, _, _ in self.reactor.spawned
+                      if process.signals == ["TERM"] and process.protocol.exited.called is False]
+            old.protocol.processEnded(Failure(ProcessDone(0)))
+
+    def test_secondSignalQueued(self) -> None:
+        """A SIGUSR2 during a replacement (a second deploy) is not lost: one more replacement of every place
+        starts when this one ends, however many came meanwhile, and the last line names what each place runs."""
+        events: list[dict] = []
+        self.patch(WorkerPool, "log", Logger(observer=events.append))
+        first = self.pool.replaceAll()
+        self.assertIs(self.pool.replaceAll(), first)
         self.pool.replaceAll()
-        self.pool.replaceAll()
-        self.assertEqual(len(self.reactor.spawned), 3)
+        self.assertEqual(len(self.reactor.spawned), 3, "one place at a time")
+        self.replaceEach("1.0")
+        self.assertTrue(self.successResultOf(first))
+        self.assertEqual(len(self.reactor.spawned), 5, "a second replacement started")
+        self.replaceEach("2.0")
+        self.assertEqual(len(self.reactor.spawned), 6, "and only one more, however many signals came")
+        lines = [e["log_format"].format(**e) for e in events if "now worker" in e["log_format"].format(**e)]
+        pids = {number: process.pid for number, process in self.pool.workers.items()}
+        self.assertEqual(lines[-1], f"replaced every worker; now worker 1: primecount 2.0 on CPython 3.11.7 (pid "
+                                    f"{pids[1]}), worker 2: primecount 2.0 on CPython 3.11.7 (pid {pids[2]})")
+        self.assertEqual(len(lines), 2)
 
 
 class MetricsDirectoryTests(SynchronousTestCase):
@@ -498,6 +525,24 @@ class TwistdWorkersTests(SynchronousTestCase):
         server.waitFor(rb"worker 1 \(pid \d+\) died after [\d.]+ s, before it listened: killed by SIGBUS \(a "
                        rb"memory-mapped file could not be written")
         self.assertEqual(ask(server.port, b"still\n"), expectedReply("still"))  # worker 2 serves
+
+    @slow
+    def test_secondDeployDuringAReplacement(self) -> None:
+        """Two SIGUSR2 in a row (two deploys): the second, arriving during the first replacement, starts another
+        when it ends, so every place ends on a worker started after the second signal, and the last line names
+        what each place runs, by pid."""
+        server = self.start("--workers", "2")
+        server.signal(signal.SIGUSR2)
+        server.waitFor(rb"replacing 2 workers one at a time")
+        server.signal(signal.SIGUSR2)
+        server.waitFor(rb"replacing the workers again")
+        server.waitFor(rb"replaced every worker; now", seconds=60, count=2)
+        pids = self.workerPids(server)
+        self.assertEqual(server.log.count("started worker"), 6, server.log)
+        python = f"{platform.python_implementation()} {platform.python_version()}"
+        self.assertIn(f"replaced every worker; now worker 1: primecount {__version__} on {python} (pid {pids[1]}), "
+                      f"worker 2: primecount {__version__} on {python} (pid {pids[2]})", server.log)
+        self.assertEqual(ask(server.port, b"abc2a\n"), expectedReply("abc2a"))
 
     @slow
     def test_sharedSocketNeverBlocking(self) -> None:
