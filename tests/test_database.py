@@ -29,7 +29,9 @@ from primecount.records.formats import Record
 from primecount.records.store import StorageUnavailable
 from primecount.options import Options
 from primecount.tools.serverprocess import ServerProcess
-from tests.helpers import ClientThreads, FollowingProcess, RecordingMetrics, ask, expectedReply, slow, threadPolicies, waitUntil
+from tests.helpers import (
+    ClientThreads, FollowingProcess, RecordingMetrics, ask, expectedReply, scrape, slow, threadPolicies, waitUntil,
+)
 from tests.postgres import Cluster, freshTable, sharedCluster
 
 STORAGE_UNAVAILABLE = b"ERROR storage unavailable\n"
@@ -178,6 +180,31 @@ class ServiceTests(SynchronousTestCase):
         self.assertIn("4 records were refused", self._text(self.events[-1]))
         self.assertEqual(sum(e[1] for e in self.metrics.events if e[0] == "recordWriteFailed"), 4)
 
+    def test_readyOnlyOnceProven(self) -> None:
+        """At start the store probes the database at once and is not healthy (not ready) until that probe, or a
+        batch, has succeeded; a failed start probe is the incident, told once as unreachable since the start,
+        and the probes go on until one succeeds."""
+        self.assertFalse(self.service.healthy())
+        self.service.startService()
+        self.addCleanup(self.service.stopService)
+        self.assertEqual((len(self.thread.calls), self.thread.calls[0][0]), (1, []), "a probe, at once")
+        self.assertFalse(self.service.healthy())
+        self.thread.finish(0, OSError("password authentication failed"))
+        self.assertFalse(self.service.healthy())
+        self.assertEqual([self._text(e) for e in self.events][1:],
+                         ["records database not reachable since the start (OSError: password authentication failed);"
+                          " answering ERROR storage unavailable until it is back"])
+        self.failureResultOf(self.service.write([record("refused")]), StorageUnavailable)
+        self.clock.advance(PROBE_LOOK_INTERVAL)
+        self.thread.finish(1)
+        self.assertTrue(self.service.healthy())
+        fresh = TableStore("postgresql:///x", self.clock, table="t", runInThread=self.thread, writers=[self.writer])
+        fresh.startService()
+        self.addCleanup(fresh.stopService)
+        self.assertFalse(fresh.healthy())
+        self.thread.finish(2)
+        self.assertTrue(fresh.healthy())
+
     def test_tooSlowIsNotAnsweredAsRecorded(self) -> None:
         """A commit that does not return within the timeout fails its batch and its connection is abandoned;
         batches written meanwhile are refused at once; the late commit ends the incident, and batches that
@@ -194,6 +221,21 @@ class ServiceTests(SynchronousTestCase):
         self.assertEqual([r.message for r in self.thread.calls[1][0]], ["c"], "the timed-out batch is dropped")
         self.thread.finish(1)
         self.successResultOf(fresh)
+
+    def test_tooSlowWhicheverTimerRunsFirst(self) -> None:
+        """The batch's deadline and its commit's abandonment fall due at the same moment; when the reactor runs
+        the abandonment first, the batch is still answered as too slow (one incident, told as slow), not as a
+        failed commit."""
+        slowOne = self.service.write([record("a")])
+        calls = self.clock.calls
+        calls.sort(key=lambda call: call.func.__name__ != "abandon")  # the same time: abandon first
+        self.assertEqual(calls[0].getTime(), calls[1].getTime())
+        self.clock.advance(2.0)
+        self.failureResultOf(slowOne, StorageUnavailable)
+        self.thread.finish(0, OSError("server closed the connection unexpectedly"))  # what the abandon causes
+        self.assertEqual([self._text(e) for e in self.events if e["log_level"].name == "error"],
+                         ["records database slow: no commit within 2 s; answering ERROR storage unavailable until it "
+                          "is back"])
 
     def test_hungProbeIsAbandoned(self) -> None:
         """A probe that gets no answer within the timeout has its connection abandoned too."""
@@ -642,10 +684,13 @@ class DatabaseOverTCPTestCase(SynchronousTestCase):
         self.cluster = sharedCluster(self)
         self.table = freshTable(self, self.cluster)
 
-    def server(self, *options: str) -> ServerProcess:
-        """A twistd primecount writing to this test's table; stopped at the end of the test."""
+    def server(self, *options: str, ready: bool = True) -> ServerProcess:
+        """A twistd primecount writing to this test's table, once it is C{ready} (its probe of the database at
+        start is over); stopped at the end of the test."""
         server = ServerProcess(self.cluster.uri, "--records-table", self.table, "--max-per-ip", "0", *options)
         self.addCleanup(server.stop)
+        if ready:
+            server.waitFor(rb"primecount readiness: ready", count=3 if "--workers" in options else 1)
         return server
 
     def rows(self) -> Counter[str]:
@@ -815,8 +860,8 @@ class RestartTests(DatabaseOverTCPTestCase):
             server = ServerProcess(cluster.uri, "--records-table", self.table, "--max-per-ip", "0",
                                    "--workers", workers)
             self.addCleanup(server.stop)
-            if workers == "2":
-                server.waitForWorkers(2)
+            # Ready: each process's probe at start is over (a restart during one would fail it).
+            server.waitFor(rb"primecount readiness: ready", count=3 if workers == "2" else 1)  # each worker, then all
             before = f"before restart, {workers} workers"
             self.assertEqual(ask(server.port, before.encode() + b"\n"), expectedReply(before))
             cluster.stop("fast")
@@ -829,13 +874,19 @@ class RestartTests(DatabaseOverTCPTestCase):
             self.assertEqual([rows[m] for m in [before, *after]], [1] * 11)
 
     def test_unreachableAtStartIsSaidAtStart(self) -> None:
-        """With the database down at start, primecount says so in one warning line before any client comes,
-        listens, answers ERROR storage unavailable, and records again once the database is up."""
+        """With the database down at start, primecount says so in one line before any client comes, listens
+        but is not ready (C{/readyz} 503, the store gauge 0), answers ERROR storage unavailable, and is ready
+        and records again once the database is up, by itself."""
+        from tests.test_fleet import httpGet
+
         cluster = self.ownCluster()
         cluster.stop()
-        server = self.server()
-        server.waitFor(rb"records database not reachable at start \(OperationalError: [^\n]+\); requests will "
-                       rb"get ERROR storage unavailable until it is")
+        server = self.server("--metrics", "tcp:0:interface=127.0.0.1", ready=False)
+        server.waitFor(rb"records database not reachable since the start \(OperationalError: [^\n]+\); answering "
+                       rb"ERROR storage unavailable until it is back")
+        metrics = server.metricsPort
+        self.assertEqual(httpGet(metrics, "/readyz"), (503, "not ready: records store unavailable\n"))
+        self.assertEqual(scrape(metrics)["primecount_records_store_healthy"], 0.0)
         self.assertEqual(ask(server.port, b"while down\n"), STORAGE_UNAVAILABLE)
         cluster.start()
         attempts: list[str] = []
@@ -845,8 +896,32 @@ class RestartTests(DatabaseOverTCPTestCase):
             return ask(server.port, attempts[-1].encode() + b"\n") == expectedReply(attempts[-1])
 
         waitUntil(answered, what="service once the database is up")
-        self.assertEqual(server.log.count("not reachable at start"), 1)
+        self.assertEqual(httpGet(metrics, "/readyz"), (200, "ready\n"))
+        self.assertEqual(server.log.count("not reachable since the start"), 1)
         self.assertEqual(self.rows()[attempts[-1]], 1)
+
+
+class NeverReachedTests(DatabaseOverTCPTestCase):
+    """A database primecount cannot use from the start (one that does not exist, a role it does not know): the
+    host is never ready, from its first probe on, before any client comes."""
+
+    def test_neverReadyWithABadDatabase(self) -> None:
+        """For a missing database and an unknown role: C{/readyz} 503 and the store gauge 0 from the start, the
+        reason logged once, requests answered ERROR storage unavailable."""
+        from tests.test_fleet import httpGet
+
+        for uri, reason in ((self.cluster.uri.replace("/postgres?", "/no_such_database?"), 'database "no_such_database" does not exist'),
+                            (self.cluster.uri.replace("user=primecount", "user=no_such_role"), 'role "no_such_role" does not exist')):
+            server = ServerProcess(uri, "--records-table", self.table, "--metrics", "tcp:0:interface=127.0.0.1")
+            self.addCleanup(server.stop)
+            server.waitFor(rb"records database not reachable since the start")
+            metrics = server.metricsPort
+            self.assertEqual(httpGet(metrics, "/readyz"), (503, "not ready: records store unavailable\n"))
+            self.assertEqual(scrape(metrics)["primecount_records_store_healthy"], 0.0)
+            self.assertEqual(ask(server.port, b"refused\n"), STORAGE_UNAVAILABLE)
+            self.assertEqual(server.stop(), 0)
+            self.assertIn(reason, server.log)
+            self.assertEqual(server.log.count("not reachable since the start"), 1, server.log)
 
 
 class ReadinessTests(DatabaseOverTCPTestCase):

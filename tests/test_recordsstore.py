@@ -70,9 +70,17 @@ class RecordsStoreContract:
         self.assertTrue(verifyObject(IRecordsStore, self.store))
         self.assertTrue(self.store.location)
 
+    async def test_healthyOnceProbedAtStart(self) -> None:
+        """A store is healthy (ready) only once it has stored or probed successfully: it probes at start, and is
+        healthy soon after without a batch, having stored nothing."""
+        deadline = time.monotonic() + 10.0
+        while not self.store.healthy():
+            self.assertLess(time.monotonic(), deadline, "not healthy 10 s after the start")
+            await deferLater(reactor, 0.01, lambda: None)
+        self.assertEqual(self.storedMessages(), [])
+
     async def test_batchStoredBeforeItFires(self) -> None:
         """A batch's result fires once its records are stored, all of them, in order; the store is healthy."""
-        self.assertTrue(self.store.healthy())
         await self.store.write([record("one"), record("two"), record("three")])
         self.assertEqual(self.storedMessages(), ["one", "two", "three"])
         self.assertTrue(self.store.healthy())

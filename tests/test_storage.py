@@ -186,6 +186,48 @@ class ManualThreads:
                 result.errback()
 
 
+class NoRoom(storage.FileOperations):
+    """A file system with no room left, until told otherwise."""
+
+    full = True
+
+    def fstatvfs(self, fd: int) -> os.statvfs_result:
+        """C{os.fstatvfs}, with no block free while full."""
+        real = super().fstatvfs(fd)
+        return os.statvfs_result((*real[:3], 0, 0, *real[5:])) if self.full else real
+
+
+class ProvenAtStartTests(SynchronousTestCase):
+    """A file store is ready only once it has stored or probed successfully: it probes at start."""
+
+    def test_readyAfterTheStartProbe(self) -> None:
+        """A usable file: healthy as soon as it has started (its probe at start passed)."""
+        service = FileStore(self.mktemp(), Clock())
+        self.assertFalse(service.healthy())
+        service.startService()
+        self.addCleanup(service.stopService)
+        self.assertTrue(service.healthy())
+
+    def test_noRoomAtStart(self) -> None:
+        """A file system with no room at start: the store starts, is not healthy, says so once, and is healthy
+        by itself once there is room (its probes)."""
+        events: list[dict] = []
+        self.patch(FileStore, "log", Logger(observer=events.append))
+        clock, operations = Clock(), NoRoom()
+        service = FileStore(self.mktemp(), clock, operations=operations)
+        service.startService()
+        self.addCleanup(service.stopService)
+        self.assertFalse(service.healthy())
+        clock.advance(5)
+        self.assertFalse(service.healthy())
+        errors = [e["log_format"].format(**e) for e in events if e["log_level"] == LogLevel.error]
+        self.assertEqual(len(errors), 1)
+        self.assertIn("No space left on device", errors[0])
+        operations.full = False
+        clock.advance(1)
+        self.assertTrue(service.healthy())
+
+
 class FsyncPolicyTests(SynchronousTestCase):
     """C{always} syncs before acknowledging, C{everysec} from a one-second timer, C{never} only at stop."""
 

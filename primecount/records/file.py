@@ -90,6 +90,10 @@ class LockBusy(Exception):
     """Another process holds the records file's lock: try again soon."""
 
 
+class HeldByPeer(StorageUnavailable):
+    """A probe found the records file's lock held by another process."""
+
+
 class FileRemoved(Exception):
     """The open records file has no name left (removed, or replaced at its path by another file); C{written}
     says whether the batch being appended went into it before that was seen."""
@@ -207,11 +211,13 @@ class FileStore(Service):
         self._retryCall: Optional[IDelayedCall] = None
         self._lockBackoff = Backoff(LOCK_RETRY_SECOND, LOCK_RETRY_MAX)
         self._selfProbe = SelfProbe(self, clock)
+        self._proven = False  # whether a batch or a probe has succeeded since the start
 
     def healthy(self) -> bool:
-        """Whether the file is open and no write, fsync, lock or slow-fsync incident is going on."""
-        return (self._file is not None and not any(incident.going for incident in self._incidents.values())
-                and not self._slowSync.going)
+        """Whether the file is open, has taken a batch or a probe since it was opened (at start, a probe runs at
+        once), and no write, fsync, lock or slow-fsync incident is going on."""
+        return (self._proven and self._file is not None
+                and not any(incident.going for incident in self._incidents.values()) and not self._slowSync.going)
 
     def startService(self) -> None:
         """Open the records file and start the fsync timer.
@@ -227,11 +233,22 @@ class FileStore(Service):
         except OSError as error:
             raise StartFailed(f"primecount: cannot open records file {self.path}: {error.strerror}") from None
         super().startService()
+        self.probe().addErrback(self._unusableAtStart)
         if self._fsyncPolicy == "everysec":
             self._syncTimer = LoopingCall(self._syncIfNeeded)
             self._syncTimer.clock = self._clock
             self._syncTimer.start(1.0, now=False)
         self.log.info("appending records to {path} (fsync {policy})", path=self.path, policy=self._fsyncPolicy)
+
+    def _unusableAtStart(self, failure: Failure) -> None:
+        """The probe at start failed: not ready, and probed again until it works; said as the incident it is
+        (no room, say), unless another process held the lock for that moment (a held lock is an incident only
+        once batches have waited for it past L{LOCK_WAIT_SECONDS})."""
+        failure.trap(StorageUnavailable)
+        if failure.check(HeldByPeer):
+            self._selfProbe.watch()
+        else:
+            self._failed("write", failure.getErrorMessage(), 0)
 
     def stopService(self) -> Deferred[None]:
         """Write what is pending, fsync, and close the file once running fsyncs are done."""
@@ -322,7 +339,7 @@ class FileStore(Service):
         try:
             self._locked(target, appendsUnderLock)
         except LockBusy:
-            return fail(StorageUnavailable(f"cannot lock {self.path}: held by another process"))
+            return fail(HeldByPeer(f"cannot lock {self.path}: held by another process"))
         except FileRemoved:
             try:
                 self._replaceRemoved(target, written=False, count=0)
@@ -332,6 +349,7 @@ class FileStore(Service):
             return fail(StorageUnavailable(f"cannot write {self.path}: {error.strerror}"))
         self._recovered("write")
         self._recovered("lock")
+        self._proven = True
         if not (self._incidents["fsync"].going or self._slowSync.going) or self._file is None:
             return succeed(None)
         return self._sync(self._file).addErrback(
@@ -454,6 +472,7 @@ class FileStore(Service):
     def _stored(self, count: int) -> Deferred[None]:
         """C{count} records were written: count them, and fsync first with C{fsync="always"}."""
         self._recovered("write")
+        self._proven = True
         self._metrics.recordsWritten(count)
         self._unsynced = True
         if self._fsyncPolicy != "always" or self._file is None:

@@ -425,6 +425,7 @@ class TableStore(Service):
         self._incident = Incident(self.log, reactor, lambda: metrics.storeIncident(self._incidentKind))
         self._incidentKind = "database"  # what the next incident to begin is counted as
         self._selfProbe = SelfProbe(self, reactor, PROBE_LOOK_INTERVAL)
+        self._proven = False  # whether a probe or a transaction has succeeded since the start
         self.commits = 0
         self.rowsWritten = 0
 
@@ -440,12 +441,10 @@ class TableStore(Service):
         self.log.info("appending records to PostgreSQL table {table} ({conninfo}), on up to {connections} "
                       "connections", table=self.table, conninfo=_withoutPassword(self.conninfo),
                       connections=len(self._writers))
-        writer = self._idle.pop()
-        connected = self._runInThread(writer.connectNow)
-        connected.addErrback(self._unreachableAtStart)
-        connected.addBoth(lambda _: self._release(writer))
+        probed = self.probe()
+        probed.addErrback(lambda failure: failure.trap(StorageUnavailable))  # told as the incident it starts
         if self._retention:
-            connected.addBoth(lambda _: self._maintainPartitions())
+            probed.addBoth(lambda _: self._maintainPartitions())
 
     def _maintainPartitions(self) -> None:
         """Make the partitions ahead and drop those past retention (L{primecount.records.schema}), on a
@@ -490,10 +489,6 @@ class TableStore(Service):
         self.log.warn("records table partitions not maintained ({error}); trying again in 5 minutes",
                       error=_describe(failure))
         return False
-
-    def _unreachableAtStart(self, failure: Failure) -> None:
-        self.log.warn("records database not reachable at start ({error}); requests will get ERROR storage "
-                      "unavailable until it is", error=_describe(failure))
 
     def stopService(self) -> Deferred[None] | None:
         """Let the transaction in flight finish, then close the connection and stop the thread."""
@@ -586,6 +581,13 @@ class TableStore(Service):
         timeout (cut off from the database), shut C{writer}'s connection down, so that the thread is free at
         once, and call C{onAbandoned}."""
         def abandon() -> None:
+            # Batches past their deadline are answered as too slow first, whichever of the two timers, due at
+            # the same moment, the reactor runs first: the abandoned commit's failure then finds them answered.
+            deadline = self._deadlineCall
+            if (deadline is not None and deadline.active() and self._deadlines
+                    and self._deadlines[0][0] <= self._reactor.seconds()):
+                deadline.cancel()
+                self._tooSlow()
             if writer.abandon():
                 onAbandoned()
 
@@ -622,6 +624,7 @@ class TableStore(Service):
             self._metrics.recordsWritten(size)
             self._metrics.commitObserved(self._reactor.seconds() - started)
             if started > self._failedAt:  # sent before a failure on another connection, it proves nothing since
+                self._proven = True
                 self._recovered()
             for _, stored in batch:
                 if not stored.called:
@@ -630,8 +633,9 @@ class TableStore(Service):
         self._next()
 
     def healthy(self) -> bool:
-        """Whether no incident is going on: the last transaction committed, or none has failed yet."""
-        return not self._incident.going
+        """Whether a probe or a transaction has succeeded since the start (a probe runs at start) and no
+        incident is going on since."""
+        return self._proven and not self._incident.going
 
     def probe(self) -> Deferred[None]:
         """Whether the table takes a row now (L{DatabaseWriter.tryAppend}: appended, then rolled back), asked
@@ -642,21 +646,32 @@ class TableStore(Service):
             return fail(StorageUnavailable("records database unavailable"))
         writer = self._idle.pop()
         self._probing = True
+        abandoned: list[bool] = []
 
         def answered(result: object) -> None:
             self._probing = False
             self._idle.append(writer)
             if isinstance(result, Failure):
-                self._failed(result, 0)
+                if abandoned:  # no answer in time: its connection was shut down here, not by the database
+                    self._failedAt = self._reactor.seconds()
+                    self._retryAt = self._failedAt + self._backoff.next()
+                    self._incidentKind = "slow_commit"
+                    self._notStored(0, "records database slow: no answer to a probe within {timeout:g} s",
+                                    timeout=self._timeout)
+                    self._incidentKind = "database"
+                else:
+                    self._failed(result, 0)
                 raise StorageUnavailable(f"records database unavailable ({_describe(result)})")
             self._retryAt = 0.0
+            self._proven = True
             self._recovered()
 
-        return self._untilTimeout(writer, writer.tryAppend).addBoth(answered)
+        return self._untilTimeout(writer, writer.tryAppend, onAbandoned=lambda: abandoned.append(True)).addBoth(answered)
 
     def _failed(self, failure: Failure, size: int) -> None:
         self._failedAt = self._reactor.seconds()
-        self._notStored(size, "records database unavailable ({error})", error=_describe(failure))
+        self._notStored(size, "records database unavailable ({error})" if self._proven else
+                        "records database not reachable since the start ({error})", error=_describe(failure))
         self._retryAt = self._reactor.seconds() + self._backoff.next()
 
     def _notStored(self, size: int, why: str, **fields: object) -> None:
