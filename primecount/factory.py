@@ -13,7 +13,9 @@ from twisted.logger import Logger
 
 from primecount.connection import BufferBudget, RequestLimits
 from primecount.internals import queuedBytes
-from primecount.limits import SUMMARY_SOURCES, ConnectionLimits, Summary, SummaryLine, Throttle, peerHost
+from primecount.limits import (
+    SUMMARY_SOURCES, ConnectionLimits, Summary, SummaryLine, Throttle, peerHost, shownPeer,
+)
 from primecount.metrics import NoMetrics
 from primecount.responder import Responder
 
@@ -86,7 +88,7 @@ class PrimeCountFactory(Factory):
             self.log.warn(
                 "answered ERROR busy to {refused} connections (last from {peer}); {total} open, "
                 "limits {maxTotal} in all and {maxPerPeer} per address",
-                refused=refused, peer=key, total=self.connectionLimits.total,
+                refused=refused, peer=shownPeer(key), total=self.connectionLimits.total,
                 maxTotal=self.connectionLimits.maxTotal, maxPerPeer=self.connectionLimits.maxPerPeer or "no",
             )
 
@@ -135,7 +137,7 @@ class PrimeCountFactory(Factory):
         aborted = throttle.event(self.clock.seconds())
         if aborted is not None:
             self.log.warn("aborted {aborted} connections (last to {peer}): " + _ABORT_REASONS[reason],
-                          aborted=aborted, peer=peerHost(protocol.transport.getPeer()),
+                          aborted=aborted, peer=shownPeer(peerHost(protocol.transport.getPeer())),
                           sendTimeout=self.limits.sendTimeout, timeout=self.limits.timeout, linger=self.limits.linger)
 
     def errorReplied(self, reply: str, peer: str) -> None:
@@ -162,12 +164,12 @@ class PrimeCountFactory(Factory):
 
     def _logErrorReplies(self, line: SummaryLine) -> None:
         if line.count == 1:
-            self.log.info("{reply} to {peer}", reply=line.kind, peer=line.lastSource)
+            self.log.info("{reply} to {peer}", reply=line.kind, peer=shownPeer(line.lastSource))
         else:
             self.log.info("{reply} to {count} requests in {seconds:.1f} s from {sources} addresses (last {peer})",
                           reply=line.kind, count=line.count, seconds=line.seconds,
                           sources=f"{line.sources}+" if line.sources >= SUMMARY_SOURCES else line.sources,
-                          peer=line.lastSource)
+                          peer=shownPeer(line.lastSource))
 
     def connectionOpened(self, protocol: Any) -> None:
         """Count C{protocol} as open."""

@@ -155,8 +155,12 @@ def announceListening(reactor: Any, log: Logger, port: Any) -> None:
     def announce() -> None:
         address = port.getHost()
         # Tools and tests find the bound port from this event (its text is stable), not from Twisted's wording.
-        log.info("{event} {host} port {port}", event=LISTENING_EVENT, host=getattr(address, "host", address),
-                 port=getattr(address, "port", None))
+        if hasattr(address, "port"):
+            log.info("{event} {host} port {port}", event=LISTENING_EVENT, host=address.host, port=address.port)
+        else:  # a UNIX socket: its path
+            name = getattr(address, "name", address)
+            log.info("{event} {path}", event=LISTENING_EVENT,
+                     path=name.decode("utf-8", "replace") if isinstance(name, bytes) else name)
 
     reactor.callWhenRunning(announce)
 
@@ -167,10 +171,15 @@ class Listener(Service):
 
     log = Logger()
 
-    def __init__(self, endpoint: Any, factory: Any, reactor: Any) -> None:
+    def __init__(self, endpoint: Any, factory: Any, reactor: Any, option: str = "port",
+                 announce: bool = True) -> None:
+        """C{option}: the option that named C{endpoint}, for a failure to listen; C{announce}: whether this is the
+        service's listener, which says L{LISTENING_EVENT} (not the metrics endpoint's)."""
         self._endpoint = endpoint
         self._factory = factory
         self._reactor = reactor
+        self._option = option
+        self._announces = announce
         self._listening: Optional[Deferred[Any]] = None
         self._port: Any = None
 
@@ -210,7 +219,7 @@ class Listener(Service):
         self._listening.addCallbacks(self._listened, failed)
         returned = True
         if failures:
-            raise listenFailed(failures[0])
+            raise listenFailed(failures[0], self._option)
 
     def _listened(self, port: Any) -> Any:
         self._port = port
@@ -219,7 +228,8 @@ class Listener(Service):
         return port
 
     def _announce(self, port: Any) -> None:
-        announceListening(self._reactor, self.log, port)
+        if self._announces:
+            announceListening(self._reactor, self.log, port)
 
     @property
     def listening(self) -> bool:
@@ -238,10 +248,15 @@ class Listener(Service):
         return maybeDeferred(port.stopListening)
 
 
-def listenFailed(failure: Any) -> BaseException:
-    """What to raise when listening failed: a port in use or not allowed stops twistd with one line, no traceback."""
+def listenFailed(failure: Any, option: str = "port") -> BaseException:
+    """What to raise when listening on the endpoint of C{--option} failed: a port in use or not allowed, or a
+    UNIX socket's path that cannot be made, stops twistd with one line naming the option, no traceback."""
     if failure.check(CannotListenError):
-        return StartFailed(f"primecount: {failure.getErrorMessage()}")
+        return StartFailed(f"primecount: --{option}: {failure.getErrorMessage()}")
+    if failure.check(OSError):
+        error = failure.value
+        where = f": {error.filename}" if getattr(error, "filename", None) else ""
+        return StartFailed(f"primecount: --{option}: cannot listen: {error.strerror or error}{where}")
     return failure.value
 
 

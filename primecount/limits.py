@@ -34,11 +34,20 @@ def canonicalHost(host: str) -> str:
     return str(address)
 
 
+# A peer without an IP address (a UNIX socket's) in records and limits: an empty client field (NULL in a table).
+NO_ADDRESS = ""
+
+
 def peerHost(address: Any) -> str:
     """The client address (an C{IAddress}) as written in records, logs and limits: the IP of a TCP peer, in its
-    one canonical form (L{canonicalHost})."""
+    one canonical form (L{canonicalHost}); L{NO_ADDRESS} for a peer that has none (a UNIX socket's)."""
     host = getattr(address, "host", None)
-    return canonicalHost(host) if host else str(address)
+    return canonicalHost(host) if host else NO_ADDRESS
+
+
+def shownPeer(peer: str) -> str:
+    """C{peer} (a L{peerHost}) as a log line names it."""
+    return peer or "a UNIX-socket peer"
 
 
 class Throttle:

@@ -4,6 +4,7 @@ that take several together checked once all are read, and the options a supervis
 from __future__ import annotations
 
 import math
+import os
 import re
 import sys
 from typing import Any, Callable, Optional, Sequence
@@ -110,22 +111,42 @@ def _sameListeningPort(first: str, second: str) -> bool:
 
 
 def _checkEndpoint(option: str, description: str) -> None:
-    """Raise a UsageError naming C{--option} if C{description} is not a usable server endpoint."""
+    """Raise a UsageError naming C{--option} if C{description} is not a usable server endpoint: it parses (an
+    C{ssl:} one loads its key and certificate, which must match), a C{systemd:} one names a socket this process
+    was given, a C{unix:} one's folder exists."""
     try:
         parseServerEndpoint(description)
-    except IndexError:
+    except (IndexError, KeyError) as error:
+        if not isinstance(error, IndexError) and not description.startswith("systemd:"):
+            raise usage.UsageError(f"--{option}: cannot use {description!r}: {error}") from None
         raise usage.UsageError(
             f"--{option}: {description!r} names an inherited socket this process was not given "
             "(start it from a systemd .socket unit, or with systemd-socket-activate --fdname=NAME: "
             "Twisted needs LISTEN_FDS and LISTEN_FDNAMES)"
         ) from None
-    except (ValueError, TypeError, KeyError, OSError) as error:
-        raise usage.UsageError(f"--{option}: cannot use {description!r}: {error}") from None
     except ImportError as error:  # ssl: without pyOpenSSL
         raise usage.UsageError(
             f"--{option}: {description!r} needs TLS support, which is not installed ({error}): "
             "pip install 'primecount[tls]'"
         ) from None
+    except Exception as error:  # a bad value; for ssl:, also a key or certificate OpenSSL cannot load
+        raise usage.UsageError(f"--{option}: cannot use {description!r}: {_readable(error)}") from None
+    if withoutProxyPrefix(description).startswith("unix:"):
+        path = re.split(r"(?<!\\):", withoutProxyPrefix(description))[1].split("=", 1)[-1].replace("\\:", ":")
+        folder = os.path.dirname(os.path.abspath(path))
+        if not os.path.isdir(folder):
+            raise usage.UsageError(f"--{option}: cannot listen on {path}: no such folder {folder}")
+
+
+def _readable(error: Exception) -> str:
+    """An endpoint's parse error in words: OpenSSL's list of (library, function, reason) as its reasons, with
+    what to check; anything else as it says itself."""
+    reasons = error.args[0] if error.args and isinstance(error.args[0], list) else None
+    if type(error).__name__ == "Error" and reasons and all(isinstance(reason, tuple) for reason in reasons):
+        said = "; ".join(": ".join(part for part in reason if part) for reason in reasons)
+        return (f"OpenSSL cannot load the key or the certificate ({said}): privateKey= must name a PEM private "
+                f"key, and certKey= its PEM certificate")
+    return str(error)
 
 
 def _workers(value: str) -> int:

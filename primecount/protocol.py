@@ -20,7 +20,7 @@ from primecount.connection import (
     CLOSE, HALF_CLOSE, PAUSE, RESUME, Abort, Action, Arm, Ask, BufferBudget, Connection, RequestLimits, Send, Timer,
 )
 from primecount.internals import closeNow, readWaiting, sendNow
-from primecount.limits import peerHost
+from primecount.limits import peerHost, shownPeer
 from primecount.metrics import NoMetrics
 from primecount.responder import Responder
 from primecount.tls import tlsLayer
@@ -291,7 +291,7 @@ class PrimeCountProtocol(Driven):
             self.transport.registerProducer(self, True)
             self._producing = True
         if self._limits.logRequests:
-            self.log.info("connection from {peer}", peer=self._peer)
+            self.log.info("connection from {peer}", peer=shownPeer(self._peer))
         self._start(readWaiting(self.transport))
 
     def answered(self, replies: list[tuple[int, wire.Reply]]) -> None:
@@ -304,7 +304,7 @@ class PrimeCountProtocol(Driven):
         for reply, startedAt in replies:
             if logRequests:
                 self.log.info("{kind}{reply} to {peer}", kind="" if reply.isError else "reply ",
-                              reply=reply.text, peer=self._peer)
+                              reply=reply.text, peer=shownPeer(self._peer))
             elif reply.isError:
                 self._observer.errorReplied(reply.text, self._peer)
             if reply.outcome == "busy":  # a connection already served is busy only past the buffer budget

@@ -8,7 +8,6 @@ import platform
 from functools import partial
 from typing import Any, Optional
 
-from twisted.application import strports
 from twisted.application.service import IService, IServiceCollection
 from twisted.internet.endpoints import serverFromString
 from twisted.logger import Logger
@@ -77,7 +76,7 @@ def makeService(options: Options, reactor: Optional[Any] = None) -> IService:
         signals,
         SupervisorWatch(reactor, signals.stop) if worker else None,
         records,
-        strports.service(options["metrics"], MetricsSite(metrics.registry, reactor, health), reactor=reactor)
+        _metricsListener(options, reactor, MetricsSite(metrics.registry, reactor, health))
         if options["metrics"] else None,
         # Every request ends within --timeout of its connect, an ERROR's lingering close within the linger
         # after that; the extra second covers analysis and the record.
@@ -105,11 +104,17 @@ def supervisor(options: Options, reactor: Any) -> IService:
         limits = configuredLimits(options, options["max-connections"]
                                   or fileLimit.defaultMaxConnections * options["workers"])
         registry = workersRegistry(folder, limits, health, lambda: pool.restarts)
-        metrics = strports.service(options["metrics"], MetricsSite(registry, reactor, health), reactor=reactor)
+        metrics = _metricsListener(options, reactor, MetricsSite(registry, reactor, health))
     log.info("supervising {count} workers on one listening socket", count=options["workers"])
     return _inOrder(ProcessSignals(reactor, onHangUp=pool.hangUp, onReplace=pool.replaceAll), folder, metrics,
                     shared, pool, HealthWatch(health, reactor, options["drain-delay"]),
                     Readiness(reactor, pool.allListening))
+
+
+def _metricsListener(options: Options, reactor: Any, site: MetricsSite) -> Listener:
+    """The metrics endpoint's listener: one that cannot listen (its port in use) stops the start with one line
+    naming C{--metrics}."""
+    return Listener(serverFromString(reactor, options["metrics"]), site, reactor, option="metrics", announce=False)
 
 
 def _inOrder(*services: Optional[IService]) -> IServiceCollection:

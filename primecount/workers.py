@@ -137,7 +137,7 @@ class SharedSocket(Service):
         failures: list[Failure] = []
         listening.addCallbacks(self._listened, failures.append)
         if failures:
-            raise listenFailed(failures[0])
+            raise listenFailed(failures[0], "port")
 
     def _listened(self, port: Any) -> None:
         self.fileno = stopAccepting(port)

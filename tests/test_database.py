@@ -507,7 +507,7 @@ class InsertParametersTests(SynchronousTestCase):
         """Seconds, clients as inet (NULL for a UNIX peer), every message quoted with backslash and double quote
         escaped and NUL stood in for, counts, verdicts, then the host and the process."""
         parameters = insertParameters([Record(1_771_322_400, "::1", 'a"b\\', 2, True),
-                                       Record(1_771_322_401, "UNIXAddress(None)", "c", 1, False),
+                                       Record(1_771_322_401, "", "c", 1, False),
                                        Record(1_771_322_402, "192.0.2.7", "a\0b", 2, True)], "host", 9)
         self.assertEqual(parameters, [b"{1771322400,1771322401,1771322402}", b'{"::1",NULL,"192.0.2.7"}',
                                       ('{"a\\"b\\\\","c","a' + NUL_STAND_IN + 'b"}').encode(), b"{2,1,2}",
@@ -529,7 +529,7 @@ class InsertParametersTests(SynchronousTestCase):
         writer = DatabaseWriter(cluster.uri, table, "always")
         self.addCleanup(writer.close)
         writer.append([record(message) for message in self.MESSAGES])
-        writer.append([Record(1_771_322_400, "UNIXAddress(None)", "unix", 1, False),
+        writer.append([Record(1_771_322_400, "", "unix", 1, False),
                        Record(1_771_322_401, "::ffff:192.0.2.7", "mapped", 3, True)])
         stored = [message for (message,) in cluster.query(f'SELECT message FROM "{table}" ORDER BY id')]
         self.assertEqual(stored, [message.replace("\0", NUL_STAND_IN) for message in self.MESSAGES] + ["unix", "mapped"])

@@ -230,8 +230,64 @@ class StartupErrorTests(SynchronousTestCase):
                               "--records", os.path.abspath(self.mktemp()))
         output = result.stdout + result.stderr
         self.assertEqual(result.returncode, 1, output)
-        self.assertIn(f"primecount: Couldn't listen on 127.0.0.1:{port}: [Errno 98] Address already in use.", output)
+        self.assertIn(f"primecount: --port: Couldn't listen on 127.0.0.1:{port}: [Errno 98] Address already in use.", output)
         self.assertNotIn("Traceback", output)
+
+    def test_unixSocketPeer(self) -> None:
+        """Over C{--port unix:PATH} a request is answered and recorded with an empty client field (the peer has no
+        address), which C{stats} does not count as a client."""
+        import socket
+
+        folder = os.path.abspath(self.mktemp())
+        os.makedirs(folder)
+        path, records = os.path.join(folder, "pc.sock"), os.path.join(folder, "records.txt")
+        server = ServerProcess(records, "--log-requests", port=f"unix:{path}")
+        self.addCleanup(server.stop)
+        with socket.socket(socket.AF_UNIX) as client:
+            client.settimeout(10)
+            client.connect(path)
+            client.sendall(b"abc2a\n")
+            self.assertEqual(client.makefile("rb").read(), expectedReply("abc2a"))
+        self.assertEqual(server.stop(), 0)
+        self.assertIn("connection from a UNIX-socket peer", server.log)
+        with open(records, encoding="utf-8") as lines:
+            self.assertEqual([(r.client, r.message) for r in parseRecords(lines)], [("", "abc2a")])
+        stats = subprocess.run([sys.executable, "-m", "primecount.records", "stats", records], capture_output=True,
+                               text=True, timeout=60).stdout
+        self.assertIn("records      1\n", stats)
+        self.assertIn("clients      0\n", stats)
+
+    def test_metricsPortInUse(self) -> None:
+        """A --metrics port already in use is one line naming --metrics, exit 1, with or without --workers."""
+        import socket
+
+        with socket.socket() as taken:
+            taken.bind(("127.0.0.1", 0))
+            taken.listen(1)
+            port = taken.getsockname()[1]
+            for workers in ("1", "2"):
+                result = self.twistd("-n", "--pidfile=", "primecount", "--port", "tcp:0:interface=127.0.0.1",
+                                     "--metrics", str(port), "--workers", workers,
+                                     "--records", os.path.abspath(self.mktemp()))
+                output = result.stdout + result.stderr
+                self.assertEqual(result.returncode, 1, output)
+                self.assertIn(f"primecount: --metrics: Couldn't listen on 127.0.0.1:{port}: [Errno 98] Address "
+                              "already in use.", output)
+                self.assertNotIn("Traceback", output)
+                self.assertNotIn("started worker", output)
+
+    def test_endpointsThatCannotBeUsed(self) -> None:
+        """A UNIX socket in a folder that does not exist, and systemd's socket outside systemd: one line naming
+        --port and what is wrong, exit 1."""
+        for port, said in (("unix:/missing/folder/pc.sock", "--port: cannot listen on /missing/folder/pc.sock: no "
+                                                            "such folder /missing/folder"),
+                           ("systemd:domain=INET:name=primecount", "--port: 'systemd:domain=INET:name=primecount' "
+                                                                   "names an inherited socket this process was not "
+                                                                   "given")):
+            result = self.twistd("-n", "--pidfile=", "primecount", "--port", port,
+                                 "--records", os.path.abspath(self.mktemp()))
+            self.assertEqual((result.returncode, result.stderr.count("\n")), (1, 1), result.stdout + result.stderr)
+            self.assertIn(said, result.stderr)
 
     def test_version(self) -> None:
         """C{twistd primecount --version} prints primecount's version, not only Twisted's."""

@@ -14,6 +14,7 @@ from twisted.internet.testing import MemoryReactorClock
 from twisted.trial.unittest import SynchronousTestCase
 
 from primecount.lifecycle import Drain, Listener, ProcessSignals, SequentialMultiService
+from primecount.startup import StartFailed
 
 
 class CallRecordingReactor(MemoryReactorClock):
@@ -292,13 +293,23 @@ class ListenerTests(SynchronousTestCase):
         self.assertEqual((port.queued, port.sessionno, port.listening), (0, 57, False))
 
     def test_listenFailureRaises(self) -> None:
-        """A port that cannot be bound stops the start with one line naming it, before the service runs."""
+        """A port that cannot be bound (or a UNIX socket's path) stops the start with one line naming it and its
+        option, before the service runs."""
         from twisted.internet.error import CannotListenError
 
         listener = Listener(FakeEndpoint(error=CannotListenError("", 5050, OSError("in use"))), None,
                             runningReactor())
-        stopped = self.assertRaises(SystemExit, listener.privilegedStartService)
-        self.assertEqual(str(stopped), "primecount: Couldn't listen on any:5050: in use.")
+        stopped = self.assertRaises(StartFailed, listener.privilegedStartService)
+        self.assertEqual(str(stopped), "primecount: --port: Couldn't listen on any:5050: in use.")
+        metrics = Listener(FakeEndpoint(error=CannotListenError("127.0.0.1", 9100, OSError("in use"))), None,
+                           runningReactor(), option="metrics", announce=False)
+        stopped = self.assertRaises(StartFailed, metrics.privilegedStartService)
+        self.assertEqual(str(stopped), "primecount: --metrics: Couldn't listen on 127.0.0.1:9100: in use.")
+        unix = Listener(FakeEndpoint(error=FileNotFoundError(2, "No such file or directory", "/gone/pc.sock.lock")),
+                        None, runningReactor())
+        stopped = self.assertRaises(StartFailed, unix.privilegedStartService)
+        self.assertEqual(str(stopped), "primecount: --port: cannot listen: No such file or directory: "
+                                       "/gone/pc.sock.lock")
 
     def test_saysItListensOnlyOnceStarted(self) -> None:
         """Bound before privileges drop, the listener says it listens only when started, after the services

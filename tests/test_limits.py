@@ -12,7 +12,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from primecount import limits as limitsModule
 from primecount.limits import (
     BUSY_LINGER_MAX, FD_HEADROOM, MIN_CONNECTIONS, SUMMARY_SOURCES, ConnectionLimits, FileLimit, Summary, SummaryLine,
-    Throttle, canonicalHost, enoughDescriptors, raiseFileLimit,
+    Throttle, canonicalHost, enoughDescriptors, peerHost, raiseFileLimit, shownPeer,
 )
 from primecount.startup import StartFailed
 from primecount.connection import RequestLimits
@@ -34,6 +34,13 @@ class PeerKeyTests(SynchronousTestCase):
         self.assertEqual(canonicalHost("fe80::1%eth0"), "fe80::1")
         self.assertEqual(canonicalHost("not-an-ip"), "not-an-ip")
 
+    def test_unixPeerHasNoAddress(self) -> None:
+        """A UNIX-socket peer has no address: an empty client field (not a Python repr), named in words in logs."""
+        from twisted.internet.address import UNIXAddress
+
+        self.assertEqual(peerHost(UNIXAddress(None)), "")
+        self.assertEqual(peerHost(UNIXAddress(b"/run/x.sock")), "")
+        self.assertEqual((shownPeer(""), shownPeer("192.0.2.1")), ("a UNIX-socket peer", "192.0.2.1"))
 
     def test_protocolRecordsTheCanonicalName(self) -> None:
         """A connection from an IPv4-mapped peer is recorded, limited and logged as the IPv4 address."""

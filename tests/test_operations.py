@@ -251,11 +251,11 @@ class DaemonTests(SynchronousTestCase):
             stderr = self.daemonThatCannotStart("--port", f"tcp:{port}:interface=127.0.0.1",
                                                 "--records", os.path.abspath(self.mktemp()))
         self.assertEqual(stderr.splitlines()[0],
-                         f"primecount: Couldn't listen on 127.0.0.1:{port}: [Errno 98] Address already in use.")
+                         f"primecount: --port: Couldn't listen on 127.0.0.1:{port}: [Errno 98] Address already in use.")
         stderr = self.daemonThatCannotStart("--port", "tcp:0:interface=198.18.0.1",
                                             "--records", os.path.abspath(self.mktemp()))
         self.assertEqual(stderr.splitlines()[0],
-                         "primecount: Couldn't listen on 198.18.0.1:0: [Errno 99] Cannot assign requested address.")
+                         "primecount: --port: Couldn't listen on 198.18.0.1:0: [Errno 99] Cannot assign requested address.")
         if os.geteuid() == 0:
             import pwd
             import tempfile

@@ -154,6 +154,36 @@ class CipherOptionTests(SynchronousTestCase):
             self.assertTrue(str(caught.exception).startswith("--tls-ciphers: "), str(caught.exception))
 
 
+class BadKeyTests(SynchronousTestCase):
+    """A key OpenSSL cannot load, or one that does not match its certificate, is one line naming --port."""
+
+    def test_certificateAsKeyAndMismatchedKey(self) -> None:
+        """The certificate given as the private key, and another pair's key: a UsageError each, in words, from
+        the options and from a real twistd (one line on stderr, exit 1, no traceback)."""
+        from twisted.python.usage import UsageError
+
+        from primecount.options import Options
+        from primecount.tools.serverprocess import TWISTD
+
+        folder = os.path.abspath(self.mktemp())
+        os.makedirs(os.path.join(folder, "other"))
+        key, certificate = selfSignedCertificate(folder)
+        otherKey, _ = selfSignedCertificate(os.path.join(folder, "other"))
+        for port, said in ((f"ssl:0:privateKey={certificate}:certKey={certificate}",
+                            "OpenSSL cannot load the key or the certificate ("),
+                           (f"ssl:0:privateKey={otherKey}:certKey={certificate}",
+                            "Certificate public and private keys do not match.")):
+            with self.assertRaises(UsageError) as caught:
+                Options().parseOptions(["--port", port, "--records", os.path.join(folder, "records.txt")])
+            self.assertTrue(str(caught.exception).startswith(f"--port: cannot use {port!r}: {said}"),
+                            str(caught.exception))
+            result = subprocess.run([*TWISTD, "-n", "--pidfile=", "primecount", "--port", port, "--records",
+                                     os.path.join(folder, "records.txt")], capture_output=True, text=True, timeout=60)
+            self.assertEqual((result.returncode, result.stderr.count("\n")), (1, 1), result.stderr)
+            self.assertIn(f"--port: cannot use {port!r}: {said}", result.stderr)
+            self.assertNotIn("Traceback", result.stdout + result.stderr)
+
+
 class WithoutTLSSupportTests(SynchronousTestCase):
     """Without pyOpenSSL an ssl: port is a one-line usage error that says what to install."""
 

@@ -137,7 +137,8 @@ def stats(paths: Sequence[str], out: TextIO, top: int, since: Optional[int] = No
             prime += record.isPrime
             first = record.seconds if first is None else min(first, record.seconds)
             last = record.seconds if last is None else max(last, record.seconds)
-            clients[record.client] += 1
+            if record.client:  # a UNIX-socket peer has no address, and is no client IP
+                clients[record.client] += 1
             minutes[record.seconds // 60] += 1
         skipped += len(problems)
     writeStats(out, total, prime, first, last, len(clients), clients.most_common(top),

@@ -17,6 +17,7 @@ def twistdCommand(python: str = sys.executable) -> list[str]:
     """The command that runs twistd with the interpreter C{python} (a venv's own, for its packages)."""
     return [python, *TWISTD[1:]]
 _LISTENING = re.compile(rb"primecount listening on \S+ port (\d+)")
+_LISTENING_ANYWHERE = re.compile(rb"primecount listening on \S+(?: port (\d+))?")  # or on a UNIX socket's path
 
 
 def listeningPort(log: str) -> Optional[int]:
@@ -67,7 +68,8 @@ class ServerProcess:
         self.output = b""
         self._stopping = False
         try:
-            self.port = int(self.waitFor(_LISTENING, startupSeconds).group(1))
+            listening = self.waitFor(_LISTENING_ANYWHERE, startupSeconds)
+            self.port = int(listening.group(1)) if listening.group(1) else 0  # 0: a UNIX socket
         except BaseException:  # no caller holds it yet to stop it: a server that never listened is not left behind
             self.process.kill()
             self.process.communicate()
