@@ -258,6 +258,22 @@ class FollowTests(FollowingProcess, SynchronousTestCase):
         self.assertEqual(process.returncode, 0)
         self.assertEqual(process.stderr.read(), "", "said once")
 
+    def test_fileThatAppearsIsReadFromItsStart(self) -> None:
+        """Following from the end a path that does not exist yet: the records the file holds when it appears
+        are printed, none skipped, then those appended."""
+        path = Path(self.mktemp())
+        process = self.startFollowing(str(path))
+        try:
+            self.assertIn("does not exist (yet); waiting", process.stderr.readline())
+            path.write_text(lines("first") + lines("second"), encoding="utf-8")
+            self.assertEqual([self.nextMessage(process), self.nextMessage(process)], ["first", "second"])
+            with path.open("a", encoding="utf-8") as file:
+                file.write(lines("third"))
+            self.assertEqual(self.nextMessage(process), "third")
+        finally:
+            self.interrupt(process)
+        self.assertTrue(self.printed.empty(), "nothing printed twice")
+
     def follow(self, path: Path) -> subprocess.Popen:
         """C{primecount-records follow --from-start path} running, its stdout lines gathered."""
         return self.startFollowing("--from-start", str(path))

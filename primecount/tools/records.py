@@ -198,8 +198,9 @@ def tail(path: str, out: TextIO, count: int) -> int:
 
 
 def follow(path: str, out: TextIO, interval: float = 0.2, fromEnd: bool = True, err: TextIO = sys.stderr) -> int:
-    """Print records as they are appended, following rotation (a new file at the path), until interrupted; a path
-    that does not exist yet is waited for, as C{tail -F} does, and said so once on C{err}."""
+    """Print records as they are appended, following rotation (a new file at the path, read from its start), until
+    interrupted; a path that does not exist yet is waited for, as C{tail -F} does, said so once on C{err}, and
+    read from its start once it appears: no record is skipped."""
     file, identity, pending, missingSaid = None, None, b"", False
     try:
         while True:
@@ -207,6 +208,7 @@ def follow(path: str, out: TextIO, interval: float = 0.2, fromEnd: bool = True, 
                 status = os.stat(path)
             except FileNotFoundError:
                 status = None
+                fromEnd = False  # a file that appears later is read from its start, as after a rotation
                 if file is None and not missingSaid:
                     err.write(f"primecount-records: {path} does not exist (yet); waiting for it to appear\n")
                     err.flush()
