@@ -1,6 +1,7 @@
 """Tests for L{primecount.records}: one line per record in either format, parsed back losslessly."""
 
 import json
+import os
 import re
 import time
 
@@ -172,3 +173,110 @@ class ModuleTests(SynchronousTestCase):
                                 text=True)
         self.assertEqual(result.returncode, 0, result.stderr)
         self.assertIn("1 records", result.stdout)
+
+
+# Messages that trip readers of tab- or comma-separated text: quotes anywhere (at a field's start a CSV reader
+# starts a quoted field running across records), words that are NULL or NA somewhere, a lone backslash-N,
+# commas, a leading hash, and the escaped characters themselves.
+AWKWARD = ['"', '"quoted"', 'say "hi"', 'a"b', '""', "'single'", "NULL", "NA", "\\N", "nan", "a,b", "#comment",
+           "tab\there", "new\nline", "\\", "ñandú 日本", "x" * 300, "=cmd()", '"\t"', 'ends with "']
+
+
+class CommonReadersTests(SynchronousTestCase):
+    """A records file reads the same in L{parseRecords}, a plain TAB split, Python's C{csv} module, pandas, and
+    PostgreSQL's and DuckDB's CSV import: one row per record, five fields, the message field as written, whatever
+    the messages (a message beginning with a quote turned CSV readers' fields into one across records)."""
+
+    def setUp(self) -> None:
+        self.path = self.mktemp()
+        self.records = [Record(1_771_322_400 + n, "192.0.2.7" if n % 2 else "", message, n + 1, n % 2 == 0)
+                        for n, message in enumerate(AWKWARD * 3)]
+        with open(self.path, "w", encoding="utf-8", newline="\n") as file:
+            file.writelines(formatTSV(record) for record in self.records)
+        with open(self.path, encoding="utf-8", newline="\n") as file:
+            self.fields = [line.rstrip("\n").split("\t") for line in file]
+
+    def test_plainSplitAndParser(self) -> None:
+        """Every line splits into five fields; parseRecords gives back every record, messages unescaped."""
+        self.assertEqual({len(fields) for fields in self.fields}, {5})
+        self.assertEqual(len(self.fields), len(self.records))
+        with open(self.path, encoding="utf-8", newline="\n") as file:
+            self.assertEqual(list(parseRecords(file)), self.records)
+        self.assertEqual([unescapeField(fields[2]) for fields in self.fields], [r.message for r in self.records])
+
+    def test_pythonCsv(self) -> None:
+        """Python's csv module, with the excel-tab dialect (quoting on, as by default), reads the same fields."""
+        import csv
+
+        with open(self.path, encoding="utf-8", newline="") as file:
+            self.assertEqual(list(csv.reader(file, dialect="excel-tab")), self.fields)
+
+    def test_pandas(self) -> None:
+        """pandas' read_csv with sep TAB (its default quoting) reads the same rows and fields, as text."""
+        pandas = requireModule(self, "pandas")
+        frame = pandas.read_csv(self.path, sep="\t", header=None, dtype=str, keep_default_na=False)
+        self.assertEqual(frame.values.tolist(), self.fields)
+
+    def test_duckdb(self) -> None:
+        """DuckDB's read_csv with a TAB delimiter, no header and its usual quote character reads the same rows and
+        fields, as text. (Left to guess the quote character too, its sniffer may take a message written
+        'like this' for quoting: docs/records.md gives the dialect.)"""
+        duckdb = requireModule(self, "duckdb")
+        rows = duckdb.sql(f"SELECT * FROM read_csv('{self.path}', delim='\\t', quote='\"', header=false, "
+                          "all_varchar=true, strict_mode=true)").fetchall()
+        self.assertEqual([[field or "" for field in row] for row in rows], self.fields)
+
+    def test_postgresqlCopyCsv(self) -> None:
+        """PostgreSQL's COPY … (FORMAT csv, DELIMITER TAB) into a table of text columns reads the same rows and
+        fields (an empty client field, a UNIX-socket peer's, as NULL)."""
+        from tests.postgres import freshTable, sharedCluster
+
+        cluster = sharedCluster(self)
+        table = freshTable(self, cluster)
+        cluster.query(f'CREATE TABLE "{table}" (n serial, time text, client text, message text, count text, '
+                      "verdict text)")
+        from primecount.records.table import driver
+
+        with driver().connect(cluster.uri, autocommit=True) as connection, open(self.path, "rb") as file:
+            with connection.cursor().copy(f'COPY "{table}" (time, client, message, count, verdict) FROM STDIN '
+                                          "WITH (FORMAT csv, DELIMITER E'\\t')") as copy:
+                copy.write(file.read())
+        rows = cluster.query(f'SELECT time, client, message, count, verdict FROM "{table}" ORDER BY n')
+        self.assertEqual([[field or "" for field in row] for row in rows], self.fields)
+
+
+class ServedRecordsReadersTests(CommonReadersTests):
+    """The same readers on the records file a real twistd wrote for those messages (each sent as a request)."""
+
+    def setUp(self) -> None:
+        from primecount.tools.serverprocess import ServerProcess
+        from tests.helpers import ask, expectedReply
+
+        self.path = os.path.abspath(self.mktemp())
+        server = ServerProcess(self.path)
+        self.addCleanup(server.stop)
+        sent = [message for message in AWKWARD if "\n" not in message]
+        for message in sent:
+            self.assertEqual(ask(server.port, message.encode() + b"\n"), expectedReply(message))
+        self.assertEqual(server.stop(), 0)
+        with open(self.path, encoding="utf-8", newline="\n") as file:
+            self.records = list(parseRecords(file))
+        self.assertEqual([record.message for record in self.records], [message.strip() for message in sent])
+        with open(self.path, encoding="utf-8", newline="\n") as file:
+            self.fields = [line.rstrip("\n").split("\t") for line in file]
+
+
+def requireModule(test: SynchronousTestCase, name: str) -> object:
+    """Module C{name}; skip without it (pandas and DuckDB have no builds for PyPy), or fail in CI on CPython."""
+    import importlib
+    import os
+    import platform
+
+    from twisted.trial.unittest import SkipTest
+
+    try:
+        return importlib.import_module(name)
+    except ImportError:
+        if os.environ.get("PRIMECOUNT_REQUIRE_SYSTEM_TOOLS") == "1" and platform.python_implementation() == "CPython":
+            test.fail(f"{name} is required here (PRIMECOUNT_REQUIRE_SYSTEM_TOOLS=1)")
+        raise SkipTest(f"{name} is not installed (the test extra installs it on CPython)")

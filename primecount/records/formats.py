@@ -18,7 +18,9 @@ _UNESCAPES = {escaped: plain for plain, escaped in _ESCAPES.items()}
 # splits at: C0 (but TAB, CR and LF, which have their own escapes), DEL, C1, U+2028 and U+2029.
 CONTROLS = "\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f\u2028\u2029"
 _CONTROL_PATTERN = re.compile(f"[{CONTROLS}]")
-_ESCAPE_PATTERN = re.compile(f"[\\\\\t\r\n{CONTROLS}]")
+# Also the double quote, as \x22: a field beginning with one would turn a CSV reader (Python's csv, pandas,
+# PostgreSQL's and DuckDB's CSV import) into one quoted field running across records.
+_ESCAPE_PATTERN = re.compile(f"[\\\\\t\r\n\"{CONTROLS}]")
 _UNESCAPE_PATTERN = re.compile(r"\\(?:x[0-9a-f]{2}|u[0-9a-f]{4}|.)?", re.DOTALL)
 _JSON_RAW_PATTERN = re.compile("[\x7f-\x9f\u2028\u2029]")  # json.dumps already escapes C0
 _VERDICTS = {"sí": True, "no": False}
@@ -77,9 +79,9 @@ def _escapeOne(match: re.Match[str]) -> str:
 
 
 def escapeField(text: str) -> str:
-    """Escape backslash, TAB, CR, LF and every other control character so C{text} fits in one tab-separated
-    field and prints as text."""
-    if (text.isprintable() and "\\" not in text) or _ESCAPE_PATTERN.search(text) is None:
+    """Escape backslash, TAB, CR, LF, the double quote and every other control character so C{text} fits in one
+    tab-separated field that every TSV and CSV reader reads alike, and prints as text."""
+    if (text.isprintable() and "\\" not in text and '"' not in text) or _ESCAPE_PATTERN.search(text) is None:
         return text  # printable text holds no control character: most messages are, and isprintable is cheaper
     return _ESCAPE_PATTERN.sub(_escapeOne, text)
 
@@ -95,7 +97,7 @@ def unescapeField(text: str) -> str:
             return _UNESCAPES[escaped]
         if len(escaped) > 2:
             character = chr(int(escaped[2:], 16))
-            if _CONTROL_PATTERN.fullmatch(character):
+            if character == '"' or _CONTROL_PATTERN.fullmatch(character):
                 return character
         raise MalformedRecord(f"bad escape {escaped!r}")
 
