@@ -8,12 +8,14 @@ import signal
 import socket
 import subprocess
 import tempfile
+import time
+from typing import Callable
 
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
 from primecount.readiness import Readiness, notify, watchdogInterval
-from primecount.tools.serverprocess import TWISTD
+from primecount.tools.serverprocess import TWISTD, listeningPort
 from tests.helpers import ask, expectedReply, slow
 
 
@@ -32,9 +34,30 @@ class NotifySocket:
         self.socket.settimeout(30)
         test.addCleanup(self.socket.close)
 
-    def receive(self) -> str:
-        """The next message."""
-        return self.socket.recv(4096).decode("utf-8")
+    def silentFor(self, seconds: float) -> bool:
+        """Whether no message comes within C{seconds}."""
+        self.socket.settimeout(seconds)
+        try:
+            self.socket.recv(4096)
+        except socket.timeout:
+            return True
+        return False
+
+    def receive(self, process: "subprocess.Popen[bytes] | None" = None, output: Callable[[], bytes] = bytes) -> str:
+        """The next message, within 30 s; with C{process}, failing at once (with its C{output}) if it exits
+        first."""
+        deadline = time.monotonic() + 30
+        while True:
+            self.socket.settimeout(max(0.01, min(0.5, deadline - time.monotonic())))
+            try:
+                return self.socket.recv(4096).decode("utf-8")
+            except socket.timeout:
+                if process is not None and process.poll() is not None:
+                    raise AssertionError(f"twistd exited ({process.returncode}) before its message:\n"
+                                         f"{output().decode('utf-8', errors='replace')}") from None
+                if time.monotonic() > deadline:
+                    raise AssertionError("no message within 30 s:\n"
+                                         f"{output().decode('utf-8', errors='replace')}") from None
 
 
 class FakeReactor:
@@ -72,8 +95,7 @@ class NotifyTests(SynchronousTestCase):
         ready: Deferred[None] = Deferred()
         service = Readiness(FakeReactor(), ready, {"NOTIFY_SOCKET": channel.address})
         service.startService()
-        channel.socket.settimeout(0.2)
-        self.assertRaises(socket.timeout, channel.receive)
+        self.assertTrue(channel.silentFor(0.2))
         ready.callback(None)
         self.assertEqual(channel.receive(), "READY=1\nSTATUS=accepting requests")
         service.stopService()
@@ -107,8 +129,7 @@ class WatchdogTests(SynchronousTestCase):
         service = Readiness(clock, environ={"NOTIFY_SOCKET": channel.address, "WATCHDOG_USEC": "2000000"})
         service.startService()
         self.assertEqual([channel.receive(), channel.receive()], ["READY=1\nSTATUS=accepting requests", "WATCHDOG=1"])
-        channel.socket.settimeout(0.1)
-        self.assertRaises(socket.timeout, channel.receive)  # nothing more while the clock stands still
+        self.assertTrue(channel.silentFor(0.1), "nothing more while the clock stands still")
         clock.advance(1.0)
         self.assertEqual(channel.receive(), "WATCHDOG=1")
         clock.pump([1.0, 1.0])
@@ -127,28 +148,40 @@ class TwistdReadinessTests(SynchronousTestCase):
     """A real twistd tells a real notification socket it is ready only once its port accepts."""
 
     def serve(self, *options: str) -> None:
-        """Start twistd primecount on a chosen port with NOTIFY_SOCKET set; check READY, a request, STOPPING."""
+        """Start twistd primecount on a free port with NOTIFY_SOCKET set; check READY, a request, STOPPING.
+
+        The port is the one the OS gives twistd (port 0), read from its log: a
+        port found free by a probe and handed over can be taken meanwhile by
+        another test's server, and twistd then exits at once, which left this
+        waiting 30 s for a READY=1 that could not come. Its output is read all
+        along, and a twistd that exits early fails the test with its log."""
+        import threading
+
         channel = NotifySocket(self)
-        with socket.socket() as probe:
-            probe.bind(("127.0.0.1", 0))
-            port = probe.getsockname()[1]
         process = subprocess.Popen(
-            [*TWISTD, "-n", "--pidfile=", "primecount", "--port", f"tcp:{port}:interface=127.0.0.1",
+            [*TWISTD, "-n", "--pidfile=", "primecount", "--port", "tcp:0:interface=127.0.0.1",
              "--records", os.path.abspath(self.mktemp()), *options],
             env={**os.environ, "NOTIFY_SOCKET": channel.address}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
         )
+        output: list[bytes] = []
+        reader = threading.Thread(target=lambda: output.extend(iter(lambda: process.stdout.read1(65536), b"")),
+                                  daemon=True)
+        reader.start()
         try:
-            self.assertEqual(channel.receive(), "READY=1\nSTATUS=accepting requests")
-            self.assertEqual(ask(port, b"abc2a\n", timeout=2), expectedReply("abc2a"))
+            self.assertEqual(channel.receive(process, lambda: b"".join(output)), "READY=1\nSTATUS=accepting requests")
+            port = listeningPort(b"".join(output).decode("utf-8", errors="replace"))
+            self.assertIsNotNone(port, "READY=1 before the listening line")
+            self.assertEqual(ask(port, b"abc2a\n", timeout=10), expectedReply("abc2a"))
             process.send_signal(signal.SIGTERM)
-            self.assertEqual(channel.receive(), "STOPPING=1\nSTATUS=draining")
-            output, _ = process.communicate(timeout=30)
+            self.assertEqual(channel.receive(process, lambda: b"".join(output)), "STOPPING=1\nSTATUS=draining")
+            process.wait(30)
         finally:
             if process.poll() is None:
                 process.kill()
-                process.communicate()
-        self.assertEqual(process.returncode, 0, output.decode(errors="replace"))
-        self.log = output.decode("utf-8", errors="replace")
+                process.wait()
+            reader.join(10)
+        self.log = b"".join(output).decode("utf-8", errors="replace")
+        self.assertEqual(process.returncode, 0, self.log)
 
     def test_readyWhenListening(self) -> None:
         """READY=1 arrives when the port already answers; STOPPING=1 on SIGTERM."""
