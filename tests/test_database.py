@@ -177,7 +177,7 @@ class ServiceTests(SynchronousTestCase):
         self.thread.finish(4)
         self.successResultOf(back)
         self.assertEqual([e["log_level"].name for e in self.events], ["error", "info"])
-        self.assertIn("4 records were refused", self._text(self.events[-1]))
+        self.assertIn("4 records refused meanwhile", self._text(self.events[-1]))
         self.assertEqual(sum(e[1] for e in self.metrics.events if e[0] == "recordWriteFailed"), 4)
 
     def test_readyOnlyOnceProven(self) -> None:

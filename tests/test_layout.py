@@ -161,3 +161,22 @@ class ContribScriptsTests(SynchronousTestCase):
                 spec.loader.exec_module(module)
             except ImportError as error:
                 self.fail(f"{script.relative_to(root.parent)}: {error}")
+
+    def test_everyScriptTakesHelp(self) -> None:
+        """Each script under contrib/ (the bench, the probes, the fleet, the servers they run) answers --help
+        with its usage and exit status 0, and does nothing else."""
+        import subprocess
+        import sys
+        from concurrent.futures import ThreadPoolExecutor
+
+        root = Path(primecount.__file__).resolve().parents[1] / "contrib"
+        scripts = sorted([*root.glob("bench/*.py"), *root.glob("fleet/*.py")])
+
+        def helped(script: Path) -> tuple[Path, "subprocess.CompletedProcess[str]"]:
+            return script, subprocess.run([sys.executable, str(script), "--help"], capture_output=True, text=True,
+                                          timeout=60)
+
+        with ThreadPoolExecutor(4) as pool:
+            for script, result in pool.map(helped, scripts):
+                self.assertEqual((result.returncode, result.stdout[:6]), (0, "usage:"),
+                                 f"{script.relative_to(root.parent)}: {result.stdout[-300:]}{result.stderr[-600:]}")

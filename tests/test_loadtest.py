@@ -246,6 +246,29 @@ class FailingJMeterTests(SynchronousTestCase):
         self.assertIn("  An error occurred: no such plan part\n", printed.getvalue())
 
 
+class LeftoverTests(SynchronousTestCase):
+    """A run into a folder an earlier run used leaves nothing of the earlier run beside its own report."""
+
+    def test_earlierRunsFilesRemoved(self) -> None:
+        """An earlier run's records, server log and results are gone after a run without a server; files the
+        tool did not write stay."""
+        from primecount.tools.loadtest.__main__ import RUN_FILES, main
+
+        root = Path(self.mktemp())
+        script = fakeInstall(root, "5.6.3")
+        script.write_text("#!/bin/sh\nexit 0\n")
+        environ = mock.patch.dict(os.environ, JMETER_HOME=str(script.parent.parent))
+        environ.start()
+        self.addCleanup(environ.stop)
+        out = root / "out"
+        out.mkdir()
+        for name in [*RUN_FILES, "mine.txt"]:
+            (out / name).write_text("from an earlier run\n")
+        main(["run", "--quiet", "--out", str(out)], out=io.StringIO())
+        self.assertEqual(sorted(path.name for path in out.iterdir()), ["jmeter-console.txt", "mine.txt", "report.html"])
+        self.assertNotIn("from an earlier run", (out / "report.html").read_text())
+
+
 class ReportTests(SynchronousTestCase):
     """The HTML report carries the figures, the errors and, with matplotlib, two charts."""
 

@@ -408,6 +408,10 @@ class FleetScriptTests(SynchronousTestCase):
         ask = ("import socket; s = socket.create_connection(('%s', 5050)); s.sendall(b'hola\\n'); "
                "print(s.recv(100))" % lb)
         self.assertEqual(fleet("run", "client", "--", sys.executable, "-c", ask).strip(), "b'1 no\\n'")
+        loaded = json.loads(fleet("run", "client", "--", "primeload", "--host", lb, "--port", "5050", "--conns", "4",
+                                  "--requests", "200", "--verify", "--json"))  # as docs/scaling.md runs it
+        self.assertEqual((loaded["mismatches"], loaded.get("errors_total", 0)), (0, 0), loaded)
+        self.assertIn("/readyz 200", fleet("status", "--state", str(state)))  # --state after the command too
         fleet("cut", "app1", "db")
         fleet("run", "client", "--", sys.executable, "-c", ask)  # app1's next commit meets the cut
         fleet("run", "client", "--", sys.executable, "-c", ask)

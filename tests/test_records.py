@@ -172,7 +172,7 @@ class ModuleTests(SynchronousTestCase):
         result = subprocess.run([sys.executable, "-m", "primecount.records", "check", path], capture_output=True,
                                 text=True)
         self.assertEqual(result.returncode, 0, result.stderr)
-        self.assertIn("1 records", result.stdout)
+        self.assertIn(": 1 record, 0 malformed lines", result.stdout)
 
 
 # Messages that trip readers of tab- or comma-separated text: quotes anywhere (at a field's start a CSV reader

@@ -111,6 +111,8 @@ class RepairTests(ToolTestCase):
         path = self.write(content)
         status, output = self.tool("repair", path)
         self.assertEqual(status, 4, output)
+        self.assertIn(f"{path}: 1 malformed line (line 2, the last line, which ends in a newline: a whole line, not "
+                      "one a write cut short); not repairing", output)
         self.assertEqual(Path(path).read_text(encoding="utf-8"), content)
         self.assertEqual(self.tool("check", path)[0], 4)
 

@@ -59,6 +59,13 @@ class Answer(Protocol):
             pending.append((self, line))
 
 
-records = os.open(sys.argv[2], os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-reactor.listenTCP(int(sys.argv[1]), Factory.forProtocol(Answer), backlog=1024, interface="127.0.0.1")
-reactor.run()
+if __name__ == "__main__":
+    import argparse
+
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("port", type=int, help="loopback port to listen on")
+    parser.add_argument("records", help="records file to append to")
+    arguments = parser.parse_args()
+    records = os.open(arguments.records, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    reactor.listenTCP(arguments.port, Factory.forProtocol(Answer), backlog=1024, interface="127.0.0.1")
+    reactor.run()

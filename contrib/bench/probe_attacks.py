@@ -172,11 +172,18 @@ def tlsSuites(folder: str) -> str:
 
 
 def main() -> None:
-    """Run every probe and print one line each."""
+    """Run the probes named (every one by default) and print one line each."""
+    import argparse
+
     probes = [neverReading, malformedProxy, controlCharacters, tornTailMode, metricsFlood, crlfAtLimit, tlsSuites]
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("probes", nargs="*", metavar="probe", choices=[[]] + [p.__name__ for p in probes],
+                        help=f"probes to run (default every one): {', '.join(p.__name__ for p in probes)}")
+    chosen = parser.parse_args().probes
     with tempfile.TemporaryDirectory(prefix="primecount-probe-") as folder:
         for probe in probes:
-            print(f"{probe.__name__}: {probe(folder)}", flush=True)
+            if not chosen or probe.__name__ in chosen:
+                print(f"{probe.__name__}: {probe(folder)}", flush=True)
 
 
 if __name__ == "__main__":

@@ -464,7 +464,13 @@ PROBES: list[Callable[[str], str]] = [termOnTheLine, tlsAtTheLimit, deadSupervis
 
 def main() -> None:
     """Run the probes named on the command line (all by default) and print one line each."""
-    chosen = [probe for probe in PROBES if not sys.argv[1:] or probe.__name__ in sys.argv[1:]]
+    import argparse
+
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("probes", nargs="*", metavar="probe", choices=[[]] + [p.__name__ for p in PROBES],
+                        help=f"probes to run (default every one): {', '.join(p.__name__ for p in PROBES)}")
+    names = parser.parse_args().probes
+    chosen = [probe for probe in PROBES if not names or probe.__name__ in names]
     with tempfile.TemporaryDirectory(prefix="primecount-probe-") as folder:
         for probe in chosen:
             print(f"{probe.__name__}: {probe(folder)}", flush=True)

@@ -22,7 +22,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from loadgen_compare import ROOT, measure, prepare  # noqa: E402
+from loadgen_compare import ROOT, measure, originalServer, prepare  # noqa: E402
 
 from primecount.workers import cpuCount  # noqa: E402
 
@@ -56,10 +56,12 @@ def main() -> None:
     workdir, loadgen, messages = prepare("primecount-workers-")
     conns = ["--conns", str(args.conns)]
     rows: dict[tuple[str, int], list[dict]] = {}
+    original = originalServer(args.shared) is not None
     try:
         for round in range(1, args.rounds + 1):
-            rows.setdefault(("original, one-shot", 0), []).append(
-                measure("baseline", workdir, args.shared, None, [], loadgen, conns, args.duration, messages, None))
+            if original:
+                rows.setdefault(("original, one-shot", 0), []).append(
+                    measure("baseline", workdir, args.shared, None, [], loadgen, conns, args.duration, messages, None))
             for workers in workerCounts(args.max_workers):
                 for mode, options, load in (("one-shot", [], conns),
                                             ("keep-alive", ["--keep-alive"], [*conns, "--keepalive"])):
@@ -71,9 +73,9 @@ def main() -> None:
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
     medians = {key: statistics.median(r["rps"] for r in runs) for key, runs in rows.items()}
-    base = medians[("original, one-shot", 0)]
+    base = medians.get(("original, one-shot", 0), float("nan"))
     print(f"\nunpinned, {args.conns} clients, medians of {args.rounds} x {args.duration:g} s; "
-          f"original server (one-shot): {base:,.0f} req/s")
+          + (f"original server (one-shot): {base:,.0f} req/s" if original else "no original server (x original: nan)"))
     print(f"{'mode':<11} {'workers':>7} {'req/s':>9} {'p99 ms':>7} {'x 1 worker':>10} {'x original':>10} {'errors':>6}")
     for (mode, workers), runs in rows.items():
         if workers == 0:

@@ -7,7 +7,6 @@ soon as the bytes come, written once they are due."""
 from __future__ import annotations
 
 import asyncio
-import sys
 
 
 async def pump(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, delay: float) -> None:
@@ -63,4 +62,11 @@ async def main(listen: str, target: str, delay: float) -> None:
 
 
 if __name__ == "__main__":
-    asyncio.run(main(sys.argv[1], sys.argv[2], float(sys.argv[3])))
+    import argparse
+
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("listen", help="HOST:PORT to accept on")
+    parser.add_argument("target", help="HOST:PORT to relay each connection to")
+    parser.add_argument("delay", type=float, help="seconds every byte is held, each way")
+    arguments = parser.parse_args()
+    asyncio.run(main(arguments.listen, arguments.target, arguments.delay))

@@ -11,7 +11,9 @@ a host of its own, and a client host, on a private bridge with addresses from 19
     python contrib/fleet/fleet.py down
 
 Processes run detached, with their logs in the state folder (default /run/primecount-fleet, kept after
-C{down}); C{down} stops them and removes the hosts and the database. See docs/scaling.md, "The fleet on a real network".
+C{down}; C{--state DIR} before or after the command); C{down} stops them and removes the hosts and the database.
+C{up} builds primeload (contrib/loadgen, with the system's C compiler) into the state folder, and C{run} finds it
+there. See docs/scaling.md, "The fleet on a real network".
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import signal
 import subprocess
 import sys
 import time
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -78,6 +81,10 @@ def up(arguments: argparse.Namespace) -> None:
     if state.exists():
         raise SystemExit(f"fleet.py: a fleet is already up ({state}); run down first")
     arguments.state.mkdir(parents=True, exist_ok=True)
+    built = subprocess.run(["make", "--silent", "-C", str(ROOT / "contrib" / "loadgen"), f"OUT={arguments.state.resolve()}"],
+                           capture_output=True, text=True)
+    if built.returncode != 0:
+        raise SystemExit(f"fleet.py: cannot build primeload (needs make and a C compiler):\n{built.stderr}")
     kept = _Kept()
     apps = [f"app{n}" for n in range(1, arguments.apps + 1)]
     try:
@@ -211,6 +218,8 @@ def run(arguments: argparse.Namespace) -> None:
     saved = load(arguments)
     target = host(saved, arguments.host)
     enterNamespace(target.namespace)
+    # primeload, built by "up" into the state folder, is found by its name.
+    os.environ["PATH"] = os.pathsep.join([str(arguments.state.resolve()), os.environ.get("PATH", "")])
     os.execvp(arguments.command_line[0], arguments.command_line)
 
 
@@ -218,8 +227,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--state", type=Path, default=Path("/run/primecount-fleet"),
-                        help="where the fleet's state and logs are kept")
+                        help="where the fleet's state, logs and primeload are kept (before or after the command)")
+    # --state after the command too: each command takes it, and leaves the one given before it when not given.
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--state", type=Path, default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     commands = parser.add_subparsers(dest="command", required=True)
+    commands.add_parser = partial(commands.add_parser, parents=[common])  # type: ignore[method-assign]
     started = commands.add_parser("up", help="build the fleet and start it")
     started.add_argument("--apps", type=int, default=3, help="primecount hosts")
     started.add_argument("--prefix", default="pcfleet", help="the hosts' namespaces are PREFIX-db, PREFIX-app1, ...")

@@ -18,6 +18,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from primecount.logs import plural
 from primecount.metrics import NoMetrics
 from primecount.startup import StartFailed
 from primecount.records.formats import TSV, Record, RecordFormat
@@ -403,7 +404,8 @@ class FileStore(Service):
         self.log.warn(
             "records file {path} was removed or replaced while open; appending to a new file at {path} from now on"
             "{rewritten}", path=self.path,
-            rewritten=f" ({count} records just written to the removed file are written again there)" if written else "",
+            rewritten=f" ({plural(count, 'record')} just written to the removed file, written again there)"
+            if written else "",
         )
 
     def _locked(self, target: _OpenFile, action: Callable[[os.stat_result], object]) -> None:
@@ -604,9 +606,9 @@ class FileStore(Service):
         """A failure of C{operation}, logged once per incident, not once per batch; probed until it is over."""
         self._selfProbe.watch()
         self._incidents[operation].failed(
-            records, "cannot {operation} records file {path}: {error} ({records} records refused); "
+            records, "cannot {operation} records file {path}: {error} ({refused} refused); "
             "answering ERROR storage unavailable until it works again",
-            operation=operation, path=self.path, error=error, records=records)
+            operation=operation, path=self.path, error=error, refused=plural(records, "record"))
 
     def _recovered(self, operation: str) -> None:
         self._incidents[operation].recovered("records file {path}: {operation} works again after {failures} "

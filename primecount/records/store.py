@@ -13,6 +13,7 @@ from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from zope.interface import Attribute
 
+from primecount.logs import plural
 from primecount.records.formats import Record
 
 # Runs a blocking call off the reactor thread: deferToThreadPool bound to a reactor and pool.
@@ -138,11 +139,11 @@ class Incident:
 
     def recovered(self, ends: str, **fields: object) -> None:
         """The store works again: if an incident was going on, log C{ends}, which may name its C{seconds}, its
-        C{failures} and the records it C{refused}."""
+        C{failures} and the records it C{refused} (each as words: C{1 failure}, C{12 records})."""
         if self.since is None:
             return
-        self._log.info(ends, seconds=self._clock.seconds() - self.since, failures=self.failures,
-                       refused=self.refused, **fields)
+        self._log.info(ends, seconds=self._clock.seconds() - self.since, failures=plural(self.failures, "failure"),
+                       refused=plural(self.refused, "record"), **fields)
         self.since = None
 
 

@@ -686,8 +686,7 @@ class TableStore(Service):
 
     def _recovered(self) -> None:
         self._backoff.reset()
-        self._incident.recovered("records database back after {seconds:.1f} s; {refused} records were refused "
-                                 "meanwhile")
+        self._incident.recovered("records database back after {seconds:.1f} s; {refused} refused meanwhile")
 
     def _tooSlow(self) -> None:
         """The oldest batches' commits have not returned in time: their outcome is unknown, so they are not

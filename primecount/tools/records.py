@@ -11,6 +11,7 @@ import time
 from collections import Counter
 from typing import Iterator, NamedTuple, Optional, Sequence, TextIO
 
+from primecount.logs import plural
 from primecount.records.table import DEFAULT_TABLE, isDatabaseURI
 from primecount.records.formats import MalformedRecord, Record, formatTimestamp, parseRecord, terminalSafe
 
@@ -86,7 +87,7 @@ def check(paths: Sequence[str], out: TextIO) -> int:
         if result.torn:
             out.write(f"{path}: torn last line {result.torn.line} at byte offset {result.torn.offset} "
                       f"({result.torn.length} bytes): {result.torn.reason}\n")
-        out.write(f"{path}: {result.records} records, {len(result.malformed)} malformed lines, "
+        out.write(f"{path}: {plural(result.records, 'record')}, {plural(len(result.malformed), 'malformed line')}, "
                   f"{'a torn last line' if result.torn else 'no torn last line'}\n")
         status = EXIT_MALFORMED if result.malformed else EXIT_TORN if result.torn else EXIT_OK
         worst = max(worst, status)
@@ -97,11 +98,15 @@ def repair(path: str, out: TextIO) -> int:
     """Cut a torn last line off C{path}, after copying the file to a backup. Run it with the server stopped."""
     result = scan(path)
     if result.malformed:
-        out.write(f"{path}: {len(result.malformed)} malformed lines before the end; not repairing "
-                  f"(first at line {result.malformed[0].line}); see `check`\n")
+        first, last = result.malformed[0], result.malformed[-1]
+        where = (f"line {first.line}" if len(result.malformed) == 1 else f"the first at line {first.line}")
+        if last.offset + last.length == result.size:
+            where += ", the last line, which ends in a newline: a whole line, not one a write cut short"
+        out.write(f"{path}: {plural(len(result.malformed), 'malformed line')} ({where}); not repairing, as only a "
+                  f"torn last line is cut off; see `check`\n")
         return EXIT_MALFORMED
     if result.torn is None:
-        out.write(f"{path}: nothing to repair ({result.records} records)\n")
+        out.write(f"{path}: nothing to repair ({plural(result.records, 'record')})\n")
         return EXIT_OK
     backup = f"{path}.bak"
     number = 1

@@ -60,6 +60,10 @@ def _pinning(core: str) -> list[str]:
     return ["taskset", "-c", core] if shutil.which("taskset") and (os.cpu_count() or 1) > 1 else []
 
 
+# The files a run writes in its folder (JMeter's console aside, which the command opens before the run).
+RUN_FILES = ("results.jtl", "jmeter.log", "records.txt", "twistd.log", "report.html")
+
+
 def runOnce(
     install: JMeterInstall,
     out: Path,
@@ -70,13 +74,15 @@ def runOnce(
     pin: bool = False,
     jmeterOutput: Optional[int] = None,
 ) -> RunResult:
-    """Run the plan once (starting a server first if asked), summarise and check; write the report."""
+    """Run the plan once (starting a server first if asked), summarise and check; write the report. What an
+    earlier run left in C{out} (its results, logs, records, report) is removed first, so that nothing of it
+    lies beside this run's report."""
     out.mkdir(parents=True, exist_ok=True)
+    for leftover in RUN_FILES:
+        (out / leftover).unlink(missing_ok=True)
     results, problems, server = out / "results.jtl", [], None
     if startServer:
         records = out / "records.txt"
-        if records.exists():
-            records.unlink()
         # All of JMeter's threads connect from 127.0.0.1: lift the per-address limit unless told otherwise.
         server = ServerProcess(str(records), "--max-per-ip", "0", *serverOptions, prefix=_pinning("0") if pin else ())
         properties = {**properties, "host": "127.0.0.1", "port": server.port}
