@@ -180,3 +180,17 @@ class ContribScriptsTests(SynchronousTestCase):
             for script, result in pool.map(helped, scripts):
                 self.assertEqual((result.returncode, result.stdout[:6]), (0, "usage:"),
                                  f"{script.relative_to(root.parent)}: {result.stdout[-300:]}{result.stderr[-600:]}")
+
+
+class ToolListTests(SynchronousTestCase):
+    """The tools the tests need are one list (tests/toolcheck.py), and CI installs every package on it."""
+
+    def test_ciInstallsEveryPackage(self) -> None:
+        """Each Debian package tests.toolcheck names is in .ci/run's apt-get line."""
+        import re
+
+        from tests.toolcheck import TOOLS
+
+        ci = (Path(primecount.__file__).resolve().parents[1] / ".ci" / "run").read_text()
+        installed = set(re.search(r"apt-get install -y -qq \\\n(.*?)>/dev/null", ci, re.S).group(1).split())  # type: ignore[union-attr]
+        self.assertEqual({package for packages in TOOLS.values() for package in packages.split()} - installed, set())
