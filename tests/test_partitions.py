@@ -143,7 +143,7 @@ class PartitionedTableTests(SynchronousTestCase):
         """Ten days on, maintenance with a retention of 3 days makes the missing days ahead and drops the days
         before the retention, with their rows; the default partition and the days kept stay."""
         connection = self.connect()
-        createSchema(connection, self.table, partitioned=True, now=DAY)
+        self.assertEqual(createSchema(connection, self.table, partitioned=True, now=DAY), "a table partitioned by day")
         writer = DatabaseWriter(self.cluster.uri, self.table, "always", partitioned=True, clock=clockOn(DAY))
         self.addCleanup(writer.close)
         writer.append([Record(1_796_558_400, "192.0.2.1", "old", 1, False), Record(0, "192.0.2.1", "odd", 1, False)])
@@ -160,8 +160,9 @@ class PartitionedTableTests(SynchronousTestCase):
         """A plain table (made before, without retention) is not partitioned by maintenance, and nothing is
         dropped from it."""
         connection = self.connect()
-        createSchema(connection, self.table)
-        createSchema(connection, self.table, partitioned=True, now=DAY)  # an existing plain table stays plain
+        self.assertEqual(createSchema(connection, self.table), "a table")
+        # An existing plain table stays plain, and nothing is said to be created.
+        self.assertIsNone(createSchema(connection, self.table, partitioned=True, now=DAY))
         self.assertEqual(maintain(connection, self.table, 1, DAY + timedelta(days=30)), Maintenance(partitioned=False))
         self.assertEqual(self.partitions(), [])
 
@@ -303,6 +304,7 @@ class RetentionOverTCPTests(SynchronousTestCase):
         table = freshTable(self, cluster, length=24)
         first = ServerProcess(cluster.uri, "--records-table", table, "--records-retention", "3")
         self.addCleanup(first.stop)
+        first.waitFor(f"records table {table} created: a table partitioned by day".encode())
         self.assertEqual(ask(first.port, b"hola\n"), expectedReply("hola"))
         self.assertEqual(first.stop(), 0, first.log)
         today = schema.today(time.time())

@@ -155,7 +155,7 @@ def makeDay(cursor: Any, table: str, day: date) -> None:
         cursor.execute(statement)
 
 
-def createSchema(connection: Any, table: str, partitioned: bool = False, now: Optional[date] = None) -> None:
+def createSchema(connection: Any, table: str, partitioned: bool = False, now: Optional[date] = None) -> Optional[str]:
     """Create the records table and its time index if they are missing, in one transaction, one creator at a
     time (two at once would collide in the catalog); a new table is partitioned by day if C{partitioned}
     (L{maintain}), and a partitioned table, new or not, gets the partitions of C{now} (today, when given) and
@@ -165,17 +165,20 @@ def createSchema(connection: Any, table: str, partitioned: bool = False, now: Op
     taken by the index of a table renamed away (indexes keep their names), and
     then C{CREATE INDEX IF NOT EXISTS} would skip it. A second one gets a name
     PostgreSQL chooses.
+
+    Returns what it created, for the log: C{"a table"}, C{"a table partitioned by day"}, or C{None}.
     """
     from psycopg import sql
 
     with connection.transaction(), connection.cursor() as cursor:
         cursor.execute(SCHEMA_LOCK)
         name = tableIdentifier(table)
-        if partitioned:
-            cursor.execute("SELECT to_regclass(%s)", (name.as_string(connection),))
-            if cursor.fetchone()[0] is None:  # a table there already stays as it is
-                for statement in partitionedTableStatements(table):
-                    cursor.execute(statement)
+        cursor.execute("SELECT to_regclass(%s)", (name.as_string(connection),))
+        created = None if cursor.fetchone()[0] is not None else (  # a table there already stays as it is
+            "a table partitioned by day" if partitioned else "a table")
+        if partitioned and created:
+            for statement in partitionedTableStatements(table):
+                cursor.execute(statement)
         for statement in schemaStatements(table):
             cursor.execute(statement)
         cursor.execute(
@@ -188,6 +191,7 @@ def createSchema(connection: Any, table: str, partitioned: bool = False, now: Op
             for day in daysToMake(now):
                 if day not in existing:
                     makeDay(cursor, table, day)
+    return created
 
 
 @dataclass

@@ -255,6 +255,7 @@ class DatabaseWriter:
         self._connectTo = connectTo
         self._connection: Any = None
         self._host = socket.gethostname()
+        self.created: Optional[str] = None  # what this writer's connection created, until the store says so
         # Held to replace or close the connection, and by abandon() from the reactor thread: a descriptor is
         # never shut down after libpq has closed it (it could be another file's by then).
         self._lock = threading.Lock()
@@ -315,8 +316,10 @@ class DatabaseWriter:
         with self._lock:
             self._connection = connection  # abandon() may now shut it down, during the schema work too
         try:
-            createSchema(connection, self._table, self._partitioned,
-                         today(self._clock.seconds()) if self._clock is not None else None)
+            created = createSchema(connection, self._table, self._partitioned,
+                                   today(self._clock.seconds()) if self._clock is not None else None)
+            if created:
+                self.created = created
             _checked(connection.pgconn.prepare(APPEND_STATEMENT, insertStatement(self._table).as_bytes(connection)),
                      pq.ExecStatus.COMMAND_OK)
         except BaseException:
@@ -596,6 +599,9 @@ class TableStore(Service):
         def returned(result: object) -> object:
             if overdue.active():
                 overdue.cancel()
+            if writer.created:
+                self.log.info("records table {table} created: {what}", table=self.table, what=writer.created)
+                writer.created = None
             return result
 
         return self._runInThread(function, *args).addBoth(returned)  # type: ignore[misc]
