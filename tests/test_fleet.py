@@ -254,9 +254,11 @@ class RollingReplacementTests(SynchronousTestCase):
                       answered=len(clients.answered), probes=len(readiness), failures=dict(clients.failures))
         recorded = recordedMessages(server.records)
         self.assertEqual([m for m in clients.answered if recorded[m] != 1], [])
-        started = re.findall(r"worker (\d): primecount (\d\S*) on ", server.log)
+        started = re.findall(r"#info\] worker (\d): primecount (\d\S*) on ", server.log)  # relayed start lines
         self.assertEqual(sorted(started), [("1", "0.1.0"), ("1", "9.9.9+rolled-0.1.0"),
                                            ("2", "0.1.0"), ("2", "9.9.9+rolled-0.1.0")])
+        self.assertRegex(server.log, r"replaced every worker; now worker 1: primecount 9\.9\.9\+rolled-0\.1\.0 on "
+                                     r"\S+ \S+ \(pid \d+\), worker 2: primecount 9\.9\.9\+rolled-0\.1\.0 on ")
         pattern = r"started worker \d|worker \d: primecount listening|worker \d: Server Shut Down"
         events = [re.search(pattern, line).group(0) for line in server.log.splitlines() if re.search(pattern, line)]
         self.assertEqual(sorted(events[:4]), ["started worker 1", "started worker 2", "worker 1: primecount listening",
