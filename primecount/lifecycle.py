@@ -17,7 +17,7 @@ from twisted.logger import Logger, LogLevel
 
 from primecount.health import READINESS_EVENT, ProcessHealth, WorkersHealth
 from primecount.internals import acceptQueued
-from primecount.startup import StartFailed, sayOnTerminal
+from primecount.startup import StartFailed, saidOnTerminal
 
 
 LISTENING_EVENT = "primecount listening on"
@@ -78,19 +78,13 @@ class SequentialMultiService(MultiService):
 
     def privilegedStartService(self) -> None:
         """Start the children's privileged part (listening), saying a failure on the terminal."""
-        try:
+        with saidOnTerminal():
             super().privilegedStartService()
-        except StartFailed as failed:
-            sayOnTerminal(str(failed))
-            raise
 
     def startService(self) -> None:
         """Start the children, saying a failure on the terminal."""
-        try:
+        with saidOnTerminal():
             super().startService()
-        except StartFailed as failed:
-            sayOnTerminal(str(failed))
-            raise
 
     def stopService(self) -> Deferred[None]:
         """Stop the children in reverse order, waiting for each."""

@@ -4,7 +4,8 @@ parent, which twistd keeps on the terminal until the start is over, then shows t
 from __future__ import annotations
 
 import os
-from typing import Optional
+from contextlib import contextmanager
+from typing import Iterator, Optional
 
 
 class StartFailed(SystemExit, Exception):
@@ -54,3 +55,13 @@ def sayOnTerminal(line: str) -> None:
             os.write(_terminal, line.encode("utf-8", "replace") + b"\n")
     except OSError:
         pass
+
+
+@contextmanager
+def saidOnTerminal() -> Iterator[None]:
+    """A L{StartFailed} raised within is also said on the kept terminal (L{sayOnTerminal}), then raised on."""
+    try:
+        yield
+    except StartFailed as failed:
+        sayOnTerminal(str(failed))
+        raise

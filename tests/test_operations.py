@@ -13,7 +13,7 @@ import threading
 import urllib.request
 from collections import Counter
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 from twisted.trial.unittest import SkipTest, SynchronousTestCase
 
@@ -190,6 +190,18 @@ class RemovedRecordsFileTests(SynchronousTestCase):
         self.assertEqual(server.log.count("was removed or replaced while open"), 2, server.log)
 
 
+def recordsNobodyCannotCreate(test: SynchronousTestCase) -> tuple[Any, str]:
+    """The user nobody, and a records path in a folder of root's (removed after C{test}) where nobody cannot
+    create it, though root, who checks the options, can."""
+    import pwd
+    import tempfile
+
+    folder = tempfile.mkdtemp(prefix="primecount-user-")
+    test.addCleanup(shutil.rmtree, folder, True)
+    os.chmod(folder, 0o700)
+    return pwd.getpwnam("nobody"), os.path.join(folder, "records.txt")
+
+
 class DaemonTests(SynchronousTestCase):
     """Classic daemon mode: twistd forks, writes its pidfile, and removes it on SIGTERM."""
 
@@ -257,14 +269,7 @@ class DaemonTests(SynchronousTestCase):
         self.assertEqual(stderr.splitlines()[0],
                          "primecount: --port: Couldn't listen on 198.18.0.1:0: [Errno 99] Cannot assign requested address.")
         if os.geteuid() == 0:
-            import pwd
-            import tempfile
-
-            nobody = pwd.getpwnam("nobody")
-            folder = tempfile.mkdtemp(prefix="primecount-user-")
-            self.addCleanup(shutil.rmtree, folder, True)
-            os.chmod(folder, 0o700)  # root's: nobody cannot create the file here
-            records = os.path.join(folder, "records.txt")
+            nobody, records = recordsNobodyCannotCreate(self)
             stderr = self.daemonThatCannotStart(
                 "--port", "tcp:0:interface=127.0.0.1", "--records", records,
                 twistdOptions=["--uid", str(nobody.pw_uid), "--gid", str(nobody.pw_gid)], owner=nobody.pw_uid)
@@ -484,17 +489,9 @@ class ServiceUserTests(SynchronousTestCase):
     def test_unwritableForTheServiceUserStopsBeforeListening(self) -> None:
         """With --uid, a records path that root may create but the service user may not stops the start with
         one line, exit 1, and primecount never says it listens (the port was bound as root, but not served)."""
-        import pwd
-        import shutil
-        import tempfile
-
         if os.geteuid() != 0:
             raise SkipTest("needs root to switch to another user")
-        nobody = pwd.getpwnam("nobody")
-        folder = tempfile.mkdtemp(prefix="primecount-user-")
-        self.addCleanup(shutil.rmtree, folder, True)
-        os.chmod(folder, 0o700)  # root's: nobody cannot create the file here
-        records = os.path.join(folder, "records.txt")
+        nobody, records = recordsNobodyCannotCreate(self)
         result = subprocess.run(
             [*TWISTD, "-n", "--pidfile=", "--uid", str(nobody.pw_uid), "--gid", str(nobody.pw_gid), "primecount",
              "--port", "tcp:0:interface=127.0.0.1", "--records", records],
