@@ -13,7 +13,6 @@ from pathlib import Path
 
 from twisted.trial.unittest import SynchronousTestCase
 
-from primecount.records.formats import Record, formatTSV
 
 ROOT = Path(__file__).resolve().parents[1]
 PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md")), ROOT / "jmeter" / "README.md"]
@@ -67,12 +66,18 @@ class SnippetTests(SynchronousTestCase):
         self.assertIn("primecount.records.parseRecords", [name for _, name in cited()])
 
     def test_everySnippetRuns(self) -> None:
-        """Each snippet runs with this interpreter, in a folder holding a records file C{server_log.txt}, without
-        an error."""
+        """Each snippet runs with this interpreter, in a folder holding a records file C{server_log.txt} written
+        by a real twistd (a quoted message among its records), without an error."""
+        from primecount.tools.serverprocess import ServerProcess
+        from tests.helpers import ask, expectedReply
+
         folder = Path(self.mktemp()).resolve()
         folder.mkdir(parents=True)
-        (folder / "server_log.txt").write_text(formatTSV(Record(1_771_322_400, "127.0.0.1", "abc2a", 2, True)),
-                                               encoding="utf-8")
+        server = ServerProcess(str(folder / "server_log.txt"))
+        self.addCleanup(server.stop)
+        for message in ("abc2a", 'say "hi"'):
+            self.assertEqual(ask(server.port, message.encode() + b"\n"), expectedReply(message))
+        self.assertEqual(server.stop(), 0)
         environment = {**os.environ, "PYTHONPATH": str(ROOT)}
         for where, code in snippets():
             result = subprocess.run([sys.executable, "-c", code], cwd=folder, capture_output=True, text=True,

@@ -150,6 +150,21 @@ class WriteFailureTests(SynchronousTestCase):
         self.successResultOf(acknowledged)
         self.assertTrue(any("works again" in e.get("log_format", "") for e in self.events))
 
+    def test_readOnlyFileSystemNamed(self) -> None:
+        """The start check of a new file on a read-only file system says so, not 'Permission denied'."""
+        folder = self.mktemp()
+        os.makedirs(folder)
+        real = os.statvfs
+
+        def readOnly(path: str) -> os.statvfs_result:
+            values = list(real(path))
+            values[8] |= storage.ST_RDONLY  # f_flag
+            return os.statvfs_result(values)
+
+        self.patch(storage.os, "statvfs", readOnly)
+        self.assertEqual(storage.recordsPathProblem(os.path.join(folder, "records.txt")),
+                         f"Read-only file system: cannot create a file in {os.path.abspath(folder)}")
+
     def test_unwritablePathFailsAtStart(self) -> None:
         """A path in a missing directory stops the process with one line when the service starts."""
         service = FileStore(os.path.join(self.mktemp(), "missing", "records.txt"), Clock())
