@@ -16,7 +16,7 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from primecount.readiness import Readiness, notify, watchdogInterval
 from primecount.tools.serverprocess import TWISTD, listeningPort
-from tests.helpers import ask, expectedReply, slow
+from tests.helpers import ask, expectedReply, slow, waitUntil
 
 
 class NotifySocket:
@@ -169,8 +169,10 @@ class TwistdReadinessTests(SynchronousTestCase):
         reader.start()
         try:
             self.assertEqual(channel.receive(process, lambda: b"".join(output)), "READY=1\nSTATUS=accepting requests")
+            # The listening line was written before READY=1 was sent; this test's reader may not have read it yet.
+            waitUntil(lambda: listeningPort(b"".join(output).decode("utf-8", errors="replace")) is not None, 10,
+                      "the listening line, written before READY=1")
             port = listeningPort(b"".join(output).decode("utf-8", errors="replace"))
-            self.assertIsNotNone(port, "READY=1 before the listening line")
             self.assertEqual(ask(port, b"abc2a\n", timeout=10), expectedReply("abc2a"))
             process.send_signal(signal.SIGTERM)
             self.assertEqual(channel.receive(process, lambda: b"".join(output)), "STOPPING=1\nSTATUS=draining")
