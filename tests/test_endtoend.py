@@ -238,8 +238,11 @@ class StartupErrorTests(SynchronousTestCase):
         address), which C{stats} does not count as a client."""
         import socket
 
-        folder = os.path.abspath(self.mktemp())
-        os.makedirs(folder)
+        import shutil
+        import tempfile
+
+        folder = tempfile.mkdtemp(prefix="pc-")  # short: a UNIX socket's path holds at most 107 bytes
+        self.addCleanup(shutil.rmtree, folder, True)
         path, records = os.path.join(folder, "pc.sock"), os.path.join(folder, "records.txt")
         server = ServerProcess(records, "--log-requests", port=f"unix:{path}")
         self.addCleanup(server.stop)
