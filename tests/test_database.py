@@ -178,6 +178,7 @@ class ServiceTests(SynchronousTestCase):
         self.successResultOf(back)
         self.assertEqual([e["log_level"].name for e in self.events], ["error", "info"])
         self.assertIn("4 records refused meanwhile", self._text(self.events[-1]))
+        self.assertEqual([e for e in self.metrics.events if e[0] == "storeIncident"], [("storeIncident", "database")])
         self.assertEqual(sum(e[1] for e in self.metrics.events if e[0] == "recordWriteFailed"), 4)
 
     def test_readyOnlyOnceProven(self) -> None:
@@ -236,6 +237,8 @@ class ServiceTests(SynchronousTestCase):
         self.assertEqual([self._text(e) for e in self.events if e["log_level"].name == "error"],
                          ["records database slow: no commit within 2 s; answering ERROR storage unavailable until it "
                           "is back"])
+        self.assertEqual([e for e in self.metrics.events if e[0] == "storeIncident"],
+                         [("storeIncident", "slow_commit")])
 
     def test_hungProbeIsAbandoned(self) -> None:
         """A probe that gets no answer within the timeout has its connection abandoned too."""

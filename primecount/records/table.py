@@ -425,8 +425,7 @@ class TableStore(Service):
         self._retryAt = 0.0
         self._failedAt = float("-inf")  # when a commit or probe last failed
         self._backoff = Backoff(BACKOFF_FIRST, BACKOFF_MOST)
-        self._incident = Incident(self.log, reactor, lambda: metrics.storeIncident(self._incidentKind))
-        self._incidentKind = "database"  # what the next incident to begin is counted as
+        self._incident = Incident(self.log, reactor)  # counted by its kind as it begins (L{_notStored})
         self._selfProbe = SelfProbe(self, reactor, PROBE_LOOK_INTERVAL)
         self._proven = False  # whether a probe or a transaction has succeeded since the start
         self.commits = 0
@@ -658,15 +657,7 @@ class TableStore(Service):
             self._probing = False
             self._idle.append(writer)
             if isinstance(result, Failure):
-                if abandoned:  # no answer in time: its connection was shut down here, not by the database
-                    self._failedAt = self._reactor.seconds()
-                    self._retryAt = self._failedAt + self._backoff.next()
-                    self._incidentKind = "slow_commit"
-                    self._notStored(0, "records database slow: no answer to a probe within {timeout:g} s",
-                                    timeout=self._timeout)
-                    self._incidentKind = "database"
-                else:
-                    self._failed(result, 0)
+                self._failed(result, 0, abandoned=bool(abandoned))
                 raise StorageUnavailable(f"records database unavailable ({_describe(result)})")
             self._retryAt = 0.0
             self._proven = True
@@ -674,16 +665,25 @@ class TableStore(Service):
 
         return self._untilTimeout(writer, writer.tryAppend, onAbandoned=lambda: abandoned.append(True)).addBoth(answered)
 
-    def _failed(self, failure: Failure, size: int) -> None:
+    def _failed(self, failure: Failure, size: int, abandoned: bool = False) -> None:
+        """A commit or a probe failed (C{abandoned}: it had no answer in time, and its connection was shut down
+        here, not by the database): an incident, tried again on the backoff."""
         self._failedAt = self._reactor.seconds()
-        self._notStored(size, "records database unavailable ({error})" if self._proven else
-                        "records database not reachable since the start ({error})", error=_describe(failure))
-        self._retryAt = self._reactor.seconds() + self._backoff.next()
+        if abandoned:
+            self._notStored(size, "records database slow: no answer to a probe within {timeout:g} s", "slow_commit",
+                            timeout=self._timeout)
+        else:
+            self._notStored(size, "records database unavailable ({error})" if self._proven else
+                            "records database not reachable since the start ({error})", error=_describe(failure))
+        self._retryAt = self._failedAt + self._backoff.next()
 
-    def _notStored(self, size: int, why: str, **fields: object) -> None:
-        """C{size} records failed: counted as refused and, when this starts an incident, logged once with C{why}."""
+    def _notStored(self, size: int, why: str, kind: str = "database", **fields: object) -> None:
+        """C{size} records failed: counted as refused and, when this starts an incident, logged once with C{why}
+        and counted as an incident of C{kind}."""
         self._metrics.recordWriteFailed(size)
         self._selfProbe.watch()
+        if not self._incident.going:
+            self._metrics.storeIncident(kind)
         self._incident.failed(size, why + "; answering ERROR storage unavailable until it is back", **fields)
 
     def _refused(self, size: int) -> None:
@@ -702,10 +702,8 @@ class TableStore(Service):
         while deadlines and (deadlines[0][1].called or deadlines[0][0] <= now):
             _, stored, size = deadlines.popleft()
             if not stored.called:
-                self._incidentKind = "slow_commit"
-                self._notStored(size, "records database slow: no commit within {timeout:g} s",
+                self._notStored(size, "records database slow: no commit within {timeout:g} s", "slow_commit",
                                 timeout=self._timeout)
-                self._incidentKind = "database"
                 stored.errback(StorageUnavailable("records database too slow"))
         self._watchDeadlines(now)
 
