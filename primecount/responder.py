@@ -165,11 +165,8 @@ class Responder:
         wait for the next oldest."""
         self._deadlineCall = None
         now = self._clock.seconds()
-        while self._inFlight and (self._inFlight[0].answered or self._inFlight[0].due <= now):
+        while self._inFlight and self._inFlight[0].due <= now:  # the oldest is never answered (L{_release})
             batch = self._inFlight[0]
-            if batch.answered:
-                self._inFlight.popleft()
-                continue
             if batch.outcomes is None:
                 why, replies = "not analysed", [wire.errorReply(wire.INTERNAL_ERROR, closes=True)] * len(batch.entries)
             else:
