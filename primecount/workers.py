@@ -245,8 +245,7 @@ class WorkerPool(Service):
         self._listeningWorkers: set[int] = set()
         # By place: how many of its workers in a row died within STABLE_SECONDS of starting, and how the last did;
         # and the timer that ends that count once the place's new worker has run that long.
-        self._crashes: dict[int, int] = {}
-        self._lastCrash: dict[int, str] = {}
+        self._crashes: dict[int, tuple[int, str]] = {}
         self._stableCalls: dict[int, IDelayedCall] = {}
         self.allListening: Deferred[None] = Deferred()
         self.replacing: Optional[Deferred[bool]] = None  # while a rolling replacement runs: whether it completed
@@ -277,10 +276,10 @@ class WorkerPool(Service):
         protocol.transport = transport
         self._slots[number] = protocol
         self._running.add(protocol)
-        crashes = self._crashes.get(number, 0)
+        crashes, last = self._crashes.get(number, (0, ""))
         self.health.started(protocol.pid, None if not crashes else (
             f"worker {number} restarted after {crashes} deaths within {STABLE_SECONDS:g} s of starting (the "
-            f"last: {self._lastCrash[number]}); counted ready once it has run {STABLE_SECONDS:g} s"))
+            f"last: {last}); counted ready once it has run {STABLE_SECONDS:g} s"))
         if crashes:
             self._stableCalls[number] = self.clock.callLater(STABLE_SECONDS, self._stable, protocol)
         self.log.info("started worker {number} (pid {pid})", number=number, pid=transport.pid)
@@ -325,8 +324,7 @@ class WorkerPool(Service):
         self.restarts += 1
         how = exitDescription(reason)
         if ranFor < STABLE_SECONDS:
-            self._crashes[number] = self._crashes.get(number, 0) + 1
-            self._lastCrash[number] = how
+            self._crashes[number] = (self._crashes.get(number, (0, ""))[0] + 1, how)
         self.log.error("worker {number} (pid {pid}) died after {ranFor:.1f} s{listened}: {how}; restarting it in "
                        "{delay:g} s", number=number, pid=pid, how=how, ranFor=ranFor, delay=delay,
                        listened="" if protocol.listening.called else ", before it listened")
