@@ -141,8 +141,12 @@ def _checkEndpoint(option: str, description: str) -> None:
 def _readable(error: Exception) -> str:
     """An endpoint's parse error in words: OpenSSL's list of (library, function, reason) as its reasons, with
     what to check; anything else as it says itself."""
+    try:
+        from OpenSSL.crypto import Error as OpenSSLError
+    except ImportError:
+        return str(error)
     reasons = error.args[0] if error.args and isinstance(error.args[0], list) else None
-    if type(error).__name__ == "Error" and reasons and all(isinstance(reason, tuple) for reason in reasons):
+    if isinstance(error, OpenSSLError) and reasons and all(isinstance(reason, tuple) for reason in reasons):
         said = "; ".join(": ".join(part for part in reason if part) for reason in reasons)
         return (f"OpenSSL cannot load the key or the certificate ({said}): privateKey= must name a PEM private "
                 f"key, and certKey= its PEM certificate")
