@@ -20,10 +20,9 @@ LOG_BACKLOG_BYTES = 256 * 1024
 EXIT_DRAIN_SECONDS = 5.0
 
 
-def plural(count: int, noun: str, nouns: str = "") -> str:
-    """C{count} and C{noun}, made plural (C{nouns}, or C{noun} + s) unless C{count} is 1: C{1 record},
-    C{2 records}."""
-    return f"{count} {noun if count == 1 else nouns or noun + 's'}"
+def plural(count: int, noun: str) -> str:
+    """C{count} and C{noun}, with an s unless C{count} is 1: C{1 record}, C{2 records}."""
+    return f"{count} {noun if count == 1 else noun + 's'}"
 
 
 def rotatingLogObserver(environ: Mapping[str, str] = os.environ) -> ILogObserver:

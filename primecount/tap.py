@@ -65,8 +65,9 @@ def makeService(options: Options, reactor: Optional[Any] = None) -> IService:
     records = openStore(options, reactor, runInThread, metrics)
     budget = BufferBudget(options["max-buffered"])
     metrics.watchBufferBudget(budget)
-    factory = PrimeCountFactory(requestLimits(options), reactor, Responder(reactor, runInThread, records, replyDeadline(options)), metrics,
-                                limits, bufferBudget=budget, protocol=PrimeCountProtocol, busyProtocol=BusyProtocol)
+    responder = Responder(reactor, runInThread, records, replyDeadline(options))
+    factory = PrimeCountFactory(requestLimits(options), reactor, responder, metrics, limits, bufferBudget=budget,
+                                protocol=PrimeCountProtocol, busyProtocol=BusyProtocol)
     signals = ProcessSignals(reactor, onHangUp=records.reopen)
     worker = options["worker-fd"] is not None
     listener = Listener(*_listening(options, reactor, factory, metrics), reactor)
