@@ -204,6 +204,20 @@ def requireTool(test: SynchronousTestCase, name: str) -> str:
     return path
 
 
+def requireModule(test: SynchronousTestCase, name: str) -> object:
+    """Module C{name}; skip without it, or fail where C{PRIMECOUNT_REQUIRE_SYSTEM_TOOLS=1} (CI) on CPython, where
+    the test extra installs it (pandas and DuckDB have no builds for PyPy)."""
+    import importlib
+    import platform
+
+    try:
+        return importlib.import_module(name)
+    except ImportError:
+        if os.environ.get("PRIMECOUNT_REQUIRE_SYSTEM_TOOLS") == "1" and platform.python_implementation() == "CPython":
+            test.fail(f"{name} is required here (PRIMECOUNT_REQUIRE_SYSTEM_TOOLS=1)")
+        raise SkipTest(f"{name} is not installed (the test extra installs it on CPython)")
+
+
 def listeningInodes(port: int, tables: Sequence[str] = ("/proc/net/tcp", "/proc/net/tcp6")) -> set[str]:
     """The inodes of the sockets listening on C{port}, from the kernel's C{tables}."""
     inodes = set()

@@ -24,6 +24,7 @@ from primecount.records.formats import (
     parseTimestamp,
     unescapeField,
 )
+from tests.helpers import requireModule
 
 SECONDS = int(time.mktime((2026, 2, 17, 10, 11, 12, 0, 0, -1)))
 STAMP = "2026-02-17 10:11:12"
@@ -264,19 +265,3 @@ class ServedRecordsReadersTests(CommonReadersTests):
         self.assertEqual([record.message for record in self.records], [message.strip() for message in sent])
         with open(self.path, encoding="utf-8", newline="\n") as file:
             self.fields = [line.rstrip("\n").split("\t") for line in file]
-
-
-def requireModule(test: SynchronousTestCase, name: str) -> object:
-    """Module C{name}; skip without it (pandas and DuckDB have no builds for PyPy), or fail in CI on CPython."""
-    import importlib
-    import os
-    import platform
-
-    from twisted.trial.unittest import SkipTest
-
-    try:
-        return importlib.import_module(name)
-    except ImportError:
-        if os.environ.get("PRIMECOUNT_REQUIRE_SYSTEM_TOOLS") == "1" and platform.python_implementation() == "CPython":
-            test.fail(f"{name} is required here (PRIMECOUNT_REQUIRE_SYSTEM_TOOLS=1)")
-        raise SkipTest(f"{name} is not installed (the test extra installs it on CPython)")

@@ -6,7 +6,7 @@ postmaster, then a start; C{pg_ctl restart -m immediate}), a throwaway
 PostgreSQL cluster with its default durability (fsync on) is crashed
 C{--crashes} times while kept-alive clients send unique messages to one
 primecount writing to it (the tests' own code: C{tests.postgres.Cluster},
-C{tests.helpers.ClientThreads}). After each crash, once answers flow again,
+C{tests.test_database.Clients}). After each crash, once answers flow again,
 every message whose correct reply a client got is looked up in the table.
 Printed per policy and kind: the crashes, the answers in all, the answered
 rows missing after each crash, and any row written twice.
@@ -25,26 +25,15 @@ from typing import Callable
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from primecount.tools.serverprocess import ServerProcess  # noqa: E402
-from tests.helpers import ClientThreads, waitUntil  # noqa: E402
+from tests.helpers import waitUntil  # noqa: E402
 from tests.postgres import Cluster, postgresBinaries  # noqa: E402
+from tests.test_database import Clients  # noqa: E402
 
 CRASHES: dict[str, Callable[[Cluster], None]] = {
     "idle session killed": Cluster.killIdleSession,
     "postmaster killed": Cluster.killPostmasterAndStart,
     "restart -m immediate": Cluster.restartImmediately,
 }
-
-
-class Clients(ClientThreads):
-    """Clients whose messages name the run, the client and the request."""
-
-    def __init__(self, ports: list[int], clients: int, tag: str) -> None:
-        self.tag = tag
-        super().__init__(ports, clients, keepAlive=True)
-
-    def message(self, number: int, sent: int) -> str:
-        """C{<tag> c<number> m<sent>}."""
-        return f"{self.tag} c{number} m{sent}"
 
 
 def run(binaries: str, fsync: str, kind: str, crashes: int, clients: int) -> tuple[int, list[int], int]:
@@ -55,7 +44,7 @@ def run(binaries: str, fsync: str, kind: str, crashes: int, clients: int) -> tup
     server = None
     try:
         server = ServerProcess(cluster.uri, "--fsync", fsync, "--keep-alive", "--max-per-ip", "0")
-        load = Clients([server.port], clients, tag=f"{fsync} {kind}")
+        load = Clients([server.port], clients, keepAlive=True, tag=f"{fsync} {kind}")
         lost: list[int] = []
         for _ in range(crashes):
             waitUntil(lambda: len(load.answered) > 500, 60, "answers before the crash")
