@@ -15,6 +15,7 @@ from primecount.records.formats import Record, formatTSV, parseRecords
 from primecount.records.file import FileStore
 from primecount.records.store import StorageUnavailable
 from tests.helpers import RecordingMetrics
+from tests.test_recordsstore import FullDisk
 
 
 def record(message: str) -> Record:
@@ -201,17 +202,6 @@ class ManualThreads:
                 result.errback()
 
 
-class NoRoom(storage.FileOperations):
-    """A file system with no room left, until told otherwise."""
-
-    full = True
-
-    def fstatvfs(self, fd: int) -> os.statvfs_result:
-        """C{os.fstatvfs}, with no block free while full."""
-        real = super().fstatvfs(fd)
-        return os.statvfs_result((*real[:3], 0, 0, *real[5:])) if self.full else real
-
-
 class ProvenAtStartTests(SynchronousTestCase):
     """A file store is ready only once it has stored or probed successfully: it probes at start."""
 
@@ -228,7 +218,8 @@ class ProvenAtStartTests(SynchronousTestCase):
         by itself once there is room (its probes)."""
         events: list[dict] = []
         self.patch(FileStore, "log", Logger(observer=events.append))
-        clock, operations = Clock(), NoRoom()
+        clock, operations = Clock(), FullDisk()
+        operations.full = True
         service = FileStore(self.mktemp(), clock, operations=operations)
         service.startService()
         self.addCleanup(service.stopService)
